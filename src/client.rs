@@ -1,0 +1,201 @@
+//! Connections to upstream servers: dial (under `connect_timeout`), HTTP/1.1 handshake, and
+//! the per-server pool of idle keep-alive connections (`max_idle_per_server`,
+//! `pool_idle_timeout`). A failed [`checkout`] is a connect failure: nothing was sent.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::server::{Server, Target};
+
+/// Pool settings of one upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Idle connections kept per server.
+    pub max_idle: usize,
+    /// An idle connection older than this is not used again.
+    pub idle_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// Idle keep-alive connections to one server, most recently used last.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    sender: SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("idle", &self.idle_count())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Number of idle connections held.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map_or(0, |q| q.len())
+    }
+
+    /// The most recently used idle connection that is still open and young enough.
+    fn take(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
+        let now = Instant::now();
+        let mut q = self.idle.lock().ok()?;
+        while let Some(idle) = q.pop_back() {
+            if now.duration_since(idle.since) >= idle_timeout {
+                // Everything older is expired too.
+                q.clear();
+                return None;
+            }
+            if !idle.sender.is_closed() && idle.sender.is_ready() {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: SendRequest<RequestBody>, max_idle: usize) {
+        if max_idle == 0 || sender.is_closed() {
+            return;
+        }
+        if let Ok(mut q) = self.idle.lock() {
+            while q.len() >= max_idle {
+                q.pop_front();
+            }
+            q.push_back(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes idle connections older than `idle_timeout` (dropping the sender ends the
+    /// connection task).
+    pub fn evict_expired(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        if let Ok(mut q) = self.idle.lock() {
+            while q.front().is_some_and(|i| {
+                i.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
+            }) {
+                q.pop_front();
+            }
+        }
+    }
+}
+
+/// A connection ready to send one request.
+pub struct Conn {
+    /// The sending half.
+    pub sender: SendRequest<RequestBody>,
+    /// Whether it came from the pool (a failure before any response byte is then retried
+    /// on a fresh connection, CONTRACT §2 `pool_idle_timeout`).
+    pub reused: bool,
+}
+
+/// A pooled connection if one is idle, else a new one.
+pub async fn checkout(server: &Server, settings: &PoolSettings) -> io::Result<Conn> {
+    if let Some(sender) = server.pool.take(settings.idle_timeout) {
+        return Ok(Conn {
+            sender,
+            reused: true,
+        });
+    }
+    let sender = dial(&server.target, settings.connect_timeout).await?;
+    Ok(Conn {
+        sender,
+        reused: false,
+    })
+}
+
+/// Opens a new HTTP/1.1 connection; its driver runs on its own task and ends when the
+/// sender is dropped or the server closes.
+pub async fn dial(
+    target: &Target,
+    connect_timeout: Duration,
+) -> io::Result<SendRequest<RequestBody>> {
+    let connect = async {
+        match target {
+            Target::Socket(sa) => TcpStream::connect(sa).await,
+            Target::Name(name) => TcpStream::connect(name.as_str()).await,
+        }
+    };
+    let stream = match tokio::time::timeout(connect_timeout, connect).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {connect_timeout:?}"),
+            ));
+        }
+    };
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake::<_, RequestBody>(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// A connection to put back into its server's pool once its response has been read.
+pub struct PoolReturn {
+    server: Arc<Server>,
+    sender: SendRequest<RequestBody>,
+    max_idle: usize,
+}
+
+impl PoolReturn {
+    /// Remembers where `sender` goes back to.
+    pub fn new(
+        server: Arc<Server>,
+        sender: SendRequest<RequestBody>,
+        max_idle: usize,
+    ) -> PoolReturn {
+        PoolReturn {
+            server,
+            sender,
+            max_idle,
+        }
+    }
+
+    /// Puts the connection back as soon as it can take another request.
+    pub fn checkin(self) {
+        if self.max_idle == 0 {
+            return;
+        }
+        if self.sender.is_ready() {
+            self.server.pool.put(self.sender, self.max_idle);
+            return;
+        }
+        // The connection task has not yet seen the end of the message: wait for it.
+        let PoolReturn {
+            server,
+            mut sender,
+            max_idle,
+        } = self;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                server.pool.put(sender, max_idle);
+            }
+        });
+    }
+}

@@ -1,0 +1,1050 @@
+//! The configuration file: a serde mirror of the TOML (CONTRACT §2) with defaults, unit
+//! parsing (durations, sizes, CIDRs) and the semantic checks that serde cannot express.
+//!
+//! `load(path)` reads, parses and validates; every failure is a [`ConfigError`] naming the
+//! file, the line and column, the key path and what to change. `Runtime::build` turns the
+//! validated [`Config`] into the snapshot that serves requests.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::error::{ConfigError, KeyPath};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: the client listener and proxy-wide timeouts.
+    pub server: ServerSection,
+    /// `[admin]`: the admin listener.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// `[upstreams.NAME]`: the pools of servers, by name.
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    /// `[[routes]]`: which requests go to which upstream.
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Addresses to accept client connections on.
+    pub listen: Listen,
+    /// HTTPS on every listen address.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    /// TCP connect to an upstream server.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// From sending the request upstream until the response head arrives.
+    #[serde(default = "defaults::request_timeout")]
+    pub request_timeout: Dur,
+    /// An idle client keep-alive connection is closed after this.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Dur,
+    /// A client must finish sending a request head within this.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// Longest pause between reads of a request body.
+    #[serde(default = "defaults::body_read_timeout")]
+    pub body_read_timeout: Dur,
+    /// An upgraded tunnel with no bytes either way for this long is closed.
+    #[serde(default = "defaults::tunnel_idle_timeout")]
+    pub tunnel_idle_timeout: Dur,
+    /// Largest request head; larger gets 431.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Largest request body; larger gets 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+    /// Graceful drain on SIGTERM.
+    #[serde(default = "defaults::shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin listener; none turns it off.
+    #[serde(default)]
+    pub listen: Option<Addr>,
+    /// Bearer token required on non-GET admin requests.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A tracing filter (`info`, `fairway=debug`); `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// `[upstreams.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// How a server is chosen.
+    #[serde(default)]
+    pub balance: BalanceKind,
+    /// The servers of the pool.
+    pub servers: Vec<ServerEntry>,
+    /// Further servers tried when a try fails (CONTRACT §2 `retries`).
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// Pooled idle keep-alive connections to each server.
+    #[serde(default = "defaults::max_idle_per_server")]
+    pub max_idle_per_server: usize,
+    /// A pooled connection idle this long is closed.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub pool_idle_timeout: Dur,
+    /// Active health checks.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSection>,
+}
+
+/// `balance = "..."`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceKind {
+    /// Smooth weighted round robin (Nginx's algorithm).
+    #[default]
+    RoundRobin,
+    /// Consistent hashing of the client IP.
+    IpHash,
+}
+
+impl BalanceKind {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalanceKind::RoundRobin => "round_robin",
+            BalanceKind::IpHash => "ip_hash",
+        }
+    }
+}
+
+/// One entry of `servers`: a table or a plain `"host:port"` string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    /// `host:port` as written; the server's identity and its `server` metric label.
+    pub addr: String,
+    /// Share of traffic relative to the others.
+    pub weight: u32,
+    /// Used only when no primary server is available.
+    pub backup: bool,
+}
+
+/// `[upstreams.NAME.health_check]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// HTTP GET target.
+    #[serde(default = "defaults::health_path")]
+    pub path: String,
+    /// Between checks of one server.
+    #[serde(default = "defaults::health_interval")]
+    pub interval: Dur,
+    /// A check slower than this fails.
+    #[serde(default = "defaults::health_timeout")]
+    pub timeout: Dur,
+    /// Consecutive passes to mark a server up.
+    #[serde(default = "defaults::healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures to mark a server down.
+    #[serde(default = "defaults::unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passing status range, `"200-399"` or `"200"`.
+    #[serde(default = "defaults::expect_status")]
+    pub expect_status: StatusRange,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Exact host or `*.example.com`; none matches any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Matched on path segments.
+    #[serde(default = "defaults::path_prefix")]
+    pub path_prefix: String,
+    /// Name of an upstream.
+    pub upstream: String,
+}
+
+mod defaults {
+    use super::{ByteSize, Dur, StatusRange};
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn request_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn idle_timeout() -> Dur {
+        Dur(Duration::from_secs(75))
+    }
+    pub fn header_read_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn body_read_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn tunnel_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(3600))
+    }
+    pub fn shutdown_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn max_header_bytes() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn max_idle_per_server() -> usize {
+        64
+    }
+    pub fn pool_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(4))
+    }
+    pub fn health_path() -> String {
+        "/".to_owned()
+    }
+    pub fn health_interval() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+    pub fn health_timeout() -> Dur {
+        Dur(Duration::from_secs(1))
+    }
+    pub fn healthy_threshold() -> u32 {
+        2
+    }
+    pub fn unhealthy_threshold() -> u32 {
+        3
+    }
+    pub fn expect_status() -> StatusRange {
+        StatusRange(200, 399)
+    }
+    pub fn path_prefix() -> String {
+        "/".to_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Value types with their own parsing.
+
+/// A duration written with a unit: `"250ms"`, `"2s"`, `"1m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string with a unit, such as \"250ms\", \"2s\" or \"1m\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                parse_duration(s).map(Dur).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" or \"{n}ms\", not {n}"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"250ms"`, `"2s"`, `"1m"`, `"1h 30m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "invalid duration {s:?}: a unit is required, such as \"{t}s\" or \"{t}ms\""
+        ));
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        format!(
+            "invalid duration {s:?} ({e}); write a number and a unit: \"250ms\", \"2s\", \"1m\""
+        )
+    })
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"64KiB"`, `"100MiB"`, `"1GiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a size: bytes as an integer, or a string such as \"64KiB\" or \"100MiB\"",
+                )
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                parse_size(s).map(ByteSize).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("a size cannot be negative ({n})")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"512"`, `"64KiB"`, `"100MiB"`, `"1GiB"`, and Nginx's `"64k"`/`"10m"`/`"1g"`
+/// (binary multiples, as Nginx reads them). `"KB"`/`"MB"` are refused as ambiguous.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let mult: u64 = match unit {
+        "" | "B" | "b" => 1,
+        "KiB" | "k" | "K" => 1 << 10,
+        "MiB" | "m" | "M" => 1 << 20,
+        "GiB" | "g" | "G" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" | "MB" | "GB" | "TB" | "kb" | "mb" | "gb" => {
+            return Err(format!(
+                "ambiguous size unit in {s:?}: write KiB, MiB or GiB (multiples of 1024)"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: write bytes or a number with KiB, MiB or GiB, such as \"64KiB\""
+            ));
+        }
+    };
+    if num.is_empty() {
+        return Err(format!("invalid size {s:?}: a number is missing"));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: {num:?} is not a number"))?;
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A socket address `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_listen(&s).map(Addr).map_err(de::Error::custom)
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Some(port) = t.strip_prefix(':') {
+        // Nginx's `listen :8080`-style shorthand for every IPv4 address.
+        if let Ok(p) = port.parse::<u16>() {
+            return Ok(SocketAddr::from(([0, 0, 0, 0], p)));
+        }
+    }
+    if t.starts_with("localhost:")
+        && let Ok(p) = t["localhost:".len()..].parse::<u16>()
+    {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
+    t.parse::<SocketAddr>().map_err(|_| {
+        format!(
+            "invalid listen address {s:?}: write IP:PORT, such as \"0.0.0.0:8080\" or \"[::]:8080\""
+        )
+    })
+}
+
+/// `listen`: one address or an array of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Listen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address string such as \"0.0.0.0:8080\", or an array of them")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Listen, E> {
+                parse_listen(s).map(|a| Listen(vec![a])).map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Listen, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Addr(a)) = seq.next_element::<Addr>()? {
+                    out.push(a);
+                }
+                Ok(Listen(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A CIDR (`"10.0.0.0/8"`) or a single address (`"10.0.0.1"`, taken as /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_cidr(&s).map(Cidr).map_err(de::Error::custom)
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "invalid CIDR {s:?}: write an address or a network, such as \"10.0.0.0/8\" or \"192.168.1.10\""
+    ))
+}
+
+/// A status range for health checks: `"200-399"`, `"200"` or `200`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange(pub u16, pub u16);
+
+impl StatusRange {
+    /// Whether `code` lies in the range.
+    pub fn contains(&self, code: u16) -> bool {
+        (self.0..=self.1).contains(&code)
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StatusRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a status code or range, such as \"200-399\" or 200")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StatusRange, E> {
+                parse_status_range(s).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<StatusRange, E> {
+                parse_status_range(&n.to_string()).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_status_range(s: &str) -> Result<StatusRange, String> {
+    let bad = || {
+        format!("invalid status range {s:?}: write \"200-399\" or a single code such as \"200\"")
+    };
+    let code = |p: &str| -> Result<u16, String> {
+        let c: u16 = p.trim().parse().map_err(|_| bad())?;
+        if (100..=599).contains(&c) {
+            Ok(c)
+        } else {
+            Err(format!("status {c} in {s:?} is outside 100-599"))
+        }
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (code(a)?, code(b)?),
+        None => {
+            let c = code(s)?;
+            (c, c)
+        }
+    };
+    if lo > hi {
+        return Err(format!(
+            "status range {s:?} is reversed: write \"{hi}-{lo}\""
+        ));
+    }
+    Ok(StatusRange(lo, hi))
+}
+
+impl<'de> Deserialize<'de> for ServerEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            addr: String,
+            #[serde(default = "one")]
+            weight: u32,
+            #[serde(default)]
+            backup: bool,
+        }
+        fn one() -> u32 {
+            1
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ServerEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a \"host:port\" string or a table { addr = \"host:port\", weight = N, backup = BOOL }")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerEntry, E> {
+                Ok(ServerEntry {
+                    addr: s.to_owned(),
+                    weight: 1,
+                    backup: false,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerEntry, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ServerEntry {
+                    addr: t.addr,
+                    weight: t.weight,
+                    backup: t.backup,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading and validation.
+
+/// Largest weight of one server: keeps the round-robin schedule small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Reads, parses and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, &e))?;
+    parse(path, &text)
+}
+
+/// Parses and validates `text`, naming `path` in errors.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let de =
+        toml::Deserializer::parse(text).map_err(|e| ConfigError::toml(path, text, None, &e))?;
+    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = KeyPath::from_serde(e.path());
+        ConfigError::toml(path, text, Some(key), e.inner())
+    })?;
+    cfg.validate()
+        .map_err(|(key, message)| ConfigError::at_key(path, text, key, message))?;
+    Ok(cfg)
+}
+
+impl Config {
+    /// Checks what serde cannot: references, duplicates, ranges. On failure gives the key
+    /// path and a message that says what to change.
+    pub fn validate(&self) -> Result<(), (KeyPath, String)> {
+        let key = KeyPath::root;
+        let s = &self.server;
+        if s.listen.0.is_empty() {
+            return Err((
+                key().k("server").k("listen"),
+                "no listen address: give at least one, such as \"0.0.0.0:8080\"".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, a) in s.listen.0.iter().enumerate() {
+            if !seen.insert(*a) {
+                return Err((
+                    key().k("server").k("listen").i(i),
+                    format!("listen address {a} is given twice: remove one"),
+                ));
+            }
+        }
+        for (name, d) in [
+            ("connect_timeout", s.connect_timeout),
+            ("request_timeout", s.request_timeout),
+            ("idle_timeout", s.idle_timeout),
+            ("header_read_timeout", s.header_read_timeout),
+            ("body_read_timeout", s.body_read_timeout),
+            ("tunnel_idle_timeout", s.tunnel_idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err((
+                    key().k("server").k(name),
+                    "must be longer than 0: give a duration such as \"10s\"".into(),
+                ));
+            }
+        }
+        if s.max_header_bytes.0 < 8192 {
+            return Err((
+                key().k("server").k("max_header_bytes"),
+                format!(
+                    "{} bytes is too small for real browsers: give at least \"8KiB\"",
+                    s.max_header_bytes.0
+                ),
+            ));
+        }
+        if s.max_header_bytes.0 > 16 << 20 {
+            return Err((
+                key().k("server").k("max_header_bytes"),
+                "larger than 16MiB: a request head that large is an attack, give at most \"1MiB\""
+                    .into(),
+            ));
+        }
+        if let Some(Addr(admin)) = self.admin.listen
+            && s.listen.0.contains(&admin)
+        {
+            return Err((
+                key().k("admin").k("listen"),
+                format!(
+                    "{admin} is also a client listen address: the admin listener needs its own"
+                ),
+            ));
+        }
+        if matches!(&self.admin.token, Some(t) if t.is_empty()) {
+            return Err((
+                key().k("admin").k("token"),
+                "empty token: give a secret or remove the key".into(),
+            ));
+        }
+        if let Some(level) = &self.log.level
+            && tracing_subscriber::EnvFilter::try_new(level).is_err()
+        {
+            return Err((
+                key().k("log").k("level"),
+                format!("invalid level {level:?}: use error, warn, info, debug or trace"),
+            ));
+        }
+        if self.upstreams.is_empty() {
+            return Err((
+                key().k("upstreams"),
+                "no upstream: add an [upstreams.NAME] table with servers".into(),
+            ));
+        }
+        for (name, u) in &self.upstreams {
+            validate_upstream(name, u)?;
+        }
+        let mut routes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = || key().k("routes").i(i);
+            if !self.upstreams.contains_key(&r.upstream) {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+                return Err((
+                    at().k("upstream"),
+                    format!(
+                        "no upstream named {:?}: define [upstreams.{}] or use one of {}",
+                        r.upstream,
+                        r.upstream,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err((
+                    at().k("path_prefix"),
+                    format!("{:?} must start with '/', such as \"/api\"", r.path_prefix),
+                ));
+            }
+            if let Some(h) = &r.host
+                && let Err(m) = validate_host_pattern(h)
+            {
+                return Err((at().k("host"), m));
+            }
+            let host = r.host.as_deref().map(str::to_ascii_lowercase);
+            let prefix = crate::route::normalize_prefix(&r.path_prefix).to_owned();
+            if !routes.insert((host, prefix)) {
+                return Err((
+                    at(),
+                    "a route with the same host and path_prefix comes earlier: remove one".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings: a config that loads but probably does not do what was meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.routes.is_empty() && self.upstreams.len() > 1 {
+            out.push(format!(
+                "{} upstreams but no [[routes]]: every request will get 404; add [[routes]] entries",
+                self.upstreams.len()
+            ));
+        }
+        out
+    }
+}
+
+fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, String)> {
+    let at = || KeyPath::root().k("upstreams").k(name);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err((
+            at(),
+            format!("invalid upstream name {name:?}: use letters, digits, '_', '-' and '.'"),
+        ));
+    }
+    if u.servers.is_empty() {
+        return Err((
+            at().k("servers"),
+            "no servers: list at least one, such as servers = [\"127.0.0.1:13000\"]".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, s) in u.servers.iter().enumerate() {
+        let sk = || at().k("servers").i(i);
+        if let Err(m) = validate_server_addr(&s.addr) {
+            return Err((sk().k("addr"), m));
+        }
+        if !seen.insert(s.addr.to_ascii_lowercase()) {
+            return Err((
+                sk().k("addr"),
+                format!(
+                    "server {:?} is listed twice in this upstream: remove one",
+                    s.addr
+                ),
+            ));
+        }
+        if s.weight == 0 {
+            return Err((
+                sk().k("weight"),
+                "weight 0 would never be chosen: give 1 or more, or remove the server".into(),
+            ));
+        }
+        if s.weight > MAX_WEIGHT {
+            return Err((
+                sk().k("weight"),
+                format!(
+                    "weight {} is above the maximum of {MAX_WEIGHT}: scale the weights down",
+                    s.weight
+                ),
+            ));
+        }
+    }
+    if u.servers.iter().all(|s| s.backup) {
+        return Err((
+            at().k("servers"),
+            "every server is a backup, so the total primary weight is 0: make at least one a primary (backup = false)".into(),
+        ));
+    }
+    if u.pool_idle_timeout.0.is_zero() {
+        return Err((
+            at().k("pool_idle_timeout"),
+            "must be longer than 0; to disable pooling set max_idle_per_server = 0".into(),
+        ));
+    }
+    if u.retries > 100 {
+        return Err((
+            at().k("retries"),
+            format!(
+                "{} retries is unreasonable: give a small number such as 2",
+                u.retries
+            ),
+        ));
+    }
+    if let Some(h) = &u.health_check {
+        let hk = || at().k("health_check");
+        if !h.path.starts_with('/') {
+            return Err((
+                hk().k("path"),
+                format!(
+                    "{:?} must start with '/', such as \"/api/__health_check\"",
+                    h.path
+                ),
+            ));
+        }
+        if h.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err((
+                hk().k("path"),
+                "must not contain spaces or control characters".into(),
+            ));
+        }
+        if h.interval.0.is_zero() {
+            return Err((
+                hk().k("interval"),
+                "must be longer than 0, such as \"2s\"".into(),
+            ));
+        }
+        if h.timeout.0.is_zero() {
+            return Err((
+                hk().k("timeout"),
+                "must be longer than 0, such as \"1s\"".into(),
+            ));
+        }
+        if h.healthy_threshold == 0 {
+            return Err((hk().k("healthy_threshold"), "must be 1 or more".into()));
+        }
+        if h.unhealthy_threshold == 0 {
+            return Err((hk().k("unhealthy_threshold"), "must be 1 or more".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Splits `"host:port"` (IPv6 as `"[::1]:port"`). Validates both parts.
+pub fn split_host_port(addr: &str) -> Result<(&str, u16), String> {
+    let bad = || {
+        format!(
+            "invalid server address {addr:?}: write host:port, such as \"127.0.0.1:13000\" or \"app1:13000\""
+        )
+    };
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
+        (h, p)
+    } else {
+        addr.rsplit_once(':').ok_or_else(bad)?
+    };
+    if host.is_empty() || host.contains(':') && !addr.starts_with('[') {
+        return Err(bad());
+    }
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(format!(
+            "server address {addr:?} has port 0: give the port the server listens on"
+        ));
+    }
+    Ok((host, port))
+}
+
+fn validate_server_addr(addr: &str) -> Result<(), String> {
+    let (host, _) = split_host_port(addr)?;
+    if addr.starts_with('[') {
+        host.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("invalid IPv6 address in {addr:?}"))?;
+        return Ok(());
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    let ok = host.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    if !ok || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!(
+            "invalid host in server address {addr:?}: write an IP address or a DNS name"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_host_pattern(h: &str) -> Result<(), String> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid host {h:?}: write an exact name (\"app.example.com\") or a wildcard (\"*.example.com\"), without port"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("fairway.toml"), text)
+    }
+
+    const MIN: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[upstreams.app]
+servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
+"#;
+
+    #[test]
+    fn minimal_config_has_contract_defaults() {
+        let c = p(MIN).unwrap();
+        assert_eq!(c.server.connect_timeout.0, Duration::from_secs(5));
+        assert_eq!(c.server.request_timeout.0, Duration::from_secs(60));
+        assert_eq!(c.server.idle_timeout.0, Duration::from_secs(75));
+        assert_eq!(c.server.header_read_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.server.body_read_timeout.0, Duration::from_secs(60));
+        assert_eq!(c.server.tunnel_idle_timeout.0, Duration::from_secs(3600));
+        assert_eq!(c.server.max_header_bytes.0, 65536);
+        assert_eq!(c.server.max_body_bytes, None);
+        assert_eq!(c.server.shutdown_timeout.0, Duration::from_secs(30));
+        let u = &c.upstreams["app"];
+        assert_eq!(u.balance, BalanceKind::RoundRobin);
+        assert_eq!(u.retries, 2);
+        assert_eq!(u.max_idle_per_server, 64);
+        assert_eq!(u.pool_idle_timeout.0, Duration::from_secs(4));
+        assert_eq!(u.servers[0].weight, 1);
+        assert_eq!(u.servers[1].weight, 2);
+        assert!(!u.servers[1].backup);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("100MiB").unwrap(), 100 << 20);
+        assert_eq!(parse_size("1.5MiB").unwrap(), 3 << 19);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("64KB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("KiB").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("2").unwrap_err().contains("unit"));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(parse_cidr("10.0.0.1").unwrap().to_string(), "10.0.0.1/32");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    fn err(text: &str) -> String {
+        p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err(
+            "[server]\nlisten = \"127.0.0.1:1\"\nconect_timeout = \"1s\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n",
+        );
+        assert!(e.starts_with("fairway.toml:3:1: "), "{e}");
+        assert!(e.contains("conect_timeout"), "{e}");
+        assert!(e.contains("connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key_path() {
+        let e = err(
+            "[server]\nlisten = \"127.0.0.1:1\"\nidle_timeout = \"soon\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n",
+        );
+        assert!(
+            e.starts_with("fairway.toml:3:16: server.idle_timeout: "),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\", { addr = \"127.0.0.1:3\", weight = 0 }]\n",
+        );
+        assert!(e.contains("fairway.toml:4:"), "{e}");
+        assert!(e.contains("upstreams.a.servers[1].weight"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let base = "[server]\nlisten = \"127.0.0.1:1\"\n";
+        let e = err(&format!("{base}[upstreams.a]\nservers=[]\n"));
+        assert!(e.contains("upstreams.a.servers: no servers"), "{e}");
+        let e = err(&format!(
+            "{base}[upstreams.a]\nservers=[\"127.0.0.1:2\", \"127.0.0.1:2\"]\n"
+        ));
+        assert!(
+            e.contains("upstreams.a.servers[1].addr") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(&format!("{base}[upstreams.a]\nservers=[\"127.0.0.1\"]\n"));
+        assert!(
+            e.contains("fairway.toml:4:10: upstreams.a.servers[0].addr"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{base}[upstreams.a]\nservers=[{{ addr = \"127.0.0.1:2\", backup = true }}]\n"
+        ));
+        assert!(e.contains("total primary weight is 0"), "{e}");
+        let e = err(&format!(
+            "{base}[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n[[routes]]\nupstream = \"b\"\n"
+        ));
+        assert!(
+            e.contains("fairway.toml:6:12: routes[0].upstream: no upstream named \"b\""),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{base}[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n[upstreams.a.health_check]\nunhealthy_threshold = 0\n"
+        ));
+        assert!(
+            e.contains("upstreams.a.health_check.unhealthy_threshold"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{base}[upstreams.a]\nservers=[\"127.0.0.1:2\"]\nbalance = \"random\"\n"
+        ));
+        assert!(
+            e.contains("upstreams.a.balance") && e.contains("round_robin"),
+            "{e}"
+        );
+        let e = err("[server]\nlisten = \"nowhere\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n");
+        assert!(e.contains("fairway.toml:2:10: server.listen"), "{e}");
+    }
+
+    #[test]
+    fn bad_toml_syntax_has_location() {
+        let e = err("[server\nlisten = 1\n");
+        assert!(e.starts_with("fairway.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn server_addresses() {
+        assert!(validate_server_addr("app1:13000").is_ok());
+        assert!(validate_server_addr("[::1]:13000").is_ok());
+        assert!(validate_server_addr("nocobase.app.svc.cluster.local:13000").is_ok());
+        assert!(validate_server_addr("127.0.0.1:0").is_err());
+        assert!(validate_server_addr("::1:80").is_err());
+        assert!(validate_server_addr("999.1.1.1:80").is_err());
+        assert!(validate_server_addr(":80").is_err());
+    }
+}

@@ -1,0 +1,47 @@
+//! fairway: an HTTP load balancer and reverse proxy for a pool of identical application
+//! nodes. The binary is a thin shell over this library, so tests and benches drive the same
+//! code.
+//!
+//! # Layout
+//! In data-path order:
+//! - [`app`]: starts listeners and background tasks; reload and graceful shutdown.
+//! - [`listener`]: accept loop, hyper-util auto server (HTTP/1.1 + h2c), per-connection
+//!   watchdog for `header_read_timeout` and `idle_timeout`.
+//! - [`proxy`]: route → select → forward with retries → response.
+//! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
+//! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, client IP.
+//! - [`route`]: host and path-prefix routing.
+//! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
+//! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
+//! - [`server`]: one long-lived server (health, in-flight count, pool).
+//! - [`client`]: upstream connections and the per-server idle pool.
+//! - [`body`]: the streaming body types.
+//! - [`config`]: the TOML file, its units and validation.
+//! - [`runtime`]: the immutable snapshot built from a config.
+//! - [`admin`]: the admin listener.
+//! - [`error`]: `ProxyError` and `ConfigError`.
+//! - [`demo`]: `fairway demo`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms)]
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod proxy;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod tunnel;
+pub mod upstream;
+
+pub use app::{App, AppHandle};
+pub use body::Body;
+pub use config::Config;

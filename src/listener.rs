@@ -1,0 +1,368 @@
+//! The client listener: accept loop → per-connection task running hyper-util's auto server
+//! (HTTP/1.1 keep-alive and h2c) → `proxy::handle`, with a small watchdog beside each
+//! connection that enforces `header_read_timeout` and `idle_timeout` as two separate limits
+//! (hyper alone conflates them, and has none while it sniffs the protocol).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::app::Shared;
+use crate::body::{Body, BoxError};
+use crate::proxy;
+
+/// What the proxy knows about one client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// `"http"` or `"https"`.
+    pub proto: &'static str,
+}
+
+/// Binds a client listener (port 0 allowed).
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Accepts connections until `shared.stop` fires, serving each on its own tracked task.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "listener has no local address");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let info = ConnInfo {
+                    peer,
+                    local,
+                    proto: "http",
+                };
+                let shared2 = Arc::clone(&shared);
+                shared
+                    .tracker
+                    .spawn(serve_connection(stream, info, shared2));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, listen = %local, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listen = %local, "stopped accepting");
+}
+
+const NONE: u64 = u64::MAX;
+
+/// Shared between a connection's IO, its requests and its watchdog.
+struct ConnState {
+    start: Instant,
+    in_flight: AtomicUsize,
+    served: AtomicUsize,
+    /// Milliseconds since `start` at which the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `start` at which bytes arrived on an idle connection (a request
+    /// head has begun), or `NONE`.
+    head_since: AtomicU64,
+    is_h2: AtomicBool,
+    first_read: AtomicBool,
+    wake: Notify,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NONE),
+            is_h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+            wake: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        if self.first_read.swap(false, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
+            self.is_h2.store(true, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NONE
+        {
+            self.head_since.store(self.now_ms(), Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(NONE, Ordering::Relaxed);
+        RequestGuard(Arc::clone(self))
+    }
+
+    /// When the watchdog must look again, and what it will find if nothing changes.
+    fn next_check(&self, t: &Timeouts) -> (Instant, Verdict) {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return (Instant::now() + t.idle, Verdict::Busy);
+        }
+        let head = self.head_since.load(Ordering::Relaxed);
+        let h2_served =
+            self.is_h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed) > 0;
+        if head != NONE && !h2_served {
+            return (self.at(head) + t.header, Verdict::HeadTimeout);
+        }
+        (
+            self.at(self.idle_since.load(Ordering::Relaxed)) + t.idle,
+            Verdict::Idle,
+        )
+    }
+
+    /// Whether, looked at again now, the connection has run past the limit `verdict` names.
+    fn is_expired(&self, t: &Timeouts, verdict: Verdict) -> bool {
+        let (deadline, v) = self.next_check(t);
+        v == verdict && deadline <= Instant::now()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Busy,
+    HeadTimeout,
+    Idle,
+}
+
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// A request in flight on a connection; dropped with the response body.
+struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let s = &self.0;
+        if s.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            s.idle_since.store(s.now_ms(), Ordering::Relaxed);
+            s.head_since.store(NONE, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The client's IO, noting when a request head starts.
+struct WatchedIo<S> {
+    inner: S,
+    state: Arc<ConnState>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.state.on_read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The body sent to a client: the response body plus the guard that marks the request done
+/// on this connection when hyper drops it.
+pub struct ConnBody {
+    inner: Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
+    let rt = shared.runtime.load();
+    let s = &rt.settings;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // The watchdog below enforces header_read_timeout; hyper's would also cut idle
+        // keep-alive connections at the same limit.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(s.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    let t = Timeouts {
+        header: s.header_read_timeout,
+        idle: s.idle_timeout,
+    };
+    (b, t)
+}
+
+/// Serves one client connection until it closes, times out or the proxy shuts down.
+pub async fn serve_connection<S>(stream: S, info: ConnInfo, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let _count = ConnCount(Arc::clone(&shared));
+    let (builder, timeouts) = builder(&shared);
+    let state = Arc::new(ConnState::new());
+    let io = WatchedIo {
+        inner: stream,
+        state: Arc::clone(&state),
+    };
+    let svc_state = Arc::clone(&state);
+    let svc_shared = Arc::clone(&shared);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let guard = svc_state.begin_request();
+        let shared = Arc::clone(&svc_shared);
+        async move {
+            let rt = shared.runtime.load_full();
+            let resp = proxy::handle(rt, req, &info, &shared).await;
+            Ok::<_, Infallible>(resp.map(|inner| ConnBody {
+                inner,
+                _guard: guard,
+            }))
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let (deadline, verdict) = if closing {
+            // Draining: the shutdown timeout bounds what is left.
+            (Instant::now() + Duration::from_secs(3600), Verdict::Busy)
+        } else {
+            state.next_check(&timeouts)
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                match verdict {
+                    Verdict::Busy => {}
+                    Verdict::HeadTimeout => {
+                        if state.is_expired(&timeouts, Verdict::HeadTimeout) {
+                            tracing::debug!(peer = %info.peer, "closing connection: header_read_timeout");
+                            break;
+                        }
+                    }
+                    Verdict::Idle => {
+                        if state.is_expired(&timeouts, Verdict::Idle) {
+                            conn.as_mut().graceful_shutdown();
+                            // Give the close a moment, then drop the connection.
+                            let grace = tokio::time::sleep(Duration::from_secs(1));
+                            tokio::select! {
+                                _ = conn.as_mut() => {}
+                                _ = grace => {}
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = state.wake.notified() => {}
+            _ = shared.stop.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Counts open client connections.
+struct ConnCount(Arc<Shared>);
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}

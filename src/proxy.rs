@@ -1,0 +1,390 @@
+//! The request path: route → select a server → forward (with retries) → stream the
+//! response back; after an upstream `101`, tunnel both ways (see `tunnel`).
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+use tokio::time::Instant;
+
+use crate::app::Shared;
+use crate::body::{Body, BodyTimeout, BodyTooLarge, ClientBody, RequestBody, UpstreamBody};
+use crate::client::{self, PoolReturn};
+use crate::error::ProxyError;
+use crate::headers::{self, Origin};
+use crate::listener::ConnInfo;
+use crate::route;
+use crate::runtime::Runtime;
+use crate::server::ActiveGuard;
+use crate::tunnel;
+use crate::upstream::Upstream;
+
+/// Answers one client request. Never fails: errors become the contract's status codes.
+pub async fn handle(
+    rt: Arc<Runtime>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    match forward(&rt, req, conn, shared).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            match e.status() {
+                StatusCode::BAD_GATEWAY
+                | StatusCode::GATEWAY_TIMEOUT
+                | StatusCode::SERVICE_UNAVAILABLE => {
+                    tracing::warn!(peer = %conn.peer, method = %method, error = %e, "request failed");
+                }
+                _ => {
+                    tracing::debug!(peer = %conn.peer, method = %method, error = %e, "request refused")
+                }
+            }
+            e.response()
+        }
+    }
+}
+
+/// Whether a failed request may be sent again to another server (CONTRACT §2 `retries`).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The head of the request as it goes upstream, kept to send it again when its body is
+/// empty and a try fails.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn request(&self, body: RequestBody) -> Request<RequestBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+async fn forward(
+    rt: &Runtime,
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, ProxyError> {
+    // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
+    let host_value: Option<HeaderValue> = match req.headers().get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(route::host_only)
+        .unwrap_or("");
+    let index = rt
+        .routes
+        .lookup(host, req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    let upstream = &rt.upstreams[index];
+
+    let declared = content_length(req.headers());
+    if let (Some(max), Some(len)) = (rt.settings.max_body_bytes, declared)
+        && len > max
+    {
+        return Err(ProxyError::BodyTooLarge);
+    }
+
+    let peer = conn.peer.ip();
+    let trusted = headers::is_trusted(peer, &rt.trusted);
+    let client_ip = if trusted {
+        headers::client_ip(peer, req.headers(), &rt.trusted)
+    } else {
+        peer
+    };
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (parts, body) = req.into_parts();
+    let mut hdrs = parts.headers;
+    headers::strip_hop_by_hop(&mut hdrs, upgrade);
+    let origin = Origin {
+        peer,
+        client: client_ip,
+        trusted,
+        proto: conn.proto,
+    };
+    headers::set_forwarded(&mut hdrs, &origin, host_value.as_ref());
+    if !hdrs.contains_key(header::HOST)
+        && let Some(h) = host_value
+    {
+        hdrs.insert(header::HOST, h);
+    }
+    let uri = origin_form(&parts.uri);
+
+    let ended = Arc::new(OnceLock::new());
+    let (body, replayable) = if http_body::Body::is_end_stream(&body) {
+        (RequestBody::Empty, true)
+    } else {
+        (
+            RequestBody::Client(ClientBody::new(
+                body,
+                rt.settings.max_body_bytes,
+                rt.settings.body_read_timeout,
+                Arc::clone(&ended),
+            )),
+            false,
+        )
+    };
+    let head = Head {
+        method: parts.method,
+        uri,
+        headers: hdrs,
+    };
+    let mut first = Some(body);
+    let attempt = Attempt {
+        rt,
+        upstream,
+        head: &head,
+        replayable,
+        ended: (!replayable).then_some(&*ended),
+    };
+    let (resp, guard, sender) = attempt.run(client_ip, &mut first).await?;
+    respond(resp, guard, sender, upstream, client_upgrade, rt, shared)
+}
+
+/// `/path?query` only: what an HTTP/1.1 origin server expects.
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(pq)
+}
+
+/// The tries of one request against one upstream.
+struct Attempt<'a> {
+    rt: &'a Runtime,
+    upstream: &'a Upstream,
+    head: &'a Head,
+    /// The body is empty, so the request can be sent again.
+    replayable: bool,
+    /// Set when the client's body has been read to its end.
+    ended: Option<&'a OnceLock<Instant>>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+
+impl Attempt<'_> {
+    async fn run(
+        &self,
+        client_ip: IpAddr,
+        first: &mut Option<RequestBody>,
+    ) -> Result<(Response<Incoming>, ActiveGuard, Sender), ProxyError> {
+        let upstream = self.upstream;
+        let max_tries = 1 + upstream.retries as usize;
+        let idempotent = is_idempotent(&self.head.method);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_err: Option<ProxyError> = None;
+        let mut fresh_retry_used = false;
+        let mut force_fresh = false;
+        // A request given back unsent by a stale pooled connection.
+        let mut unsent: Option<Request<RequestBody>> = None;
+        loop {
+            let Some(mi) = upstream.select(client_ip, &tried) else {
+                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
+            };
+            let server = &upstream.members[mi].server;
+            let guard = server.begin();
+            let conn = if force_fresh {
+                force_fresh = false;
+                client::dial(&server.target, upstream.pool.connect_timeout)
+                    .await
+                    .map(|sender| client::Conn {
+                        sender,
+                        reused: false,
+                    })
+            } else {
+                client::checkout(server, &upstream.pool).await
+            };
+            let mut conn = match conn {
+                Ok(c) => c,
+                Err(source) => {
+                    tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %source, "connect failed");
+                    tried.push(mi);
+                    last_err = Some(ProxyError::Connect {
+                        server: server.addr.to_string(),
+                        source,
+                    });
+                    if tried.len() >= max_tries {
+                        return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
+                    }
+                    continue;
+                }
+            };
+            let req = match unsent.take() {
+                Some(r) => r,
+                None => match first.take() {
+                    Some(body) => self.head.request(body),
+                    // Only replayable requests come around again.
+                    None => self.head.request(RequestBody::Empty),
+                },
+            };
+            let fut = conn.sender.try_send_request(req);
+            let result = self.await_head(fut).await;
+            match result {
+                Ok(Ok(resp)) => return Ok((resp, guard, conn.sender)),
+                Err(()) => return Err(ProxyError::Timeout),
+                Ok(Err(mut e)) => {
+                    if let Some(req) = e.take_message() {
+                        // Never written: the pooled connection had gone stale. Try again,
+                        // on a fresh connection, without counting a try.
+                        unsent = Some(req);
+                        force_fresh = conn.reused;
+                        if !conn.reused {
+                            tried.push(mi);
+                            last_err = Some(ProxyError::UpstreamBroke(e.into_error()));
+                            if tried.len() >= max_tries {
+                                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
+                            }
+                        }
+                        continue;
+                    }
+                    let err = e.into_error();
+                    if let Some(pe) = body_error(&err) {
+                        return Err(pe);
+                    }
+                    tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "upstream broke off");
+                    if !self.replayable {
+                        return Err(ProxyError::UpstreamBroke(err));
+                    }
+                    if conn.reused && !fresh_retry_used {
+                        // CONTRACT §2 pool_idle_timeout: retried on a fresh connection,
+                        // whatever `retries` says.
+                        fresh_retry_used = true;
+                        force_fresh = true;
+                        last_err = Some(ProxyError::UpstreamBroke(err));
+                        // Same server again: the balancer may choose it or another.
+                        continue;
+                    }
+                    tried.push(mi);
+                    last_err = Some(ProxyError::UpstreamBroke(err));
+                    if !idempotent || tried.len() >= max_tries {
+                        return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the response head under `request_timeout`, which starts once the request
+    /// body has been sent (CONTRACT §2). `Err(())` is a timeout.
+    async fn await_head<F>(
+        &self,
+        fut: F,
+    ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, ()>
+    where
+        F: std::future::Future<
+                Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>,
+            >,
+    {
+        let limit = self.rt.settings.request_timeout;
+        let Some(ended) = self.ended else {
+            return tokio::time::timeout(limit, fut).await.map_err(|_| ());
+        };
+        tokio::pin!(fut);
+        let mut deadline = Instant::now() + limit;
+        loop {
+            tokio::select! {
+                r = &mut fut => return Ok(r),
+                _ = tokio::time::sleep_until(deadline) => {
+                    match ended.get() {
+                        Some(&t) if t + limit <= Instant::now() => return Err(()),
+                        Some(&t) => deadline = t + limit,
+                        // Still uploading: body_read_timeout guards a stalled client.
+                        None => deadline = Instant::now() + limit,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's own body failed (too large, stalled): that is the client's answer.
+fn body_error(err: &hyper::Error) -> Option<ProxyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(s) = source {
+        if s.is::<BodyTooLarge>() {
+            return Some(ProxyError::BodyTooLarge);
+        }
+        if s.is::<BodyTimeout>() {
+            return Some(ProxyError::BodyTimeout);
+        }
+        source = s.source();
+    }
+    None
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    guard: ActiveGuard,
+    sender: Sender,
+    upstream: &Upstream,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    rt: &Runtime,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, ProxyError> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ProxyError::BadUpstreamResponse(
+                "101 without an upgrade request",
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        let idle = rt.settings.tunnel_idle_timeout;
+        shared.tracker.spawn(tunnel::run(
+            client_upgrade,
+            upstream_upgrade,
+            idle,
+            guard,
+            sender,
+        ));
+        return Ok(Response::from_parts(parts, Body::Empty));
+    }
+    let (mut parts, body) = resp.into_parts();
+    let keep = !headers::has_connection_token(&parts.headers, "close");
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    let pool =
+        keep.then(|| PoolReturn::new(Arc::clone(guard.server()), sender, upstream.pool.max_idle));
+    Ok(Response::from_parts(
+        parts,
+        Body::Upstream(UpstreamBody::new(body, pool, guard)),
+    ))
+}

@@ -1,0 +1,151 @@
+//! The runtime snapshot: an immutable view of one validated config (routes, upstreams,
+//! settings) that a request loads once and uses to the end. A reload builds a new one,
+//! reusing the long-lived servers of the previous snapshot, and swaps it in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::config::Config;
+use crate::route::RouteTable;
+use crate::server::Server;
+use crate::upstream::Upstream;
+
+/// Proxy-wide settings from `[server]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// TCP connect to an upstream server.
+    pub connect_timeout: Duration,
+    /// From the request being sent until the response head.
+    pub request_timeout: Duration,
+    /// Idle client keep-alive connection.
+    pub idle_timeout: Duration,
+    /// Client request head.
+    pub header_read_timeout: Duration,
+    /// Pause between reads of a request body.
+    pub body_read_timeout: Duration,
+    /// Upgraded tunnel with no traffic.
+    pub tunnel_idle_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: Option<u64>,
+    /// Graceful drain.
+    pub shutdown_timeout: Duration,
+}
+
+/// One immutable config snapshot.
+#[derive(Debug)]
+pub struct Runtime {
+    /// 1 for the first config, +1 per successful reload.
+    pub version: u64,
+    /// The config this snapshot was built from.
+    pub config: Arc<Config>,
+    /// `[server]` settings.
+    pub settings: Settings,
+    /// `trusted_proxies`.
+    pub trusted: Vec<IpNet>,
+    /// Request → upstream index.
+    pub routes: RouteTable,
+    /// Upstreams in name order.
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Runtime {
+    /// Builds a snapshot from a validated config. Servers that `prev` already has (same
+    /// upstream, same `addr`) are reused with their health and pool. Pure: binds nothing,
+    /// spawns nothing.
+    pub fn build(config: Config, prev: Option<&Runtime>) -> Runtime {
+        let s = &config.server;
+        let settings = Settings {
+            connect_timeout: s.connect_timeout.0,
+            request_timeout: s.request_timeout.0,
+            idle_timeout: s.idle_timeout.0,
+            header_read_timeout: s.header_read_timeout.0,
+            body_read_timeout: s.body_read_timeout.0,
+            tunnel_idle_timeout: s.tunnel_idle_timeout.0,
+            max_header_bytes: usize::try_from(s.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_body_bytes: s.max_body_bytes.map(|b| b.0),
+            shutdown_timeout: s.shutdown_timeout.0,
+        };
+        let trusted = s.trusted_proxies.iter().map(|c| c.0).collect();
+        let upstreams: Vec<Upstream> = config
+            .upstreams
+            .iter()
+            .map(|(name, section)| {
+                Upstream::build(name, section, settings.connect_timeout, |addr| {
+                    prev.and_then(|p| p.find_server(name, addr))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Server::new(name, addr)))
+                })
+            })
+            .collect();
+        let names: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+        let routes = RouteTable::build(&config.routes, upstreams.len(), |n| {
+            names.iter().position(|&x| x == n)
+        });
+        Runtime {
+            version: prev.map_or(1, |p| p.version + 1),
+            settings,
+            trusted,
+            routes,
+            upstreams,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The long-lived server `addr` of upstream `upstream`, if this snapshot lists it.
+    pub fn find_server(&self, upstream: &str, addr: &str) -> Option<&Arc<Server>> {
+        self.upstreams
+            .iter()
+            .find(|u| &*u.name == upstream)?
+            .members
+            .iter()
+            .find(|m| &*m.server.addr == addr)
+            .map(|m| &m.server)
+    }
+
+    /// Every server of every upstream.
+    pub fn servers(&self) -> impl Iterator<Item = (&Upstream, &Arc<Server>)> {
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.members.iter().map(move |m| (u, &m.server)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(servers: &str) -> Config {
+        crate::config::parse(
+            Path::new("t.toml"),
+            &format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.app]\nservers = {servers}\n"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn servers_that_stay_are_reused_across_snapshots() {
+        let a = Runtime::build(cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#), None);
+        a.find_server("app", "127.0.0.1:1")
+            .unwrap()
+            .set_healthy(false);
+        let b = Runtime::build(
+            cfg(r#"[{ addr = "127.0.0.1:1", weight = 5 }, "127.0.0.1:3"]"#),
+            Some(&a),
+        );
+        assert_eq!(b.version, 2);
+        let kept = b.find_server("app", "127.0.0.1:1").unwrap();
+        assert!(Arc::ptr_eq(
+            kept,
+            a.find_server("app", "127.0.0.1:1").unwrap()
+        ));
+        assert!(!kept.is_healthy());
+        assert!(b.find_server("app", "127.0.0.1:2").is_none());
+        assert!(b.find_server("app", "127.0.0.1:3").unwrap().is_healthy());
+        assert_eq!(b.upstreams[0].members[0].weight, 5);
+    }
+}

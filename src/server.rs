@@ -1,0 +1,96 @@
+//! A [`Server`]: one `addr` of one upstream, long-lived and shared by every runtime snapshot
+//! that lists it, so that its health, its in-flight count and its pooled connections survive
+//! a reload. Weight and backup belong to the snapshot (`upstream::Member`), not here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::client::Pool;
+
+/// Where a server is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An IP address and port.
+    Socket(SocketAddr),
+    /// A `host:port` resolved on each new connection.
+    Name(String),
+}
+
+impl Target {
+    /// Parses a validated `addr`.
+    pub fn parse(addr: &str) -> Target {
+        match addr.parse::<SocketAddr>() {
+            Ok(sa) => Target::Socket(sa),
+            Err(_) => Target::Name(addr.to_owned()),
+        }
+    }
+}
+
+/// One server of one upstream.
+#[derive(Debug)]
+pub struct Server {
+    /// The `addr` as written in the config: identity, `server` label, `/status` key.
+    pub addr: Arc<str>,
+    /// The name of the upstream this server belongs to.
+    pub upstream: Arc<str>,
+    /// Where connections go.
+    pub target: Target,
+    healthy: AtomicBool,
+    active: AtomicUsize,
+    /// Idle keep-alive connections to this server.
+    pub pool: Pool,
+}
+
+impl Server {
+    /// A new server; it starts healthy (CONTRACT §2: a fresh start serves at once).
+    pub fn new(upstream: &str, addr: &str) -> Server {
+        Server {
+            addr: Arc::from(addr),
+            upstream: Arc::from(upstream),
+            target: Target::parse(addr),
+            healthy: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            pool: Pool::default(),
+        }
+    }
+
+    /// Whether the server may be chosen.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Marks the server up or down; returns whether that changed anything.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Requests in flight to this server.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(self))
+    }
+}
+
+/// A request in flight to a server; dropped with the response body (or on error), so the
+/// count cannot leak on cancellation.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Server>);
+
+impl ActiveGuard {
+    /// The server this request went to.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
