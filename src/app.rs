@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,10 +13,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::AccessLog;
 use crate::admin;
 use crate::config;
 use crate::error::{ConfigError, KeyPath};
 use crate::listener;
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
 /// State shared by every listener, connection and background task.
@@ -29,8 +30,10 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// Connection and tunnel tasks, waited for on shutdown.
     pub tracker: TaskTracker,
-    /// Open client connections.
-    pub connections: AtomicUsize,
+    /// Metric families and handles.
+    pub metrics: Arc<Metrics>,
+    /// The access log writer.
+    pub access_log: AccessLog,
     /// The config file.
     pub config_path: PathBuf,
     /// When the process started serving.
@@ -69,7 +72,8 @@ impl App {
         for w in cfg.warnings() {
             tracing::warn!(config = %path.display(), "{w}");
         }
-        let rt = Runtime::build(cfg, None);
+        let metrics = Arc::new(Metrics::new());
+        let rt = Runtime::build(cfg, None, &metrics);
         let mut client_listeners = Vec::new();
         for &addr in &rt.config.server.listen.0 {
             let l = listener::bind(addr)
@@ -98,7 +102,8 @@ impl App {
             runtime: ArcSwap::from_pointee(rt),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            connections: AtomicUsize::new(0),
+            metrics,
+            access_log: AccessLog::start(),
             config_path: path,
             started: Instant::now(),
         });
@@ -225,11 +230,13 @@ pub fn reload(shared: &Shared) -> Result<u64, ConfigError> {
                 "changing listen addresses needs a restart".into(),
             ));
         }
-        let rt = Runtime::build(cfg, Some(&old));
+        let rt = Runtime::build(cfg, Some(&old), &shared.metrics);
         let version = rt.version;
+        old.forget_removed(&rt, &shared.metrics);
         shared.runtime.store(Arc::new(rt));
         Ok(version)
     });
+    shared.metrics.record_reload(result.is_ok());
     match &result {
         Ok(v) => tracing::info!(config = %path.display(), version = v, "config reloaded"),
         Err(e) => tracing::error!("config reload failed, keeping the old config: {e}"),

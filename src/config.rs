@@ -106,6 +106,22 @@ pub struct LogSection {
     /// A tracing filter (`info`, `fairway=debug`); `RUST_LOG` wins when set.
     #[serde(default)]
     pub level: Option<String>,
+    /// One line per request on stdout.
+    #[serde(default)]
+    pub access: AccessFormat,
+}
+
+/// `[log] access = "..."`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessFormat {
+    /// No access log.
+    #[default]
+    Off,
+    /// A common-log-style text line with the upstream server, duration and tries appended.
+    Common,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[upstreams.NAME]`.

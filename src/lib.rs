@@ -18,13 +18,16 @@
 //! - [`body`]: the streaming body types.
 //! - [`config`]: the TOML file, its units and validation.
 //! - [`runtime`]: the immutable snapshot built from a config.
+//! - [`access`]: the access log and its writer task.
 //! - [`admin`]: the admin listener.
+//! - [`metrics`]: Prometheus metrics and their pre-resolved handles.
 //! - [`error`]: `ProxyError` and `ConfigError`.
 //! - [`demo`]: `fairway demo`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod balance;
@@ -35,6 +38,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod runtime;

@@ -24,8 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::access::Entry;
 use crate::app::Shared;
 use crate::body::{Body, BoxError};
+use crate::config::AccessFormat;
 use crate::proxy;
 
 /// What the proxy knows about one client connection.
@@ -240,7 +242,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
 /// on this connection when hyper drops it.
 pub struct ConnBody {
     inner: Body,
+    access: Option<(Box<Entry>, Arc<Shared>)>,
     _guard: RequestGuard,
+}
+
+impl Drop for ConnBody {
+    fn drop(&mut self) {
+        if let Some((entry, shared)) = self.access.take() {
+            shared.access_log.send(entry.line(), &shared.metrics);
+        }
+    }
 }
 
 impl http_body::Body for ConnBody {
@@ -251,7 +262,14 @@ impl http_body::Body for ConnBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some((entry, _)), Poll::Ready(Some(Ok(frame)))) = (&mut this.access, &r)
+            && let Some(d) = frame.data_ref()
+        {
+            entry.bytes += d.len() as u64;
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -287,7 +305,7 @@ pub async fn serve_connection<S>(stream: S, info: ConnInfo, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.connections_active.inc();
     let _count = ConnCount(Arc::clone(&shared));
     let (builder, timeouts) = builder(&shared);
     let state = Arc::new(ConnState::new());
@@ -301,10 +319,26 @@ where
         let guard = svc_state.begin_request();
         let shared = Arc::clone(&svc_shared);
         async move {
+            let start = Instant::now();
             let rt = shared.runtime.load_full();
-            let resp = proxy::handle(rt, req, &info, &shared).await;
+            let format = rt.config.log.access;
+            let entry = (format != AccessFormat::Off)
+                .then(|| Box::new(Entry::begin(format, &req, info.peer.ip())));
+            let mut trace = proxy::Trace::default();
+            let resp = proxy::handle(&rt, req, &info, &shared, start, &mut trace).await;
+            let access = entry.map(|mut e| {
+                e.status = resp.status().as_u16();
+                e.attempts = trace.attempts;
+                if let Some(ip) = trace.client_ip {
+                    e.client = ip;
+                }
+                e.upstream = trace.upstream.map(|i| Arc::clone(&rt.upstreams[i].name));
+                e.server = trace.server.as_ref().map(|s| Arc::clone(&s.addr));
+                (e, Arc::clone(&shared))
+            });
             Ok::<_, Infallible>(resp.map(|inner| ConnBody {
                 inner,
+                access,
                 _guard: guard,
             }))
         }
@@ -363,6 +397,6 @@ struct ConnCount(Arc<Shared>);
 
 impl Drop for ConnCount {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections_active.dec();
     }
 }

@@ -19,19 +19,36 @@ use crate::headers::{self, Origin};
 use crate::listener::ConnInfo;
 use crate::route;
 use crate::runtime::Runtime;
-use crate::server::ActiveGuard;
+use crate::server::{ActiveGuard, Server};
 use crate::tunnel;
 use crate::upstream::Upstream;
 
-/// Answers one client request. Never fails: errors become the contract's status codes.
+/// Where a request went: filled in as it is routed and tried, read for metrics and the
+/// access log.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The upstream index in the snapshot, once routed.
+    pub upstream: Option<usize>,
+    /// The server of the last try.
+    pub server: Option<Arc<Server>>,
+    /// Tries made (0 when the proxy answered by itself).
+    pub attempts: u32,
+    /// The client IP as `trusted_proxies` allow it to be known.
+    pub client_ip: Option<IpAddr>,
+}
+
+/// Answers one client request (its head arrived at `start`). Never fails: errors become the
+/// contract's status codes. Counts the response in the metrics.
 pub async fn handle(
-    rt: Arc<Runtime>,
+    rt: &Runtime,
     req: Request<Incoming>,
     conn: &ConnInfo,
     shared: &Arc<Shared>,
+    start: Instant,
+    trace: &mut Trace,
 ) -> Response<Body> {
     let method = req.method().clone();
-    match forward(&rt, req, conn, shared).await {
+    let resp = match forward(rt, req, conn, shared, trace).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.status() {
@@ -46,7 +63,19 @@ pub async fn handle(
             }
             e.response()
         }
+    };
+    let code = resp.status().as_u16();
+    match trace.upstream.map(|i| &rt.upstreams[i]) {
+        Some(u) => {
+            u.metrics.duration.observe(start.elapsed().as_secs_f64());
+            match &trace.server {
+                Some(s) => s.metrics.codes.inc(code),
+                None => u.metrics.no_server.inc(code),
+            }
+        }
+        None => rt.no_route.inc(code),
     }
+    resp
 }
 
 /// Whether a failed request may be sent again to another server (CONTRACT §2 `retries`).
@@ -90,6 +119,7 @@ async fn forward(
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     shared: &Arc<Shared>,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
     // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
     let host_value: Option<HeaderValue> = match req.headers().get(header::HOST) {
@@ -108,6 +138,7 @@ async fn forward(
         .routes
         .lookup(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
+    trace.upstream = Some(index);
     let upstream = &rt.upstreams[index];
 
     let declared = content_length(req.headers());
@@ -124,6 +155,7 @@ async fn forward(
     } else {
         peer
     };
+    trace.client_ip = Some(client_ip);
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -171,7 +203,7 @@ async fn forward(
         replayable,
         ended: (!replayable).then_some(&*ended),
     };
-    let (resp, guard, sender) = attempt.run(client_ip, &mut first).await?;
+    let (resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
     respond(resp, guard, sender, upstream, client_upgrade, rt, shared)
 }
 
@@ -205,6 +237,7 @@ impl Attempt<'_> {
         &self,
         client_ip: IpAddr,
         first: &mut Option<RequestBody>,
+        trace: &mut Trace,
     ) -> Result<(Response<Incoming>, ActiveGuard, Sender), ProxyError> {
         let upstream = self.upstream;
         let max_tries = 1 + upstream.retries as usize;
@@ -215,11 +248,19 @@ impl Attempt<'_> {
         let mut force_fresh = false;
         // A request given back unsent by a stale pooled connection.
         let mut unsent: Option<Request<RequestBody>> = None;
+        let mut retry = false;
         loop {
             let Some(mi) = upstream.select(client_ip, &tried) else {
                 return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
             };
             let server = &upstream.members[mi].server;
+            if retry {
+                upstream.metrics.retries.inc();
+            }
+            // Set again by each failure that leads to another try.
+            retry = false;
+            trace.attempts += 1;
+            trace.server = Some(Arc::clone(server));
             let guard = server.begin();
             let conn = if force_fresh {
                 force_fresh = false;
@@ -244,6 +285,7 @@ impl Attempt<'_> {
                     if tried.len() >= max_tries {
                         return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
                     }
+                    retry = true;
                     continue;
                 }
             };
@@ -272,6 +314,7 @@ impl Attempt<'_> {
                             if tried.len() >= max_tries {
                                 return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
                             }
+                            retry = true;
                         }
                         continue;
                     }
@@ -288,6 +331,7 @@ impl Attempt<'_> {
                         // whatever `retries` says.
                         fresh_retry_used = true;
                         force_fresh = true;
+                        retry = true;
                         last_err = Some(ProxyError::UpstreamBroke(err));
                         // Same server again: the balancer may choose it or another.
                         continue;
@@ -297,6 +341,7 @@ impl Attempt<'_> {
                     if !idempotent || tried.len() >= max_tries {
                         return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
                     }
+                    retry = true;
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::metrics::{CodeCounters, Metrics};
 use crate::route::RouteTable;
 use crate::server::Server;
 use crate::upstream::Upstream;
@@ -50,13 +51,15 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Upstreams in name order.
     pub upstreams: Vec<Upstream>,
+    /// `fairway_requests_total{upstream="none",server="none"}`: requests no route matched.
+    pub no_route: CodeCounters,
 }
 
 impl Runtime {
     /// Builds a snapshot from a validated config. Servers that `prev` already has (same
     /// upstream, same `addr`) are reused with their health and pool. Pure: binds nothing,
     /// spawns nothing.
-    pub fn build(config: Config, prev: Option<&Runtime>) -> Runtime {
+    pub fn build(config: Config, prev: Option<&Runtime>, metrics: &Metrics) -> Runtime {
         let s = &config.server;
         let settings = Settings {
             connect_timeout: s.connect_timeout.0,
@@ -74,10 +77,10 @@ impl Runtime {
             .upstreams
             .iter()
             .map(|(name, section)| {
-                Upstream::build(name, section, settings.connect_timeout, |addr| {
+                Upstream::build(name, section, settings.connect_timeout, metrics, |addr| {
                     prev.and_then(|p| p.find_server(name, addr))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Server::new(name, addr)))
+                        .unwrap_or_else(|| Arc::new(Server::new(name, addr, metrics)))
                 })
             })
             .collect();
@@ -91,6 +94,7 @@ impl Runtime {
             trusted,
             routes,
             upstreams,
+            no_route: metrics.no_route(),
             config: Arc::new(config),
         }
     }
@@ -104,6 +108,22 @@ impl Runtime {
             .iter()
             .find(|m| &*m.server.addr == addr)
             .map(|m| &m.server)
+    }
+
+    /// Removes the metric series of servers and upstreams that `self` has and `next` has
+    /// not.
+    pub fn forget_removed(&self, next: &Runtime, metrics: &Metrics) {
+        for u in &self.upstreams {
+            let kept = next.upstreams.iter().any(|n| n.name == u.name);
+            for m in &u.members {
+                if next.find_server(&u.name, &m.server.addr).is_none() {
+                    metrics.forget_server(&u.name, &m.server.addr, &m.server.metrics);
+                }
+            }
+            if !kept {
+                metrics.forget_upstream(&u.name, &u.metrics);
+            }
+        }
     }
 
     /// Every server of every upstream.
@@ -129,13 +149,15 @@ mod tests {
 
     #[test]
     fn servers_that_stay_are_reused_across_snapshots() {
-        let a = Runtime::build(cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#), None);
+        let m = Metrics::new();
+        let a = Runtime::build(cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#), None, &m);
         a.find_server("app", "127.0.0.1:1")
             .unwrap()
             .set_healthy(false);
         let b = Runtime::build(
             cfg(r#"[{ addr = "127.0.0.1:1", weight = 5 }, "127.0.0.1:3"]"#),
             Some(&a),
+            &m,
         );
         assert_eq!(b.version, 2);
         let kept = b.find_server("app", "127.0.0.1:1").unwrap();

@@ -4,9 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::client::Pool;
+use crate::metrics::{Metrics, ServerMetrics};
 
 /// Where a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,21 +38,22 @@ pub struct Server {
     /// Where connections go.
     pub target: Target,
     healthy: AtomicBool,
-    active: AtomicUsize,
     /// Idle keep-alive connections to this server.
     pub pool: Pool,
+    /// Metric handles, resolved once; the active-request gauge is the in-flight count.
+    pub metrics: ServerMetrics,
 }
 
 impl Server {
     /// A new server; it starts healthy (CONTRACT §2: a fresh start serves at once).
-    pub fn new(upstream: &str, addr: &str) -> Server {
+    pub fn new(upstream: &str, addr: &str, metrics: &Metrics) -> Server {
         Server {
             addr: Arc::from(addr),
             upstream: Arc::from(upstream),
             target: Target::parse(addr),
             healthy: AtomicBool::new(true),
-            active: AtomicUsize::new(0),
             pool: Pool::default(),
+            metrics: metrics.server(upstream, addr),
         }
     }
 
@@ -62,17 +64,18 @@ impl Server {
 
     /// Marks the server up or down; returns whether that changed anything.
     pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.metrics.healthy.set(i64::from(healthy));
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
     }
 
     /// Requests in flight to this server.
-    pub fn active_requests(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+    pub fn active_requests(&self) -> u64 {
+        self.metrics.active.get().max(0) as u64
     }
 
     /// Counts a request in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
         ActiveGuard(Arc::clone(self))
     }
 }
@@ -91,6 +94,6 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.dec();
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::balance::{self, Balancer, Ring, SmoothWrr};
 use crate::client::PoolSettings;
 use crate::config::{BalanceKind, UpstreamSection};
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::Server;
 
 /// A server as listed in one snapshot.
@@ -35,6 +36,8 @@ pub struct Upstream {
     pub retries: u32,
     /// Connection pool settings.
     pub pool: PoolSettings,
+    /// Metric handles.
+    pub metrics: UpstreamMetrics,
 }
 
 impl Upstream {
@@ -44,6 +47,7 @@ impl Upstream {
         name: &str,
         section: &UpstreamSection,
         connect_timeout: std::time::Duration,
+        metrics: &Metrics,
         mut server_for: impl FnMut(&str) -> Arc<Server>,
     ) -> Upstream {
         let members: Vec<Member> = section
@@ -91,6 +95,7 @@ impl Upstream {
                 idle_timeout: section.pool_idle_timeout.0,
                 connect_timeout,
             },
+            metrics: metrics.upstream(name),
         }
     }
 

@@ -1,0 +1,219 @@
+//! The access log (`[log] access`): one line per request on stdout, formatted on the
+//! request's task when its response ends and handed to a writer task over a bounded channel.
+//! When the writer falls behind, lines are dropped and counted in
+//! `fairway_access_log_dropped_total`; the request path never waits on stdout.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, Version};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::AccessFormat;
+use crate::metrics::Metrics;
+
+/// Lines buffered between the request path and the writer.
+pub const CHANNEL_LINES: usize = 16 * 1024;
+
+/// The sending side, held by the shared state.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+}
+
+impl AccessLog {
+    /// Starts the writer task on stdout; it ends when every sender is gone.
+    pub fn start() -> AccessLog {
+        let (tx, rx) = mpsc::channel(CHANNEL_LINES);
+        tokio::spawn(write_lines(rx, tokio::io::stdout()));
+        AccessLog { tx }
+    }
+
+    /// Queues a line, or drops and counts it when the queue is full.
+    pub fn send(&self, line: String, metrics: &Metrics) {
+        if self.tx.try_send(line).is_err() {
+            metrics.access_log_dropped.inc();
+        }
+    }
+}
+
+async fn write_lines<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<String>, out: W) {
+    let mut out = tokio::io::BufWriter::new(out);
+    while let Some(line) = rx.recv().await {
+        let mut ok = out.write_all(line.as_bytes()).await.is_ok();
+        // Write whatever else is queued before flushing once.
+        while let Ok(more) = rx.try_recv() {
+            ok &= out.write_all(more.as_bytes()).await.is_ok();
+        }
+        if !ok || out.flush().await.is_err() {
+            // stdout is gone: keep draining so that senders never block.
+            continue;
+        }
+    }
+}
+
+/// What is known of a request when its response ends.
+#[derive(Debug)]
+pub struct Entry {
+    format: AccessFormat,
+    time: SystemTime,
+    start: Instant,
+    method: Method,
+    path: String,
+    version: Version,
+    /// Status sent.
+    pub status: u16,
+    /// Body bytes sent.
+    pub bytes: u64,
+    /// Client IP.
+    pub client: IpAddr,
+    /// Upstream name, if routed.
+    pub upstream: Option<std::sync::Arc<str>>,
+    /// Server `addr` of the last try, if any.
+    pub server: Option<std::sync::Arc<str>>,
+    /// Tries made.
+    pub attempts: u32,
+}
+
+impl Entry {
+    /// Notes the request head; the rest is filled in as the request proceeds.
+    pub fn begin<B>(format: AccessFormat, req: &Request<B>, peer: IpAddr) -> Entry {
+        Entry {
+            format,
+            time: SystemTime::now(),
+            start: Instant::now(),
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
+            version: req.version(),
+            status: 0,
+            bytes: 0,
+            client: peer,
+            upstream: None,
+            server: None,
+            attempts: 0,
+        }
+    }
+
+    /// The line to write, newline included.
+    pub fn line(&self) -> String {
+        let duration = self.start.elapsed();
+        let time = humantime::format_rfc3339_millis(self.time);
+        let server = self.server.as_deref().unwrap_or("-");
+        let upstream = self.upstream.as_deref().unwrap_or("-");
+        match self.format {
+            AccessFormat::Json => {
+                let mut s = serde_json::json!({
+                    "time": time.to_string(),
+                    "client": self.client.to_string(),
+                    "method": self.method.as_str(),
+                    "path": self.path,
+                    "protocol": version_str(self.version),
+                    "status": self.status,
+                    "bytes": self.bytes,
+                    "upstream": upstream,
+                    "server": server,
+                    "duration": secs(duration),
+                    "attempts": self.attempts,
+                })
+                .to_string();
+                s.push('\n');
+                s
+            }
+            _ => format!(
+                "{} - - [{}] \"{} {} {}\" {} {} upstream={} server={} duration={:.6} attempts={}\n",
+                self.client,
+                time,
+                self.method,
+                self.path,
+                version_str(self.version),
+                self.status,
+                self.bytes,
+                upstream,
+                server,
+                secs(duration),
+                self.attempts
+            ),
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(format: AccessFormat) -> Entry {
+        let req = Request::get("/a?b=1").body(()).unwrap();
+        let mut e = Entry::begin(format, &req, "10.0.0.9".parse().unwrap());
+        e.status = 200;
+        e.bytes = 12;
+        e.server = Some("127.0.0.1:13000".into());
+        e.upstream = Some("app".into());
+        e.attempts = 1;
+        e
+    }
+
+    #[test]
+    fn json_line_has_every_field() {
+        let line = entry(AccessFormat::Json).line();
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["client"], "10.0.0.9");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/a?b=1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes"], 12);
+        assert_eq!(v["server"], "127.0.0.1:13000");
+        assert_eq!(v["upstream"], "app");
+        assert_eq!(v["attempts"], 1);
+        assert!(v["duration"].as_f64().unwrap() >= 0.0);
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn common_line() {
+        let line = entry(AccessFormat::Common).line();
+        assert!(line.starts_with("10.0.0.9 - - ["), "{line}");
+        assert!(
+            line.contains(
+                "\"GET /a?b=1 HTTP/1.1\" 200 12 upstream=app server=127.0.0.1:13000 duration="
+            ),
+            "{line}"
+        );
+        assert!(line.trim_end().ends_with("attempts=1"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn writer_writes_queued_lines() {
+        let (tx, rx) = mpsc::channel(4);
+        let (w, mut r) = tokio::io::duplex(1024);
+        let task = tokio::spawn(write_lines(rx, w));
+        tx.send("a\n".into()).await.unwrap();
+        tx.send("b\n".into()).await.unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut r, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, "a\nb\n");
+    }
+}

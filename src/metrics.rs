@@ -1,0 +1,534 @@
+//! Prometheus metrics (CONTRACT §5): one [`Metrics`] owning the registry and the typed
+//! families, plus the handles that the request path uses. Handles are resolved once per
+//! server (kept across reloads with the server) and per upstream snapshot; the request path
+//! never formats a label or takes a registry lock. `forget_*` removes the series of servers
+//! and upstreams that a reload dropped.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `Content-Type` of the exposition (text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The `server` label of responses the proxy gave itself.
+pub const NO_SERVER: &str = "none";
+
+/// Histogram buckets, in seconds: 0.5 ms to 30 s.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0,
+];
+
+/// `{upstream, server, code}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Server `addr` as written, or `none`.
+    pub server: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// `{upstream, server}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Server `addr` as written.
+    pub server: String,
+}
+
+/// `{upstream, server, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Server `addr` as written.
+    pub server: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// `{upstream}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// Upstream name.
+    pub upstream: String,
+}
+
+/// `{result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
+
+/// The registry and every metric family of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    healthy: Family<ServerLabels, Gauge>,
+    active: Family<ServerLabels, Gauge>,
+    health_checks: Family<CheckLabels, Counter>,
+    retries: Family<UpstreamLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    /// `fairway_config_last_reload_successful`.
+    pub last_reload_successful: Gauge,
+    /// `fairway_client_connections_active`.
+    pub connections_active: Gauge,
+    /// `fairway_client_connections_rejected_total`.
+    pub connections_rejected: Counter,
+    /// `fairway_access_log_dropped_total`.
+    pub access_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family; the process collector included.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let healthy = Family::<ServerLabels, Gauge>::default();
+        let active = Family::<ServerLabels, Gauge>::default();
+        let health_checks = Family::<CheckLabels, Counter>::default();
+        let retries = Family::<UpstreamLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let last_reload_successful = Gauge::default();
+        let connections_active = Gauge::default();
+        let connections_rejected = Counter::default();
+        let access_log_dropped = Counter::default();
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "fairway_requests",
+            "Requests answered, by upstream, server and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "fairway_request_duration_seconds",
+            "Time from the request head to the response head, by upstream",
+            duration.clone(),
+        );
+        registry.register(
+            "fairway_upstream_server_healthy",
+            "Whether a server is considered healthy (1) or not (0)",
+            healthy.clone(),
+        );
+        registry.register(
+            "fairway_upstream_active_requests",
+            "Requests (and tunnels) in flight to a server",
+            active.clone(),
+        );
+        registry.register(
+            "fairway_health_checks",
+            "Active health checks, by result",
+            health_checks.clone(),
+        );
+        registry.register(
+            "fairway_retries",
+            "Requests sent to another server after a failed try",
+            retries.clone(),
+        );
+        registry.register(
+            "fairway_config_reloads",
+            "Config reloads, by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "fairway_config_last_reload_successful",
+            "Whether the last config reload succeeded (1) or not (0)",
+            last_reload_successful.clone(),
+        );
+        registry.register(
+            "fairway_client_connections_active",
+            "Open client connections",
+            connections_active.clone(),
+        );
+        registry.register(
+            "fairway_client_connections_rejected",
+            "Client connections closed at once because max_connections was reached",
+            connections_rejected.clone(),
+        );
+        registry.register(
+            "fairway_access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector::new()));
+        for result in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ResultLabels { result });
+        }
+        last_reload_successful.set(1);
+        Metrics {
+            registry,
+            requests,
+            duration,
+            healthy,
+            active,
+            health_checks,
+            retries,
+            reloads,
+            last_reload_successful,
+            connections_active,
+            connections_rejected,
+            access_log_dropped,
+        }
+    }
+
+    /// The exposition in text format 0.0.4.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Counts a reload.
+    pub fn record_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.last_reload_successful.set(i64::from(ok));
+    }
+
+    /// Handles for one server of one upstream.
+    pub fn server(&self, upstream: &str, addr: &str) -> ServerMetrics {
+        let labels = ServerLabels {
+            upstream: upstream.to_owned(),
+            server: addr.to_owned(),
+        };
+        let check = |result| {
+            self.health_checks.get_or_create_owned(&CheckLabels {
+                upstream: upstream.to_owned(),
+                server: addr.to_owned(),
+                result,
+            })
+        };
+        let healthy = self.healthy.get_or_create_owned(&labels);
+        healthy.set(1);
+        ServerMetrics {
+            codes: CodeCounters::new(self.requests.clone(), upstream, addr),
+            healthy,
+            active: self.active.get_or_create_owned(&labels),
+            checks_ok: check("success"),
+            checks_failed: check("failure"),
+        }
+    }
+
+    /// Handles for one upstream (in one snapshot).
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        let labels = UpstreamLabels {
+            upstream: name.to_owned(),
+        };
+        UpstreamMetrics {
+            duration: self.duration.get_or_create_owned(&labels),
+            retries: self.retries.get_or_create_owned(&labels),
+            no_server: CodeCounters::new(self.requests.clone(), name, NO_SERVER),
+        }
+    }
+
+    /// `fairway_requests_total{upstream="none",server="none"}`, for requests no route matched.
+    pub fn no_route(&self) -> CodeCounters {
+        CodeCounters::new(self.requests.clone(), NO_SERVER, NO_SERVER)
+    }
+
+    /// Removes every series of a server that left the config.
+    pub fn forget_server(&self, upstream: &str, addr: &str, m: &ServerMetrics) {
+        let labels = ServerLabels {
+            upstream: upstream.to_owned(),
+            server: addr.to_owned(),
+        };
+        self.healthy.remove(&labels);
+        self.active.remove(&labels);
+        for result in ["success", "failure"] {
+            self.health_checks.remove(&CheckLabels {
+                upstream: upstream.to_owned(),
+                server: addr.to_owned(),
+                result,
+            });
+        }
+        m.codes.forget();
+    }
+
+    /// Removes every series of an upstream that left the config.
+    pub fn forget_upstream(&self, name: &str, m: &UpstreamMetrics) {
+        let labels = UpstreamLabels {
+            upstream: name.to_owned(),
+        };
+        self.duration.remove(&labels);
+        self.retries.remove(&labels);
+        m.no_server.forget();
+    }
+}
+
+/// Per-server handles.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    /// `fairway_requests_total` by code.
+    pub codes: CodeCounters,
+    /// `fairway_upstream_server_healthy`.
+    pub healthy: Gauge,
+    /// `fairway_upstream_active_requests`.
+    pub active: Gauge,
+    /// `fairway_health_checks_total{result="success"}`.
+    pub checks_ok: Counter,
+    /// `fairway_health_checks_total{result="failure"}`.
+    pub checks_failed: Counter,
+}
+
+/// Per-upstream handles.
+#[derive(Debug)]
+pub struct UpstreamMetrics {
+    /// `fairway_request_duration_seconds`.
+    pub duration: Histogram,
+    /// `fairway_retries_total`.
+    pub retries: Counter,
+    /// `fairway_requests_total{server="none"}`.
+    pub no_server: CodeCounters,
+}
+
+/// `fairway_requests_total` for one (upstream, server): one lazily created counter per status
+/// code, so the label set is formatted once per code, never per request.
+pub struct CodeCounters {
+    family: Family<RequestLabels, Counter>,
+    upstream: String,
+    server: String,
+    table: Box<[OnceLock<Counter>]>,
+}
+
+impl std::fmt::Debug for CodeCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeCounters")
+            .field("upstream", &self.upstream)
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+impl CodeCounters {
+    fn new(family: Family<RequestLabels, Counter>, upstream: &str, server: &str) -> CodeCounters {
+        CodeCounters {
+            family,
+            upstream: upstream.to_owned(),
+            server: server.to_owned(),
+            table: (0..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Counts one response with status `code`.
+    pub fn inc(&self, code: u16) {
+        let i = usize::from(code).min(599);
+        self.table[i]
+            .get_or_init(|| {
+                self.family.get_or_create_owned(&RequestLabels {
+                    upstream: self.upstream.clone(),
+                    server: self.server.clone(),
+                    code,
+                })
+            })
+            .inc();
+    }
+
+    /// Total responses counted.
+    pub fn total(&self) -> u64 {
+        self.table
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|c| c.get())
+            .sum()
+    }
+
+    fn forget(&self) {
+        for (code, c) in self.table.iter().enumerate() {
+            if c.get().is_some() {
+                self.family.remove(&RequestLabels {
+                    upstream: self.upstream.clone(),
+                    server: self.server.clone(),
+                    code: code as u16,
+                });
+            }
+        }
+    }
+}
+
+/// `process_*` metrics read from `/proc/self` at each scrape.
+#[derive(Debug)]
+struct ProcessCollector {
+    start_time: f64,
+    ticks_per_second: f64,
+    page_size: f64,
+}
+
+impl ProcessCollector {
+    fn new() -> ProcessCollector {
+        ProcessCollector {
+            start_time: process_start_time().unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            }),
+            // Linux's USER_HZ and page size are 100 and 4096 on every platform fairway
+            // targets; reading them would need libc.
+            ticks_per_second: 100.0,
+            page_size: 4096.0,
+        }
+    }
+}
+
+/// Fields of `/proc/self/stat` after the command name: (utime+stime ticks, start ticks, rss
+/// pages, vsize bytes).
+fn read_stat() -> Option<(f64, f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime 15, starttime 22,
+    // vsize 23, rss 24.
+    let get = |n: usize| f.get(n - 3)?.parse::<f64>().ok();
+    Some((get(14)? + get(15)?, get(22)?, get(24)?, get(23)?))
+}
+
+fn process_start_time() -> Option<f64> {
+    let (_, start_ticks, _, _) = read_stat()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    Some(now - up + start_ticks / 100.0)
+}
+
+fn open_fds() -> Option<f64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as f64)
+}
+
+fn max_fds() -> Option<f64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let gauge = |enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64| {
+            let g = ConstGauge::new(v);
+            let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)
+        };
+        if let Some((ticks, _, rss_pages, vsize)) = read_stat() {
+            let c = ConstCounter::new(ticks / self.ticks_per_second);
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss_pages * self.page_size,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vsize,
+            )?;
+        }
+        if let Some(n) = open_fds() {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                n,
+            )?;
+        }
+        if let Some(n) = max_fds() {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                n,
+            )?;
+        }
+        gauge(
+            &mut encoder,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            self.start_time,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_contract_names() {
+        let m = Metrics::new();
+        let s = m.server("app", "127.0.0.1:1");
+        let u = m.upstream("app");
+        s.codes.inc(200);
+        s.codes.inc(200);
+        u.no_server.inc(503);
+        u.duration.observe(0.002);
+        let text = m.encode();
+        for name in [
+            "fairway_requests_total{upstream=\"app\",server=\"127.0.0.1:1\",code=\"200\"} 2",
+            "fairway_requests_total{upstream=\"app\",server=\"none\",code=\"503\"} 1",
+            "fairway_request_duration_seconds_count{upstream=\"app\"} 1",
+            "fairway_upstream_server_healthy{upstream=\"app\",server=\"127.0.0.1:1\"} 1",
+            "fairway_upstream_active_requests{upstream=\"app\",server=\"127.0.0.1:1\"} 0",
+            "fairway_health_checks_total{upstream=\"app\",server=\"127.0.0.1:1\",result=\"failure\"} 0",
+            "fairway_retries_total{upstream=\"app\"} 0",
+            "fairway_config_reloads_total{result=\"failure\"} 0",
+            "fairway_config_last_reload_successful 1",
+            "fairway_client_connections_active 0",
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
+        assert_eq!(s.codes.total(), 2);
+    }
+
+    #[test]
+    fn forgotten_servers_leave_the_exposition() {
+        let m = Metrics::new();
+        let s = m.server("app", "10.0.0.1:1");
+        s.codes.inc(502);
+        m.forget_server("app", "10.0.0.1:1", &s);
+        let text = m.encode();
+        assert!(!text.contains("10.0.0.1:1"), "{text}");
+    }
+}
