@@ -17,6 +17,7 @@ use crate::access::AccessLog;
 use crate::admin;
 use crate::config;
 use crate::error::{ConfigError, KeyPath};
+use crate::health::{self, Transition};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -130,12 +131,44 @@ impl App {
             }
             None => None,
         };
+        reconcile_checkers(&shared, &shared.runtime.load_full());
         tokio::spawn(sweep_pools(Arc::clone(&shared)));
         Ok(AppHandle {
             shared,
             client_addrs,
             admin_addr,
         })
+    }
+}
+
+/// Starts, restarts (settings changed) or stops the active checker of every server so that
+/// it matches its upstream's `health_check` in `rt`. A checker stops by itself when its
+/// server leaves every snapshot.
+fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
+    for u in &rt.upstreams {
+        for m in &u.members {
+            let s = &m.server;
+            let mut slot = s.checker.lock().unwrap_or_else(|e| e.into_inner());
+            match (&u.health_check, slot.as_ref()) {
+                (Some(hc), Some((running, _))) if running == hc => {}
+                (Some(hc), _) => {
+                    let token = shared.stop.child_token();
+                    tokio::spawn(health::run_checker(
+                        Arc::downgrade(s),
+                        hc.clone(),
+                        token.clone(),
+                    ));
+                    *slot = Some((hc.clone(), token.drop_guard()));
+                }
+                (None, Some(_)) => {
+                    *slot = None;
+                    if s.health.force_up(0) {
+                        s.on_transition(Transition::Up, "health checks removed from the config");
+                    }
+                }
+                (None, None) => {}
+            }
+        }
     }
 }
 
@@ -233,7 +266,9 @@ pub fn reload(shared: &Shared) -> Result<u64, ConfigError> {
         let rt = Runtime::build(cfg, Some(&old), &shared.metrics);
         let version = rt.version;
         old.forget_removed(&rt, &shared.metrics);
-        shared.runtime.store(Arc::new(rt));
+        let rt = Arc::new(rt);
+        shared.runtime.store(Arc::clone(&rt));
+        reconcile_checkers(shared, &rt);
         Ok(version)
     });
     shared.metrics.record_reload(result.is_ok());

@@ -24,16 +24,73 @@ pub enum Balancer {
     RoundRobin(SmoothWrr),
     /// Consistent hashing of the client address.
     IpHash(Ring),
+    /// Weighted power of two choices on in-flight requests.
+    LeastRequest(LeastRequest),
 }
 
 impl Balancer {
     /// Picks a member for a client whose address hashes to `key`, among those for which
-    /// `ok` holds.
-    pub fn pick(&self, key: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+    /// `ok` holds; `load(member)` is its number of requests in flight.
+    pub fn pick(
+        &self,
+        key: u64,
+        ok: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> u64,
+    ) -> Option<usize> {
         match self {
             Balancer::RoundRobin(b) => b.pick(ok),
             Balancer::IpHash(b) => b.pick(key, ok),
+            Balancer::LeastRequest(b) => b.pick(ok, load),
         }
+    }
+}
+
+/// Envoy's LEAST_REQUEST: two members drawn at random, the one with fewer requests in
+/// flight per unit of weight wins. O(1), and it avoids herding onto the single least-loaded
+/// server that a full scan would cause when several proxies share a pool.
+#[derive(Debug)]
+pub struct LeastRequest {
+    /// (member index, weight).
+    members: Box<[(usize, u32)]>,
+}
+
+impl LeastRequest {
+    /// A balancer over `(member index, weight)`.
+    pub fn new(members: Vec<(usize, u32)>) -> LeastRequest {
+        LeastRequest {
+            members: members.into_boxed_slice(),
+        }
+    }
+
+    /// The less loaded of two random members.
+    pub fn pick(&self, ok: impl Fn(usize) -> bool, load: impl Fn(usize) -> u64) -> Option<usize> {
+        let n = self.members.len();
+        // (load + 1) / weight, compared without division.
+        let better = |a: (usize, u32), b: (usize, u32)| {
+            (load(a.0) + 1) * u64::from(b.1) <= (load(b.0) + 1) * u64::from(a.1)
+        };
+        if n >= 2 {
+            let r = crate::health::fast_random();
+            let i = (r % n as u64) as usize;
+            let mut j = ((r >> 32) % (n as u64 - 1)) as usize;
+            if j >= i {
+                j += 1;
+            }
+            let (a, b) = (self.members[i], self.members[j]);
+            match (ok(a.0), ok(b.0)) {
+                (true, true) => return Some(if better(a, b) { a.0 } else { b.0 }),
+                (true, false) => return Some(a.0),
+                (false, true) => return Some(b.0),
+                (false, false) => {}
+            }
+        }
+        // Few members available: the least loaded of those.
+        self.members
+            .iter()
+            .copied()
+            .filter(|m| ok(m.0))
+            .reduce(|a, b| if better(a, b) { a } else { b })
+            .map(|m| m.0)
     }
 }
 
@@ -229,6 +286,30 @@ mod tests {
 
     fn rr(weights: &[u32]) -> SmoothWrr {
         SmoothWrr::new(weights.iter().copied().enumerate().collect())
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_loaded() {
+        let b = LeastRequest::new(vec![(0, 1), (1, 1), (2, 1)]);
+        let loads = [10u64, 0, 10];
+        let mut counts = [0; 3];
+        for _ in 0..3000 {
+            counts[b.pick(|_| true, |i| loads[i]).unwrap()] += 1;
+        }
+        // Member 1 wins every draw it is part of: 2/3 of draws.
+        assert!(counts[1] > 1800, "{counts:?}");
+        assert_eq!(b.pick(|i| i == 2, |i| loads[i]), Some(2));
+        assert_eq!(b.pick(|_| false, |i| loads[i]), None);
+    }
+
+    #[test]
+    fn least_request_weighs_load_by_weight() {
+        let b = LeastRequest::new(vec![(0, 1), (1, 4)]);
+        // 3 in flight on a weight-4 server beats 1 on a weight-1 server.
+        let loads = [1u64, 3];
+        for _ in 0..100 {
+            assert_eq!(b.pick(|_| true, |i| loads[i]), Some(1));
+        }
     }
 
     #[test]

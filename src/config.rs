@@ -145,6 +145,15 @@ pub struct UpstreamSection {
     /// Active health checks.
     #[serde(default)]
     pub health_check: Option<HealthCheckSection>,
+    /// Passive failure detection.
+    #[serde(default)]
+    pub passive: PassiveSection,
+    /// A server that comes back (or is added) ramps up to its full weight over this long.
+    #[serde(default)]
+    pub slow_start: Option<Dur>,
+    /// When every server is down, route to all of them instead of answering 503.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// `balance = "..."`.
@@ -156,6 +165,8 @@ pub enum BalanceKind {
     RoundRobin,
     /// Consistent hashing of the client IP.
     IpHash,
+    /// Weighted power of two choices on in-flight requests.
+    LeastRequest,
 }
 
 impl BalanceKind {
@@ -164,6 +175,7 @@ impl BalanceKind {
         match self {
             BalanceKind::RoundRobin => "round_robin",
             BalanceKind::IpHash => "ip_hash",
+            BalanceKind::LeastRequest => "least_request",
         }
     }
 }
@@ -201,6 +213,22 @@ pub struct HealthCheckSection {
     /// Passing status range, `"200-399"` or `"200"`.
     #[serde(default = "defaults::expect_status")]
     pub expect_status: StatusRange,
+    /// `Host` header of the check; the server's `addr` when unset.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// `[upstreams.NAME.passive]`: marking servers down from proxied requests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveSection {
+    /// Consecutive failed requests that mark a server down; defaults to the health check's
+    /// `unhealthy_threshold` (3).
+    #[serde(default)]
+    pub max_fails: Option<u32>,
+    /// Without active checks, a passively downed server is tried again after this.
+    #[serde(default)]
+    pub fail_timeout: Option<Dur>,
 }
 
 /// `[[routes]]`.
@@ -607,7 +635,8 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, a) in s.listen.0.iter().enumerate() {
-            if !seen.insert(*a) {
+            // Port 0 asks for any free port: never a clash.
+            if a.port() != 0 && !seen.insert(*a) {
                 return Err((
                     key().k("server").k("listen").i(i),
                     format!("listen address {a} is given twice: remove one"),
@@ -646,6 +675,7 @@ impl Config {
             ));
         }
         if let Some(Addr(admin)) = self.admin.listen
+            && admin.port() != 0
             && s.listen.0.contains(&admin)
         {
             return Err((
@@ -784,6 +814,21 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
             "every server is a backup, so the total primary weight is 0: make at least one a primary (backup = false)".into(),
         ));
     }
+    if u.passive.max_fails == Some(0) {
+        return Err((at().k("passive").k("max_fails"), "must be 1 or more".into()));
+    }
+    if matches!(u.passive.fail_timeout, Some(d) if d.0.is_zero()) {
+        return Err((
+            at().k("passive").k("fail_timeout"),
+            "must be longer than 0, such as \"10s\"".into(),
+        ));
+    }
+    if matches!(u.slow_start, Some(d) if d.0.is_zero()) {
+        return Err((
+            at().k("slow_start"),
+            "must be longer than 0, such as \"30s\"; remove the key to turn slow start off".into(),
+        ));
+    }
     if u.pool_idle_timeout.0.is_zero() {
         return Err((
             at().k("pool_idle_timeout"),
@@ -833,6 +878,20 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         }
         if h.unhealthy_threshold == 0 {
             return Err((hk().k("unhealthy_threshold"), "must be 1 or more".into()));
+        }
+        if h.timeout.0 > h.interval.0 {
+            return Err((
+                hk().k("timeout"),
+                format!(
+                    "timeout {:?} is longer than interval {:?}: checks would overlap; make it shorter",
+                    h.timeout.0, h.interval.0
+                ),
+            ));
+        }
+        if let Some(host) = &h.host
+            && (host.is_empty() || host.bytes().any(|b| b <= b' ' || b == 0x7f))
+        {
+            return Err((hk().k("host"), "must be a host name without spaces".into()));
         }
     }
     Ok(())

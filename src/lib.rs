@@ -15,6 +15,7 @@
 //! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
 //! - [`server`]: one long-lived server (health, in-flight count, pool).
 //! - [`client`]: upstream connections and the per-server idle pool.
+//! - [`health`]: health state, active checker task, probe.
 //! - [`body`]: the streaming body types.
 //! - [`config`]: the TOML file, its units and validation.
 //! - [`runtime`]: the immutable snapshot built from a config.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

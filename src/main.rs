@@ -30,7 +30,12 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the config file and exit (0: valid, 1: invalid), like `nginx -t`.
-    Check,
+    Check {
+        /// Also send one health check to every server and print what each answered; exit 1
+        /// if an upstream has no passing server.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Start three sample upstreams and the proxy in front of them.
     Demo,
 }
@@ -56,14 +61,31 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&cli.config),
+        Command::Check { probe } => check(&cli.config, probe),
         Command::Run => run(&cli.config),
         Command::Demo => demo(),
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path, probe: bool) -> ExitCode {
     match fairway::config::load(path) {
+        Ok(cfg) if probe => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg));
+            print!("{table}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}: an upstream has no passing server", path.display());
+                ExitCode::FAILURE
+            }
+        }
         Ok(cfg) => {
             for w in cfg.warnings() {
                 eprintln!("{}: warning: {w}", path.display());

@@ -16,6 +16,7 @@ use crate::body::{Body, BodyTimeout, BodyTooLarge, ClientBody, RequestBody, Upst
 use crate::client::{self, PoolReturn};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
+use crate::health::Transition;
 use crate::listener::ConnInfo;
 use crate::route;
 use crate::runtime::Runtime;
@@ -277,6 +278,7 @@ impl Attempt<'_> {
                 Ok(c) => c,
                 Err(source) => {
                     tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %source, "connect failed");
+                    passive_failure(upstream, server, "connect failed");
                     tried.push(mi);
                     last_err = Some(ProxyError::Connect {
                         server: server.addr.to_string(),
@@ -300,7 +302,10 @@ impl Attempt<'_> {
             let fut = conn.sender.try_send_request(req);
             let result = self.await_head(fut).await;
             match result {
-                Ok(Ok(resp)) => return Ok((resp, guard, conn.sender)),
+                Ok(Ok(resp)) => {
+                    server.health.record_passive_success();
+                    return Ok((resp, guard, conn.sender));
+                }
                 Err(()) => return Err(ProxyError::Timeout),
                 Ok(Err(mut e)) => {
                     if let Some(req) = e.take_message() {
@@ -323,6 +328,11 @@ impl Attempt<'_> {
                         return Err(pe);
                     }
                     tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "upstream broke off");
+                    passive_failure(
+                        upstream,
+                        server,
+                        "connection broke before the response head",
+                    );
                     if !self.replayable {
                         return Err(ProxyError::UpstreamBroke(err));
                     }
@@ -377,6 +387,29 @@ impl Attempt<'_> {
                 }
             }
         }
+    }
+}
+
+/// Counts a failed try against `server` (CONTRACT §2: passive failures). Without active
+/// checks, a server taken down this way is tried again after `fail_timeout`.
+fn passive_failure(upstream: &Upstream, server: &Arc<Server>, reason: &str) {
+    if server.health.record_passive_failure(upstream.max_fails) != Some(Transition::Down) {
+        return;
+    }
+    server.on_transition(Transition::Down, reason);
+    if upstream.health_check.is_none() {
+        let weak = Arc::downgrade(server);
+        let rest = upstream.fail_timeout;
+        // One more failure after the rest takes it down again, as Nginx's max_fails does.
+        let streak = upstream.max_fails.saturating_sub(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(rest).await;
+            if let Some(s) = weak.upgrade()
+                && s.health.force_up(streak)
+            {
+                s.on_transition(Transition::Up, "fail_timeout passed, trying it again");
+            }
+        });
     }
 }
 

@@ -80,7 +80,14 @@ impl Runtime {
                 Upstream::build(name, section, settings.connect_timeout, metrics, |addr| {
                     prev.and_then(|p| p.find_server(name, addr))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Server::new(name, addr, metrics)))
+                        .unwrap_or_else(|| {
+                            let s = Server::new(name, addr, metrics);
+                            if prev.is_some() {
+                                // Added by a reload: slow start ramps it.
+                                s.health.mark_new();
+                            }
+                            Arc::new(s)
+                        })
                 })
             })
             .collect();
@@ -153,7 +160,8 @@ mod tests {
         let a = Runtime::build(cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#), None, &m);
         a.find_server("app", "127.0.0.1:1")
             .unwrap()
-            .set_healthy(false);
+            .health
+            .record_failure(1);
         let b = Runtime::build(
             cfg(r#"[{ addr = "127.0.0.1:1", weight = 5 }, "127.0.0.1:3"]"#),
             Some(&a),

@@ -3,10 +3,12 @@
 //! a reload. Weight and backup belong to the snapshot (`upstream::Member`), not here.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::DropGuard;
 
 use crate::client::Pool;
+use crate::health::{HealthCheck, HealthState, Transition};
 use crate::metrics::{Metrics, ServerMetrics};
 
 /// Where a server is reached.
@@ -37,7 +39,10 @@ pub struct Server {
     pub upstream: Arc<str>,
     /// Where connections go.
     pub target: Target,
-    healthy: AtomicBool,
+    /// Up or down, with the consecutive counters.
+    pub health: HealthState,
+    /// The running active checker and its settings; dropping it stops the checker.
+    pub checker: Mutex<Option<(HealthCheck, DropGuard)>>,
     /// Idle keep-alive connections to this server.
     pub pool: Pool,
     /// Metric handles, resolved once; the active-request gauge is the in-flight count.
@@ -51,7 +56,8 @@ impl Server {
             addr: Arc::from(addr),
             upstream: Arc::from(upstream),
             target: Target::parse(addr),
-            healthy: AtomicBool::new(true),
+            health: HealthState::new(),
+            checker: Mutex::new(None),
             pool: Pool::default(),
             metrics: metrics.server(upstream, addr),
         }
@@ -59,13 +65,21 @@ impl Server {
 
     /// Whether the server may be chosen.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.is_healthy()
     }
 
-    /// Marks the server up or down; returns whether that changed anything.
-    pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.metrics.healthy.set(i64::from(healthy));
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    /// Publishes and logs a state change (once per change).
+    pub fn on_transition(&self, t: Transition, reason: &str) {
+        match t {
+            Transition::Up => {
+                self.metrics.healthy.set(1);
+                tracing::info!(upstream = %self.upstream, server = %self.addr, reason, "server is up");
+            }
+            Transition::Down => {
+                self.metrics.healthy.set(0);
+                tracing::warn!(upstream = %self.upstream, server = %self.addr, reason, "server is down");
+            }
+        }
     }
 
     /// Requests in flight to this server.

@@ -3,10 +3,12 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::balance::{self, Balancer, Ring, SmoothWrr};
+use crate::balance::{self, Balancer, LeastRequest, Ring, SmoothWrr};
 use crate::client::PoolSettings;
 use crate::config::{BalanceKind, UpstreamSection};
+use crate::health::{HealthCheck, fast_random};
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::Server;
 
@@ -36,6 +38,16 @@ pub struct Upstream {
     pub retries: u32,
     /// Connection pool settings.
     pub pool: PoolSettings,
+    /// Active checks, if configured.
+    pub health_check: Option<HealthCheck>,
+    /// Consecutive failed requests that mark a server down.
+    pub max_fails: u32,
+    /// Without active checks, how long a passively downed server rests.
+    pub fail_timeout: Duration,
+    /// Ramp-up time of a server that comes back.
+    pub slow_start: Option<Duration>,
+    /// Route to every server when none is healthy.
+    pub fail_open: bool,
     /// Metric handles.
     pub metrics: UpstreamMetrics,
 }
@@ -46,7 +58,7 @@ impl Upstream {
     pub fn build(
         name: &str,
         section: &UpstreamSection,
-        connect_timeout: std::time::Duration,
+        connect_timeout: Duration,
         metrics: &Metrics,
         mut server_for: impl FnMut(&str) -> Arc<Server>,
     ) -> Upstream {
@@ -70,6 +82,9 @@ impl Upstream {
             }
             Some(match section.balance {
                 BalanceKind::RoundRobin => Balancer::RoundRobin(SmoothWrr::new(
+                    chosen.iter().map(|(i, m)| (*i, m.weight)).collect(),
+                )),
+                BalanceKind::LeastRequest => Balancer::LeastRequest(LeastRequest::new(
                     chosen.iter().map(|(i, m)| (*i, m.weight)).collect(),
                 )),
                 BalanceKind::IpHash => Balancer::IpHash(Ring::new(
@@ -96,20 +111,67 @@ impl Upstream {
                 connect_timeout,
             },
             metrics: metrics.upstream(name),
+            health_check: section.health_check.as_ref().map(HealthCheck::from_section),
+            max_fails: section.passive.max_fails.unwrap_or_else(|| {
+                section
+                    .health_check
+                    .as_ref()
+                    .map_or(3, |h| h.unhealthy_threshold)
+            }),
+            fail_timeout: section
+                .passive
+                .fail_timeout
+                .map_or(Duration::from_secs(10), |d| d.0),
+            slow_start: section.slow_start.map(|d| d.0),
+            fail_open: section.fail_open,
         }
     }
 
     /// Chooses a member for a request from `client_ip`, skipping members in `tried` and
-    /// servers that are down. Backups are chosen only when no primary is left.
+    /// servers that are down. Backups are chosen only when no primary is left. A server in
+    /// slow start is passed over with a probability that falls as it warms up. With
+    /// `fail_open` and every server down, health is ignored.
     pub fn select(&self, client_ip: IpAddr, tried: &[usize]) -> Option<usize> {
         let key = match self.balance {
             BalanceKind::IpHash => balance::client_key(client_ip),
-            BalanceKind::RoundRobin => 0,
+            BalanceKind::RoundRobin | BalanceKind::LeastRequest => 0,
         };
-        let ok = |i: usize| !tried.contains(&i) && self.members[i].server.is_healthy();
-        self.primary
-            .pick(key, ok)
-            .or_else(|| self.backup.as_ref().and_then(|b| b.pick(key, ok)))
+        let load = |i: usize| self.members[i].server.active_requests();
+        let available = |i: usize| !tried.contains(&i) && self.members[i].server.is_healthy();
+        let pick = |ok: &dyn Fn(usize) -> bool| {
+            self.primary
+                .pick(key, ok, load)
+                .or_else(|| self.backup.as_ref().and_then(|b| b.pick(key, ok, load)))
+        };
+        if let Some(ramp) = self
+            .slow_start
+            .filter(|_| self.balance != BalanceKind::IpHash)
+        {
+            let warm = |i: usize| available(i) && self.is_warm_enough(i, ramp);
+            if let Some(m) = pick(&warm) {
+                return Some(m);
+            }
+        }
+        if let Some(m) = pick(&available) {
+            return Some(m);
+        }
+        if self.fail_open && !self.has_healthy_server() {
+            return pick(&|i: usize| !tried.contains(&i));
+        }
+        None
+    }
+
+    /// Slow start: a server up for `t` of `ramp` is taken with probability `t / ramp` (at
+    /// least 10%, as Envoy's default minimum weight).
+    fn is_warm_enough(&self, i: usize, ramp: Duration) -> bool {
+        let Some(up) = self.members[i].server.health.up_for() else {
+            return true;
+        };
+        if up >= ramp {
+            return true;
+        }
+        let share = (up.as_secs_f64() / ramp.as_secs_f64()).max(0.1);
+        (fast_random() % 10_000) as f64 / 10_000.0 < share
     }
 
     /// Whether any server could take a request now.
