@@ -10,14 +10,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
 use crate::body::Body;
 use crate::error::plain_response;
 use crate::runtime::Runtime;
 
-/// Accepts admin connections until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts admin connections until `stop` fires.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -26,7 +27,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let builder = Arc::new(builder);
     loop {
         let (stream, _peer) = tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -96,7 +97,7 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         "/status" if get => json(StatusCode::OK, &status(&rt, shared)),
         "/reload" if method == Method::POST => {
             let s = Arc::clone(shared);
-            match tokio::task::spawn_blocking(move || crate::app::reload(&s)).await {
+            match tokio::task::spawn_blocking(move || crate::reload::reload(&s)).await {
                 Ok(Ok(version)) => json(
                     StatusCode::OK,
                     &serde_json::json!({ "config_version": version }),

@@ -4,22 +4,21 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::admin;
 use crate::config;
-use crate::error::{ConfigError, KeyPath};
+use crate::error::ConfigError;
 use crate::health::{self, Transition};
-use crate::listener;
+use crate::listeners::{BindError, ListenerSet};
 use crate::metrics::Metrics;
+use crate::reload;
 use crate::runtime::Runtime;
 
 /// State shared by every listener, connection and background task.
@@ -39,6 +38,19 @@ pub struct Shared {
     pub config_path: PathBuf,
     /// When the process started serving.
     pub started: Instant,
+    /// The bound listeners.
+    pub listeners: Mutex<ListenerSet>,
+    /// Serialises reloads (watcher, SIGHUP, `POST /reload`).
+    pub reload_lock: Mutex<()>,
+    /// What the config file held at the last reload attempt.
+    pub config_hash: Mutex<Option<reload::ContentHash>>,
+}
+
+impl Shared {
+    /// The listener set, locked briefly (never across an await).
+    pub fn listeners(&self) -> std::sync::MutexGuard<'_, ListenerSet> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Why the proxy could not start.
@@ -48,57 +60,40 @@ pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     /// A listen address could not be bound.
-    #[error("{path}: {key}: cannot listen on {addr}: {source}")]
+    #[error("{path}: {source}")]
     Bind {
         /// The config file.
         path: String,
-        /// `server.listen` or `admin.listen`.
-        key: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
+        /// The address and why.
         #[source]
-        source: std::io::Error,
+        source: BindError,
     },
+    /// Anything else at startup.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Entry point of the proxy.
 pub struct App;
 
 impl App {
-    /// Loads `config_path`, binds every listener and starts serving.
+    /// Loads `config_path`, binds every listener and starts serving; watches the file.
     pub async fn start(config_path: impl AsRef<Path>) -> Result<AppHandle, StartError> {
         let path = config_path.as_ref().to_path_buf();
-        let cfg = config::load(&path)?;
+        let text = std::fs::read_to_string(&path);
+        let content_hash = reload::hash_of(&text);
+        let text = text.map_err(|e| ConfigError::io(&path, &e))?;
+        let cfg = config::parse(&path, &text)?;
         for w in cfg.warnings() {
             tracing::warn!(config = %path.display(), "{w}");
         }
+        let mut listeners = ListenerSet::default();
+        let prepared = listeners.prepare(&cfg).map_err(|source| StartError::Bind {
+            path: path.display().to_string(),
+            source,
+        })?;
         let metrics = Arc::new(Metrics::new());
         let rt = Runtime::build(cfg, None, &metrics);
-        let mut client_listeners = Vec::new();
-        for &addr in &rt.config.server.listen.0 {
-            let l = listener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    path: path.display().to_string(),
-                    key: "server.listen",
-                    addr,
-                    source,
-                })?;
-            client_listeners.push(l);
-        }
-        let admin_listener =
-            match rt.config.admin.listen {
-                Some(config::Addr(addr)) => Some(TcpListener::bind(addr).await.map_err(
-                    |source| StartError::Bind {
-                        path: path.display().to_string(),
-                        key: "admin.listen",
-                        addr,
-                        source,
-                    },
-                )?),
-                None => None,
-            };
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(rt),
             stop: CancellationToken::new(),
@@ -107,44 +102,23 @@ impl App {
             access_log: AccessLog::start(),
             config_path: path,
             started: Instant::now(),
+            listeners: Mutex::new(ListenerSet::default()),
+            reload_lock: Mutex::new(()),
+            config_hash: Mutex::new(Some(content_hash)),
         });
-        let mut client_addrs = Vec::new();
-        for l in client_listeners {
-            let addr = l.local_addr().map_err(|source| StartError::Bind {
-                path: shared.config_path.display().to_string(),
-                key: "server.listen",
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
-            tracing::info!(listen = %addr, "accepting client connections");
-            client_addrs.push(addr);
-            tokio::spawn(listener::accept_loop(l, Arc::clone(&shared)));
-        }
-        let admin_addr = match admin_listener {
-            Some(l) => {
-                let addr = l.local_addr().ok();
-                if let Some(a) = addr {
-                    tracing::info!(listen = %a, "admin listener up");
-                }
-                tokio::spawn(admin::serve(l, Arc::clone(&shared)));
-                addr
-            }
-            None => None,
-        };
+        listeners.commit(prepared, &shared)?;
+        *shared.listeners.lock().unwrap_or_else(|e| e.into_inner()) = listeners;
         reconcile_checkers(&shared, &shared.runtime.load_full());
         tokio::spawn(sweep_pools(Arc::clone(&shared)));
-        Ok(AppHandle {
-            shared,
-            client_addrs,
-            admin_addr,
-        })
+        reload::spawn_watcher(Arc::clone(&shared));
+        Ok(AppHandle { shared })
     }
 }
 
 /// Starts, restarts (settings changed) or stops the active checker of every server so that
 /// it matches its upstream's `health_check` in `rt`. A checker stops by itself when its
 /// server leaves every snapshot.
-fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
+pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
     for u in &rt.upstreams {
         for m in &u.members {
             let s = &m.server;
@@ -191,19 +165,17 @@ async fn sweep_pools(shared: Arc<Shared>) {
 /// A running proxy.
 pub struct AppHandle {
     shared: Arc<Shared>,
-    client_addrs: Vec<SocketAddr>,
-    admin_addr: Option<SocketAddr>,
 }
 
 impl AppHandle {
     /// The bound client listener addresses, in config order.
-    pub fn client_addrs(&self) -> &[SocketAddr] {
-        &self.client_addrs
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.listeners().client_addrs()
     }
 
     /// The bound admin listener address, if the admin listener is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        self.shared.listeners().admin_addr()
     }
 
     /// The current runtime snapshot.
@@ -219,7 +191,7 @@ impl AppHandle {
     /// Re-reads the config file and swaps in the new snapshot; returns the new
     /// `config_version`. On error the old snapshot stays.
     pub fn reload(&self) -> Result<u64, ConfigError> {
-        reload(&self.shared)
+        reload::reload(&self.shared)
     }
 
     /// Stops accepting, lets in-flight requests finish up to `shutdown_timeout`, and returns
@@ -249,39 +221,14 @@ impl AppHandle {
     }
 }
 
-/// One reload: load → validate → build → swap. Failures change nothing.
-pub fn reload(shared: &Shared) -> Result<u64, ConfigError> {
-    let path = &shared.config_path;
-    let result = config::load(path).and_then(|cfg| {
-        let old = shared.runtime.load_full();
-        if cfg.server.listen != old.config.server.listen
-            || cfg.admin.listen != old.config.admin.listen
-        {
-            return Err(ConfigError::other(
-                path,
-                Some(KeyPath::root().k("server").k("listen")),
-                "changing listen addresses needs a restart".into(),
-            ));
-        }
-        let rt = Runtime::build(cfg, Some(&old), &shared.metrics);
-        let version = rt.version;
-        old.forget_removed(&rt, &shared.metrics);
-        let rt = Arc::new(rt);
-        shared.runtime.store(Arc::clone(&rt));
-        reconcile_checkers(shared, &rt);
-        Ok(version)
-    });
-    shared.metrics.record_reload(result.is_ok());
-    match &result {
-        Ok(v) => tracing::info!(config = %path.display(), version = v, "config reloaded"),
-        Err(e) => tracing::error!("config reload failed, keeping the old config: {e}"),
-    }
-    result
-}
-
 async fn shutdown(shared: &Shared) -> bool {
     let limit = shared.runtime.load().settings.shutdown_timeout;
+    let accepting = shared.listeners().stop_all();
     shared.stop.cancel();
+    // Listening sockets are closed before the drain starts.
+    for task in accepting {
+        let _ = task.await;
+    }
     shared.tracker.close();
     let drained = tokio::time::timeout(limit, shared.tracker.wait())
         .await

@@ -116,12 +116,7 @@ timeout = "1s"
 
 /// Runs the demo until Ctrl-C.
 pub async fn run() -> Result<(), StartError> {
-    let io = |e: std::io::Error| StartError::Bind {
-        path: "demo".into(),
-        key: "demo",
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        source: e,
-    };
+    let io = StartError::Io;
     let mut nodes = Vec::new();
     for name in ["node-1", "node-2", "node-3"] {
         nodes.push(start_sample(name).await.map_err(io)?);

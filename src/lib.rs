@@ -7,6 +7,8 @@
 //! - [`app`]: starts listeners and background tasks; reload and graceful shutdown.
 //! - [`listener`]: accept loop, hyper-util auto server (HTTP/1.1 + h2c), per-connection
 //!   watchdog for `header_read_timeout` and `idle_timeout`.
+//! - [`listeners`]: the bound listeners, reconciled by diff on reload.
+//! - [`reload`]: file watcher and the one reload path.
 //! - [`proxy`]: route → select → forward with retries → response.
 //! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, client IP.
@@ -40,8 +42,10 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod listener;
+pub mod listeners;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::Entry;
 use crate::app::Shared;
@@ -41,13 +42,9 @@ pub struct ConnInfo {
     pub proto: &'static str,
 }
 
-/// Binds a client listener (port 0 allowed).
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Accepts connections until `shared.stop` fires, serving each on its own tracked task.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
+/// each on its own tracked task.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let local = match listener.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -57,7 +54,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     };
     loop {
         let accepted = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
@@ -107,7 +104,9 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
-            head_since: AtomicU64::new(NONE),
+            // A new connection owes a request head from its first moment (a silent client
+            // is a slow-loris too).
+            head_since: AtomicU64::new(0),
             is_h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
             wake: Notify::new(),

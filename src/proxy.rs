@@ -122,6 +122,16 @@ async fn forward(
     shared: &Arc<Shared>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two could make the route
+    // and the application disagree on the host.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+        (None, None) if req.version() == Version::HTTP_11 => {
+            return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+        }
+        _ => {}
+    }
     // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
     let host_value: Option<HeaderValue> = match req.headers().get(header::HOST) {
         Some(h) => Some(h.clone()),
