@@ -2,6 +2,8 @@
 //! ephemeral loopback ports, a small HTTP client, and `eventually` to poll for a condition.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -297,16 +299,17 @@ fn websocket(name: &str, req: &mut Request<Incoming>) -> Response<TestBody> {
         )
         .await;
         while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_text() {
-                let reply = format!("{name}: {}", msg.to_text().unwrap_or(""));
-                if ws.send(reply.into()).await.is_err() {
-                    break;
-                }
+            let reply = if msg.is_text() {
+                format!("{name}: {}", msg.to_text().unwrap_or("")).into()
             } else if msg.is_binary() {
-                if ws.send(msg).await.is_err() {
-                    break;
-                }
-            } else if msg.is_close() {
+                msg
+            } else {
+                // Nothing to echo. On a Close frame keep looping: tungstenite answers it on
+                // the next read/flush, and the following `next()` ends the loop (None or an
+                // error), so the client sees a clean closing handshake rather than a reset.
+                continue;
+            };
+            if ws.send(reply).await.is_err() {
                 break;
             }
         }
@@ -320,6 +323,16 @@ fn websocket(name: &str, req: &mut Request<Incoming>) -> Response<TestBody> {
     r.headers_mut()
         .insert("sec-websocket-accept", key.parse().unwrap());
     r
+}
+
+/// A config with `server_extra` keys under `[server]` and one upstream `app` over `servers`
+/// (unlike [`TestProxy::config`], whose extra TOML goes after the upstream).
+pub fn proxy_config(server_extra: &str, servers: &[&TestUpstream]) -> String {
+    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[upstreams.app]\nservers = [{}]\n",
+        list.join(", ")
+    )
 }
 
 /// A running proxy with its config in a temporary directory.

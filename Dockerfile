@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+
+# Build stage: the release binary. The cache mounts keep the crate registry and the target
+# directory between builds, so a source change rebuilds only fairway itself.
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+    && cp target/release/fairway /usr/local/bin/fairway
+
+# Runtime stage: the binary, the example config and CA certificates, run as a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fairway
+COPY --from=builder /usr/local/bin/fairway /usr/local/bin/fairway
+COPY config/fairway.toml /etc/fairway/fairway.toml
+ENV FAIRWAY_CONFIG=/etc/fairway/fairway.toml
+USER fairway
+EXPOSE 8080 9901
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/fairway"]
+CMD ["run"]

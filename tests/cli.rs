@@ -1,0 +1,477 @@
+//! The `fairway` command line as operators and scripts use it (CONTRACT §1): `check` exit
+//! codes and located error messages, `FAIRWAY_CONFIG`, `--version`/`--help`, and the real
+//! process lifecycle: start, serve, SIGHUP reload, SIGTERM/SIGINT drain and exit 0, `demo`.
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fairway");
+
+/// `fairway ARGS` with a clean environment for the variables fairway reads.
+fn fairway(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("FAIRWAY_CONFIG")
+        .env_remove("RUST_LOG");
+    c
+}
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn output(mut c: Command) -> Output {
+    let o = c.output().expect("cannot run fairway");
+    Output {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const GOOD: &str = r#"[server]
+listen = "127.0.0.1:8080"
+connect_timeout = "2s"
+
+[upstreams.app]
+balance = "round_robin"
+servers = [
+  { addr = "127.0.0.1:13000" },
+  { addr = "127.0.0.1:13001", weight = 2 },
+  { addr = "127.0.0.1:13002", backup = true },
+]
+
+[[routes]]
+path_prefix = "/"
+upstream = "app"
+"#;
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "good.toml", GOOD);
+    let o = output(fairway(&["check", "-c", path.to_str().unwrap()]));
+    assert_eq!(o.code, Some(0), "stderr: {}", o.stderr);
+    assert_eq!(o.stdout.lines().count(), 1, "{:?}", o.stdout);
+    assert!(o.stdout.contains("ok"), "{:?}", o.stdout);
+    assert!(o.stdout.contains(path.to_str().unwrap()), "{:?}", o.stdout);
+}
+
+/// Whether `text` holds `PATH:LINE:COL:` for some column.
+fn is_located(text: &str, path: &str, line: usize) -> bool {
+    let prefix = format!("{path}:{line}:");
+    text.match_indices(&prefix).any(|(i, _)| {
+        let rest = &text[i + prefix.len()..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && rest[digits..].starts_with(':')
+    })
+}
+
+/// Runs `fairway check` on `text` and expects exit 1, the error located at `PATH:line:col`,
+/// and every one of `want` on stderr.
+fn check_fails(text: &str, line: usize, want: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "bad.toml", text);
+    let p = path.to_str().unwrap();
+    let o = output(fairway(&["check", "-c", p]));
+    assert_eq!(o.code, Some(1), "stdout: {} stderr: {}", o.stdout, o.stderr);
+    assert!(
+        is_located(&o.stderr, p, line),
+        "no {p}:{line}:COL: in stderr: {}",
+        o.stderr
+    );
+    for w in want {
+        let w = w.replace("{path}", p);
+        assert!(o.stderr.contains(&w), "{w:?} not in stderr: {}", o.stderr);
+    }
+    assert!(!o.stdout.contains("ok"), "stdout: {}", o.stdout);
+}
+
+#[test]
+fn check_names_an_unknown_key() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nconect_timeout = \"1s\"\n\n\
+         [upstreams.app]\nservers = [\"127.0.0.1:13000\"]\n",
+        3,
+        &["{path}:3:1:", "server.conect_timeout", "unknown"],
+    );
+}
+
+#[test]
+fn check_names_a_zero_weight() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\n[upstreams.app]\nservers = [\n  \
+         { addr = \"127.0.0.1:13000\" },\n  { addr = \"127.0.0.1:13001\", weight = 0 },\n]\n",
+        7,
+        &["upstreams.app.servers[1].weight"],
+    );
+}
+
+#[test]
+fn check_names_a_route_to_a_missing_upstream() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\n[upstreams.app]\nservers = [\"127.0.0.1:13000\"]\n\n\
+         [[routes]]\npath_prefix = \"/api\"\nupstream = \"api\"\n",
+        9,
+        &["routes[0].upstream", "\"api\""],
+    );
+}
+
+#[test]
+fn check_names_a_bad_duration() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nidle_timeout = \"soon\"\n\n\
+         [upstreams.app]\nservers = [\"127.0.0.1:13000\"]\n",
+        3,
+        &["server.idle_timeout", "soon"],
+    );
+}
+
+#[test]
+fn check_locates_a_toml_syntax_error() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\n[upstreams.app\nservers = [\"127.0.0.1:13000\"]\n",
+        4,
+        &[],
+    );
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nowhere.toml");
+    let p = path.to_str().unwrap();
+    let o = output(fairway(&["check", "-c", p]));
+    assert_eq!(o.code, Some(1), "stdout: {}", o.stdout);
+    assert!(o.stderr.contains(p), "{}", o.stderr);
+}
+
+#[test]
+fn fairway_config_sets_the_default_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "from-env.toml", GOOD);
+    let mut c = fairway(&["check"]);
+    c.env("FAIRWAY_CONFIG", &good);
+    let o = output(c);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains(good.to_str().unwrap()), "{}", o.stdout);
+
+    let missing = dir.path().join("missing.toml");
+    let mut c = fairway(&["check"]);
+    c.env("FAIRWAY_CONFIG", &missing);
+    let o = output(c);
+    assert_eq!(o.code, Some(1));
+    assert!(o.stderr.contains(missing.to_str().unwrap()), "{}", o.stderr);
+
+    // An explicit -c wins over the environment.
+    let mut c = fairway(&["check", "-c", good.to_str().unwrap()]);
+    c.env("FAIRWAY_CONFIG", &missing);
+    let o = output(c);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+}
+
+#[test]
+fn version_and_help() {
+    let o = output(fairway(&["--version"]));
+    assert_eq!(o.code, Some(0));
+    assert_eq!(o.stdout.trim(), "fairway 0.1.0");
+    let o = output(fairway(&["--help"]));
+    assert_eq!(o.code, Some(0));
+    for word in ["run", "check", "demo", "--config"] {
+        assert!(
+            o.stdout.contains(word),
+            "{word} not in --help: {}",
+            o.stdout
+        );
+    }
+}
+
+/// A child process that is killed if the test ends early; its stderr is collected.
+struct Proc {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    fn spawn(mut c: Command) -> Proc {
+        let mut child = c
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start fairway");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        // Drained continuously, so that logging never blocks the child on a full pipe.
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Proc {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// What the child wrote to stderr so far (all of it once it has exited, see
+    /// [`Proc::exit_within`]).
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("cannot run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// The exit status, if the process ends within `limit`.
+    async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // The pipe closes at exit: collect the rest of stderr before reporting.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until `addr` accepts TCP connections (the child is listening), within 10 s.
+    async fn wait_listening(&mut self, addr: std::net::SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!("fairway exited ({s}) before listening: {}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fairway not listening on {addr} after 10 s: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn expect_clean_exit(&mut self, limit: Duration) {
+        match self.exit_within(limit).await {
+            Some(s) => assert_eq!(s.code(), Some(0), "exit {s}; stderr: {}", self.stderr()),
+            None => panic!("fairway still running after {limit:?}: {}", self.stderr()),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port that was free a moment ago (the binary reports no bound address to parse).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn run_config(port: u16, upstream: &TestUpstream) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[upstreams.app]\nservers = [\"{}\"]\n",
+        upstream.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_with_a_bad_config_exits_1_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bad.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\nconect_timeout = \"1s\"\n\n\
+         [upstreams.app]\nservers = [\"127.0.0.1:13000\"]\n",
+    );
+    let p = path.to_str().unwrap();
+    let mut proc = Proc::spawn(fairway(&["run", "-c", p]));
+    let status = proc
+        .exit_within(Duration::from_secs(5))
+        .await
+        .expect("fairway run kept running with a bad config");
+    assert_eq!(status.code(), Some(1));
+    let err = proc.stderr();
+    assert!(is_located(&err, p, 3), "{err}");
+    assert!(err.contains("conect_timeout"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = write(dir.path(), "fairway.toml", &run_config(port, &a));
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let url = format!("http://{addr}/hello");
+
+    // `fairway -c PATH`: run is the default command.
+    let mut proc = Proc::spawn(fairway(&["-c", path.to_str().unwrap()]));
+    proc.wait_listening(addr).await;
+    let r = get(&url).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.upstream(), "a");
+
+    // SIGHUP re-reads the file: the single server is now b.
+    std::fs::write(&path, run_config(port, &b)).unwrap();
+    proc.signal("HUP");
+    eventually(
+        Duration::from_secs(5),
+        "requests answered by b after SIGHUP",
+        || {
+            let url = url.clone();
+            async move {
+                let r = get(&url).await;
+                r.status == 200 && r.upstream() == "b"
+            }
+        },
+    )
+    .await;
+
+    // SIGTERM with a request in flight: the request finishes, then the process exits 0.
+    b.set_delay(Duration::from_millis(700));
+    let before = b.hits();
+    let slow = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    eventually(Duration::from_secs(5), "the slow request reached b", || {
+        let n = b.hits();
+        async move { n > before }
+    })
+    .await;
+    proc.signal("TERM");
+    let r = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the in-flight request did not finish")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.upstream(), "b");
+    proc.expect_clean_exit(Duration::from_secs(5)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_shuts_down_cleanly() {
+    let a = TestUpstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = write(dir.path(), "fairway.toml", &run_config(port, &a));
+    let mut proc = Proc::spawn(fairway(&["run", "-c", path.to_str().unwrap()]));
+    proc.wait_listening(([127, 0, 0, 1], port).into()).await;
+    proc.signal("INT");
+    proc.expect_clean_exit(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_serves_three_nodes_in_turn() {
+    let mut cmd = fairway(&["demo"]);
+    cmd.stdout(Stdio::piped());
+    let mut proc = Proc::spawn(cmd);
+    let stdout = proc.child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // The URL lines look like `  proxy            http://127.0.0.1:8080/` and
+    // `  admin            http://127.0.0.1:9901/healthz`.
+    let mut proxy = None;
+    let mut admin = None;
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.is_none() || admin.is_none() {
+        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(l)) => l,
+            Ok(None) => panic!("demo closed stdout: {printed:?}; stderr: {}", proc.stderr()),
+            Err(_) => panic!("no proxy and admin URLs within 10 s: {printed:?}"),
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["proxy", url] if url.starts_with("http://") => proxy = Some(url.to_string()),
+            ["admin", url] if url.starts_with("http://") => admin = Some(url.to_string()),
+            _ => {}
+        }
+        printed.push(line);
+    }
+    let (proxy, admin) = (proxy.unwrap(), admin.unwrap());
+    let base = proxy.trim_end_matches('/');
+
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        let r = get(&format!("{base}/hello")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let node = ["node-1", "node-2", "node-3"]
+            .into_iter()
+            .find(|n| text.contains(n))
+            .unwrap_or_else(|| panic!("no node name in {text:?}"));
+        served.push(node);
+    }
+    assert_eq!(
+        served,
+        ["node-1", "node-2", "node-3", "node-1", "node-2", "node-3"]
+    );
+
+    // The admin listener is up too (CONTRACT §1: demo starts it).
+    let r = get(&format!(
+        "{}/healthz",
+        admin.trim_end_matches("/healthz").trim_end_matches('/')
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{admin}: {}", r.text());
+
+    proc.signal("TERM");
+    proc.expect_clean_exit(Duration::from_secs(5)).await;
+}
