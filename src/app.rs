@@ -20,6 +20,7 @@ use crate::listeners::{BindError, ListenerSet};
 use crate::metrics::Metrics;
 use crate::reload;
 use crate::runtime::Runtime;
+use crate::server::Checker;
 
 /// State shared by every listener, connection and background task.
 #[derive(Debug)]
@@ -80,20 +81,24 @@ impl App {
     /// Loads `config_path`, binds every listener and starts serving; watches the file.
     pub async fn start(config_path: impl AsRef<Path>) -> Result<AppHandle, StartError> {
         let path = config_path.as_ref().to_path_buf();
-        let text = std::fs::read_to_string(&path);
-        let content_hash = reload::hash_of(&text);
-        let text = text.map_err(|e| ConfigError::io(&path, &e))?;
+        let read = std::fs::read_to_string(&path);
+        let text = match &read {
+            Ok(t) => t.clone(),
+            Err(e) => return Err(ConfigError::io(&path, e).into()),
+        };
         let cfg = config::parse(&path, &text)?;
+        let content_hash = reload::fingerprint(&read, &crate::tls::files(&cfg, &path));
         for w in cfg.warnings() {
             tracing::warn!(config = %path.display(), "{w}");
         }
+        let tls = crate::tls::load(&cfg, &path, false)?;
         let mut listeners = ListenerSet::default();
         let prepared = listeners.prepare(&cfg).map_err(|source| StartError::Bind {
             path: path.display().to_string(),
             source,
         })?;
         let metrics = Arc::new(Metrics::new());
-        let rt = Runtime::build(cfg, None, &metrics);
+        let rt = Runtime::build(cfg, None, &metrics, tls);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(rt),
             stop: CancellationToken::new(),
@@ -123,16 +128,26 @@ pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
         for m in &u.members {
             let s = &m.server;
             let mut slot = s.checker.lock().unwrap_or_else(|e| e.into_inner());
+            let same_tls = |c: &Checker| match (&c.tls, &u.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
             match (&u.health_check, slot.as_ref()) {
-                (Some(hc), Some((running, _))) if running == hc => {}
+                (Some(hc), Some(c)) if c.settings == *hc && same_tls(c) => {}
                 (Some(hc), _) => {
                     let token = shared.stop.child_token();
                     tokio::spawn(health::run_checker(
                         Arc::downgrade(s),
                         hc.clone(),
+                        u.tls.clone(),
                         token.clone(),
                     ));
-                    *slot = Some((hc.clone(), token.drop_guard()));
+                    *slot = Some(Checker {
+                        settings: hc.clone(),
+                        tls: u.tls.clone(),
+                        _stop: token.drop_guard(),
+                    });
                 }
                 (None, Some(_)) => {
                     *slot = None;
@@ -176,6 +191,11 @@ impl AppHandle {
     /// The bound admin listener address, if the admin listener is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.shared.listeners().admin_addr()
+    }
+
+    /// The bound `redirect_http` address, if any.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.shared.listeners().redirect_addr()
     }
 
     /// The current runtime snapshot.

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::server::{Server, Target};
+use crate::tls::UpstreamTls;
 
 /// Pool settings of one upstream.
 #[derive(Debug, Clone, Copy)]
@@ -107,31 +108,53 @@ pub struct Conn {
     pub reused: bool,
 }
 
-/// A pooled connection if one is idle, else a new one.
-pub async fn checkout(server: &Server, settings: &PoolSettings) -> io::Result<Conn> {
+/// A pooled connection if one is idle, else a new one (over TLS with `tls`).
+pub async fn checkout(
+    server: &Server,
+    settings: &PoolSettings,
+    tls: Option<&UpstreamTls>,
+) -> io::Result<Conn> {
     if let Some(sender) = server.pool.take(settings.idle_timeout) {
         return Ok(Conn {
             sender,
             reused: true,
         });
     }
-    let sender = dial(&server.target, settings.connect_timeout).await?;
+    let sender = dial(&server.target, &server.addr, settings.connect_timeout, tls).await?;
     Ok(Conn {
         sender,
         reused: false,
     })
 }
 
-/// Opens a new HTTP/1.1 connection; its driver runs on its own task and ends when the
-/// sender is dropped or the server closes.
+/// Opens a new HTTP/1.1 connection to `target` (`addr` as written, for the TLS name); its
+/// driver runs on its own task and ends when the sender is dropped or the server closes.
+/// With `tls`, the TLS handshake is part of the connect and shares its timeout.
 pub async fn dial(
     target: &Target,
+    addr: &str,
     connect_timeout: Duration,
+    tls: Option<&UpstreamTls>,
 ) -> io::Result<SendRequest<RequestBody>> {
     let connect = async {
-        match target {
+        let stream = match target {
             Target::Socket(sa) => TcpStream::connect(sa).await,
             Target::Name(name) => TcpStream::connect(name.as_str()).await,
+        }?;
+        stream.set_nodelay(true)?;
+        match tls {
+            None => Ok::<_, io::Error>(Either::Left(stream)),
+            Some(tls) => {
+                let host = crate::config::split_host_port(addr).map_or(addr, |(h, _)| h);
+                let name = tls.name_for(host).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("no TLS name for {addr}"),
+                    )
+                })?;
+                let s = tls.connector.connect(name, stream).await?;
+                Ok(Either::Right(s))
+            }
         }
     };
     let stream = match tokio::time::timeout(connect_timeout, connect).await {
@@ -143,7 +166,6 @@ pub async fn dial(
             ));
         }
     };
-    stream.set_nodelay(true)?;
     let (sender, conn) = http1::Builder::new()
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
@@ -155,6 +177,9 @@ pub async fn dial(
     });
     Ok(sender)
 }
+
+/// A plain or a TLS stream.
+type Either<A, B> = tokio_util::either::Either<A, B>;
 
 /// A connection to put back into its server's pool once its response has been read.
 pub struct PoolReturn {

@@ -75,12 +75,30 @@ pub struct ServerSection {
     /// Peers whose `X-Forwarded-*` headers are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// An extra plain-HTTP listener that answers 308 to `https://`.
+    #[serde(default)]
+    pub redirect_http: Option<Addr>,
 }
 
 /// `[server.tls]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
+    /// PEM certificate chain (relative paths start at the config file's directory).
+    pub cert: PathBuf,
+    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
+    pub key: PathBuf,
+    /// Extra certificates chosen by SNI; the top-level one is the default.
+    #[serde(default)]
+    pub certs: Vec<SniCertSection>,
+}
+
+/// `[[server.tls.certs]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertSection {
+    /// Names this certificate is served for: exact, or `*.example.com`.
+    pub server_names: Vec<String>,
     /// PEM certificate chain.
     pub cert: PathBuf,
     /// PEM private key.
@@ -154,6 +172,19 @@ pub struct UpstreamSection {
     /// When every server is down, route to all of them instead of answering 503.
     #[serde(default)]
     pub fail_open: bool,
+    /// Connect to the servers over TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA bundle that server certificates must chain to (default: the system's roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Name sent in SNI and checked against the server certificate (default: the host of
+    /// each server's `addr`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Accept any server certificate. Dangerous: for testing only.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// `balance = "..."`.
@@ -667,6 +698,36 @@ impl Config {
                 ),
             ));
         }
+        if let Some(tls) = &s.tls {
+            for (i, c) in tls.certs.iter().enumerate() {
+                let at = || key().k("server").k("tls").k("certs").i(i);
+                if c.server_names.is_empty() {
+                    return Err((
+                        at().k("server_names"),
+                        "list at least one name, such as [\"app.example.com\"]".into(),
+                    ));
+                }
+                for (j, n) in c.server_names.iter().enumerate() {
+                    if let Err(m) = validate_host_pattern(n) {
+                        return Err((at().k("server_names").i(j), m));
+                    }
+                }
+            }
+        } else if s.redirect_http.is_some() {
+            return Err((
+                key().k("server").k("redirect_http"),
+                "redirecting to https needs [server.tls]: add it or remove redirect_http".into(),
+            ));
+        }
+        if let Some(Addr(r)) = s.redirect_http
+            && r.port() != 0
+            && (s.listen.0.contains(&r) || self.admin.listen == Some(Addr(r)))
+        {
+            return Err((
+                key().k("server").k("redirect_http"),
+                format!("{r} is already used by another listener"),
+            ));
+        }
         if s.max_header_bytes.0 > 16 << 20 {
             return Err((
                 key().k("server").k("max_header_bytes"),
@@ -827,6 +888,28 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         return Err((
             at().k("slow_start"),
             "must be longer than 0, such as \"30s\"; remove the key to turn slow start off".into(),
+        ));
+    }
+    if !u.tls {
+        for (k, set) in [
+            ("ca", u.ca.is_some()),
+            ("server_name", u.server_name.is_some()),
+            ("insecure_skip_verify", u.insecure_skip_verify),
+        ] {
+            if set {
+                return Err((
+                    at().k(k),
+                    "has no effect without tls = true: add tls = true or remove it".into(),
+                ));
+            }
+        }
+    }
+    if let Some(name) = &u.server_name
+        && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        return Err((
+            at().k("server_name"),
+            format!("{name:?} is not a valid DNS name or IP address"),
         ));
     }
     if u.pool_idle_timeout.0.is_zero() {

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, header};
@@ -20,6 +20,7 @@ use crate::body::RequestBody;
 use crate::client;
 use crate::config::{HealthCheckSection, StatusRange};
 use crate::server::{Server, Target};
+use crate::tls::UpstreamTls;
 
 /// Active check settings of one upstream, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,9 +244,14 @@ impl fmt::Display for ProbeError {
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
 /// Sends one health check to `target` over its own connection; `Ok(status)` when it passes.
-pub async fn probe(target: &Target, addr: &str, hc: &HealthCheck) -> Result<u16, ProbeError> {
+pub async fn probe(
+    target: &Target,
+    addr: &str,
+    hc: &HealthCheck,
+    tls: Option<&UpstreamTls>,
+) -> Result<u16, ProbeError> {
     let attempt = async {
-        let mut sender = client::dial(target, hc.timeout)
+        let mut sender = client::dial(target, addr, hc.timeout, tls)
             .await
             .map_err(ProbeError::Connect)?;
         let host = hc.host.as_deref().unwrap_or(addr);
@@ -290,7 +296,10 @@ pub async fn probe(target: &Target, addr: &str, hc: &HealthCheck) -> Result<u16,
 /// `fairway check --probe`: one check to every server of every upstream (with the
 /// upstream's `health_check` settings, or the defaults). Returns a table to print and
 /// whether every upstream has at least one passing server.
-pub async fn probe_all(cfg: &crate::config::Config) -> (String, bool) {
+pub async fn probe_all(
+    cfg: &crate::config::Config,
+    tls: &crate::tls::TlsMaterial,
+) -> (String, bool) {
     let defaults: HealthCheckSection =
         toml::from_str("").unwrap_or_else(|_| unreachable!("every health_check key has a default"));
     let mut rows = vec![(
@@ -301,12 +310,13 @@ pub async fn probe_all(cfg: &crate::config::Config) -> (String, bool) {
     let mut all_ok = true;
     for (name, u) in &cfg.upstreams {
         let hc = HealthCheck::from_section(u.health_check.as_ref().unwrap_or(&defaults));
+        let upstream_tls = tls.upstreams.get(name).cloned();
         let mut tasks = Vec::new();
         for e in &u.servers {
-            let (hc, addr) = (hc.clone(), e.addr.clone());
+            let (hc, addr, t) = (hc.clone(), e.addr.clone(), upstream_tls.clone());
             tasks.push(tokio::spawn(async move {
                 let target = Target::parse(&addr);
-                let r = probe(&target, &addr, &hc).await;
+                let r = probe(&target, &addr, &hc, t.as_deref()).await;
                 (addr, r)
             }));
         }
@@ -364,7 +374,12 @@ fn jitter(d: Duration, spread: f64) -> Duration {
 
 /// Checks one server every `interval` (with jitter, so that many servers do not fire in
 /// lockstep) until `cancel` fires or the server is gone. Logs each state change once.
-pub async fn run_checker(server: Weak<Server>, hc: HealthCheck, cancel: CancellationToken) {
+pub async fn run_checker(
+    server: Weak<Server>,
+    hc: HealthCheck,
+    tls: Option<Arc<UpstreamTls>>,
+    cancel: CancellationToken,
+) {
     // The first check comes soon after start (a fresh start serves at once, CONTRACT §2),
     // spread over a fraction of the interval.
     let mut wait = jitter(hc.interval.min(Duration::from_millis(500)) / 2, 1.0);
@@ -376,11 +391,11 @@ pub async fn run_checker(server: Weak<Server>, hc: HealthCheck, cancel: Cancella
         wait = jitter(hc.interval, 0.1);
         let Some(s) = server.upgrade() else { return };
         let target = s.target.clone();
-        let addr = std::sync::Arc::clone(&s.addr);
+        let addr = Arc::clone(&s.addr);
         drop(s);
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = probe(&target, &addr, &hc) => r,
+            r = probe(&target, &addr, &hc, tls.as_deref()) => r,
         };
         let Some(s) = server.upgrade() else { return };
         match result {

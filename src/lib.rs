@@ -18,6 +18,7 @@
 //! - [`server`]: one long-lived server (health, in-flight count, pool).
 //! - [`client`]: upstream connections and the per-server idle pool.
 //! - [`health`]: health state, active checker task, probe.
+//! - [`tls`]: rustls on the client listeners and towards upstreams.
 //! - [`body`]: the streaming body types.
 //! - [`config`]: the TOML file, its units and validation.
 //! - [`runtime`]: the immutable snapshot built from a config.
@@ -49,6 +50,7 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 

@@ -60,15 +60,24 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let info = ConnInfo {
+                let mut info = ConnInfo {
                     peer,
                     local,
                     proto: "http",
                 };
                 let shared2 = Arc::clone(&shared);
-                shared
-                    .tracker
-                    .spawn(serve_connection(stream, info, shared2));
+                // New handshakes use the certificates of the current snapshot.
+                match shared.runtime.load().tls.clone() {
+                    None => {
+                        shared
+                            .tracker
+                            .spawn(serve_connection(stream, info, shared2));
+                    }
+                    Some(tls) => {
+                        info.proto = "https";
+                        shared.tracker.spawn(serve_tls(stream, tls, info, shared2));
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -81,6 +90,87 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
 }
 
 const NONE: u64 = u64::MAX;
+
+/// Completes the TLS handshake (within `header_read_timeout`; a failure closes this
+/// connection only), then serves the connection.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+) {
+    let limit = shared.runtime.load().settings.header_read_timeout;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, info, shared).await,
+        Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
+    }
+}
+
+/// `redirect_http`: answers every request with 308 to the same host and path over https.
+pub async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on redirect_http");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        shared.tracker.clone().spawn(async move {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.runtime.load().settings.header_read_timeout);
+            let service = service_fn(|req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(redirect_response(&req))
+            });
+            let conn = b.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shared.stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// 308 to `https://HOST/PATH?QUERY` (the host without its port, as Nginx's
+/// `return 308 https://$host$request_uri`).
+pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(crate::route::host_only)
+        .unwrap_or("");
+    if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
+        return crate::error::plain_response(
+            http::StatusCode::BAD_REQUEST,
+            "400 bad request: no usable Host\n",
+        );
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{path}");
+    let mut r = crate::error::plain_response(
+        http::StatusCode::PERMANENT_REDIRECT,
+        "308 permanent redirect\n",
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
+}
 
 /// Shared between a connection's IO, its requests and its watchdog.
 struct ConnState {

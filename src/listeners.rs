@@ -44,6 +44,7 @@ struct Bound {
 pub struct ListenerSet {
     client: Vec<Bound>,
     admin: Option<Bound>,
+    redirect: Option<Bound>,
 }
 
 /// Sockets bound for a new config, not yet accepting. Dropping it releases them.
@@ -52,6 +53,14 @@ pub struct Prepared {
     /// `None`: keep the socket already bound to that address.
     client: Vec<(SocketAddr, Option<std::net::TcpListener>)>,
     admin: Option<(SocketAddr, Option<std::net::TcpListener>)>,
+    redirect: Option<(SocketAddr, Option<std::net::TcpListener>)>,
+}
+
+/// Which accept loop a single listener runs.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Admin,
+    Redirect,
 }
 
 /// Binds like Nginx: `SO_REUSEADDR`, a backlog of 1024, non-blocking.
@@ -81,23 +90,28 @@ impl ListenerSet {
             };
             client.push((addr, fresh));
         }
-        let admin = match cfg.admin.listen {
-            Some(Addr(addr)) => {
-                let kept = self.admin.as_ref().is_some_and(|b| b.configured == addr);
-                let fresh = if kept {
-                    None
-                } else {
-                    Some(bind(addr).map_err(|source| BindError {
-                        key: "admin.listen",
-                        addr,
-                        source,
-                    })?)
-                };
-                Some((addr, fresh))
+        let single = |current: &Option<Bound>, want: Option<Addr>, key: &'static str| {
+            let Some(Addr(addr)) = want else {
+                return Ok(None);
+            };
+            if current.as_ref().is_some_and(|b| b.configured == addr) {
+                return Ok(Some((addr, None)));
             }
-            None => None,
+            bind(addr)
+                .map(|l| Some((addr, Some(l))))
+                .map_err(|source| BindError { key, addr, source })
         };
-        Ok(Prepared { client, admin })
+        let admin = single(&self.admin, cfg.admin.listen, "admin.listen")?;
+        let redirect = single(
+            &self.redirect,
+            cfg.server.redirect_http,
+            "server.redirect_http",
+        )?;
+        Ok(Prepared {
+            client,
+            admin,
+            redirect,
+        })
     }
 
     /// Starts accepting on the newly bound sockets and stops the ones `prepared` no longer
@@ -131,32 +145,13 @@ impl ListenerSet {
             tracing::info!(listen = %b.local, "no longer listening (removed from the config)");
             b.stop.cancel();
         }
-        let old_admin = self.admin.take();
-        match prepared.admin {
-            Some((_, None)) => self.admin = old_admin,
-            Some((configured, Some(std_listener))) => {
-                if let Some(b) = old_admin {
-                    b.stop.cancel();
-                }
-                let l = tokio::net::TcpListener::from_std(std_listener)?;
-                let local = l.local_addr()?;
-                let stop = shared.stop.child_token();
-                let task = tokio::spawn(admin::serve(l, Arc::clone(shared), stop.clone()));
-                tracing::info!(listen = %local, "admin listener up");
-                self.admin = Some(Bound {
-                    configured,
-                    local,
-                    stop,
-                    task,
-                });
-            }
-            None => {
-                if let Some(b) = old_admin {
-                    tracing::info!(listen = %b.local, "admin listener off");
-                    b.stop.cancel();
-                }
-            }
-        }
+        self.admin = commit_single(self.admin.take(), prepared.admin, Kind::Admin, shared)?;
+        self.redirect = commit_single(
+            self.redirect.take(),
+            prepared.redirect,
+            Kind::Redirect,
+            shared,
+        )?;
         Ok(())
     }
 
@@ -170,13 +165,66 @@ impl ListenerSet {
         self.admin.as_ref().map(|b| b.local)
     }
 
+    /// The bound `redirect_http` address.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().map(|b| b.local)
+    }
+
     /// Stops every listener; the returned tasks end once their sockets are closed.
     pub fn stop_all(&mut self) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
-        for b in self.client.drain(..).chain(self.admin.take()) {
+        for b in self
+            .client
+            .drain(..)
+            .chain(self.admin.take())
+            .chain(self.redirect.take())
+        {
             b.stop.cancel();
             tasks.push(b.task);
         }
         tasks
+    }
+}
+
+/// Keeps, replaces or stops a single listener (admin, redirect).
+fn commit_single(
+    old: Option<Bound>,
+    want: Option<(SocketAddr, Option<std::net::TcpListener>)>,
+    kind: Kind,
+    shared: &Arc<Shared>,
+) -> io::Result<Option<Bound>> {
+    match want {
+        Some((_, None)) => Ok(old),
+        Some((configured, Some(std_listener))) => {
+            if let Some(b) = old {
+                b.stop.cancel();
+            }
+            let l = tokio::net::TcpListener::from_std(std_listener)?;
+            let local = l.local_addr()?;
+            let stop = shared.stop.child_token();
+            let task = match kind {
+                Kind::Admin => {
+                    tracing::info!(listen = %local, "admin listener up");
+                    tokio::spawn(admin::serve(l, Arc::clone(shared), stop.clone()))
+                }
+                Kind::Redirect => {
+                    tracing::info!(listen = %local, "redirecting plain HTTP to https");
+                    tokio::spawn(listener::redirect_loop(l, Arc::clone(shared), stop.clone()))
+                }
+            };
+            Ok(Some(Bound {
+                configured,
+                local,
+                stop,
+                task,
+            }))
+        }
+        None => {
+            if let Some(b) = old {
+                tracing::info!(listen = %b.local, "listener off (removed from the config)");
+                b.stop.cancel();
+            }
+            Ok(None)
+        }
     }
 }

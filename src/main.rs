@@ -68,44 +68,52 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path, probe: bool) -> ExitCode {
-    match fairway::config::load(path) {
-        Ok(cfg) if probe => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg));
-            print!("{table}");
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{}: an upstream has no passing server", path.display());
-                ExitCode::FAILURE
-            }
-        }
-        Ok(cfg) => {
-            for w in cfg.warnings() {
-                eprintln!("{}: warning: {w}", path.display());
-            }
-            let servers: usize = cfg.upstreams.values().map(|u| u.servers.len()).sum();
-            println!(
-                "{}: ok: {} listen address(es), {} upstream(s), {} server(s), {} route(s)",
-                path.display(),
-                cfg.server.listen.0.len(),
-                cfg.upstreams.len(),
-                servers,
-                cfg.routes.len()
-            );
-            ExitCode::SUCCESS
-        }
+    // The same steps as a start: parse, validate, read certificates (strictly: an expired
+    // certificate is an error here), and build the snapshot.
+    let loaded = fairway::config::load(path).and_then(|cfg| {
+        let tls = fairway::tls::load(&cfg, path, true)?;
+        Ok((cfg, tls))
+    });
+    let (cfg, tls) = match loaded {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in cfg.warnings() {
+        eprintln!("{}: warning: {w}", path.display());
+    }
+    if probe {
+        let rt = match runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg, &tls));
+        print!("{table}");
+        if !ok {
+            eprintln!("{}: an upstream has no passing server", path.display());
+            return ExitCode::FAILURE;
         }
     }
+    let servers: usize = cfg.upstreams.values().map(|u| u.servers.len()).sum();
+    println!(
+        "{}: ok: {} listen address(es), {} upstream(s), {} server(s), {} route(s){}",
+        path.display(),
+        cfg.server.listen.0.len(),
+        cfg.upstreams.len(),
+        servers,
+        cfg.routes.len(),
+        if cfg.server.tls.is_some() {
+            ", TLS"
+        } else {
+            ""
+        }
+    );
+    ExitCode::SUCCESS
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

@@ -97,6 +97,14 @@ pub struct Metrics {
     pub connections_rejected: Counter,
     /// `fairway_access_log_dropped_total`.
     pub access_log_dropped: Counter,
+    tls_expiry: Family<ServerNameLabels, Gauge>,
+}
+
+/// `{server_name}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerNameLabels {
+    /// An SNI name, or `default` for the top-level certificate.
+    pub server_name: String,
 }
 
 impl Default for Metrics {
@@ -176,6 +184,12 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let tls_expiry = Family::<ServerNameLabels, Gauge>::default();
+        registry.register(
+            "fairway_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate served for a name expires, as Unix seconds",
+            tls_expiry.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector::new()));
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -194,6 +208,19 @@ impl Metrics {
             connections_active,
             connections_rejected,
             access_log_dropped,
+            tls_expiry,
+        }
+    }
+
+    /// Replaces the certificate expiry series.
+    pub fn set_tls_expiries(&self, expiries: &[(String, i64)]) {
+        self.tls_expiry.clear();
+        for (name, at) in expiries {
+            self.tls_expiry
+                .get_or_create(&ServerNameLabels {
+                    server_name: name.clone(),
+                })
+                .set(*at);
         }
     }
 

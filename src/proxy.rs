@@ -275,14 +275,19 @@ impl Attempt<'_> {
             let guard = server.begin();
             let conn = if force_fresh {
                 force_fresh = false;
-                client::dial(&server.target, upstream.pool.connect_timeout)
-                    .await
-                    .map(|sender| client::Conn {
-                        sender,
-                        reused: false,
-                    })
+                client::dial(
+                    &server.target,
+                    &server.addr,
+                    upstream.pool.connect_timeout,
+                    upstream.tls.as_deref(),
+                )
+                .await
+                .map(|sender| client::Conn {
+                    sender,
+                    reused: false,
+                })
             } else {
-                client::checkout(server, &upstream.pool).await
+                client::checkout(server, &upstream.pool, upstream.tls.as_deref()).await
             };
             let mut conn = match conn {
                 Ok(c) => c,

@@ -39,6 +39,25 @@ pub fn hash_of(content: &Result<String, std::io::Error>) -> ContentHash {
     h.finish()
 }
 
+/// The config text's hash combined with those of the certificate, key and CA files the
+/// current config names: a renewed certificate is a change too.
+pub fn fingerprint(content: &Result<String, std::io::Error>, files: &[PathBuf]) -> ContentHash {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    hash_of(content).hash(&mut h);
+    for f in files {
+        match std::fs::read(f) {
+            Ok(b) => b.hash(&mut h),
+            Err(e) => format!("error: {:?}", e.kind()).hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+/// The files besides the config whose changes trigger a reload.
+fn extra_files(shared: &Shared) -> Vec<PathBuf> {
+    crate::tls::files(&shared.runtime.load().config, &shared.config_path)
+}
+
 /// Reloads unconditionally (SIGHUP, `POST /reload`); returns the new `config_version`.
 pub fn reload(shared: &Arc<Shared>) -> Result<u64, ConfigError> {
     let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -46,11 +65,12 @@ pub fn reload(shared: &Arc<Shared>) -> Result<u64, ConfigError> {
     apply(shared, content)
 }
 
-/// Reloads if the file's content differs from what the last attempt saw (the watcher).
+/// Reloads if the file's content (or a certificate's) differs from what the last attempt
+/// saw (the watcher).
 fn reload_if_changed(shared: &Arc<Shared>) -> Option<Result<u64, ConfigError>> {
     let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
     let content = std::fs::read_to_string(&shared.config_path);
-    let hash = hash_of(&content);
+    let hash = fingerprint(&content, &extra_files(shared));
     if *shared.config_hash.lock().unwrap_or_else(|e| e.into_inner()) == Some(hash) {
         return None;
     }
@@ -62,11 +82,13 @@ fn apply(
     content: Result<String, std::io::Error>,
 ) -> Result<u64, ConfigError> {
     let path = &shared.config_path;
-    *shared.config_hash.lock().unwrap_or_else(|e| e.into_inner()) = Some(hash_of(&content));
-    let result = content
-        .map_err(|e| ConfigError::io(path, &e))
-        .and_then(|text| config::parse(path, &text))
-        .and_then(|cfg| swap(shared, cfg));
+    let result = match &content {
+        Ok(text) => config::parse(path, text).and_then(|cfg| swap(shared, cfg)),
+        Err(e) => Err(ConfigError::io(path, e)),
+    };
+    // After the swap, so that the hash covers the certificate files the new config names.
+    let hash = fingerprint(&content, &extra_files(shared));
+    *shared.config_hash.lock().unwrap_or_else(|e| e.into_inner()) = Some(hash);
     shared.metrics.record_reload(result.is_ok());
     match &result {
         Ok(v) => tracing::info!(config = %path.display(), version = v, "config reloaded"),
@@ -80,6 +102,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     for w in cfg.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
     }
+    let tls = crate::tls::load(&cfg, path, false)?;
     let mut listeners = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
     let prepared = listeners.prepare(&cfg).map_err(|e| {
         let (section, key) = e.key.split_once('.').unwrap_or((e.key, ""));
@@ -90,7 +113,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
         )
     })?;
     let old = shared.runtime.load_full();
-    let rt = Arc::new(Runtime::build(cfg, Some(&old), &shared.metrics));
+    let rt = Arc::new(Runtime::build(cfg, Some(&old), &shared.metrics, tls));
     old.forget_removed(&rt, &shared.metrics);
     shared.runtime.store(Arc::clone(&rt));
     if let Err(e) = listeners.commit(prepared, shared) {
@@ -145,11 +168,19 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
             None
         }
     };
+    let mut watched = vec![dir];
     tokio::spawn(async move {
-        let _keep_alive = watcher;
+        let mut watcher = watcher;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut identity = file_identity(&shared.config_path);
+        let identities = |shared: &Shared| {
+            std::iter::once(shared.config_path.clone())
+                .chain(extra_files(shared))
+                .map(|f| file_identity(&f))
+                .collect::<Vec<_>>()
+        };
+        let mut identity = identities(&shared);
+        watch_certificate_dirs(&shared, watcher.as_mut(), &mut watched);
         loop {
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
@@ -158,17 +189,35 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
                     while rx.try_recv().is_ok() {}
                 }
                 _ = tick.tick() => {
-                    let now = file_identity(&shared.config_path);
-                    if now == identity {
+                    if identities(&shared) == identity {
                         continue;
                     }
                 }
             }
-            identity = file_identity(&shared.config_path);
             let s = Arc::clone(&shared);
             let _ = tokio::task::spawn_blocking(move || reload_if_changed(&s)).await;
+            identity = identities(&shared);
+            watch_certificate_dirs(&shared, watcher.as_mut(), &mut watched);
         }
     });
+}
+
+/// Certificates may live in other directories than the config: watch those too.
+fn watch_certificate_dirs(
+    shared: &Shared,
+    watcher: Option<&mut notify::RecommendedWatcher>,
+    watched: &mut Vec<PathBuf>,
+) {
+    let Some(w) = watcher else { return };
+    for f in extra_files(shared) {
+        let d = watch_dir(&f);
+        if !watched.contains(&d) {
+            if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch a certificate directory; polling it");
+            }
+            watched.push(d);
+        }
+    }
 }
 
 #[cfg(test)]

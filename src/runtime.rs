@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::metrics::{CodeCounters, Metrics};
 use crate::route::RouteTable;
 use crate::server::Server;
+use crate::tls::TlsMaterial;
 use crate::upstream::Upstream;
 
 /// Proxy-wide settings from `[server]`, resolved.
@@ -51,6 +52,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Upstreams in name order.
     pub upstreams: Vec<Upstream>,
+    /// TLS on the client listeners, with `[server.tls]`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `fairway_requests_total{upstream="none",server="none"}`: requests no route matched.
     pub no_route: CodeCounters,
 }
@@ -59,7 +62,12 @@ impl Runtime {
     /// Builds a snapshot from a validated config. Servers that `prev` already has (same
     /// upstream, same `addr`) are reused with their health and pool. Pure: binds nothing,
     /// spawns nothing.
-    pub fn build(config: Config, prev: Option<&Runtime>, metrics: &Metrics) -> Runtime {
+    pub fn build(
+        config: Config,
+        prev: Option<&Runtime>,
+        metrics: &Metrics,
+        tls: TlsMaterial,
+    ) -> Runtime {
         let s = &config.server;
         let settings = Settings {
             connect_timeout: s.connect_timeout.0,
@@ -77,26 +85,36 @@ impl Runtime {
             .upstreams
             .iter()
             .map(|(name, section)| {
-                Upstream::build(name, section, settings.connect_timeout, metrics, |addr| {
-                    prev.and_then(|p| p.find_server(name, addr))
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            let s = Server::new(name, addr, metrics);
-                            if prev.is_some() {
-                                // Added by a reload: slow start ramps it.
-                                s.health.mark_new();
-                            }
-                            Arc::new(s)
-                        })
-                })
+                let upstream_tls = tls.upstreams.get(name).cloned();
+                Upstream::build(
+                    name,
+                    section,
+                    settings.connect_timeout,
+                    metrics,
+                    upstream_tls,
+                    |addr| {
+                        prev.and_then(|p| p.find_server(name, addr))
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                let s = Server::new(name, addr, metrics);
+                                if prev.is_some() {
+                                    // Added by a reload: slow start ramps it.
+                                    s.health.mark_new();
+                                }
+                                Arc::new(s)
+                            })
+                    },
+                )
             })
             .collect();
         let names: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
         let routes = RouteTable::build(&config.routes, upstreams.len(), |n| {
             names.iter().position(|&x| x == n)
         });
+        metrics.set_tls_expiries(tls.server.as_ref().map_or(&[][..], |t| &t.expiries));
         Runtime {
             version: prev.map_or(1, |p| p.version + 1),
+            tls: tls.server.map(|t| t.config),
             settings,
             trusted,
             routes,
@@ -157,7 +175,12 @@ mod tests {
     #[test]
     fn servers_that_stay_are_reused_across_snapshots() {
         let m = Metrics::new();
-        let a = Runtime::build(cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#), None, &m);
+        let a = Runtime::build(
+            cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#),
+            None,
+            &m,
+            TlsMaterial::default(),
+        );
         a.find_server("app", "127.0.0.1:1")
             .unwrap()
             .health
@@ -166,6 +189,7 @@ mod tests {
             cfg(r#"[{ addr = "127.0.0.1:1", weight = 5 }, "127.0.0.1:3"]"#),
             Some(&a),
             &m,
+            TlsMaterial::default(),
         );
         assert_eq!(b.version, 2);
         let kept = b.find_server("app", "127.0.0.1:1").unwrap();

@@ -10,6 +10,7 @@ use tokio_util::sync::DropGuard;
 use crate::client::Pool;
 use crate::health::{HealthCheck, HealthState, Transition};
 use crate::metrics::{Metrics, ServerMetrics};
+use crate::tls::UpstreamTls;
 
 /// Where a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub struct Server {
     /// Up or down, with the consecutive counters.
     pub health: HealthState,
     /// The running active checker and its settings; dropping it stops the checker.
-    pub checker: Mutex<Option<(HealthCheck, DropGuard)>>,
+    pub checker: Mutex<Option<Checker>>,
     /// Idle keep-alive connections to this server.
     pub pool: Pool,
     /// Metric handles, resolved once; the active-request gauge is the in-flight count.
@@ -92,6 +93,17 @@ impl Server {
         self.metrics.active.inc();
         ActiveGuard(Arc::clone(self))
     }
+}
+
+/// A running active checker: its settings and the guard that stops it when dropped.
+#[derive(Debug)]
+pub struct Checker {
+    /// The check settings it runs with.
+    pub settings: HealthCheck,
+    /// The TLS settings it connects with.
+    pub tls: Option<Arc<UpstreamTls>>,
+    /// Stops the task when dropped.
+    pub _stop: DropGuard,
 }
 
 /// A request in flight to a server; dropped with the response body (or on error), so the

@@ -11,6 +11,7 @@ use crate::config::{BalanceKind, UpstreamSection};
 use crate::health::{HealthCheck, fast_random};
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::Server;
+use crate::tls::UpstreamTls;
 
 /// A server as listed in one snapshot.
 #[derive(Debug)]
@@ -48,6 +49,8 @@ pub struct Upstream {
     pub slow_start: Option<Duration>,
     /// Route to every server when none is healthy.
     pub fail_open: bool,
+    /// TLS towards the servers, with `tls = true`.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Metric handles.
     pub metrics: UpstreamMetrics,
 }
@@ -60,6 +63,7 @@ impl Upstream {
         section: &UpstreamSection,
         connect_timeout: Duration,
         metrics: &Metrics,
+        tls: Option<Arc<UpstreamTls>>,
         mut server_for: impl FnMut(&str) -> Arc<Server>,
     ) -> Upstream {
         let members: Vec<Member> = section
@@ -124,6 +128,7 @@ impl Upstream {
                 .map_or(Duration::from_secs(10), |d| d.0),
             slow_start: section.slow_start.map(|d| d.0),
             fail_open: section.fail_open,
+            tls,
         }
     }
 
