@@ -184,6 +184,10 @@ struct ConnState {
     head_since: AtomicU64,
     is_h2: AtomicBool,
     first_read: AtomicBool,
+    /// Set while the watchdog sleeps towards the idle deadline: only then does a head
+    /// that starts need to wake it (otherwise it looks again within `header_read_timeout`
+    /// anyway), so a busy keep-alive connection costs no wake-up per request.
+    armed: AtomicBool,
     wake: Notify,
 }
 
@@ -199,6 +203,7 @@ impl ConnState {
             head_since: AtomicU64::new(0),
             is_h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
+            armed: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -218,8 +223,12 @@ impl ConnState {
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
-            self.head_since.store(self.now_ms(), Ordering::Relaxed);
-            self.wake.notify_one();
+            // SeqCst pairs with the watchdog's arming below (a store then a load on each
+            // side: either it sees the head, or this sees it armed).
+            self.head_since.store(self.now_ms(), Ordering::SeqCst);
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -233,13 +242,21 @@ impl ConnState {
     /// When the watchdog must look again, and what it will find if nothing changes.
     fn next_check(&self, t: &Timeouts) -> (Instant, Verdict) {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return (Instant::now() + t.idle, Verdict::Busy);
+            // Look again within header_read_timeout: by then this request may be done and
+            // the next head begun.
+            return (Instant::now() + t.header, Verdict::Busy);
         }
         let head = self.head_since.load(Ordering::Relaxed);
         let h2_served =
             self.is_h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed) > 0;
         if head != NONE && !h2_served {
             return (self.at(head) + t.header, Verdict::HeadTimeout);
+        }
+        self.armed.store(true, Ordering::SeqCst);
+        // A head that began between the loads above and arming is caught here.
+        if self.head_since.load(Ordering::SeqCst) != NONE && !h2_served {
+            self.armed.store(false, Ordering::Relaxed);
+            return (Instant::now(), Verdict::Busy);
         }
         (
             self.at(self.idle_since.load(Ordering::Relaxed)) + t.idle,

@@ -192,6 +192,8 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
                     if identities(&shared) == identity {
                         continue;
                     }
+                    // A writer may be half-way through: let it finish, as for events.
+                    tokio::time::sleep(DEBOUNCE).await;
                 }
             }
             let s = Arc::clone(&shared);
