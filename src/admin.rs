@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
 use crate::body::Body;
+use http_body_util::BodyExt;
+
 use crate::error::plain_response;
 use crate::runtime::Runtime;
 
@@ -76,10 +78,17 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    let path = req.uri().path();
+    let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix("/upstreams/") {
+        if method != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return drain(rest, &rt);
+    }
+    let path = path.as_str();
     let allowed: &'static str = match path {
         "/metrics" | "/healthz" | "/readyz" | "/status" => "GET, HEAD",
-        "/reload" => "POST",
+        "/reload" | "/maintenance" => "POST",
         _ => return plain_response(StatusCode::NOT_FOUND, "404 not found\n"),
     };
     let get = method == Method::GET || method == Method::HEAD;
@@ -95,6 +104,7 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         }
         "/readyz" if get => readyz(&rt),
         "/status" if get => json(StatusCode::OK, &status(&rt, shared)),
+        "/maintenance" if method == Method::POST => maintenance(req, shared, &rt).await,
         "/reload" if method == Method::POST => {
             let s = Arc::clone(shared);
             match tokio::task::spawn_blocking(move || crate::reload::reload(&s)).await {
@@ -112,13 +122,126 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
                 ),
             }
         }
-        _ => {
-            let mut r = plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allowed));
-            r
-        }
+        _ => method_not_allowed(allowed),
     }
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<Body> {
+    let mut r = plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    r
+}
+
+fn error_json(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// `POST /upstreams/{name}/servers/{addr}/drain` and `.../undrain` (`addr` as written in the
+/// config, percent-encoded or not).
+fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [name, "servers", addr, action] = parts.as_slice() else {
+        return plain_response(StatusCode::NOT_FOUND, "404 not found\n");
+    };
+    let on = match *action {
+        "drain" => true,
+        "undrain" => false,
+        _ => return plain_response(StatusCode::NOT_FOUND, "404 not found\n"),
+    };
+    let (name, addr) = (percent_decode(name), percent_decode(addr));
+    let Some(server) = rt.find_server(&name, &addr) else {
+        return error_json(
+            StatusCode::NOT_FOUND,
+            format!("no server {addr:?} in upstream {name:?}"),
+        );
+    };
+    server.set_draining(on);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "upstream": name,
+            "addr": addr,
+            "draining": server.is_draining(),
+            "active_requests": server.active_requests(),
+        }),
+    )
+}
+
+/// Decodes `%XX` escapes (a `host:port` may arrive as `127.0.0.1%3A13000`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `POST /maintenance` with `{"upstream": NAME | "*", "on": bool, "retry_after": "120s"}`.
+async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Switch {
+        upstream: String,
+        on: bool,
+        #[serde(default)]
+        retry_after: Option<crate::config::Dur>,
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error_json(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            );
+        }
+    };
+    let switch: Switch = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error_json(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"upstream\": NAME or \"*\", \"on\": true|false, \"retry_after\": \"120s\"}}: {e}"
+                ),
+            );
+        }
+    };
+    if switch.upstream != "*" && !rt.upstreams.iter().any(|u| *u.name == switch.upstream) {
+        return error_json(
+            StatusCode::NOT_FOUND,
+            format!("no upstream named {:?}", switch.upstream),
+        );
+    }
+    let retry_after = switch
+        .retry_after
+        .map_or(crate::maintenance::DEFAULT_RETRY_AFTER, |d| d.0);
+    shared
+        .maintenance
+        .set(&switch.upstream, switch.on.then_some(retry_after));
+    shared.maintenance.publish(rt, &shared.metrics);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "upstream": switch.upstream,
+            "on": switch.on,
+            "retry_after": retry_after.as_secs(),
+        }),
+    )
 }
 
 fn is_authorized(req: &Request<Incoming>, token: &str) -> bool {
@@ -205,6 +328,7 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
                     "active_requests": s.active_requests(),
                     "requests_total": s.metrics.codes.total(),
                     "idle_connections": s.pool.idle_count(),
+                    "draining": s.is_draining(),
                 })
             })
             .collect();
@@ -214,6 +338,7 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
                 "balance": u.balance.as_str(),
                 "retries": u.retries,
                 "healthy_servers": u.members.iter().filter(|m| m.server.is_healthy()).count(),
+                "maintenance": shared.maintenance.get(&u.name).is_some(),
                 "servers": servers,
             }),
         );

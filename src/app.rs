@@ -17,9 +17,10 @@ use crate::config;
 use crate::error::ConfigError;
 use crate::health::{self, Transition};
 use crate::listeners::{BindError, ListenerSet};
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::reload;
-use crate::runtime::Runtime;
+use crate::runtime::{Files, Runtime};
 use crate::server::Checker;
 
 /// State shared by every listener, connection and background task.
@@ -45,6 +46,8 @@ pub struct Shared {
     pub reload_lock: Mutex<()>,
     /// What the config file held at the last reload attempt.
     pub config_hash: Mutex<Option<reload::ContentHash>>,
+    /// The maintenance switch.
+    pub maintenance: Maintenance,
 }
 
 impl Shared {
@@ -87,18 +90,18 @@ impl App {
             Err(e) => return Err(ConfigError::io(&path, e).into()),
         };
         let cfg = config::parse(&path, &text)?;
-        let content_hash = reload::fingerprint(&read, &crate::tls::files(&cfg, &path));
+        let content_hash = reload::fingerprint(&read, &Files::paths(&cfg, &path));
         for w in cfg.warnings() {
             tracing::warn!(config = %path.display(), "{w}");
         }
-        let tls = crate::tls::load(&cfg, &path, false)?;
+        let files = Files::load(&cfg, &path, false)?;
         let mut listeners = ListenerSet::default();
         let prepared = listeners.prepare(&cfg).map_err(|source| StartError::Bind {
             path: path.display().to_string(),
             source,
         })?;
         let metrics = Arc::new(Metrics::new());
-        let rt = Runtime::build(cfg, None, &metrics, tls);
+        let rt = Runtime::build(cfg, None, &metrics, files);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(rt),
             stop: CancellationToken::new(),
@@ -110,7 +113,11 @@ impl App {
             listeners: Mutex::new(ListenerSet::default()),
             reload_lock: Mutex::new(()),
             config_hash: Mutex::new(Some(content_hash)),
+            maintenance: Maintenance::default(),
         });
+        shared
+            .maintenance
+            .publish(&shared.runtime.load(), &shared.metrics);
         listeners.commit(prepared, &shared)?;
         *shared.listeners.lock().unwrap_or_else(|e| e.into_inner()) = listeners;
         reconcile_checkers(&shared, &shared.runtime.load_full());

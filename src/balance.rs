@@ -233,14 +233,34 @@ impl Ring {
     }
 }
 
-/// The ring key of a client address. IPv4-mapped IPv6 addresses hash as their IPv4 form.
+/// The ring key of a client address, with every address of one prefix (`/32` and `/64`:
+/// the address itself and its IPv6 /64) hashing alike. IPv4-mapped IPv6 addresses hash as
+/// their IPv4 form.
 pub fn client_key(ip: IpAddr) -> u64 {
+    client_key_grouped(ip, 32, 64)
+}
+
+/// [`client_key`] with the prefix lengths of `hash_prefix_v4` and `hash_prefix_v6`.
+pub fn client_key_grouped(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> u64 {
     let mut h = Fnv::new();
+    let v4 = |h: &mut Fnv, a: std::net::Ipv4Addr| {
+        let bits = u32::from(a);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_v4.min(32)))
+            .unwrap_or(0);
+        h.write(&(bits & mask).to_be_bytes());
+    };
     match ip {
-        IpAddr::V4(v4) => h.write(&v4.octets()),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => h.write(&v4.octets()),
-            None => h.write(&v6.octets()),
+        IpAddr::V4(a) => v4(&mut h, a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => v4(&mut h, m),
+            None => {
+                let bits = u128::from(a);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_v6.min(128)))
+                    .unwrap_or(0);
+                h.write(&(bits & mask).to_be_bytes());
+            }
         },
     }
     mix64(h.finish())
@@ -439,6 +459,32 @@ mod tests {
         }
         let share = counts[1] as f64 / keys.len() as f64;
         assert!((0.68..0.82).contains(&share), "{counts:?}");
+    }
+
+    #[test]
+    fn client_keys_group_by_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_ne!(client_key(ip("192.0.2.7")), client_key(ip("192.0.2.8")));
+        assert_eq!(
+            client_key_grouped(ip("192.0.2.7"), 24, 64),
+            client_key_grouped(ip("192.0.2.200"), 24, 64)
+        );
+        assert_ne!(
+            client_key_grouped(ip("192.0.2.7"), 24, 64),
+            client_key_grouped(ip("192.0.3.7"), 24, 64)
+        );
+        assert_eq!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            client_key_grouped(ip("10.1.1.1"), 0, 0),
+            client_key_grouped(ip("9.9.9.9"), 0, 0)
+        );
     }
 
     #[test]

@@ -185,6 +185,15 @@ pub struct UpstreamSection {
     /// Accept any server certificate. Dangerous: for testing only.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// `ip_hash` groups IPv4 clients by this prefix length (Nginx uses 24).
+    #[serde(default = "defaults::hash_prefix_v4")]
+    pub hash_prefix_v4: u8,
+    /// `ip_hash` groups IPv6 clients by this prefix length.
+    #[serde(default = "defaults::hash_prefix_v6")]
+    pub hash_prefix_v6: u8,
+    /// A file served as the body of maintenance answers (`POST /maintenance`).
+    #[serde(default)]
+    pub maintenance_page: Option<PathBuf>,
 }
 
 /// `balance = "..."`.
@@ -330,6 +339,12 @@ mod defaults {
     }
     pub fn expect_status() -> StatusRange {
         StatusRange(200, 399)
+    }
+    pub fn hash_prefix_v4() -> u8 {
+        32
+    }
+    pub fn hash_prefix_v6() -> u8 {
+        64
     }
     pub fn path_prefix() -> String {
         "/".to_owned()
@@ -910,6 +925,24 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         return Err((
             at().k("server_name"),
             format!("{name:?} is not a valid DNS name or IP address"),
+        ));
+    }
+    if u.hash_prefix_v4 > 32 {
+        return Err((
+            at().k("hash_prefix_v4"),
+            format!(
+                "{} is not an IPv4 prefix length: give 0 to 32",
+                u.hash_prefix_v4
+            ),
+        ));
+    }
+    if u.hash_prefix_v6 > 128 {
+        return Err((
+            at().k("hash_prefix_v6"),
+            format!(
+                "{} is not an IPv6 prefix length: give 0 to 128",
+                u.hash_prefix_v6
+            ),
         ));
     }
     if u.pool_idle_timeout.0.is_zero() {

@@ -9,6 +9,7 @@
 //!   watchdog for `header_read_timeout` and `idle_timeout`.
 //! - [`listeners`]: the bound listeners, reconciled by diff on reload.
 //! - [`reload`]: file watcher and the one reload path.
+//! - [`maintenance`]: the maintenance switch.
 //! - [`proxy`]: route → select → forward with retries → response.
 //! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, client IP.
@@ -44,6 +45,7 @@ pub mod headers;
 pub mod health;
 pub mod listener;
 pub mod listeners;
+pub mod maintenance;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

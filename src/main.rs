@@ -71,10 +71,10 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
     // The same steps as a start: parse, validate, read certificates (strictly: an expired
     // certificate is an error here), and build the snapshot.
     let loaded = fairway::config::load(path).and_then(|cfg| {
-        let tls = fairway::tls::load(&cfg, path, true)?;
-        Ok((cfg, tls))
+        let files = fairway::runtime::Files::load(&cfg, path, true)?;
+        Ok((cfg, files))
     });
-    let (cfg, tls) = match loaded {
+    let (cfg, files) = match loaded {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{e}");
@@ -92,7 +92,7 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg, &tls));
+        let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg, &files.tls));
         print!("{table}");
         if !ok {
             eprintln!("{}: an upstream has no passing server", path.display());

@@ -98,6 +98,7 @@ pub struct Metrics {
     /// `fairway_access_log_dropped_total`.
     pub access_log_dropped: Counter,
     tls_expiry: Family<ServerNameLabels, Gauge>,
+    maintenance: Family<UpstreamLabels, Gauge>,
 }
 
 /// `{server_name}`.
@@ -190,6 +191,12 @@ impl Metrics {
             "When the certificate served for a name expires, as Unix seconds",
             tls_expiry.clone(),
         );
+        let maintenance = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "fairway_upstream_maintenance",
+            "Whether an upstream is in maintenance (1) or not (0)",
+            maintenance.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector::new()));
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -209,7 +216,17 @@ impl Metrics {
             connections_rejected,
             access_log_dropped,
             tls_expiry,
+            maintenance,
         }
+    }
+
+    /// Sets `fairway_upstream_maintenance` for one upstream.
+    pub fn set_maintenance(&self, upstream: &str, on: bool) {
+        self.maintenance
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .set(i64::from(on));
     }
 
     /// Replaces the certificate expiry series.
@@ -308,6 +325,7 @@ impl Metrics {
         };
         self.duration.remove(&labels);
         self.retries.remove(&labels);
+        self.maintenance.remove(&labels);
         m.no_server.forget();
     }
 }

@@ -151,6 +151,12 @@ async fn forward(
         .ok_or(ProxyError::NoRoute)?;
     trace.upstream = Some(index);
     let upstream = &rt.upstreams[index];
+    if let Some(retry_after) = shared.maintenance.get(&upstream.name) {
+        return Ok(crate::maintenance::response(
+            retry_after,
+            upstream.maintenance_page.as_ref(),
+        ));
+    }
 
     let declared = content_length(req.headers());
     if let (Some(max), Some(len)) = (rt.settings.max_body_bytes, declared)

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::app::{Shared, reconcile_checkers};
 use crate::config;
 use crate::error::{ConfigError, KeyPath};
-use crate::runtime::Runtime;
+use crate::runtime::{Files, Runtime};
 
 /// How long a burst of file events is collected before one reload.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -55,7 +55,7 @@ pub fn fingerprint(content: &Result<String, std::io::Error>, files: &[PathBuf]) 
 
 /// The files besides the config whose changes trigger a reload.
 fn extra_files(shared: &Shared) -> Vec<PathBuf> {
-    crate::tls::files(&shared.runtime.load().config, &shared.config_path)
+    Files::paths(&shared.runtime.load().config, &shared.config_path)
 }
 
 /// Reloads unconditionally (SIGHUP, `POST /reload`); returns the new `config_version`.
@@ -102,7 +102,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     for w in cfg.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
     }
-    let tls = crate::tls::load(&cfg, path, false)?;
+    let files = Files::load(&cfg, path, false)?;
     let mut listeners = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
     let prepared = listeners.prepare(&cfg).map_err(|e| {
         let (section, key) = e.key.split_once('.').unwrap_or((e.key, ""));
@@ -113,7 +113,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
         )
     })?;
     let old = shared.runtime.load_full();
-    let rt = Arc::new(Runtime::build(cfg, Some(&old), &shared.metrics, tls));
+    let rt = Arc::new(Runtime::build(cfg, Some(&old), &shared.metrics, files));
     old.forget_removed(&rt, &shared.metrics);
     shared.runtime.store(Arc::clone(&rt));
     if let Err(e) = listeners.commit(prepared, shared) {
@@ -121,6 +121,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     }
     drop(listeners);
     reconcile_checkers(shared, &rt);
+    shared.maintenance.publish(&rt, &shared.metrics);
     Ok(rt.version)
 }
 

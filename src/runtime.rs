@@ -2,17 +2,88 @@
 //! settings) that a request loads once and uses to the end. A reload builds a new one,
 //! reusing the long-lived servers of the previous snapshot, and swaps it in.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::error::{ConfigError, KeyPath};
 use crate::metrics::{CodeCounters, Metrics};
 use crate::route::RouteTable;
 use crate::server::Server;
 use crate::tls::TlsMaterial;
 use crate::upstream::Upstream;
+
+/// What a config names on disk (certificates, keys, CA bundles, maintenance pages), read
+/// before a snapshot is built so that building stays pure.
+#[derive(Debug, Default)]
+pub struct Files {
+    /// TLS material.
+    pub tls: TlsMaterial,
+    /// Maintenance page bodies by upstream name.
+    pub pages: HashMap<String, Bytes>,
+}
+
+/// Largest maintenance page read into memory.
+const MAX_PAGE: u64 = 1 << 20;
+
+impl Files {
+    /// Reads every file `cfg` names (relative paths start at the config's directory).
+    /// `strict` refuses certificates that are expired or not yet valid.
+    pub fn load(cfg: &Config, config_path: &Path, strict: bool) -> Result<Files, ConfigError> {
+        let tls = crate::tls::load(cfg, config_path, strict)?;
+        let mut pages = HashMap::new();
+        for (name, u) in &cfg.upstreams {
+            let Some(page) = &u.maintenance_page else {
+                continue;
+            };
+            let path = crate::tls::resolve(config_path, page);
+            let key = || Some(KeyPath::root().k("upstreams").k(name).k("maintenance_page"));
+            let meta = std::fs::metadata(&path).map_err(|e| {
+                ConfigError::other(
+                    config_path,
+                    key(),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            if meta.len() > MAX_PAGE {
+                return Err(ConfigError::other(
+                    config_path,
+                    key(),
+                    format!(
+                        "{} is larger than 1MiB: keep maintenance pages small",
+                        path.display()
+                    ),
+                ));
+            }
+            let body = std::fs::read(&path).map_err(|e| {
+                ConfigError::other(
+                    config_path,
+                    key(),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            pages.insert(name.clone(), Bytes::from(body));
+        }
+        Ok(Files { tls, pages })
+    }
+
+    /// Every file a config names, for the watcher.
+    pub fn paths(cfg: &Config, config_path: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = crate::tls::files(cfg, config_path);
+        for u in cfg.upstreams.values() {
+            if let Some(p) = &u.maintenance_page {
+                out.push(crate::tls::resolve(config_path, p));
+            }
+        }
+        out
+    }
+}
 
 /// Proxy-wide settings from `[server]`, resolved.
 #[derive(Debug, Clone)]
@@ -66,8 +137,9 @@ impl Runtime {
         config: Config,
         prev: Option<&Runtime>,
         metrics: &Metrics,
-        tls: TlsMaterial,
+        files: Files,
     ) -> Runtime {
+        let Files { tls, mut pages } = files;
         let s = &config.server;
         let settings = Settings {
             connect_timeout: s.connect_timeout.0,
@@ -92,6 +164,7 @@ impl Runtime {
                     settings.connect_timeout,
                     metrics,
                     upstream_tls,
+                    pages.remove(name),
                     |addr| {
                         prev.and_then(|p| p.find_server(name, addr))
                             .cloned()
@@ -179,7 +252,7 @@ mod tests {
             cfg(r#"["127.0.0.1:1", "127.0.0.1:2"]"#),
             None,
             &m,
-            TlsMaterial::default(),
+            Files::default(),
         );
         a.find_server("app", "127.0.0.1:1")
             .unwrap()
@@ -189,7 +262,7 @@ mod tests {
             cfg(r#"[{ addr = "127.0.0.1:1", weight = 5 }, "127.0.0.1:3"]"#),
             Some(&a),
             &m,
-            TlsMaterial::default(),
+            Files::default(),
         );
         assert_eq!(b.version, 2);
         let kept = b.find_server("app", "127.0.0.1:1").unwrap();

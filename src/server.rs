@@ -3,6 +3,7 @@
 //! a reload. Weight and backup belong to the snapshot (`upstream::Member`), not here.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::DropGuard;
@@ -44,6 +45,8 @@ pub struct Server {
     pub health: HealthState,
     /// The running active checker and its settings; dropping it stops the checker.
     pub checker: Mutex<Option<Checker>>,
+    /// Taken out of rotation by `POST .../drain`: no new requests, in-flight ones finish.
+    draining: AtomicBool,
     /// Idle keep-alive connections to this server.
     pub pool: Pool,
     /// Metric handles, resolved once; the active-request gauge is the in-flight count.
@@ -59,6 +62,7 @@ impl Server {
             target: Target::parse(addr),
             health: HealthState::new(),
             checker: Mutex::new(None),
+            draining: AtomicBool::new(false),
             pool: Pool::default(),
             metrics: metrics.server(upstream, addr),
         }
@@ -67,6 +71,25 @@ impl Server {
     /// Whether the server may be chosen.
     pub fn is_healthy(&self) -> bool {
         self.health.is_healthy()
+    }
+
+    /// Whether new requests may go to this server: healthy and not draining.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy() && !self.is_draining()
+    }
+
+    /// Whether the server is being drained.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts or ends draining; returns whether that changed anything.
+    pub fn set_draining(&self, on: bool) -> bool {
+        let changed = self.draining.swap(on, Ordering::Relaxed) != on;
+        if changed {
+            tracing::info!(upstream = %self.upstream, server = %self.addr, draining = on, "drain state changed");
+        }
+        changed
     }
 
     /// Publishes and logs a state change (once per change).

@@ -51,6 +51,10 @@ pub struct Upstream {
     pub fail_open: bool,
     /// TLS towards the servers, with `tls = true`.
     pub tls: Option<Arc<UpstreamTls>>,
+    /// `hash_prefix_v4`, `hash_prefix_v6`.
+    pub hash_prefix: (u8, u8),
+    /// The body of maintenance answers.
+    pub maintenance_page: Option<bytes::Bytes>,
     /// Metric handles.
     pub metrics: UpstreamMetrics,
 }
@@ -64,6 +68,7 @@ impl Upstream {
         connect_timeout: Duration,
         metrics: &Metrics,
         tls: Option<Arc<UpstreamTls>>,
+        maintenance_page: Option<bytes::Bytes>,
         mut server_for: impl FnMut(&str) -> Arc<Server>,
     ) -> Upstream {
         let members: Vec<Member> = section
@@ -129,6 +134,8 @@ impl Upstream {
             slow_start: section.slow_start.map(|d| d.0),
             fail_open: section.fail_open,
             tls,
+            hash_prefix: (section.hash_prefix_v4, section.hash_prefix_v6),
+            maintenance_page,
         }
     }
 
@@ -138,11 +145,13 @@ impl Upstream {
     /// `fail_open` and every server down, health is ignored.
     pub fn select(&self, client_ip: IpAddr, tried: &[usize]) -> Option<usize> {
         let key = match self.balance {
-            BalanceKind::IpHash => balance::client_key(client_ip),
+            BalanceKind::IpHash => {
+                balance::client_key_grouped(client_ip, self.hash_prefix.0, self.hash_prefix.1)
+            }
             BalanceKind::RoundRobin | BalanceKind::LeastRequest => 0,
         };
         let load = |i: usize| self.members[i].server.active_requests();
-        let available = |i: usize| !tried.contains(&i) && self.members[i].server.is_healthy();
+        let available = |i: usize| !tried.contains(&i) && self.members[i].server.is_available();
         let pick = |ok: &dyn Fn(usize) -> bool| {
             self.primary
                 .pick(key, ok, load)
@@ -161,7 +170,7 @@ impl Upstream {
             return Some(m);
         }
         if self.fail_open && !self.has_healthy_server() {
-            return pick(&|i: usize| !tried.contains(&i));
+            return pick(&|i: usize| !tried.contains(&i) && !self.members[i].server.is_draining());
         }
         None
     }
@@ -179,8 +188,8 @@ impl Upstream {
         (fast_random() % 10_000) as f64 / 10_000.0 < share
     }
 
-    /// Whether any server could take a request now.
+    /// Whether any server could take a request now (healthy and not draining).
     pub fn has_healthy_server(&self) -> bool {
-        self.members.iter().any(|m| m.server.is_healthy())
+        self.members.iter().any(|m| m.server.is_available())
     }
 }
