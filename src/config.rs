@@ -78,6 +78,10 @@ pub struct ServerSection {
     /// An extra plain-HTTP listener that answers 308 to `https://`.
     #[serde(default)]
     pub redirect_http: Option<Addr>,
+    /// Expect a PROXY protocol (v1 or v2) header on every client connection, from
+    /// `trusted_proxies` only.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// `[server.tls]`.
@@ -741,6 +745,12 @@ impl Config {
             return Err((
                 key().k("server").k("redirect_http"),
                 format!("{r} is already used by another listener"),
+            ));
+        }
+        if s.proxy_protocol && s.trusted_proxies.is_empty() {
+            return Err((
+                key().k("server").k("proxy_protocol"),
+                "PROXY protocol headers are accepted only from trusted_proxies: list your load balancers' addresses there".into(),
             ));
         }
         if s.max_header_bytes.0 > 16 << 20 {

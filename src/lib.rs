@@ -5,6 +5,7 @@
 //! # Layout
 //! In data-path order:
 //! - [`app`]: starts listeners and background tasks; reload and graceful shutdown.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
 //! - [`listener`]: accept loop, hyper-util auto server (HTTP/1.1 + h2c), per-connection
 //!   watchdog for `header_read_timeout` and `idle_timeout`.
 //! - [`listeners`]: the bound listeners, reconciled by diff on reload.
@@ -48,6 +49,7 @@ pub mod listeners;
 pub mod maintenance;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod route;
 pub mod runtime;

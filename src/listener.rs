@@ -30,6 +30,7 @@ use crate::app::Shared;
 use crate::body::{Body, BoxError};
 use crate::config::AccessFormat;
 use crate::proxy;
+use crate::proxy_protocol;
 
 /// What the proxy knows about one client connection.
 #[derive(Debug, Clone, Copy)]
@@ -60,24 +61,13 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let mut info = ConnInfo {
+                let info = ConnInfo {
                     peer,
                     local,
                     proto: "http",
                 };
                 let shared2 = Arc::clone(&shared);
-                // New handshakes use the certificates of the current snapshot.
-                match shared.runtime.load().tls.clone() {
-                    None => {
-                        shared
-                            .tracker
-                            .spawn(serve_connection(stream, info, shared2));
-                    }
-                    Some(tls) => {
-                        info.proto = "https";
-                        shared.tracker.spawn(serve_tls(stream, tls, info, shared2));
-                    }
-                }
+                shared.tracker.spawn(serve_accepted(stream, info, shared2));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -90,6 +80,47 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
 }
 
 const NONE: u64 = u64::MAX;
+
+/// Reads the PROXY protocol header if the listener expects one, then serves the connection,
+/// over TLS when `[server.tls]` is set. New handshakes use the certificates of the current
+/// snapshot.
+async fn serve_accepted(
+    mut stream: tokio::net::TcpStream,
+    mut info: ConnInfo,
+    shared: Arc<Shared>,
+) {
+    let rt = shared.runtime.load_full();
+    if rt.config.server.proxy_protocol {
+        if !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
+            tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
+            return;
+        }
+        let limit = rt.settings.header_read_timeout;
+        match tokio::time::timeout(limit, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(proxy_protocol::Header::Proxied(client))) => info.peer = client,
+            Ok(Ok(proxy_protocol::Header::Local)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %info.peer, error = %e, "refused: bad PROXY protocol header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %info.peer, "refused: no PROXY protocol header in time");
+                return;
+            }
+        }
+    }
+    match rt.tls.clone() {
+        None => {
+            drop(rt);
+            serve_connection(stream, info, shared).await;
+        }
+        Some(tls) => {
+            drop(rt);
+            info.proto = "https";
+            serve_tls(stream, tls, info, shared).await;
+        }
+    }
+}
 
 /// Completes the TLS handshake (within `header_read_timeout`; a failure closes this
 /// connection only), then serves the connection.
