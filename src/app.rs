@@ -48,6 +48,8 @@ pub struct Shared {
     pub config_hash: Mutex<Option<reload::ContentHash>>,
     /// The maintenance switch.
     pub maintenance: Maintenance,
+    /// The last good addresses of servers given by host name.
+    pub dns: Mutex<crate::dns::Resolved>,
 }
 
 impl Shared {
@@ -94,7 +96,9 @@ impl App {
         for w in cfg.warnings() {
             tracing::warn!(config = %path.display(), "{w}");
         }
-        let files = Files::load(&cfg, &path, false)?;
+        let mut files = Files::load(&cfg, &path, false)?;
+        files.resolved = crate::dns::resolve_missing(&cfg, &crate::dns::Resolved::new());
+        let dns_cache = files.resolved.clone();
         let mut listeners = ListenerSet::default();
         let prepared = listeners.prepare(&cfg).map_err(|source| StartError::Bind {
             path: path.display().to_string(),
@@ -114,6 +118,7 @@ impl App {
             reload_lock: Mutex::new(()),
             config_hash: Mutex::new(Some(content_hash)),
             maintenance: Maintenance::default(),
+            dns: Mutex::new(dns_cache),
         });
         shared
             .maintenance
@@ -123,6 +128,7 @@ impl App {
         reconcile_checkers(&shared, &shared.runtime.load_full());
         tokio::spawn(sweep_pools(Arc::clone(&shared)));
         reload::spawn_watcher(Arc::clone(&shared));
+        tokio::spawn(crate::dns::run(Arc::clone(&shared)));
         Ok(AppHandle { shared })
     }
 }

@@ -198,6 +198,12 @@ pub struct UpstreamSection {
     /// A file served as the body of maintenance answers (`POST /maintenance`).
     #[serde(default)]
     pub maintenance_page: Option<PathBuf>,
+    /// DNS server (`IP:PORT`) for servers given by host name; the system's when unset.
+    #[serde(default)]
+    pub resolver: Option<Addr>,
+    /// How often host names are resolved again.
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: Dur,
 }
 
 /// `balance = "..."`.
@@ -343,6 +349,9 @@ mod defaults {
     }
     pub fn expect_status() -> StatusRange {
         StatusRange(200, 399)
+    }
+    pub fn resolve_interval() -> Dur {
+        Dur(Duration::from_secs(5))
     }
     pub fn hash_prefix_v4() -> u8 {
         32
@@ -935,6 +944,12 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         return Err((
             at().k("server_name"),
             format!("{name:?} is not a valid DNS name or IP address"),
+        ));
+    }
+    if u.resolve_interval.0 < Duration::from_millis(100) {
+        return Err((
+            at().k("resolve_interval"),
+            "must be at least 100ms, such as \"5s\"".into(),
         ));
     }
     if u.hash_prefix_v4 > 32 {

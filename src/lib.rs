@@ -17,6 +17,7 @@
 //! - [`route`]: host and path-prefix routing.
 //! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
 //! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
+//! - [`dns`]: servers given by host name, resolved periodically.
 //! - [`server`]: one long-lived server (health, in-flight count, pool).
 //! - [`client`]: upstream connections and the per-server idle pool.
 //! - [`health`]: health state, active checker task, probe.
@@ -41,6 +42,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod error;
 pub mod headers;
 pub mod health;

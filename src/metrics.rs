@@ -99,6 +99,16 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     tls_expiry: Family<ServerNameLabels, Gauge>,
     maintenance: Family<UpstreamLabels, Gauge>,
+    dns: Family<DnsLabels, Counter>,
+}
+
+/// `{upstream, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
 }
 
 /// `{server_name}`.
@@ -197,6 +207,12 @@ impl Metrics {
             "Whether an upstream is in maintenance (1) or not (0)",
             maintenance.clone(),
         );
+        let dns = Family::<DnsLabels, Counter>::default();
+        registry.register(
+            "fairway_dns_resolutions",
+            "Resolutions of servers given by host name, by result",
+            dns.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector::new()));
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -217,7 +233,19 @@ impl Metrics {
             access_log_dropped,
             tls_expiry,
             maintenance,
+            dns,
         }
+    }
+
+    /// Counts a resolution of a host-name server.
+    pub fn record_dns(&self, upstream: &str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.dns
+            .get_or_create(&DnsLabels {
+                upstream: upstream.to_owned(),
+                result,
+            })
+            .inc();
     }
 
     /// Sets `fairway_upstream_maintenance` for one upstream.
@@ -326,6 +354,12 @@ impl Metrics {
         self.duration.remove(&labels);
         self.retries.remove(&labels);
         self.maintenance.remove(&labels);
+        for result in ["success", "failure"] {
+            self.dns.remove(&DnsLabels {
+                upstream: name.to_owned(),
+                result,
+            });
+        }
         m.no_server.forget();
     }
 }

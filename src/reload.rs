@@ -102,7 +102,12 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     for w in cfg.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
     }
-    let files = Files::load(&cfg, path, false)?;
+    let mut files = Files::load(&cfg, path, false)?;
+    {
+        let mut cache = shared.dns.lock().unwrap_or_else(|e| e.into_inner());
+        files.resolved = crate::dns::resolve_missing(&cfg, &cache);
+        *cache = files.resolved.clone();
+    }
     let mut listeners = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
     let prepared = listeners.prepare(&cfg).map_err(|e| {
         let (section, key) = e.key.split_once('.').unwrap_or((e.key, ""));

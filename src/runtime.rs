@@ -17,16 +17,18 @@ use crate::metrics::{CodeCounters, Metrics};
 use crate::route::RouteTable;
 use crate::server::Server;
 use crate::tls::TlsMaterial;
-use crate::upstream::Upstream;
+use crate::upstream::{Inputs, Upstream};
 
 /// What a config names on disk (certificates, keys, CA bundles, maintenance pages), read
 /// before a snapshot is built so that building stays pure.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Files {
     /// TLS material.
     pub tls: TlsMaterial,
     /// Maintenance page bodies by upstream name.
     pub pages: HashMap<String, Bytes>,
+    /// Addresses of servers given by host name.
+    pub resolved: crate::dns::Resolved,
 }
 
 /// Largest maintenance page read into memory.
@@ -70,7 +72,11 @@ impl Files {
             })?;
             pages.insert(name.clone(), Bytes::from(body));
         }
-        Ok(Files { tls, pages })
+        Ok(Files {
+            tls,
+            pages,
+            resolved: crate::dns::Resolved::new(),
+        })
     }
 
     /// Every file a config names, for the watcher.
@@ -125,6 +131,9 @@ pub struct Runtime {
     pub upstreams: Vec<Upstream>,
     /// TLS on the client listeners, with `[server.tls]`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The files and addresses this snapshot was built from (kept to rebuild it when DNS
+    /// answers change).
+    pub files: Files,
     /// `fairway_requests_total{upstream="none",server="none"}`: requests no route matched.
     pub no_route: CodeCounters,
 }
@@ -139,7 +148,12 @@ impl Runtime {
         metrics: &Metrics,
         files: Files,
     ) -> Runtime {
-        let Files { tls, mut pages } = files;
+        let kept = files.clone();
+        let Files {
+            tls,
+            mut pages,
+            resolved,
+        } = files;
         let s = &config.server;
         let settings = Settings {
             connect_timeout: s.connect_timeout.0,
@@ -158,26 +172,25 @@ impl Runtime {
             .iter()
             .map(|(name, section)| {
                 let upstream_tls = tls.upstreams.get(name).cloned();
-                Upstream::build(
-                    name,
-                    section,
-                    settings.connect_timeout,
+                let inputs = Inputs {
+                    connect_timeout: settings.connect_timeout,
                     metrics,
-                    upstream_tls,
-                    pages.remove(name),
-                    |addr| {
-                        prev.and_then(|p| p.find_server(name, addr))
-                            .cloned()
-                            .unwrap_or_else(|| {
-                                let s = Server::new(name, addr, metrics);
-                                if prev.is_some() {
-                                    // Added by a reload: slow start ramps it.
-                                    s.health.mark_new();
-                                }
-                                Arc::new(s)
-                            })
-                    },
-                )
+                    tls: upstream_tls,
+                    maintenance_page: pages.remove(name),
+                    resolved: &resolved,
+                };
+                Upstream::build(name, section, inputs, |addr| {
+                    prev.and_then(|p| p.find_server(name, addr))
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            let s = Server::new(name, addr, metrics);
+                            if prev.is_some() {
+                                // Added by a reload: slow start ramps it.
+                                s.health.mark_new();
+                            }
+                            Arc::new(s)
+                        })
+                })
             })
             .collect();
         let names: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
@@ -188,6 +201,7 @@ impl Runtime {
         Runtime {
             version: prev.map_or(1, |p| p.version + 1),
             tls: tls.server.map(|t| t.config),
+            files: kept,
             settings,
             trusted,
             routes,

@@ -27,7 +27,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Everything TLS a config needs, read from disk.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TlsMaterial {
     /// The server side, with `[server.tls]`.
     pub server: Option<ServerTls>,
@@ -36,7 +36,7 @@ pub struct TlsMaterial {
 }
 
 /// The server side: the rustls config and the certificates' expiry times.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServerTls {
     /// Shared by every handshake until the next reload.
     pub config: Arc<rustls::ServerConfig>,

@@ -59,27 +59,57 @@ pub struct Upstream {
     pub metrics: UpstreamMetrics,
 }
 
+/// What building an upstream needs besides its config section.
+pub struct Inputs<'a> {
+    /// `server.connect_timeout`.
+    pub connect_timeout: Duration,
+    /// The metric families.
+    pub metrics: &'a Metrics,
+    /// TLS towards the servers.
+    pub tls: Option<Arc<UpstreamTls>>,
+    /// The maintenance page body.
+    pub maintenance_page: Option<bytes::Bytes>,
+    /// Addresses of host-name servers.
+    pub resolved: &'a crate::dns::Resolved,
+}
+
 impl Upstream {
     /// Builds the snapshot view of an upstream; `server_for(addr)` yields the long-lived
     /// server (reused from the previous snapshot when it was there).
     pub fn build(
         name: &str,
         section: &UpstreamSection,
-        connect_timeout: Duration,
-        metrics: &Metrics,
-        tls: Option<Arc<UpstreamTls>>,
-        maintenance_page: Option<bytes::Bytes>,
+        inputs: Inputs<'_>,
         mut server_for: impl FnMut(&str) -> Arc<Server>,
     ) -> Upstream {
-        let members: Vec<Member> = section
-            .servers
-            .iter()
-            .map(|e| Member {
-                server: server_for(&e.addr),
-                weight: e.weight,
-                backup: e.backup,
-            })
-            .collect();
+        let Inputs {
+            connect_timeout,
+            metrics,
+            tls,
+            maintenance_page,
+            resolved,
+        } = inputs;
+        // A host-name entry becomes one member per resolved address (as `IP:PORT`); until
+        // it resolves, one member that resolves on each connect.
+        let mut members: Vec<Member> = Vec::new();
+        for e in &section.servers {
+            match resolved.get(&(name.to_owned(), e.addr.clone())) {
+                Some(addrs) => {
+                    for a in addrs {
+                        members.push(Member {
+                            server: server_for(&a.to_string()),
+                            weight: e.weight,
+                            backup: e.backup,
+                        });
+                    }
+                }
+                None => members.push(Member {
+                    server: server_for(&e.addr),
+                    weight: e.weight,
+                    backup: e.backup,
+                }),
+            }
+        }
         let make = |backup: bool| -> Option<Balancer> {
             let chosen: Vec<(usize, &Member)> = members
                 .iter()
