@@ -5,8 +5,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,19 +76,34 @@ impl http_body::Body for Body {
 }
 
 /// An upstream response body. When it ends cleanly its connection goes back to the pool;
-/// when it is dropped the server's active-request count goes down.
+/// when it is dropped the server's active-request count goes down. A pause longer than
+/// `response_body_idle_timeout` between reads cuts it off.
 pub struct UpstreamBody {
     inner: Incoming,
     pool: Option<PoolReturn>,
+    idle_timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
     _active: ActiveGuard,
 }
 
+/// The upstream paused longer than `response_body_idle_timeout` in a response body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response body stalled longer than response_body_idle_timeout")]
+pub struct ResponseBodyTimeout;
+
 impl UpstreamBody {
     /// Wraps `inner`; `pool` is the connection to return once the body has been read.
-    pub fn new(inner: Incoming, pool: Option<PoolReturn>, active: ActiveGuard) -> UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        pool: Option<PoolReturn>,
+        idle_timeout: Duration,
+        active: ActiveGuard,
+    ) -> UpstreamBody {
         let mut b = UpstreamBody {
             inner,
             pool,
+            idle_timeout,
+            timer: None,
             _active: active,
         };
         if http_body::Body::is_end_stream(&b.inner) {
@@ -112,21 +128,38 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = this.timer.as_mut() {
+                    t.as_mut().reset(Instant::now() + this.idle_timeout);
+                }
                 if this.inner.is_end_stream() {
                     this.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => {
+            Poll::Ready(Some(Err(e))) => {
                 // The connection is broken: never pool it.
                 this.pool = None;
                 Poll::Ready(Some(Err(e.into())))
             }
-            None => {
+            Poll::Ready(None) => {
                 this.finish();
                 Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let idle = this.idle_timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        // The client's response is cut off; the connection is not reused.
+                        this.pool = None;
+                        Poll::Ready(Some(Err(Box::new(ResponseBodyTimeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
     }
@@ -158,25 +191,69 @@ pub enum RequestBody {
     Client(ClientBody),
 }
 
+/// How far a client's body has got on its way upstream: when it last moved and when it
+/// ended (the start of `request_timeout`, CONTRACT §2).
+#[derive(Debug)]
+pub struct BodyProgress {
+    start: Instant,
+    last_ms: AtomicU64,
+    ended: OnceLock<Instant>,
+}
+
+impl Default for BodyProgress {
+    fn default() -> Self {
+        BodyProgress::new()
+    }
+}
+
+impl BodyProgress {
+    /// Nothing sent yet; the clock starts now.
+    pub fn new() -> BodyProgress {
+        BodyProgress {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            ended: OnceLock::new(),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        let _ = self.ended.set(Instant::now());
+    }
+
+    /// When the last byte was read, if it has been.
+    pub fn ended(&self) -> Option<Instant> {
+        self.ended.get().copied()
+    }
+
+    /// When bytes last moved (or the start).
+    pub fn last_moved(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
 /// The client's request body on its way upstream: counts bytes against `max_body_bytes`,
-/// enforces `body_read_timeout` between reads, and records when it ended (the start of
-/// `request_timeout`, CONTRACT §2).
+/// enforces `body_read_timeout` between reads, and records its progress.
 pub struct ClientBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
     read_timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    ended: Arc<OnceLock<Instant>>,
+    progress: Arc<BodyProgress>,
 }
 
 impl ClientBody {
-    /// Wraps a client's body. `ended` is set when the last byte has been read.
+    /// Wraps a client's body; `progress` follows it.
     pub fn new(
         inner: Incoming,
         limit: Option<u64>,
         read_timeout: Duration,
-        ended: Arc<OnceLock<Instant>>,
+        progress: Arc<BodyProgress>,
     ) -> ClientBody {
         ClientBody {
             inner,
@@ -184,12 +261,12 @@ impl ClientBody {
             limit: limit.unwrap_or(u64::MAX),
             read_timeout,
             timer: None,
-            ended,
+            progress,
         }
     }
 
     fn mark_ended(&self) {
-        let _ = self.ended.set(Instant::now());
+        self.progress.end();
     }
 }
 
@@ -212,6 +289,7 @@ impl http_body::Body for RequestBody {
                     if b.seen > b.limit {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
+                    b.progress.touch();
                 }
                 if let Some(t) = b.timer.as_mut() {
                     t.as_mut().reset(Instant::now() + b.read_timeout);

@@ -54,7 +54,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open and young enough.
-    fn take(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
+    pub fn take(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
         let now = Instant::now();
         let mut q = self.idle.lock().ok()?;
         while let Some(idle) = q.pop_back() {

@@ -82,6 +82,13 @@ pub struct ServerSection {
     /// `trusted_proxies` only.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Open client connections past which new ones are accepted and closed at once.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Longest pause between reads of an upstream response body; past it the client's
+    /// response is cut off.
+    #[serde(default = "defaults::response_body_idle_timeout")]
+    pub response_body_idle_timeout: Dur,
 }
 
 /// `[server.tls]`.
@@ -204,6 +211,12 @@ pub struct UpstreamSection {
     /// How often host names are resolved again.
     #[serde(default = "defaults::resolve_interval")]
     pub resolve_interval: Dur,
+    /// Requests in flight to one server past which it is not chosen (circuit breaking).
+    #[serde(default)]
+    pub max_connections_per_server: Option<usize>,
+    /// Requests waiting for a new upstream connection past which more get 503 at once.
+    #[serde(default)]
+    pub max_pending: Option<usize>,
 }
 
 /// `balance = "..."`.
@@ -349,6 +362,12 @@ mod defaults {
     }
     pub fn expect_status() -> StatusRange {
         StatusRange(200, 399)
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn response_body_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
     }
     pub fn resolve_interval() -> Dur {
         Dur(Duration::from_secs(5))
@@ -709,6 +728,7 @@ impl Config {
             ("header_read_timeout", s.header_read_timeout),
             ("body_read_timeout", s.body_read_timeout),
             ("tunnel_idle_timeout", s.tunnel_idle_timeout),
+            ("response_body_idle_timeout", s.response_body_idle_timeout),
         ] {
             if d.0.is_zero() {
                 return Err((
@@ -754,6 +774,12 @@ impl Config {
             return Err((
                 key().k("server").k("redirect_http"),
                 format!("{r} is already used by another listener"),
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err((
+                key().k("server").k("max_connections"),
+                "0 would refuse every client: give a positive number such as 10000".into(),
             ));
         }
         if s.proxy_protocol && s.trusted_proxies.is_empty() {
@@ -945,6 +971,17 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
             at().k("server_name"),
             format!("{name:?} is not a valid DNS name or IP address"),
         ));
+    }
+    for (k, v) in [
+        ("max_connections_per_server", u.max_connections_per_server),
+        ("max_pending", u.max_pending),
+    ] {
+        if v == Some(0) {
+            return Err((
+                at().k(k),
+                "0 would refuse every request: give a positive number or remove the key".into(),
+            ));
+        }
     }
     if u.resolve_interval.0 < Duration::from_millis(100) {
         return Err((

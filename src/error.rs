@@ -19,6 +19,10 @@ pub enum ProxyError {
     /// Every server of the upstream is down (or already tried).
     #[error("no healthy server in upstream")]
     NoHealthyServer,
+    /// Circuit breaking: every server is at `max_connections_per_server`, or `max_pending`
+    /// requests already wait for a connection.
+    #[error("upstream overloaded: {0}")]
+    Overloaded(&'static str),
     /// Connecting to a server failed or timed out.
     #[error("could not connect to {server}: {source}")]
     Connect {
@@ -57,6 +61,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyServer => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamBroke(_) => StatusCode::BAD_GATEWAY,
             ProxyError::BadUpstreamResponse(_) => StatusCode::BAD_GATEWAY,
@@ -73,6 +78,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "404 not found: no route for this request\n",
             ProxyError::NoHealthyServer => "503 service unavailable: no healthy server\n",
+            ProxyError::Overloaded(_) => "503 service unavailable: upstream overloaded\n",
             ProxyError::Connect { .. } => "502 bad gateway: could not connect to upstream\n",
             ProxyError::UpstreamBroke(_) => "502 bad gateway: upstream closed the connection\n",
             ProxyError::BadUpstreamResponse(_) => "502 bad gateway: invalid upstream response\n",
@@ -283,6 +289,7 @@ mod tests {
         let cases = [
             (ProxyError::NoRoute, 404),
             (ProxyError::NoHealthyServer, 503),
+            (ProxyError::Overloaded("x"), 503),
             (
                 ProxyError::Connect {
                     server: "a:1".into(),

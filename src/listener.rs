@@ -60,14 +60,26 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Past max_connections: accepted and closed at once, with no answer
+                // (CONTRACT §7), so the backlog does not fill with clients left waiting.
+                let max = shared.runtime.load().config.server.max_connections;
+                if shared.metrics.connections_active.get() >= max as i64 {
+                    shared.metrics.connections_rejected.inc();
+                    drop(stream);
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let info = ConnInfo {
                     peer,
                     local,
                     proto: "http",
                 };
+                let count = ConnCount::new(&shared);
                 let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(serve_accepted(stream, info, shared2));
+                shared.tracker.spawn(async move {
+                    serve_accepted(stream, info, shared2).await;
+                    drop(count);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -429,7 +441,12 @@ fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
         .max_buf_size(s.max_header_bytes.max(8192));
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        // Bounded per connection; a client that opens and resets streams faster than
+        // they can be served is cut off (the rapid-reset guard).
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256));
     let t = Timeouts {
         header: s.header_read_timeout,
         idle: s.idle_timeout,
@@ -442,8 +459,6 @@ pub async fn serve_connection<S>(stream: S, info: ConnInfo, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    shared.metrics.connections_active.inc();
-    let _count = ConnCount(Arc::clone(&shared));
     let (builder, timeouts) = builder(&shared);
     let state = Arc::new(ConnState::new());
     let io = WatchedIo {
@@ -531,6 +546,13 @@ where
 
 /// Counts open client connections.
 struct ConnCount(Arc<Shared>);
+
+impl ConnCount {
+    fn new(shared: &Arc<Shared>) -> ConnCount {
+        shared.metrics.connections_active.inc();
+        ConnCount(Arc::clone(shared))
+    }
+}
 
 impl Drop for ConnCount {
     fn drop(&mut self) {

@@ -2,7 +2,7 @@
 //! response back; after an upstream `101`, tunnel both ways (see `tunnel`).
 
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -12,7 +12,9 @@ use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
 use crate::app::Shared;
-use crate::body::{Body, BodyTimeout, BodyTooLarge, ClientBody, RequestBody, UpstreamBody};
+use crate::body::{
+    Body, BodyProgress, BodyTimeout, BodyTooLarge, ClientBody, RequestBody, UpstreamBody,
+};
 use crate::client::{self, PoolReturn};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
@@ -193,7 +195,7 @@ async fn forward(
     }
     let uri = origin_form(&parts.uri);
 
-    let ended = Arc::new(OnceLock::new());
+    let progress = Arc::new(BodyProgress::new());
     let (body, replayable) = if http_body::Body::is_end_stream(&body) {
         (RequestBody::Empty, true)
     } else {
@@ -202,7 +204,7 @@ async fn forward(
                 body,
                 rt.settings.max_body_bytes,
                 rt.settings.body_read_timeout,
-                Arc::clone(&ended),
+                Arc::clone(&progress),
             )),
             false,
         )
@@ -218,7 +220,7 @@ async fn forward(
         upstream,
         head: &head,
         replayable,
-        ended: (!replayable).then_some(&*ended),
+        progress: (!replayable).then_some(&*progress),
     };
     let (resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
     respond(resp, guard, sender, upstream, client_upgrade, rt, shared)
@@ -244,7 +246,7 @@ struct Attempt<'a> {
     /// The body is empty, so the request can be sent again.
     replayable: bool,
     /// Set when the client's body has been read to its end.
-    ended: Option<&'a OnceLock<Instant>>,
+    progress: Option<&'a BodyProgress>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
@@ -268,6 +270,11 @@ impl Attempt<'_> {
         let mut retry = false;
         loop {
             let Some(mi) = upstream.select(client_ip, &tried) else {
+                if last_err.is_none() && upstream.has_healthy_server() && upstream.is_saturated() {
+                    return Err(ProxyError::Overloaded(
+                        "every server is at max_connections_per_server",
+                    ));
+                }
                 return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
             };
             let server = &upstream.members[mi].server;
@@ -292,8 +299,29 @@ impl Attempt<'_> {
                     sender,
                     reused: false,
                 })
+            } else if let Some(sender) = server.pool.take(upstream.pool.idle_timeout) {
+                Ok(client::Conn {
+                    sender,
+                    reused: true,
+                })
             } else {
-                client::checkout(server, &upstream.pool, upstream.tls.as_deref()).await
+                // A new connection: the wait counts against max_pending.
+                let Some(_waiting) = PendingGuard::enter(upstream) else {
+                    return Err(ProxyError::Overloaded(
+                        "max_pending requests already wait for a connection",
+                    ));
+                };
+                client::dial(
+                    &server.target,
+                    &server.addr,
+                    upstream.pool.connect_timeout,
+                    upstream.tls.as_deref(),
+                )
+                .await
+                .map(|sender| client::Conn {
+                    sender,
+                    reused: false,
+                })
             };
             let mut conn = match conn {
                 Ok(c) => c,
@@ -390,7 +418,7 @@ impl Attempt<'_> {
             >,
     {
         let limit = self.rt.settings.request_timeout;
-        let Some(ended) = self.ended else {
+        let Some(progress) = self.progress else {
             return tokio::time::timeout(limit, fut).await.map_err(|_| ());
         };
         tokio::pin!(fut);
@@ -399,12 +427,14 @@ impl Attempt<'_> {
             tokio::select! {
                 r = &mut fut => return Ok(r),
                 _ = tokio::time::sleep_until(deadline) => {
-                    match ended.get() {
-                        Some(&t) if t + limit <= Instant::now() => return Err(()),
-                        Some(&t) => deadline = t + limit,
-                        // Still uploading: body_read_timeout guards a stalled client.
-                        None => deadline = Instant::now() + limit,
+                    // Until the body has ended, the clock runs only while nothing moves: a
+                    // slow upload that keeps moving is fine (body_read_timeout guards a
+                    // stalled client), an upstream that stops reading is not.
+                    let since = progress.ended().unwrap_or_else(|| progress.last_moved());
+                    if since + limit <= Instant::now() {
+                        return Err(());
                     }
+                    deadline = since + limit;
                 }
             }
         }
@@ -431,6 +461,27 @@ fn passive_failure(upstream: &Upstream, server: &Arc<Server>, reason: &str) {
                 s.on_transition(Transition::Up, "fail_timeout passed, trying it again");
             }
         });
+    }
+}
+
+/// A request waiting for a new upstream connection, counted against `max_pending`.
+struct PendingGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> PendingGuard<'a> {
+    fn enter(upstream: &'a Upstream) -> Option<PendingGuard<'a>> {
+        use std::sync::atomic::Ordering;
+        let n = upstream.pending.fetch_add(1, Ordering::Relaxed);
+        let guard = PendingGuard(&upstream.pending);
+        match upstream.max_pending {
+            Some(max) if n >= max => None,
+            _ => Some(guard),
+        }
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -484,6 +535,11 @@ fn respond(
         keep.then(|| PoolReturn::new(Arc::clone(guard.server()), sender, upstream.pool.max_idle));
     Ok(Response::from_parts(
         parts,
-        Body::Upstream(UpstreamBody::new(body, pool, guard)),
+        Body::Upstream(UpstreamBody::new(
+            body,
+            pool,
+            rt.settings.response_body_idle_timeout,
+            guard,
+        )),
     ))
 }

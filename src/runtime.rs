@@ -112,6 +112,8 @@ pub struct Settings {
     pub max_body_bytes: Option<u64>,
     /// Graceful drain.
     pub shutdown_timeout: Duration,
+    /// Pause between reads of an upstream response body.
+    pub response_body_idle_timeout: Duration,
 }
 
 /// One immutable config snapshot.
@@ -165,6 +167,7 @@ impl Runtime {
             max_header_bytes: usize::try_from(s.max_header_bytes.0).unwrap_or(usize::MAX),
             max_body_bytes: s.max_body_bytes.map(|b| b.0),
             shutdown_timeout: s.shutdown_timeout.0,
+            response_body_idle_timeout: s.response_body_idle_timeout.0,
         };
         let trusted = s.trusted_proxies.iter().map(|c| c.0).collect();
         let upstreams: Vec<Upstream> = config
@@ -178,6 +181,9 @@ impl Runtime {
                     tls: upstream_tls,
                     maintenance_page: pages.remove(name),
                     resolved: &resolved,
+                    pending: prev
+                        .and_then(|p| p.upstreams.iter().find(|u| &*u.name == name.as_str()))
+                        .map(|u| Arc::clone(&u.pending)),
                 };
                 Upstream::build(name, section, inputs, |addr| {
                     prev.and_then(|p| p.find_server(name, addr))

@@ -57,6 +57,12 @@ pub struct Upstream {
     pub maintenance_page: Option<bytes::Bytes>,
     /// Metric handles.
     pub metrics: UpstreamMetrics,
+    /// `max_connections_per_server`.
+    pub max_per_server: Option<u64>,
+    /// `max_pending`.
+    pub max_pending: Option<usize>,
+    /// Requests waiting for a new connection; shared by the snapshots of this upstream.
+    pub pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What building an upstream needs besides its config section.
@@ -71,6 +77,8 @@ pub struct Inputs<'a> {
     pub maintenance_page: Option<bytes::Bytes>,
     /// Addresses of host-name servers.
     pub resolved: &'a crate::dns::Resolved,
+    /// The pending-request counter of the previous snapshot's upstream of that name.
+    pub pending: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Upstream {
@@ -88,6 +96,7 @@ impl Upstream {
             tls,
             maintenance_page,
             resolved,
+            pending,
         } = inputs;
         // A host-name entry becomes one member per resolved address (as `IP:PORT`); until
         // it resolves, one member that resolves on each connect.
@@ -166,6 +175,9 @@ impl Upstream {
             tls,
             hash_prefix: (section.hash_prefix_v4, section.hash_prefix_v6),
             maintenance_page,
+            max_per_server: section.max_connections_per_server.map(|n| n as u64),
+            max_pending: section.max_pending,
+            pending: pending.unwrap_or_default(),
         }
     }
 
@@ -181,7 +193,14 @@ impl Upstream {
             BalanceKind::RoundRobin | BalanceKind::LeastRequest => 0,
         };
         let load = |i: usize| self.members[i].server.active_requests();
-        let available = |i: usize| !tried.contains(&i) && self.members[i].server.is_available();
+        let available = |i: usize| {
+            let s = &self.members[i].server;
+            !tried.contains(&i)
+                && s.is_available()
+                && self
+                    .max_per_server
+                    .is_none_or(|max| s.active_requests() < max)
+        };
         let pick = |ok: &dyn Fn(usize) -> bool| {
             self.primary
                 .pick(key, ok, load)
@@ -216,6 +235,17 @@ impl Upstream {
         }
         let share = (up.as_secs_f64() / ramp.as_secs_f64()).max(0.1);
         (fast_random() % 10_000) as f64 / 10_000.0 < share
+    }
+
+    /// Whether every available server is at `max_connections_per_server`.
+    pub fn is_saturated(&self) -> bool {
+        let Some(max) = self.max_per_server else {
+            return false;
+        };
+        self.members
+            .iter()
+            .filter(|m| m.server.is_available())
+            .all(|m| m.server.active_requests() >= max)
     }
 
     /// Whether any server could take a request now (healthy and not draining).
