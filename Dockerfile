@@ -15,11 +15,12 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fairway
+    && groupadd --system --gid 10001 fairway \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fairway
 COPY --from=builder /usr/local/bin/fairway /usr/local/bin/fairway
 COPY config/fairway.toml /etc/fairway/fairway.toml
 ENV FAIRWAY_CONFIG=/etc/fairway/fairway.toml
-USER fairway
+USER 10001:10001
 EXPOSE 8080 9901
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/fairway"]

@@ -120,14 +120,15 @@ pub async fn checkout(
             reused: true,
         });
     }
-    let sender = dial(&server.target, &server.addr, settings.connect_timeout, tls).await?;
+    let sender = dial(&server.target, &server.name, settings.connect_timeout, tls).await?;
     Ok(Conn {
         sender,
         reused: false,
     })
 }
 
-/// Opens a new HTTP/1.1 connection to `target` (`addr` as written, for the TLS name); its
+/// Opens a new HTTP/1.1 connection to `target` (`addr`: the entry as written, whose host is
+/// the TLS name); its
 /// driver runs on its own task and ends when the sender is dropped or the server closes.
 /// With `tls`, the TLS handshake is part of the connect and shares its timeout.
 pub async fn dial(

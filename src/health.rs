@@ -391,7 +391,7 @@ pub async fn run_checker(
         wait = jitter(hc.interval, 0.1);
         let Some(s) = server.upgrade() else { return };
         let target = s.target.clone();
-        let addr = Arc::clone(&s.addr);
+        let addr = Arc::clone(&s.name);
         drop(s);
         let result = tokio::select! {
             _ = cancel.cancelled() => return,

@@ -397,6 +397,10 @@ pub struct CodeCounters {
     upstream: String,
     server: String,
     table: Box<[OnceLock<Counter>]>,
+    /// Set once the server left the config: late responses must not bring its series back.
+    forgotten: std::sync::atomic::AtomicBool,
+    /// Orders series creation against `forget` (taken only on those rare paths).
+    lifecycle: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for CodeCounters {
@@ -415,6 +419,8 @@ impl CodeCounters {
             upstream: upstream.to_owned(),
             server: server.to_owned(),
             table: (0..600).map(|_| OnceLock::new()).collect(),
+            forgotten: std::sync::atomic::AtomicBool::new(false),
+            lifecycle: std::sync::Mutex::new(()),
         }
     }
 
@@ -423,6 +429,12 @@ impl CodeCounters {
         let i = usize::from(code).min(599);
         self.table[i]
             .get_or_init(|| {
+                // First response with this code: create the series, unless the server has
+                // left the config (then count into a detached counter nobody exports).
+                let _one = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+                if self.forgotten.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Counter::default();
+                }
                 self.family.get_or_create_owned(&RequestLabels {
                     upstream: self.upstream.clone(),
                     server: self.server.clone(),
@@ -442,6 +454,9 @@ impl CodeCounters {
     }
 
     fn forget(&self) {
+        let _one = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        self.forgotten
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for (code, c) in self.table.iter().enumerate() {
             if c.get().is_some() {
                 self.family.remove(&RequestLabels {

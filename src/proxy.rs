@@ -290,7 +290,7 @@ impl Attempt<'_> {
                 force_fresh = false;
                 client::dial(
                     &server.target,
-                    &server.addr,
+                    &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
                 )
@@ -313,7 +313,7 @@ impl Attempt<'_> {
                 };
                 client::dial(
                     &server.target,
-                    &server.addr,
+                    &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
                 )
@@ -516,16 +516,22 @@ fn respond(
             ));
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let websocket = resp
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         let idle = rt.settings.tunnel_idle_timeout;
-        shared.tracker.spawn(tunnel::run(
-            client_upgrade,
-            upstream_upgrade,
+        shared.tracker.spawn(tunnel::run(tunnel::Tunnel {
+            client: client_upgrade,
+            upstream: upstream_upgrade,
             idle,
+            websocket,
+            stop: shared.stop.clone(),
             guard,
             sender,
-        ));
+        }));
         return Ok(Response::from_parts(parts, Body::Empty));
     }
     let (mut parts, body) = resp.into_parts();

@@ -185,11 +185,11 @@ impl Runtime {
                         .and_then(|p| p.upstreams.iter().find(|u| &*u.name == name.as_str()))
                         .map(|u| Arc::clone(&u.pending)),
                 };
-                Upstream::build(name, section, inputs, |addr| {
+                Upstream::build(name, section, inputs, |addr, written| {
                     prev.and_then(|p| p.find_server(name, addr))
                         .cloned()
                         .unwrap_or_else(|| {
-                            let s = Server::new(name, addr, metrics);
+                            let s = Server::new(name, addr, written, metrics);
                             if prev.is_some() {
                                 // Added by a reload: slow start ramps it.
                                 s.health.mark_new();

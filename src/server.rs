@@ -39,6 +39,9 @@ pub struct Server {
     pub addr: Arc<str>,
     /// The name of the upstream this server belongs to.
     pub upstream: Arc<str>,
+    /// The entry as written in the config: the same as `addr`, or the `host:port` a
+    /// resolved address came from. Its host is the TLS name and the health check's `Host`.
+    pub name: Arc<str>,
     /// Where connections go.
     pub target: Target,
     /// Up or down, with the consecutive counters.
@@ -55,9 +58,10 @@ pub struct Server {
 
 impl Server {
     /// A new server; it starts healthy (CONTRACT §2: a fresh start serves at once).
-    pub fn new(upstream: &str, addr: &str, metrics: &Metrics) -> Server {
+    pub fn new(upstream: &str, addr: &str, name: &str, metrics: &Metrics) -> Server {
         Server {
             addr: Arc::from(addr),
+            name: Arc::from(name),
             upstream: Arc::from(upstream),
             target: Target::parse(addr),
             health: HealthState::new(),

@@ -82,13 +82,13 @@ pub struct Inputs<'a> {
 }
 
 impl Upstream {
-    /// Builds the snapshot view of an upstream; `server_for(addr)` yields the long-lived
+    /// Builds the snapshot view of an upstream; `server_for(addr, name)` yields the long-lived
     /// server (reused from the previous snapshot when it was there).
     pub fn build(
         name: &str,
         section: &UpstreamSection,
         inputs: Inputs<'_>,
-        mut server_for: impl FnMut(&str) -> Arc<Server>,
+        mut server_for: impl FnMut(&str, &str) -> Arc<Server>,
     ) -> Upstream {
         let Inputs {
             connect_timeout,
@@ -106,14 +106,14 @@ impl Upstream {
                 Some(addrs) => {
                     for a in addrs {
                         members.push(Member {
-                            server: server_for(&a.to_string()),
+                            server: server_for(&a.to_string(), &e.addr),
                             weight: e.weight,
                             backup: e.backup,
                         });
                     }
                 }
                 None => members.push(Member {
-                    server: server_for(&e.addr),
+                    server: server_for(&e.addr, &e.addr),
                     weight: e.weight,
                     backup: e.backup,
                 }),
