@@ -1,0 +1,1430 @@
+#!/usr/bin/env python3
+"""Side-by-side load comparison: fairway vs nginx vs HAProxy on this machine.
+
+Starts one nginx as three static upstreams, fronts them in turn with each proxy,
+drives every proxy with the same wrk/oha/h2load scenarios in interleaved rounds
+and prints markdown tables of medians and of fairway's per-round ratios.
+
+Python 3 standard library only. Installs nothing. See README.md beside this file.
+Exit status: 0 ok, 1 some run failed or saw request errors, 2 setup failure.
+"""
+
+import argparse
+import ctypes
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BODY_16K = 16384
+ALL_PROXIES = ["nginx", "haproxy", "fairway"]
+
+# name -> how it is driven. Run in this order inside a proxy's slot of a round.
+SCENARIOS = {
+    "small-c64": {"tool": "wrk", "conns": 64, "path": "/",
+                  "what": "GET / (3-byte body), 64 keep-alive connections"},
+    "small-c256": {"tool": "wrk", "conns": 256, "path": "/",
+                   "what": "GET /, 256 keep-alive connections"},
+    "16k-c64": {"tool": "wrk", "conns": 64, "path": "/16k",
+                "what": "GET /16k (16 KiB body), 64 keep-alive connections"},
+    "close-c64": {"tool": "wrk", "conns": 64, "path": "/", "close": True,
+                  "what": "GET / with Connection: close: one TCP connection per request"},
+    "h2-c8x8": {"tool": "h2load", "conns": 8, "streams": 8, "path": "/",
+                "what": "h2c (prior knowledge) GET /, 8 connections x 8 streams (needs h2load)"},
+    "latency-10k": {"tool": "oha", "conns": 64, "rate": 10000, "path": "/",
+                    "what": "fixed 10k req/s, 64 connections, latency corrected for "
+                            "coordinated omission (needs oha)"},
+    "conns-1000": {"tool": "wrk", "conns": 1000, "path": "/",
+                   "what": "GET /, 1000 keep-alive connections; peak RSS is the number to read"},
+}
+BIG_SCENARIOS = ["upload-big", "download-big"]
+
+INSTALL_HINTS = {
+    "nginx": "Debian/Ubuntu: sudo apt-get install nginx   (needs the stub_status module, "
+             "which Debian's package has)",
+    "haproxy": "Debian/Ubuntu: sudo apt-get install haproxy",
+    "wrk": "Debian/Ubuntu: sudo apt-get install wrk",
+    "oha": "cargo install oha --locked   (optional: without it the fixed-rate latency "
+           "scenario is skipped)",
+    "h2load": "Debian/Ubuntu: sudo apt-get install nghttp2-client   (optional: without it "
+              "the h2c scenario is skipped)",
+}
+
+
+class SetupError(Exception):
+    """Exit status 2: a tool is missing, a port is busy, a proxy did not start."""
+
+
+# --------------------------------------------------------------------------- processes
+
+_libc = None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    pass
+
+
+def _child_setup():
+    # Runs in the child between fork and exec: own session (so own process group),
+    # and SIGTERM when the harness dies, even by SIGKILL.
+    os.setsid()
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Children:
+    """Every long-lived child, each in its own process group; stopped by pgid on exit."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, log_path, env=None, cwd=None):
+        log = open(log_path, "ab")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             env=env, cwd=cwd, preexec_fn=_child_setup, close_fds=True)
+        log.close()
+        p.name = name
+        p.log_path = log_path
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, grace=5.0):
+        if p in self.procs:
+            self.procs.remove(p)
+        pgid = p.pid  # setsid() made the child its group leader
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        # The leader may be gone while members (nginx workers) linger: kill the group.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self):
+        for p in reversed(list(self.procs)):
+            self.stop(p)
+
+
+def run_bounded(argv, timeout, env=None):
+    """A load-generator run: own process group, killed (group) if it overruns."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, preexec_fn=_child_setup)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    except BaseException:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        raise
+
+
+# --------------------------------------------------------------------------- /proc
+
+def read_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+def proc_tree(root):
+    """root and all its descendants (nginx: master + workers)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = read_file("/proc/%s/stat" % d)
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids):
+    """utime + stime of the given processes (all threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            f = read_file("/proc/%d/stat" % pid)
+        except OSError:
+            continue
+        fields = f[f.rfind(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in read_file("/proc/%d/status" % pid).splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def pss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in read_file("/proc/%d/smaps_rollup" % pid).splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def machine_busy_seconds():
+    """CPU time spent busy by the whole machine (all CPUs), from /proc/stat."""
+    v = [int(x) for x in read_file("/proc/stat").splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq = v[:7]
+    steal = v[7] if len(v) > 7 else 0
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def children_cpu_seconds():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def self_cpu_seconds():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class RssSampler(threading.Thread):
+    """Sum of VmRSS (and Pss) of a fixed set of processes, every `interval` s."""
+
+    def __init__(self, pids, interval=0.25):
+        super().__init__(daemon=True)
+        self.pids, self.interval = pids, interval
+        self.samples = []
+        self.pss_peak = 0
+        self._halt = threading.Event()
+
+    def run(self):
+        while True:
+            self.samples.append(rss_kib(self.pids))
+            self.pss_peak = max(self.pss_peak, pss_kib(self.pids))
+            if self._halt.wait(self.interval):
+                break
+
+    def finish(self):
+        self._halt.set()
+        self.join(5)
+        self.samples.append(rss_kib(self.pids))
+        return {"rss_start_kib": self.samples[0], "rss_peak_kib": max(self.samples),
+                "rss_end_kib": self.samples[-1], "pss_peak_kib": self.pss_peak,
+                "rss_samples": len(self.samples)}
+
+
+# --------------------------------------------------------------------------- HTTP helpers
+
+def http_get(port, path, timeout=3.0, headers=None):
+    c = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+def stub_status(port):
+    """(accepts, requests) of the backend nginx; None if unreadable."""
+    try:
+        st, _, body = http_get(port, "/")
+        m = re.search(r"accepts handled requests\s+(\d+)\s+(\d+)\s+(\d+)", body.decode())
+        if st == 200 and m:
+            return int(m.group(1)), int(m.group(3))
+    except (OSError, http.client.HTTPException):
+        pass
+    return None
+
+
+def port_busy(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((HOST, port))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
+def wait_listening(port, proc, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def log_tail(path, n=15):
+    try:
+        lines = read_file(path).splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + x for x in lines[-n:]) or "    (empty log)"
+
+
+# --------------------------------------------------------------------------- tools
+
+def find_tool(name):
+    extra = ["/usr/sbin", "/sbin", "/usr/local/sbin", os.path.expanduser("~/.cargo/bin")]
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(extra)
+    return shutil.which(name, path=path)
+
+
+def tool_version(argv):
+    try:
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10)
+        return r.stdout.decode("utf-8", "replace").strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+def check_tools(args, proxies, scenarios):
+    tools, missing, notes = {}, [], []
+    need = ["nginx", "wrk"] + (["haproxy"] if "haproxy" in proxies else [])
+    for t in need:
+        tools[t] = find_tool(t)
+        if not tools[t]:
+            missing.append(t)
+    for t in ("oha", "h2load"):
+        tools[t] = find_tool(t)
+    if missing:
+        msg = ["missing required tool(s): " + ", ".join(missing)]
+        msg += ["  %-8s %s" % (t, INSTALL_HINTS[t]) for t in missing]
+        if len(missing) > 1 and all(t in ("nginx", "haproxy", "wrk") for t in missing):
+            msg.append("  all at once: sudo apt-get install " + " ".join(missing))
+        raise SetupError("\n".join(msg))
+    if "latency-10k" in scenarios and not tools["oha"]:
+        notes.append("oha not found: skipping latency-10k. To get it: " + INSTALL_HINTS["oha"])
+        scenarios.remove("latency-10k")
+    if "h2-c8x8" in scenarios and not tools["h2load"]:
+        notes.append("h2load not found: skipping h2-c8x8. To get it: " + INSTALL_HINTS["h2load"])
+        scenarios.remove("h2-c8x8")
+    nv = tool_version([tools["nginx"], "-V"])
+    full = subprocess.run([tools["nginx"], "-V"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT).stdout.decode()
+    if "stub_status" not in full:
+        raise SetupError("this nginx has no stub_status module (needed to count upstream "
+                         "connections). " + INSTALL_HINTS["nginx"])
+    versions = {"nginx": nv, "wrk": tool_version([tools["wrk"], "-v"])}
+    if tools.get("haproxy"):
+        versions["haproxy"] = tool_version([tools["haproxy"], "-v"])
+    if tools["oha"]:
+        versions["oha"] = tool_version([tools["oha"], "--version"])
+        helptext = subprocess.run([tools["oha"], "--help"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT).stdout.decode()
+        tools["oha_json"] = ["-j"] if re.search(r"(^|\s)-j[,\s]", helptext) \
+            else ["--output-format", "json"]
+    if tools["h2load"]:
+        versions["h2load"] = tool_version([tools["h2load"], "--version"])
+    return tools, versions, notes
+
+
+def prepare_fairway(path, run_dir):
+    """Copy the binary into the run dir so that a concurrent `cargo build` cannot swap it
+    mid-run. Retries while the file is being rewritten."""
+    cand = path
+    if not os.path.isabs(cand) and not os.path.exists(cand):
+        cand = os.path.join(REPO, path)
+    if not os.path.exists(cand):
+        raise SetupError("fairway binary not found at %s. Build it first:\n"
+                         "  cargo build --release      (in %s)\n"
+                         "or point at one with --fairway PATH" % (path, REPO))
+    dst = os.path.join(run_dir, "fairway")
+    last = None
+    for _ in range(30):
+        try:
+            st1 = os.stat(cand)
+            if time.time() - st1.st_mtime < 1.0:  # being written right now
+                time.sleep(1.0)
+                continue
+            shutil.copyfile(cand, dst)
+            os.chmod(dst, 0o755)
+            st2 = os.stat(cand)
+            if (st1.st_size, st1.st_mtime_ns, st1.st_ino) != \
+                    (st2.st_size, st2.st_mtime_ns, st2.st_ino):
+                time.sleep(1.0)
+                continue
+            r = subprocess.run([dst, "--version"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=10)
+            if r.returncode == 0:
+                return dst, os.path.abspath(cand), r.stdout.decode().strip()
+            last = r.stdout.decode().strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            last = str(e)
+        time.sleep(1.0)
+    raise SetupError("could not take a stable copy of %s (is it being rebuilt?): %s"
+                     % (cand, last))
+
+
+# --------------------------------------------------------------------------- configs
+
+class Ports:
+    def __init__(self, base):
+        self.backends = [base + 1, base + 2, base + 3]
+        self.stub = base + 4
+        self.sink = base + 5
+        self.nginx = base + 10
+        self.nginx_h2 = base + 11
+        self.haproxy = base + 20
+        self.fairway = base + 30
+        self.fairway_admin = base + 31
+
+    def all(self, proxies, big):
+        ps = self.backends + [self.stub] + ([self.sink] if big else [])
+        if "nginx" in proxies:
+            ps += [self.nginx, self.nginx_h2]
+        if "haproxy" in proxies:
+            ps += [self.haproxy]
+        if "fairway" in proxies:
+            ps += [self.fairway, self.fairway_admin]
+        return ps
+
+
+def nginx_common(run_dir, name):
+    t = os.path.join(run_dir, "tmp-" + name)
+    return f"""daemon off;
+pid {run_dir}/{name}.pid;
+error_log {run_dir}/{name}-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+""", f"""    access_log off;
+    default_type text/plain;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {t}/client;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+"""
+
+
+def backend_conf(run_dir, ports, big):
+    main, http = nginx_common(run_dir, "backend")
+    servers = []
+    for i, p in enumerate(ports.backends, 1):
+        extra = ""
+        if big:
+            extra = f"""
+        location = /big/download {{ alias {run_dir}/big.bin; }}
+        location = /big/upload {{
+            client_max_body_size 0;
+            proxy_request_buffering off;
+            proxy_http_version 1.1;
+            proxy_pass http://{HOST}:{ports.sink};
+        }}"""
+        servers.append(f"""    server {{
+        listen {HOST}:{p};
+        add_header X-Upstream b{i} always;
+        location / {{ return 200 "ok\\n"; }}
+        location = /16k {{ alias {run_dir}/16k.bin; }}{extra}
+    }}""")
+    return f"""# fairway load comparison: backend (three static upstreams + stub_status)
+worker_processes 1;
+{main}http {{
+{http}    sendfile on;
+{chr(10).join(servers)}
+    server {{
+        listen {HOST}:{ports.stub};
+        location / {{ stub_status; }}
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(run_dir, ports, with_h2):
+    main, http = nginx_common(run_dir, "nginx-proxy")
+    ups = "\n".join(f"        server {HOST}:{p};" for p in ports.backends)
+    h2 = f"\n        listen {HOST}:{ports.nginx_h2} http2;" if with_h2 else ""
+    return f"""# fairway load comparison: nginx as the proxy
+worker_processes auto;
+{main}http {{
+{http}    upstream app {{
+{ups}
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{ports.nginx};{h2}
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(ports):
+    # Each proxied connection needs two fds; stay inside the fd limit haproxy inherits.
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    maxconn = 20000 if soft == resource.RLIM_INFINITY else max(2000, min(20000, (soft - 200) // 2))
+    srv = "\n".join(f"    server s{i} {HOST}:{p} check inter 2s"
+                    for i, p in enumerate(ports.backends, 1))
+    return f"""# fairway load comparison: HAProxy as the proxy
+global
+    nbthread 2
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 75s
+    timeout server 75s
+    timeout http-keep-alive 75s
+
+frontend fe
+    bind {HOST}:{ports.haproxy}
+    maxconn {maxconn}
+    option forwardfor
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend app
+
+backend app
+    balance roundrobin
+    http-reuse always
+    option httpchk GET /
+{srv}
+"""
+
+
+def fairway_conf(ports):
+    srv = ", ".join(f'"{HOST}:{p}"' for p in ports.backends)
+    return f"""# fairway load comparison: fairway as users run it (admin listener, metrics,
+# active health checks on)
+[server]
+listen = "{HOST}:{ports.fairway}"
+
+[admin]
+listen = "{HOST}:{ports.fairway_admin}"
+
+[upstreams.app]
+balance = "round_robin"
+servers = [{srv}]
+
+[upstreams.app.health_check]
+path = "/"
+interval = "2s"
+"""
+
+
+# --------------------------------------------------------------------------- proxies
+
+class Proxy:
+    def __init__(self, name, port, h2_port, argv, conf_text, conf_path, check_argv, env=None):
+        self.name, self.port, self.h2_port = name, port, h2_port
+        self.argv, self.conf_text, self.conf_path = argv, conf_text, conf_path
+        self.check_argv, self.env = check_argv, env
+        self.proc = None
+
+    def pids(self):
+        return proc_tree(self.proc.pid)
+
+
+def make_proxies(names, run_dir, ports, tools, fairway_bin, with_h2):
+    out = {}
+    for name in names:
+        if name == "nginx":
+            conf = os.path.join(run_dir, "nginx-proxy.conf")
+            text = nginx_proxy_conf(run_dir, ports, with_h2)
+            base = [tools["nginx"], "-p", run_dir + "/", "-e",
+                    os.path.join(run_dir, "nginx-proxy-error.log"), "-c", conf]
+            out[name] = Proxy(name, ports.nginx, ports.nginx_h2, base, text, conf, base + ["-t"])
+        elif name == "haproxy":
+            conf = os.path.join(run_dir, "haproxy.cfg")
+            out[name] = Proxy(name, ports.haproxy, ports.haproxy,
+                              [tools["haproxy"], "-db", "-f", conf], haproxy_conf(ports), conf,
+                              [tools["haproxy"], "-c", "-q", "-f", conf])
+        elif name == "fairway":
+            conf = os.path.join(run_dir, "fairway.toml")
+            env = dict(os.environ, RUST_LOG="warn")
+            out[name] = Proxy(name, ports.fairway, ports.fairway,
+                              [fairway_bin, "-c", conf], fairway_conf(ports), conf,
+                              [fairway_bin, "check", "-c", conf], env)
+    for p in out.values():
+        with open(p.conf_path, "w") as f:
+            f.write(p.conf_text)
+        r = subprocess.run(p.check_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env=p.env, timeout=30)
+        if r.returncode != 0:
+            raise SetupError("%s rejects its generated config %s:\n%s"
+                             % (p.name, p.conf_path, r.stdout.decode("utf-8", "replace")))
+    return out
+
+
+def preflight(port, body16k, label, spread=True):
+    """The proxy answers, passes bodies intact and reaches all three backends."""
+    deadline = time.monotonic() + 10
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            st, _, body = http_get(port, "/")
+            if st != 200 or body != b"ok\n":
+                last = "GET / -> %s %r" % (st, body[:80])
+                raise ValueError
+            st, _, body = http_get(port, "/16k")
+            if st != 200 or body != body16k:
+                last = "GET /16k -> %s, %d bytes (want 200, %d intact bytes)" % (
+                    st, len(body), len(body16k))
+                raise ValueError
+            if not spread:
+                return
+            seen = set()
+            for _ in range(12):
+                seen.add(http_get(port, "/")[1].get("x-upstream"))
+            if seen >= {"b1", "b2", "b3"}:
+                return
+            last = "reached only backends %s of b1,b2,b3" % sorted(x for x in seen if x)
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        time.sleep(0.3)
+    raise SetupError("%s (port %d) fails its preflight check: %s" % (label, port, last))
+
+
+# --------------------------------------------------------------------------- load tools
+
+WRK_LUA = r"""-- written by benches/load/compare.py: one JSON line with wrk's summary
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"p50_us":%.1f,"p90_us":%.1f,"p99_us":%.1f,"p999_us":%.1f,' ..
+    '"mean_us":%.1f,"max_us":%.1f,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.mean, latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def run_wrk(tools, lua, port, sc, duration):
+    argv = [tools["wrk"], "-t1", "-c%d" % sc["conns"], "-d%ds" % duration, "--timeout", "5s",
+            "-s", lua]
+    if sc.get("close"):
+        argv += ["-H", "Connection: close"]
+    argv.append("http://%s:%d%s" % (HOST, port, sc["path"]))
+    rc, out, err = run_bounded(argv, duration + 30)
+    line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
+    if rc != 0 or line is None:
+        return {"ok": False, "error": "wrk exit %d: %s" % (rc, (err or out).strip()[-400:])}
+    j = json.loads(line[len("WRKJSON "):])
+    dur = j["duration_us"] / 1e6
+    return {"ok": True, "requests": j["requests"], "duration_s": dur,
+            "rps": j["requests"] / dur if dur else 0.0,
+            "p50_ms": j["p50_us"] / 1000, "p90_ms": j["p90_us"] / 1000,
+            "p99_ms": j["p99_us"] / 1000, "p999_ms": j["p999_us"] / 1000,
+            "mean_ms": j["mean_us"] / 1000, "max_ms": j["max_us"] / 1000,
+            "errors": j["errors"], "error_count": sum(j["errors"].values()),
+            "argv": argv}
+
+
+def run_oha(tools, port, sc, duration):
+    argv = [tools["oha"], "-z", "%ds" % duration, "-c", str(sc["conns"]), "-q", str(sc["rate"]),
+            "--latency-correction", "--no-tui"] + tools["oha_json"] + \
+           ["http://%s:%d%s" % (HOST, port, sc["path"])]
+    rc, out, err = run_bounded(argv, duration + 30)
+    try:
+        j = json.loads(out)
+    except ValueError:
+        return {"ok": False, "error": "oha exit %d: %s" % (rc, (err or out).strip()[-400:])}
+    s, lp = j.get("summary", {}), j.get("latencyPercentiles", {})
+    codes = {str(k): v for k, v in (j.get("statusCodeDistribution") or {}).items()}
+    errs = dict(j.get("errorDistribution") or {})
+    # Requests still in flight when -z runs out are cut off by oha itself: not errors.
+    cut = sum(v for k, v in errs.items() if "deadline" in k)
+    errs = {k: v for k, v in errs.items() if "deadline" not in k}
+    requests = sum(codes.values())
+    bad_status = sum(v for k, v in codes.items() if not k.startswith("2"))
+
+    def ms(key):
+        v = lp.get(key)
+        return None if v is None else v * 1000
+
+    return {"ok": rc == 0, "requests": requests, "duration_s": float(duration),
+            "rps": s.get("requestsPerSec") or 0.0,
+            "p50_ms": ms("p50"), "p90_ms": ms("p90"), "p99_ms": ms("p99"),
+            "p999_ms": ms("p99.9"),
+            "mean_ms": (s.get("average") or 0) * 1000, "max_ms": (s.get("slowest") or 0) * 1000,
+            "errors": {"status": bad_status, "other": sum(errs.values()),
+                       "detail": errs},
+            "cut_at_deadline": cut,
+            "error_count": bad_status + sum(errs.values()), "argv": argv}
+
+
+def percentile(sorted_vals, p):
+    if not sorted_vals:
+        return None
+    k = (len(sorted_vals) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def run_h2load(tools, port, sc, duration, run_dir):
+    log = os.path.join(run_dir, "h2load-requests.log")
+    if os.path.exists(log):
+        os.unlink(log)
+    argv = [tools["h2load"], "-t1", "-c", str(sc["conns"]), "-m", str(sc["streams"]),
+            "-D", str(duration), "--log-file=" + log,
+            "http://%s:%d%s" % (HOST, port, sc["path"])]
+    rc, out, err = run_bounded(argv, duration + 30)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    fin = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    if rc != 0 or not m or not fin:
+        return {"ok": False, "error": "h2load exit %d: %s" % (rc, (err or out).strip()[-400:])}
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    durs = []
+    try:
+        with open(log) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    durs.append(int(parts[2]) / 1000.0)  # µs -> ms
+    except OSError:
+        pass
+    durs.sort()
+    succeeded, failed, errored, timeout = (int(m.group(i)) for i in (4, 5, 6, 7))
+    bad_status = (int(codes.group(3)) + int(codes.group(4))) if codes else 0
+    secs = float(fin.group(1)) / (1000 if fin.group(2) == "ms" else 1)
+    return {"ok": True, "requests": succeeded, "duration_s": secs,
+            "rps": float(fin.group(3)),
+            "p50_ms": percentile(durs, 50), "p90_ms": percentile(durs, 90),
+            "p99_ms": percentile(durs, 99), "p999_ms": percentile(durs, 99.9),
+            "mean_ms": statistics.fmean(durs) if durs else None,
+            "max_ms": durs[-1] if durs else None,
+            "errors": {"failed": failed, "errored": errored, "timeout": timeout,
+                       "status": bad_status},
+            "error_count": failed + errored + timeout + bad_status, "argv": argv}
+
+
+# --------------------------------------------------------------------------- big transfers
+
+def sink_main(port):
+    """Hidden mode (--_sink PORT): an upload sink. Reads a whole request body
+    (Content-Length or chunked) and answers with the number of bytes it read."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((HOST, port))
+    srv.listen(128)
+
+    def handle(c):
+        try:
+            c.settimeout(60)
+            f = c.makefile("rb", buffering=1 << 20)
+            hdrs = {}
+            f.readline()  # request line
+            while True:
+                line = f.readline(65536)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = line.partition(b":")
+                hdrs[k.strip().lower()] = v.strip()
+            scratch = memoryview(bytearray(1 << 20))
+
+            def drain(n):
+                got = 0
+                while got < n:
+                    k = f.readinto(scratch[:min(len(scratch), n - got)])
+                    if not k:
+                        break
+                    got += k
+                return got
+
+            if b"content-length" in hdrs:
+                got = drain(int(hdrs[b"content-length"]))
+            else:  # chunked
+                got = 0
+                while True:
+                    size = int(f.readline(4096).split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while f.readline(65536) not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        break
+                    got += drain(size)
+                    f.readline(16)  # CRLF after the chunk
+            body = str(got).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                      b"Connection: close\r\n\r\n%s" % (len(body), body))
+        except (OSError, ValueError):
+            pass
+        finally:
+            c.close()
+
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+
+def _read_response(s, limit_body=None):
+    """Read status line + headers; returns (status, headers, leftover)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d:
+            raise OSError("connection closed before the response head")
+        buf += d
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        hdrs[k.strip().lower().decode()] = v.strip().decode()
+    return status, hdrs, rest
+
+
+def big_upload(port, size, deadline_s):
+    s = socket.create_connection((HOST, port), timeout=30)
+    try:
+        t0 = time.monotonic()
+        s.sendall(b"POST /big/upload HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: "
+                  b"application/octet-stream\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                  % (HOST.encode(), port, size))
+        chunk = memoryview(bytes(1 << 20))
+        left = size
+        while left > 0:
+            if time.monotonic() - t0 > deadline_s:
+                raise OSError("upload exceeded %d s" % deadline_s)
+            n = min(left, len(chunk))
+            s.sendall(chunk[:n])
+            left -= n
+        status, hdrs, rest = _read_response(s)
+        want = int(hdrs.get("content-length", "0"))
+        while len(rest) < want:
+            d = s.recv(65536)
+            if not d:
+                break
+            rest += d
+        secs = time.monotonic() - t0
+        got = int(rest.strip() or b"-1") if status == 200 else -1
+        if status != 200 or got != size:
+            return {"ok": False, "error": "status %d, sink got %d of %d bytes"
+                    % (status, got, size), "seconds": secs}
+        return {"ok": True, "seconds": secs, "bytes": size}
+    finally:
+        s.close()
+
+
+def big_download(port, size, deadline_s):
+    s = socket.create_connection((HOST, port), timeout=30)
+    try:
+        t0 = time.monotonic()
+        s.sendall(b"GET /big/download HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n"
+                  % (HOST.encode(), port))
+        status, hdrs, rest = _read_response(s)
+        want = int(hdrs.get("content-length", "-1"))
+        got = len(rest)
+        buf = bytearray(1 << 20)
+        while got < want or (want < 0):
+            if time.monotonic() - t0 > deadline_s:
+                raise OSError("download exceeded %d s" % deadline_s)
+            n = s.recv_into(buf)
+            if not n:
+                break
+            got += n
+        secs = time.monotonic() - t0
+        if status != 200 or got != size:
+            return {"ok": False, "error": "status %d, got %d of %d bytes" % (status, got, size),
+                    "seconds": secs}
+        return {"ok": True, "seconds": secs, "bytes": size}
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- measurement
+
+class Bench:
+    def __init__(self, args, tools, run_dir, ports, backend_proc, body16k):
+        self.args, self.tools, self.run_dir, self.ports = args, tools, run_dir, ports
+        self.backend = backend_proc
+        self.body16k = body16k
+        self.lua = os.path.join(run_dir, "report.lua")
+        with open(self.lua, "w") as f:
+            f.write(WRK_LUA)
+
+    def backend_pids(self):
+        return proc_tree(self.backend.pid)
+
+    def measure(self, target, scen, rnd):
+        """One run of one scenario against one target (a Proxy, or None = direct)."""
+        sc = SCENARIOS[scen]
+        port = self.ports.backends[0] if target is None else (
+            target.h2_port if sc["tool"] == "h2load" else target.port)
+        ppids = target.pids() if target else []
+        bpids = self.backend_pids()
+        stub0 = stub_status(self.ports.stub)
+        cpu0, bcpu0 = cpu_seconds(ppids), cpu_seconds(bpids)
+        ch0, self0, busy0, t0 = (children_cpu_seconds(), self_cpu_seconds(),
+                                 machine_busy_seconds(), time.monotonic())
+        sampler = RssSampler(ppids)
+        sampler.start()
+        try:
+            if sc["tool"] == "wrk":
+                res = run_wrk(self.tools, self.lua, port, sc, self.args.duration)
+            elif sc["tool"] == "oha":
+                res = run_oha(self.tools, port, sc, self.args.duration)
+            else:
+                res = run_h2load(self.tools, port, sc, self.args.duration, self.run_dir)
+        finally:
+            mem = sampler.finish()
+        wall = time.monotonic() - t0
+        cpu1, bcpu1 = cpu_seconds(ppids), cpu_seconds(bpids)
+        ch1, self1, busy1 = children_cpu_seconds(), self_cpu_seconds(), machine_busy_seconds()
+        stub1 = stub_status(self.ports.stub)
+        res.update({"round": rnd, "proxy": target.name if target else "direct",
+                    "scenario": scen, "wall_s": wall, **mem})
+        res.setdefault("errors", {})
+        res.setdefault("error_count", 0)
+        proxy_cpu, backend_cpu, loadgen_cpu = cpu1 - cpu0, bcpu1 - bcpu0, ch1 - ch0
+        busy = busy1 - busy0
+        other = busy - proxy_cpu - backend_cpu - loadgen_cpu - (self1 - self0)
+        res.update({"proxy_cpu_s": proxy_cpu, "backend_cpu_s": backend_cpu,
+                    "loadgen_cpu_s": loadgen_cpu, "harness_cpu_s": self1 - self0,
+                    "machine_busy_s": busy, "other_cpu_s": other,
+                    "machine_busy_pct": 100.0 * busy / (wall * (os.cpu_count() or 1))})
+        reqs = res.get("requests") or 0
+        if reqs:
+            res["proxy_cpu_per_100k"] = proxy_cpu / reqs * 1e5
+            res["backend_cpu_per_100k"] = backend_cpu / reqs * 1e5
+            res["loadgen_cpu_per_100k"] = loadgen_cpu / reqs * 1e5
+        if stub0 and stub1:
+            # The "after" read's own connection is counted in accepts; subtract it.
+            res["upstream_conns"] = stub1[0] - stub0[0] - 1
+            res["upstream_requests"] = stub1[1] - stub0[1] - 1
+        if target is None:
+            res["proxy_cpu_s"] = None
+            res.pop("proxy_cpu_per_100k", None)
+        res["contaminated"] = other > 0.15 * wall
+        return res
+
+    def measure_big(self, target, kind, rnd):
+        port = self.ports.backends[0] if target is None else target.port
+        ppids = target.pids() if target else []
+        cpu0 = cpu_seconds(ppids)
+        sampler = RssSampler(ppids)
+        sampler.start()
+        size = self.args.big_size
+        try:
+            fn = big_upload if kind == "upload-big" else big_download
+            try:
+                res = fn(port, size, self.args.big_timeout)
+            except OSError as e:
+                res = {"ok": False, "error": str(e)}
+        finally:
+            mem = sampler.finish()
+        cpu = cpu_seconds(ppids) - cpu0
+        res.update({"round": rnd, "proxy": target.name if target else "direct",
+                    "scenario": kind, "bytes": size, **mem})
+        if res.get("seconds"):
+            res["mib_per_s"] = size / res["seconds"] / (1 << 20)
+        if target is not None:
+            res["proxy_cpu_s"] = cpu
+            res["proxy_cpu_per_gib"] = cpu / (size / (1 << 30))
+            res["rss_growth_kib"] = mem["rss_peak_kib"] - mem["rss_start_kib"]
+        return res
+
+
+# --------------------------------------------------------------------------- report
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, kind):
+    if v is None:
+        return "–"
+    if kind == "rps":
+        return "{:,.0f}".format(v)
+    if kind == "ms":
+        return "%.3f" % v if v < 1 else ("%.2f" % v if v < 100 else "%.0f" % v)
+    if kind == "cpu":
+        return "%.2f" % v
+    if kind == "mib":
+        return "%.1f" % (v / 1024.0)
+    if kind == "int":
+        return "%g" % v
+    if kind == "ratio":
+        return "%.2f" % v
+    return str(v)
+
+
+def summarize(runs, proxies, scenarios):
+    """Medians per (scenario, proxy) and fairway's per-round ratios."""
+    table, ratios = [], []
+    for scen in scenarios:
+        for px in proxies:
+            rs = [r for r in runs if r["scenario"] == scen and r["proxy"] == px]
+            if not rs:
+                continue
+            good = [r for r in rs if r.get("ok")]
+            table.append({
+                "scenario": scen, "proxy": px, "runs": len(rs), "ok_runs": len(good),
+                "rps": med([r.get("rps") for r in good]),
+                "p50_ms": med([r.get("p50_ms") for r in good]),
+                "p99_ms": med([r.get("p99_ms") for r in good]),
+                "proxy_cpu_per_100k": med([r.get("proxy_cpu_per_100k") for r in good]),
+                "rss_peak_kib": med([r.get("rss_peak_kib") for r in good]),
+                "upstream_conns": med([r.get("upstream_conns") for r in good]),
+                "errors": sum(r.get("error_count", 0) for r in rs),
+                "failed": len(rs) - len(good),
+                "contaminated": sum(1 for r in rs if r.get("contaminated")),
+            })
+        if "fairway" not in proxies:
+            continue
+        metrics = [("rps", "rps"), ("p50_ms", "p50"), ("p99_ms", "p99"),
+                   ("proxy_cpu_per_100k", "CPU/100k")]
+        if SCENARIOS[scen].get("rate"):  # fixed rate: rps is the same for everyone
+            metrics = metrics[1:]
+        if scen == "conns-1000":
+            metrics.append(("rss_peak_kib", "peak RSS"))
+        for key, label in metrics:
+            row = {"scenario": scen, "metric": label, "key": key}
+            for ref in ("nginx", "haproxy"):
+                if ref not in proxies:
+                    continue
+                per_round = []
+                for rnd in sorted({r["round"] for r in runs}):
+                    f = next((r for r in runs if r["round"] == rnd and r["scenario"] == scen
+                              and r["proxy"] == "fairway" and r.get("ok")), None)
+                    o = next((r for r in runs if r["round"] == rnd and r["scenario"] == scen
+                              and r["proxy"] == ref and r.get("ok")), None)
+                    if f and o and f.get(key) and o.get(key):
+                        per_round.append(f[key] / o[key])
+                row[ref] = per_round
+            ratios.append(row)
+    return table, ratios
+
+
+def print_report(table, ratios, big_runs, proxies, quick):
+    out = []
+    out.append("## Medians per proxy and scenario\n")
+    out.append("| scenario | proxy | rps | p50 ms | p99 ms | proxy CPU s/100k | peak RSS MiB "
+               "| upstream conns | errors |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in table:
+        warn = ""
+        if t["failed"] or t["errors"]:
+            warn = " ⚠"
+        if t["contaminated"]:
+            warn += " ~"
+        out.append("| %s | %s%s | %s | %s | %s | %s | %s | %s | %s |" % (
+            t["scenario"], t["proxy"], warn, fmt(t["rps"], "rps"), fmt(t["p50_ms"], "ms"),
+            fmt(t["p99_ms"], "ms"), fmt(t["proxy_cpu_per_100k"], "cpu"),
+            fmt(t["rss_peak_kib"], "mib"), fmt(t["upstream_conns"], "int"),
+            ("%d" % t["errors"]) + (" (%d failed runs)" % t["failed"] if t["failed"] else "")))
+    if ratios:
+        refs = [r for r in ("nginx", "haproxy") if r in proxies]
+        out.append("\n## fairway ÷ other, per round: median (min–max)\n")
+        out.append("rps: higher is better for fairway; p50, p99, CPU, RSS: lower is better.\n")
+        out.append("| scenario | metric | " + " | ".join("fairway/%s" % r for r in refs) + " |")
+        out.append("|---|---|" + "---:|" * len(refs))
+        for row in ratios:
+            cells = []
+            for ref in refs:
+                v = row.get(ref) or []
+                if not v:
+                    cells.append("–")
+                elif len(v) == 1:
+                    cells.append(fmt(v[0], "ratio"))
+                else:
+                    cells.append("%s (%s–%s)" % (fmt(statistics.median(v), "ratio"),
+                                                 fmt(min(v), "ratio"), fmt(max(v), "ratio")))
+            out.append("| %s | %s | %s |" % (row["scenario"], row["metric"], " | ".join(cells)))
+    if big_runs:
+        out.append("\n## Big transfers (medians)\n")
+        out.append("| transfer | target | MiB/s | proxy RSS growth MiB | proxy CPU s/GiB | ok |")
+        out.append("|---|---|---:|---:|---:|---|")
+        for kind in BIG_SCENARIOS:
+            for px in ["direct"] + proxies:
+                rs = [r for r in big_runs if r["scenario"] == kind and r["proxy"] == px]
+                if not rs:
+                    continue
+                good = [r for r in rs if r.get("ok")]
+                out.append("| %s | %s | %s | %s | %s | %d/%d |" % (
+                    kind, px, fmt(med([r.get("mib_per_s") for r in good]), "rps"),
+                    fmt(med([r.get("rss_growth_kib") for r in good]), "mib"),
+                    fmt(med([r.get("proxy_cpu_per_gib") for r in good]), "cpu"),
+                    len(good), len(rs)))
+    out.append("\n⚠ = request errors or failed runs (see the JSON); ~ = another process used "
+               "CPU during a run (numbers contaminated).")
+    if quick:
+        out.append("--quick: one short round; ratios are indicative only.")
+    print("\n".join(out))
+    sys.stdout.flush()
+
+
+def machine_shape():
+    model, ncpu_info = "?", 0
+    try:
+        for line in read_file("/proc/cpuinfo").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                ncpu_info += 1
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in read_file("/proc/meminfo").splitlines():
+            if line.startswith("MemTotal:"):
+                mem = "%.1f GiB" % (int(line.split()[1]) / 1048576)
+    except OSError:
+        pass
+    u = os.uname()
+    return {"nproc": len(os.sched_getaffinity(0)), "cpus_online": os.cpu_count(),
+            "cpu_model": model, "kernel": "%s %s %s" % (u.sysname, u.release, u.machine),
+            "memory": mem, "loadavg": read_file("/proc/loadavg").split()[:3]}
+
+
+def background_busy(seconds=1.0):
+    b0, t0 = machine_busy_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return 100.0 * (machine_busy_seconds() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Compare fairway with nginx and HAProxy on this machine "
+                    "(see benches/load/README.md).")
+    ap.add_argument("--fairway", default="target/release/fairway",
+                    help="fairway binary (default: target/release/fairway)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--duration", type=int, default=5,
+                    help="seconds per scenario run (default 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 round, 2 s per scenario")
+    ap.add_argument("--only", default=",".join(ALL_PROXIES),
+                    help="proxies to run, comma-separated (default nginx,haproxy,fairway)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="scenarios to run, comma-separated (default: all of %s)"
+                    % ",".join(SCENARIOS))
+    ap.add_argument("--big", action="store_true",
+                    help="also upload and download --big-size bytes through each proxy and "
+                         "directly")
+    ap.add_argument("--big-size", default="1GiB",
+                    help="size of the --big transfers (default 1GiB; e.g. 256MiB)")
+    ap.add_argument("--big-timeout", type=int, default=180,
+                    help="seconds one big transfer may take (default 180)")
+    ap.add_argument("--base-port", type=int, default=28000,
+                    help="ports used: BASE+1..5, +10, +11, +20, +30, +31 (default 28000)")
+    ap.add_argument("--out", default=None,
+                    help="raw results JSON (default /tmp/fairway-load-<UTC time>.json)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the run directory (configs, logs) for debugging")
+    ap.add_argument("--_sink", type=int, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.duration = 1, 2
+    m = re.fullmatch(r"(\d+)\s*(|B|KiB|MiB|GiB|k|m|g)", a.big_size.strip(), re.I)
+    if not m:
+        ap.error("--big-size: want e.g. 1GiB, 256MiB or a byte count")
+    a.big_size = int(m.group(1)) * {"": 1, "b": 1, "kib": 1 << 10, "k": 1 << 10,
+                                    "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30,
+                                    "g": 1 << 30}[m.group(2).lower()]
+    a.proxies = [p.strip() for p in a.only.split(",") if p.strip()]
+    bad = [p for p in a.proxies if p not in ALL_PROXIES]
+    if bad or not a.proxies:
+        ap.error("--only: unknown proxy %s; choose from %s" % (bad, ",".join(ALL_PROXIES)))
+    a.scenario_list = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    bad = [s for s in a.scenario_list if s not in SCENARIOS]
+    if bad:
+        ap.error("--scenarios: unknown %s; choose from %s" % (bad, ",".join(SCENARIOS)))
+    if a.rounds < 1 or a.duration < 1:
+        ap.error("--rounds and --duration must be >= 1")
+    return a
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args._sink is not None:
+        sink_main(args._sink)
+        return 0
+    started = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    out_path = args.out or "/tmp/fairway-load-%s.json" % stamp
+
+    def on_signal(signum, frame):
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    children = Children()
+    run_dir = None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:  # 1000+ connections need fds
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+    status = 0
+    try:
+        shape = machine_shape()
+        print("# fairway load comparison\n")
+        print("machine: %d CPUs usable (%d online), %s, %s, %s RAM, loadavg %s" % (
+            shape["nproc"], shape["cpus_online"], shape["cpu_model"], shape["kernel"],
+            shape["memory"], " ".join(shape["loadavg"])))
+        scenarios = list(args.scenario_list)
+        tools, versions, notes = check_tools(args, args.proxies, scenarios)
+        run_dir = tempfile.mkdtemp(prefix="fairway-load-")
+        os.chmod(run_dir, 0o755)  # nginx workers may run as another user (root -> nobody)
+        fairway_bin = None
+        if "fairway" in args.proxies:
+            fairway_bin, fairway_src, fv = prepare_fairway(args.fairway, run_dir)
+            versions["fairway"] = "%s (%s)" % (fv, fairway_src)
+        print("tools: " + "; ".join("%s: %s" % kv for kv in versions.items()))
+        for n in notes:
+            print("note: " + n)
+        ports = Ports(args.base_port)
+        busy = [p for p in ports.all(args.proxies, args.big) if port_busy(p)]
+        if busy:
+            raise SetupError("port(s) already in use on %s: %s. Stop whatever holds them or "
+                             "pick another range with --base-port." % (HOST, busy))
+        bg = background_busy()
+        print("background CPU before start: %.0f%% of the machine" % bg)
+        if bg > 10:
+            print("warning: the machine is not quiet; numbers will be noisy")
+
+        for name in ("backend", "nginx-proxy"):
+            t = os.path.join(run_dir, "tmp-" + name)
+            for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+                os.makedirs(os.path.join(t, sub), exist_ok=True)
+                os.chmod(os.path.join(t, sub), 0o777)
+        pattern = bytes((48 + i % 75) for i in range(97))
+        body16k = (pattern * (BODY_16K // len(pattern) + 1))[:BODY_16K]
+        with open(os.path.join(run_dir, "16k.bin"), "wb") as f:
+            f.write(body16k)
+        if args.big:
+            with open(os.path.join(run_dir, "big.bin"), "wb") as f:
+                f.truncate(args.big_size)  # sparse: no disk used, reads as zeros
+        for fn in ("16k.bin", "big.bin"):
+            if os.path.exists(os.path.join(run_dir, fn)):
+                os.chmod(os.path.join(run_dir, fn), 0o644)
+
+        # Backend: one nginx, three static upstreams + stub_status.
+        bconf = os.path.join(run_dir, "backend.conf")
+        with open(bconf, "w") as f:
+            f.write(backend_conf(run_dir, ports, args.big))
+        bargv = [tools["nginx"], "-p", run_dir + "/", "-e",
+                 os.path.join(run_dir, "backend-error.log"), "-c", bconf]
+        r = subprocess.run(bargv + ["-t"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise SetupError("backend nginx config rejected:\n" + r.stdout.decode())
+        backend = children.start("backend", bargv, os.path.join(run_dir, "backend.log"))
+        for p in ports.backends + [ports.stub]:
+            if not wait_listening(p, backend):
+                raise SetupError("backend nginx did not start (port %d):\n%s" % (
+                    p, log_tail(os.path.join(run_dir, "backend-error.log"))))
+        if stub_status(ports.stub) is None:
+            raise SetupError("backend stub_status on port %d does not answer" % ports.stub)
+        if args.big:
+            sink = children.start("sink", [sys.executable, os.path.abspath(__file__),
+                                           "--_sink", str(ports.sink)],
+                                  os.path.join(run_dir, "sink.log"))
+            if not wait_listening(ports.sink, sink):
+                raise SetupError("upload sink did not start:\n" +
+                                 log_tail(os.path.join(run_dir, "sink.log")))
+        preflight(ports.backends[0], body16k, "backend", spread=False)
+
+        proxies = make_proxies(args.proxies, run_dir, ports, tools, fairway_bin,
+                               "h2-c8x8" in scenarios)
+        bench = Bench(args, tools, run_dir, ports, backend, body16k)
+        order = list(args.proxies)
+        total_runs = args.rounds * len(order) * len(scenarios)
+        print("scenarios: %s; proxies: %s; %d round(s) x %d s per run (%d runs)\n" % (
+            ", ".join(scenarios), ", ".join(order), args.rounds, args.duration, total_runs))
+        runs, big_runs, idle = [], [], []
+        if args.big:  # unrecorded: page cache and sink warmed before the first direct run
+            for fn in (big_upload, big_download):
+                try:
+                    fn(ports.backends[0], min(args.big_size, 64 << 20), args.big_timeout)
+                except OSError:
+                    pass
+        for rnd in range(1, args.rounds + 1):
+            k = (rnd - 1) % len(order)
+            rorder = order[k:] + order[:k]
+            print("round %d/%d: %s" % (rnd, args.rounds, " ".join(rorder)))
+            if args.big:
+                for kind in BIG_SCENARIOS:
+                    res = bench.measure_big(None, kind, rnd)
+                    big_runs.append(res)
+                    print("  direct   %-13s %s" % (kind, big_line(res)))
+            for name in rorder:
+                px = proxies[name]
+                px.proc = children.start(name, px.argv,
+                                         os.path.join(run_dir, "%s-r%d.log" % (name, rnd)),
+                                         env=px.env)
+                if not wait_listening(px.port, px.proc):
+                    errlog = px.proc.log_path
+                    if name == "nginx":
+                        errlog = os.path.join(run_dir, "nginx-proxy-error.log")
+                    raise SetupError("%s did not start listening on %d:\n%s" % (
+                        name, px.port, log_tail(errlog)))
+                preflight(px.port, body16k, name)
+                if px.h2_port != px.port and "h2-c8x8" in scenarios:
+                    if not wait_listening(px.h2_port, px.proc):
+                        raise SetupError("%s h2c port %d not listening" % (name, px.h2_port))
+                idle.append({"round": rnd, "proxy": name, "rss_kib": rss_kib(px.pids()),
+                             "pids": len(px.pids())})
+                # Warm-up (not recorded): pools filled, caches and allocators warm.
+                run_wrk(tools, bench.lua, px.port, SCENARIOS["small-c64"], 1)
+                for scen in scenarios:
+                    res = bench.measure(px, scen, rnd)
+                    runs.append(res)
+                    print("  %-8s %-12s %s" % (name, scen, run_line(res)))
+                    sys.stdout.flush()
+                    if px.proc.poll() is not None:
+                        raise SetupError("%s exited during %s:\n%s" % (
+                            name, scen, log_tail(px.proc.log_path)))
+                    time.sleep(0.3)
+                if args.big:
+                    for kind in BIG_SCENARIOS:
+                        res = bench.measure_big(px, kind, rnd)
+                        big_runs.append(res)
+                        print("  %-8s %-12s %s" % (name, kind, big_line(res)))
+                children.stop(px.proc)
+                px.proc = None
+            print()
+
+        table, ratios = summarize(runs, order, scenarios)
+        print("machine: %d CPUs, %s, %s" % (shape["nproc"], shape["cpu_model"],
+                                            shape["kernel"]))
+        print("duration %d s per run, %d round(s), wrk -t1; medians over rounds\n"
+              % (args.duration, args.rounds))
+        print_report(table, ratios, big_runs, order, args.quick)
+        contaminated = [r for r in runs if r.get("contaminated")]
+        if contaminated:
+            print("\nwarning: %d run(s) saw > 15%% of a core used by other processes "
+                  "(e.g. %s %s: %.1f CPU s); rerun on a quiet machine."
+                  % (len(contaminated), contaminated[0]["proxy"], contaminated[0]["scenario"],
+                     contaminated[0]["other_cpu_s"]))
+        bad = [r for r in runs + big_runs if not r.get("ok") or r.get("error_count")]
+        if bad:
+            status = 1
+        wall = time.time() - started
+        result = {
+            "started_utc": stamp, "wall_s": wall, "machine": shape, "tools": versions,
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "ports": vars(ports), "scenarios": {s: SCENARIOS[s] for s in scenarios},
+            "configs": {"backend": read_file(bconf),
+                        **{p.name: p.conf_text for p in proxies.values()}},
+            "idle": idle, "runs": runs, "big": big_runs,
+            "summary": {"table": table, "ratios": ratios}, "notes": notes,
+        }
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print("\nraw results: %s\nwall time: %.0f s (%dm%02ds)" % (
+            out_path, wall, wall // 60, wall % 60))
+    except SetupError as e:
+        print("\nsetup failed: %s" % e, file=sys.stderr)
+        status = 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print("\ninterrupted (%s); cleaning up" % e, file=sys.stderr)
+        status = 130
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        children.stop_all()
+        if run_dir:
+            if args.keep:
+                print("run directory kept: %s" % run_dir, file=sys.stderr)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    return status
+
+
+def run_line(r):
+    if not r.get("ok"):
+        return "FAILED: %s" % r.get("error")
+    s = "%9s rps  p50 %s ms  p99 %s ms  cpu %s s/100k  rss %s MiB  up-conns %s" % (
+        fmt(r.get("rps"), "rps"), fmt(r.get("p50_ms"), "ms"), fmt(r.get("p99_ms"), "ms"),
+        fmt(r.get("proxy_cpu_per_100k"), "cpu"), fmt(r.get("rss_peak_kib"), "mib"),
+        fmt(r.get("upstream_conns"), "int"))
+    if r.get("error_count"):
+        s += "  ERRORS %s" % {k: v for k, v in r["errors"].items() if v}
+    if r.get("contaminated"):
+        s += "  (other CPU %.1f s)" % r["other_cpu_s"]
+    return s
+
+
+def big_line(r):
+    if not r.get("ok"):
+        return "FAILED: %s" % r.get("error")
+    s = "%8.0f MiB/s" % r["mib_per_s"]
+    if "rss_growth_kib" in r:
+        s += "  rss +%s MiB  cpu %.2f s/GiB" % (fmt(r["rss_growth_kib"], "mib"),
+                                               r["proxy_cpu_per_gib"])
+    return s
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
