@@ -97,7 +97,13 @@ impl App {
             tracing::warn!(config = %path.display(), "{w}");
         }
         let mut files = Files::load(&cfg, &path, false)?;
-        files.resolved = crate::dns::resolve_missing(&cfg, &crate::dns::Resolved::new());
+        // Name lookups block: keep them off the async workers.
+        let for_dns = cfg.clone();
+        files.resolved = tokio::task::spawn_blocking(move || {
+            crate::dns::resolve_missing(&for_dns, &crate::dns::Resolved::new())
+        })
+        .await
+        .unwrap_or_default();
         let dns_cache = files.resolved.clone();
         let mut listeners = ListenerSet::default();
         let prepared = listeners.prepare(&cfg).map_err(|source| StartError::Bind {
@@ -245,7 +251,8 @@ impl AppHandle {
                 _ = int.recv() => break,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the config");
-                    let _ = self.reload();
+                    let shared = Arc::clone(&self.shared);
+                    let _ = tokio::task::spawn_blocking(move || reload::reload(&shared)).await;
                 }
             }
         }

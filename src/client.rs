@@ -26,6 +26,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// `resolver`, for servers given by host name that have not resolved yet.
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 /// Idle keep-alive connections to one server, most recently used last.
@@ -120,7 +122,14 @@ pub async fn checkout(
             reused: true,
         });
     }
-    let sender = dial(&server.target, &server.name, settings.connect_timeout, tls).await?;
+    let sender = dial(
+        &server.target,
+        &server.name,
+        settings.connect_timeout,
+        tls,
+        settings.resolver,
+    )
+    .await?;
     Ok(Conn {
         sender,
         reused: false,
@@ -136,11 +145,12 @@ pub async fn dial(
     addr: &str,
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
+    resolver: Option<std::net::SocketAddr>,
 ) -> io::Result<SendRequest<RequestBody>> {
     let connect = async {
         let stream = match target {
             Target::Socket(sa) => TcpStream::connect(sa).await,
-            Target::Name(name) => TcpStream::connect(name.as_str()).await,
+            Target::Name(name) => connect_name(name, resolver).await,
         }?;
         stream.set_nodelay(true)?;
         match tls {
@@ -177,6 +187,29 @@ pub async fn dial(
         }
     });
     Ok(sender)
+}
+
+/// Connects to `host:port`, resolving through `resolver` when set (on the blocking pool),
+/// else through the system resolver; tries each address in turn.
+async fn connect_name(name: &str, resolver: Option<std::net::SocketAddr>) -> io::Result<TcpStream> {
+    let Some(resolver) = resolver else {
+        return TcpStream::connect(name).await;
+    };
+    let (host, port) = crate::config::split_host_port(name)
+        .map(|(h, p)| (h.to_owned(), p))
+        .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
+    let addrs =
+        tokio::task::spawn_blocking(move || crate::dns::resolve(&host, port, Some(resolver)))
+            .await
+            .map_err(io::Error::other)??;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{name} has no address"));
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A plain or a TLS stream.

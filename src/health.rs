@@ -39,6 +39,8 @@ pub struct HealthCheck {
     pub unhealthy_threshold: u32,
     /// Passing statuses.
     pub expect: StatusRange,
+    /// The upstream's `resolver`, for servers given by host name not resolved yet.
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 impl HealthCheck {
@@ -52,6 +54,7 @@ impl HealthCheck {
             healthy_threshold: s.healthy_threshold,
             unhealthy_threshold: s.unhealthy_threshold,
             expect: s.expect_status,
+            resolver: None,
         }
     }
 }
@@ -251,7 +254,7 @@ pub async fn probe(
     tls: Option<&UpstreamTls>,
 ) -> Result<u16, ProbeError> {
     let attempt = async {
-        let mut sender = client::dial(target, addr, hc.timeout, tls)
+        let mut sender = client::dial(target, addr, hc.timeout, tls, hc.resolver)
             .await
             .map_err(ProbeError::Connect)?;
         let host = hc.host.as_deref().unwrap_or(addr);
@@ -309,7 +312,8 @@ pub async fn probe_all(
     )];
     let mut all_ok = true;
     for (name, u) in &cfg.upstreams {
-        let hc = HealthCheck::from_section(u.health_check.as_ref().unwrap_or(&defaults));
+        let mut hc = HealthCheck::from_section(u.health_check.as_ref().unwrap_or(&defaults));
+        hc.resolver = u.resolver.map(|a| a.0);
         let upstream_tls = tls.upstreams.get(name).cloned();
         let mut tasks = Vec::new();
         for e in &u.servers {

@@ -293,6 +293,7 @@ impl Attempt<'_> {
                     &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
+                    upstream.pool.resolver,
                 )
                 .await
                 .map(|sender| client::Conn {
@@ -316,6 +317,7 @@ impl Attempt<'_> {
                     &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
+                    upstream.pool.resolver,
                 )
                 .await
                 .map(|sender| client::Conn {

@@ -157,9 +157,13 @@ impl Upstream {
                 max_idle: section.max_idle_per_server,
                 idle_timeout: section.pool_idle_timeout.0,
                 connect_timeout,
+                resolver: section.resolver.map(|a| a.0),
             },
             metrics: metrics.upstream(name),
-            health_check: section.health_check.as_ref().map(HealthCheck::from_section),
+            health_check: section.health_check.as_ref().map(|h| HealthCheck {
+                resolver: section.resolver.map(|a| a.0),
+                ..HealthCheck::from_section(h)
+            }),
             max_fails: section.passive.max_fails.unwrap_or_else(|| {
                 section
                     .health_check
