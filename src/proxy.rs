@@ -288,13 +288,15 @@ impl Attempt<'_> {
             let guard = server.begin();
             let conn = if force_fresh {
                 force_fresh = false;
-                client::dial(
+                // Boxed: dialing (TLS included) is the largest state of a request and the
+                // rarest step with a warm pool, so it is kept out of every request's future.
+                Box::pin(client::dial(
                     &server.target,
                     &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
                     upstream.pool.resolver,
-                )
+                ))
                 .await
                 .map(|sender| client::Conn {
                     sender,
@@ -312,13 +314,15 @@ impl Attempt<'_> {
                         "max_pending requests already wait for a connection",
                     ));
                 };
-                client::dial(
+                // Boxed: dialing (TLS included) is the largest state of a request and the
+                // rarest step with a warm pool, so it is kept out of every request's future.
+                Box::pin(client::dial(
                     &server.target,
                     &server.name,
                     upstream.pool.connect_timeout,
                     upstream.tls.as_deref(),
                     upstream.pool.resolver,
-                )
+                ))
                 .await
                 .map(|sender| client::Conn {
                     sender,
