@@ -234,12 +234,20 @@ async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> R
         .maintenance
         .set(&switch.upstream, switch.on.then_some(retry_after));
     shared.maintenance.publish(rt, &shared.metrics);
+    // The state in force afterwards: an upstream stays in maintenance while `*` is on.
+    let now = if switch.upstream == "*" {
+        rt.upstreams
+            .iter()
+            .find_map(|u| shared.maintenance.get(&u.name))
+    } else {
+        shared.maintenance.get(&switch.upstream)
+    };
     json(
         StatusCode::OK,
         &serde_json::json!({
             "upstream": switch.upstream,
-            "on": switch.on,
-            "retry_after": retry_after.as_secs(),
+            "on": now.is_some(),
+            "retry_after": now.map(|d| d.as_secs()),
         }),
     )
 }

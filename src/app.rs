@@ -99,8 +99,10 @@ impl App {
         let mut files = Files::load(&cfg, &path, false)?;
         // Name lookups block: keep them off the async workers.
         let for_dns = cfg.clone();
+        let metrics = Arc::new(Metrics::new());
+        let dns_metrics = Arc::clone(&metrics);
         files.resolved = tokio::task::spawn_blocking(move || {
-            crate::dns::resolve_missing(&for_dns, &crate::dns::Resolved::new())
+            crate::dns::resolve_missing(&for_dns, &crate::dns::Resolved::new(), &dns_metrics)
         })
         .await
         .unwrap_or_default();
@@ -110,7 +112,6 @@ impl App {
             path: path.display().to_string(),
             source,
         })?;
-        let metrics = Arc::new(Metrics::new());
         let rt = Runtime::build(cfg, None, &metrics, files);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(rt),
@@ -149,7 +150,7 @@ pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
             let mut slot = s.checker.lock().unwrap_or_else(|e| e.into_inner());
             let same_tls = |c: &Checker| match (&c.tls, &u.tls) {
                 (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (Some(a), Some(b)) => a.fingerprint == b.fingerprint,
                 _ => false,
             };
             match (&u.health_check, slot.as_ref()) {

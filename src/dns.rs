@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::app::{Shared, reconcile_checkers};
 use crate::config::{Config, split_host_port};
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
 /// (upstream name, entry `addr` as written) → resolved addresses, sorted.
@@ -65,7 +66,7 @@ pub fn resolve(host: &str, port: u16, resolver: Option<SocketAddr>) -> io::Resul
 }
 
 /// Resolves the name entries of `cfg` that `known` has no answer for yet; keeps the rest.
-pub fn resolve_missing(cfg: &Config, known: &Resolved) -> Resolved {
+pub fn resolve_missing(cfg: &Config, known: &Resolved, metrics: &Metrics) -> Resolved {
     let mut out = Resolved::new();
     for (upstream, addr, host, port) in name_entries(cfg) {
         let key = (upstream.clone(), addr.clone());
@@ -76,9 +77,11 @@ pub fn resolve_missing(cfg: &Config, known: &Resolved) -> Resolved {
         let resolver = cfg.upstreams[&upstream].resolver.map(|a| a.0);
         match resolve(&host, port, resolver) {
             Ok(v) => {
+                metrics.record_dns(&upstream, true);
                 out.insert(key, v);
             }
             Err(e) => {
+                metrics.record_dns(&upstream, false);
                 tracing::warn!(upstream = %upstream, server = %addr, error = %e, "cannot resolve; connections will resolve it themselves until it does");
             }
         }

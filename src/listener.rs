@@ -438,10 +438,15 @@ fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
         // keep-alive connections at the same limit.
         .header_read_timeout(None)
         .keep_alive(true)
-        .max_buf_size(s.max_header_bytes.max(8192));
+        // Room for twice max_header_bytes, so that the proxy itself sees an oversized head
+        // and answers 431 with a body (CONTRACT §3); only heads past twice the limit get
+        // hyper's bare 431.
+        .max_buf_size(s.max_header_bytes.saturating_mul(2).max(8192));
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(
+            u32::try_from(s.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         // Bounded per connection; a client that opens and resets streams faster than
         // they can be served is cut off (the rapid-reset guard).
         .max_concurrent_streams(256)

@@ -81,6 +81,16 @@ pub async fn handle(
     resp
 }
 
+/// The size of a request head as sent on the wire (request line, header lines, CRLFs).
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    req.headers()
+        .iter()
+        .fold(line + 2, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
 /// Whether a failed request may be sent again to another server (CONTRACT §2 `retries`).
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -124,6 +134,9 @@ async fn forward(
     shared: &Arc<Shared>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
+    if head_size(&req) > rt.settings.max_header_bytes {
+        return Err(ProxyError::HeadTooLarge);
+    }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two could make the route
     // and the application disagree on the host.
     let mut hosts = req.headers().get_all(header::HOST).iter();

@@ -51,6 +51,9 @@ pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
     /// `server_name`, if set; otherwise each server's host.
     pub server_name: Option<ServerName<'static>>,
+    /// Identifies the settings (and CA bundle content): equal fingerprints mean the same
+    /// TLS behaviour, so health checkers need no restart on a reload.
+    pub fingerprint: u64,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -325,9 +328,20 @@ fn load_upstream(
         ),
         None => None,
     };
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        u.insecure_skip_verify.hash(&mut h);
+        u.server_name.hash(&mut h);
+        if let Some(ca) = &u.ca {
+            std::fs::read(resolve(config_path, ca)).ok().hash(&mut h);
+        }
+        h.finish()
+    };
     Ok(UpstreamTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name,
+        fingerprint,
     })
 }
 
