@@ -37,7 +37,7 @@ pub struct Pool {
 }
 
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -56,7 +56,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open and young enough.
-    pub fn take(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
+    pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
         let now = Instant::now();
         let mut q = self.idle.lock().ok()?;
         while let Some(idle) = q.pop_back() {
@@ -65,15 +65,17 @@ impl Pool {
                 q.clear();
                 return None;
             }
-            if !idle.sender.is_closed() && idle.sender.is_ready() {
-                return Some(idle.sender);
+            if !idle.conn.sender.is_closed() && idle.conn.sender.is_ready() {
+                let mut conn = idle.conn;
+                conn.reused = true;
+                return Some(conn);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<RequestBody>, max_idle: usize) {
-        if max_idle == 0 || sender.is_closed() {
+    fn put(&self, conn: Conn, max_idle: usize) {
+        if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
         if let Ok(mut q) = self.idle.lock() {
@@ -81,7 +83,7 @@ impl Pool {
                 q.pop_front();
             }
             q.push_back(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -93,7 +95,7 @@ impl Pool {
         let now = Instant::now();
         if let Ok(mut q) = self.idle.lock() {
             while q.front().is_some_and(|i| {
-                i.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
+                i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
             }) {
                 q.pop_front();
             }
@@ -101,13 +103,26 @@ impl Pool {
     }
 }
 
-/// A connection ready to send one request.
+/// A connection ready to send one request. Dropping it (anywhere but back in the pool)
+/// ends its driver task at once, so a request given up on (a timeout, a client gone) never
+/// leaves a connection, or the request body it still holds, behind.
 pub struct Conn {
     /// The sending half.
     pub sender: SendRequest<RequestBody>,
     /// Whether it came from the pool (a failure before any response byte is then retried
     /// on a fresh connection, CONTRACT §2 `pool_idle_timeout`).
     pub reused: bool,
+    /// Aborts the driver task when dropped.
+    _task: AbortOnDrop,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A pooled connection if one is idle, else a new one (over TLS with `tls`).
@@ -116,24 +131,17 @@ pub async fn checkout(
     settings: &PoolSettings,
     tls: Option<&UpstreamTls>,
 ) -> io::Result<Conn> {
-    if let Some(sender) = server.pool.take(settings.idle_timeout) {
-        return Ok(Conn {
-            sender,
-            reused: true,
-        });
+    if let Some(conn) = server.pool.take(settings.idle_timeout) {
+        return Ok(conn);
     }
-    let sender = dial(
+    dial(
         &server.target,
         &server.name,
         settings.connect_timeout,
         tls,
         settings.resolver,
     )
-    .await?;
-    Ok(Conn {
-        sender,
-        reused: false,
-    })
+    .await
 }
 
 /// Opens a new HTTP/1.1 connection to `target` (`addr`: the entry as written, whose host is
@@ -146,7 +154,7 @@ pub async fn dial(
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
     resolver: Option<std::net::SocketAddr>,
-) -> io::Result<SendRequest<RequestBody>> {
+) -> io::Result<Conn> {
     let connect = async {
         let stream = match target {
             Target::Socket(sa) => TcpStream::connect(sa).await,
@@ -181,12 +189,16 @@ pub async fn dial(
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        reused: false,
+        _task: AbortOnDrop(task.abort_handle()),
+    })
 }
 
 /// Connects to `host:port`, resolving through `resolver` when set (on the blocking pool),
@@ -218,20 +230,16 @@ type Either<A, B> = tokio_util::either::Either<A, B>;
 /// A connection to put back into its server's pool once its response has been read.
 pub struct PoolReturn {
     server: Arc<Server>,
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
     max_idle: usize,
 }
 
 impl PoolReturn {
-    /// Remembers where `sender` goes back to.
-    pub fn new(
-        server: Arc<Server>,
-        sender: SendRequest<RequestBody>,
-        max_idle: usize,
-    ) -> PoolReturn {
+    /// Remembers where `conn` goes back to.
+    pub fn new(server: Arc<Server>, conn: Conn, max_idle: usize) -> PoolReturn {
         PoolReturn {
             server,
-            sender,
+            conn,
             max_idle,
         }
     }
@@ -241,19 +249,19 @@ impl PoolReturn {
         if self.max_idle == 0 {
             return;
         }
-        if self.sender.is_ready() {
-            self.server.pool.put(self.sender, self.max_idle);
+        if self.conn.sender.is_ready() {
+            self.server.pool.put(self.conn, self.max_idle);
             return;
         }
         // The connection task has not yet seen the end of the message: wait for it.
         let PoolReturn {
             server,
-            mut sender,
+            mut conn,
             max_idle,
         } = self;
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                server.pool.put(sender, max_idle);
+            if conn.sender.ready().await.is_ok() {
+                server.pool.put(conn, max_idle);
             }
         });
     }

@@ -254,7 +254,7 @@ pub async fn probe(
     tls: Option<&UpstreamTls>,
 ) -> Result<u16, ProbeError> {
     let attempt = async {
-        let mut sender = client::dial(target, addr, hc.timeout, tls, hc.resolver)
+        let mut conn = client::dial(target, addr, hc.timeout, tls, hc.resolver)
             .await
             .map_err(ProbeError::Connect)?;
         let host = hc.host.as_deref().unwrap_or(addr);
@@ -273,7 +273,11 @@ pub async fn probe(
             header::USER_AGENT,
             HeaderValue::from_static("fairway-health-check"),
         );
-        let resp = sender.send_request(req).await.map_err(ProbeError::Http)?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(ProbeError::Http)?;
         let status = resp.status().as_u16();
         // Read (a bounded part of) the body so the server sees a complete exchange.
         let mut body = resp.into_body();

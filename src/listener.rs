@@ -285,15 +285,18 @@ impl ConnState {
     /// When the watchdog must look again, and what it will find if nothing changes.
     fn next_check(&self, t: &Timeouts) -> (Instant, Verdict) {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            // Look again within header_read_timeout: by then this request may be done and
-            // the next head begun.
-            return (Instant::now() + t.header, Verdict::Busy);
+            // Look again within the shorter limit: by then this request may be done and
+            // the connection idle, or the next head begun.
+            return (Instant::now() + t.header.min(t.idle), Verdict::Busy);
         }
         let head = self.head_since.load(Ordering::Relaxed);
         let h2_served =
             self.is_h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed) > 0;
         if head != NONE && !h2_served {
-            return (self.at(head) + t.header, Verdict::HeadTimeout);
+            // Also look again within the shorter limit: the head may complete, its request
+            // be served and the connection go idle well before this deadline.
+            let deadline = (self.at(head) + t.header).min(Instant::now() + t.header.min(t.idle));
+            return (deadline, Verdict::HeadTimeout);
         }
         self.armed.store(true, Ordering::SeqCst);
         // A head that began between the loads above and arming is caught here.

@@ -262,7 +262,7 @@ struct Attempt<'a> {
     progress: Option<&'a BodyProgress>,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+type Sender = client::Conn;
 
 impl Attempt<'_> {
     async fn run(
@@ -311,15 +311,8 @@ impl Attempt<'_> {
                     upstream.pool.resolver,
                 ))
                 .await
-                .map(|sender| client::Conn {
-                    sender,
-                    reused: false,
-                })
-            } else if let Some(sender) = server.pool.take(upstream.pool.idle_timeout) {
-                Ok(client::Conn {
-                    sender,
-                    reused: true,
-                })
+            } else if let Some(conn) = server.pool.take(upstream.pool.idle_timeout) {
+                Ok(conn)
             } else {
                 // A new connection: the wait counts against max_pending.
                 let Some(_waiting) = PendingGuard::enter(upstream) else {
@@ -337,10 +330,6 @@ impl Attempt<'_> {
                     upstream.pool.resolver,
                 ))
                 .await
-                .map(|sender| client::Conn {
-                    sender,
-                    reused: false,
-                })
             };
             let mut conn = match conn {
                 Ok(c) => c,
@@ -372,7 +361,7 @@ impl Attempt<'_> {
             match result {
                 Ok(Ok(resp)) => {
                     server.health.record_passive_success();
-                    return Ok((resp, guard, conn.sender));
+                    return Ok((resp, guard, conn));
                 }
                 Err(()) => return Err(ProxyError::Timeout),
                 Ok(Err(mut e)) => {
@@ -557,7 +546,13 @@ fn respond(
     let keep = !headers::has_connection_token(&parts.headers, "close");
     headers::strip_hop_by_hop(&mut parts.headers, false);
     let pool =
-        keep.then(|| PoolReturn::new(Arc::clone(guard.server()), sender, upstream.pool.max_idle));
+        // The connection stays with the body either way (dropping it would end its driver
+        // mid-body); only a keep-alive one goes back to the pool afterwards.
+        Some(PoolReturn::new(
+            Arc::clone(guard.server()),
+            sender,
+            if keep { upstream.pool.max_idle } else { 0 },
+        ));
     Ok(Response::from_parts(
         parts,
         Body::Upstream(UpstreamBody::new(

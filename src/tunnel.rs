@@ -15,7 +15,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::RequestBody;
 use crate::server::ActiveGuard;
 
 /// One upgraded connection to run.
@@ -33,8 +32,9 @@ pub struct Tunnel {
     pub stop: CancellationToken,
     /// Keeps the request counted as active on its server.
     pub guard: ActiveGuard,
-    /// Keeps the upstream connection's handle alive until the upgrade completes.
-    pub sender: hyper::client::conn::http1::SendRequest<RequestBody>,
+    /// Keeps the upstream connection (and its driver task) alive until the upgrade
+    /// completes.
+    pub sender: crate::client::Conn,
 }
 
 /// The close frame sent to WebSocket clients at shutdown: status 1001, "going away".
