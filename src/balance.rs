@@ -413,6 +413,7 @@ mod tests {
                 assert_eq!(b, Some(3));
             }
         }
+        println!("ip_hash: adding a 4th server to 3 moved {moved} of 10000 client IPs");
         assert!(moved <= 3000, "moved {moved} of 10000");
         assert!(moved >= 2000, "moved {moved} of 10000");
     }
@@ -436,6 +437,10 @@ mod tests {
             }
         }
         let fair = orphans as f64 / (n - 1) as f64;
+        println!(
+            "ip_hash: removing 1 of {n} servers moved only its {orphans} clients; largest share taken by one server: {} (fair share {fair:.0})",
+            gained.values().max().unwrap_or(&0)
+        );
         assert_eq!(
             gained.len(),
             n - 1,

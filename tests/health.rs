@@ -133,7 +133,8 @@ async fn a_killed_server_costs_no_failed_gets() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let c = TestUpstream::start("c").await;
-    let p = TestProxy::start(&TestProxy::config(&[&a, &b, &c], FAST_CHECKS)).await;
+    let p = TestProxy::start(&with_admin(TestProxy::config(&[&a, &b, &c], FAST_CHECKS))).await;
+    let b_addr = b.addr.to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -161,7 +162,18 @@ async fn a_killed_server_costs_no_failed_gets() {
     })
     .await;
     b.stop();
+    let killed = Instant::now();
     let at_kill = done.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "b marked down", || async {
+        server_healthy(&status(&p).await, &b_addr) == Some(false)
+    })
+    .await;
+    // From then on no request is routed to b: the time from its death to the last
+    // request routed to it.
+    println!(
+        "killed server taken out of rotation {:?} after its death (passive detection, checks every 100 ms)",
+        killed.elapsed()
+    );
     eventually(
         Duration::from_secs(10),
         "traffic after the kill",
@@ -172,6 +184,11 @@ async fn a_killed_server_costs_no_failed_gets() {
     for t in tasks {
         t.await.unwrap();
     }
+    println!(
+        "requests during the kill: {}, failed: {}",
+        done.load(Ordering::SeqCst) - at_kill,
+        failures.load(Ordering::SeqCst)
+    );
     assert_eq!(
         failures.load(Ordering::SeqCst),
         0,
