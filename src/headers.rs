@@ -183,25 +183,32 @@ pub fn has_connection_token(headers: &HeaderMap, token: &str) -> bool {
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
+        // Work on bytes: a token list with obs-text must still have every name it lists
+        // removed (RFC 9110 §7.6.1), even if the value is not valid UTF-8.
         let mut named: Vec<HeaderName> = Vec::new();
+        let mut close = false;
         for v in headers.get_all(header::CONNECTION) {
-            let Ok(s) = v.to_str() else { continue };
-            for t in s.split(',') {
-                let t = t.trim();
+            for t in v.as_bytes().split(|&b| b == b',') {
+                let t = t.trim_ascii();
                 if t.is_empty()
-                    || t.eq_ignore_ascii_case("close")
-                    || t.eq_ignore_ascii_case("keep-alive")
-                    || t.eq_ignore_ascii_case("upgrade")
+                    // Removed below in any case.
+                    || t.eq_ignore_ascii_case(b"keep-alive")
+                    || t.eq_ignore_ascii_case(b"upgrade")
                 {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if let Ok(name) = HeaderName::from_bytes(t) {
                     named.push(name);
                 }
             }
         }
         for name in named {
             headers.remove(name);
+        }
+        if close {
+            headers.remove("close");
         }
         headers.remove(header::CONNECTION);
     }
@@ -335,6 +342,21 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "1"),
         ]);
+        strip_hop_by_hop(&mut m, false);
+        let names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn names_listed_in_connection_go_whatever_the_bytes() {
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-one, \x93, close").unwrap(),
+        );
+        m.insert("x-one", HeaderValue::from_static("1"));
+        m.insert("close", HeaderValue::from_static("1"));
+        m.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut m, false);
         let names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
