@@ -39,17 +39,33 @@ impl AccessLog {
     }
 }
 
+/// How often queued lines are written out. Senders never wake the writer: it collects
+/// what piled up on each tick and writes it in one go, so a busy proxy pays a few writes per
+/// tick instead of a task wake-up and a write per request.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
 async fn write_lines<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<String>, out: W) {
-    let mut out = tokio::io::BufWriter::new(out);
-    while let Some(line) = rx.recv().await {
-        let mut ok = out.write_all(line.as_bytes()).await.is_ok();
-        // Write whatever else is queued before flushing once.
-        while let Ok(more) = rx.try_recv() {
-            ok &= out.write_all(more.as_bytes()).await.is_ok();
+    let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    while open {
+        tick.tick().await;
+        let mut ok = true;
+        loop {
+            match rx.try_recv() {
+                Ok(line) => ok &= out.write_all(line.as_bytes()).await.is_ok(),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
         }
-        if !ok || out.flush().await.is_err() {
-            // stdout is gone: keep draining so that senders never block.
-            continue;
+        // When stdout is gone, lines are still drained so that senders never see a full
+        // queue for that reason.
+        if ok {
+            let _ = out.flush().await;
         }
     }
 }
@@ -107,21 +123,32 @@ impl Entry {
         let upstream = self.upstream.as_deref().unwrap_or("-");
         match self.format {
             AccessFormat::Json => {
-                let mut s = serde_json::json!({
-                    "time": time.to_string(),
-                    "client": self.client.to_string(),
-                    "method": self.method.as_str(),
-                    "path": self.path,
-                    "protocol": version_str(self.version),
-                    "status": self.status,
-                    "bytes": self.bytes,
-                    "upstream": upstream,
-                    "server": server,
-                    "duration": secs(duration),
-                    "attempts": self.attempts,
-                })
-                .to_string();
-                s.push('\n');
+                // Written by hand: building a serde_json::Value per request cost more than
+                // the rest of the line.
+                use std::fmt::Write;
+                let mut s = String::with_capacity(256 + self.path.len());
+                s.push_str("{\"time\":\"");
+                let _ = write!(s, "{time}");
+                let _ = write!(s, "\",\"client\":\"{}\",\"method\":", self.client);
+                push_json_str(&mut s, self.method.as_str());
+                s.push_str(",\"path\":");
+                push_json_str(&mut s, &self.path);
+                let _ = write!(
+                    s,
+                    ",\"protocol\":\"{}\",\"status\":{},\"bytes\":{},\"upstream\":",
+                    version_str(self.version),
+                    self.status,
+                    self.bytes
+                );
+                push_json_str(&mut s, upstream);
+                s.push_str(",\"server\":");
+                push_json_str(&mut s, server);
+                let _ = write!(
+                    s,
+                    ",\"duration\":{:.6},\"attempts\":{}}}\n",
+                    secs(duration),
+                    self.attempts
+                );
                 s
             }
             _ => format!(
@@ -140,6 +167,26 @@ impl Entry {
             ),
         }
     }
+}
+
+/// Appends `v` as a JSON string.
+fn push_json_str(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                use std::fmt::Write;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn secs(d: Duration) -> f64 {
@@ -186,6 +233,16 @@ mod tests {
         assert_eq!(v["attempts"], 1);
         assert!(v["duration"].as_f64().unwrap() >= 0.0);
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let req = Request::get("/a").body(()).unwrap();
+        let mut e = Entry::begin(AccessFormat::Json, &req, "10.0.0.9".parse().unwrap());
+        e.path = "/q?x=\"y\"\\z\u{1}".into();
+        let v: serde_json::Value = serde_json::from_str(e.line().trim()).unwrap();
+        assert_eq!(v["path"], "/q?x=\"y\"\\z\u{1}");
+        assert_eq!(v["server"], "-");
     }
 
     #[test]
