@@ -143,9 +143,9 @@ impl Entry {
                 push_json_str(&mut s, upstream);
                 s.push_str(",\"server\":");
                 push_json_str(&mut s, server);
-                let _ = write!(
+                let _ = writeln!(
                     s,
-                    ",\"duration\":{:.6},\"attempts\":{}}}\n",
+                    ",\"duration\":{:.6},\"attempts\":{}}}",
                     secs(duration),
                     self.attempts
                 );
