@@ -81,8 +81,7 @@ impl http_body::Body for Body {
 pub struct UpstreamBody {
     inner: Incoming,
     pool: Option<PoolReturn>,
-    idle_timeout: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    idle: IdleTimer,
     _active: ActiveGuard,
 }
 
@@ -102,8 +101,7 @@ impl UpstreamBody {
         let mut b = UpstreamBody {
             inner,
             pool,
-            idle_timeout,
-            timer: None,
+            idle: IdleTimer::new(idle_timeout),
             _active: active,
         };
         if http_body::Body::is_end_stream(&b.inner) {
@@ -130,9 +128,7 @@ impl http_body::Body for UpstreamBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = this.timer.as_mut() {
-                    t.as_mut().reset(Instant::now() + this.idle_timeout);
-                }
+                this.idle.moved();
                 if this.inner.is_end_stream() {
                     this.finish();
                 }
@@ -148,18 +144,12 @@ impl http_body::Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let idle = this.idle_timeout;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        // The client's response is cut off; the connection is not reused.
-                        this.pool = None;
-                        Poll::Ready(Some(Err(Box::new(ResponseBodyTimeout))))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if this.idle.poll_expired(cx) {
+                    // The client's response is cut off; the connection is not reused.
+                    this.pool = None;
+                    return Poll::Ready(Some(Err(Box::new(ResponseBodyTimeout))));
                 }
+                Poll::Pending
             }
         }
     }
@@ -170,6 +160,35 @@ impl http_body::Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The longest pause between two frames of a body: armed on the first wait (most bodies
+/// never wait, and never allocate it), pushed back whenever a frame arrives.
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> IdleTimer {
+        IdleTimer { limit, sleep: None }
+    }
+
+    /// A frame arrived.
+    fn moved(&mut self) {
+        if let Some(t) = self.sleep.as_mut() {
+            t.as_mut().reset(Instant::now() + self.limit);
+        }
+    }
+
+    /// Whether the body has now waited longer than the limit (registers the wake-up).
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let t = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        t.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -242,8 +261,7 @@ pub struct ClientBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
-    read_timeout: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    idle: IdleTimer,
     progress: Arc<BodyProgress>,
 }
 
@@ -259,8 +277,7 @@ impl ClientBody {
             inner,
             seen: 0,
             limit: limit.unwrap_or(u64::MAX),
-            read_timeout,
-            timer: None,
+            idle: IdleTimer::new(read_timeout),
             progress,
         }
     }
@@ -291,9 +308,7 @@ impl http_body::Body for RequestBody {
                     }
                     b.progress.touch();
                 }
-                if let Some(t) = b.timer.as_mut() {
-                    t.as_mut().reset(Instant::now() + b.read_timeout);
-                }
+                b.idle.moved();
                 if b.inner.is_end_stream() {
                     b.mark_ended();
                 }
@@ -304,16 +319,10 @@ impl http_body::Body for RequestBody {
                 b.mark_ended();
                 Poll::Ready(None)
             }
-            Poll::Pending => {
-                let timeout = b.read_timeout;
-                let timer = b
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
-                    Poll::Pending => Poll::Pending,
-                }
+            Poll::Pending if b.idle.poll_expired(cx) => {
+                Poll::Ready(Some(Err(Box::new(BodyTimeout))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 

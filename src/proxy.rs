@@ -301,16 +301,7 @@ impl Attempt<'_> {
             let guard = server.begin();
             let conn = if force_fresh {
                 force_fresh = false;
-                // Boxed: dialing (TLS included) is the largest state of a request and the
-                // rarest step with a warm pool, so it is kept out of every request's future.
-                Box::pin(client::dial(
-                    &server.target,
-                    &server.name,
-                    upstream.pool.connect_timeout,
-                    upstream.tls.as_deref(),
-                    upstream.pool.resolver,
-                ))
-                .await
+                dial(server, upstream).await
             } else if let Some(conn) = server.pool.take(upstream.pool.idle_timeout) {
                 Ok(conn)
             } else {
@@ -320,16 +311,7 @@ impl Attempt<'_> {
                         "max_pending requests already wait for a connection",
                     ));
                 };
-                // Boxed: dialing (TLS included) is the largest state of a request and the
-                // rarest step with a warm pool, so it is kept out of every request's future.
-                Box::pin(client::dial(
-                    &server.target,
-                    &server.name,
-                    upstream.pool.connect_timeout,
-                    upstream.tls.as_deref(),
-                    upstream.pool.resolver,
-                ))
-                .await
+                dial(server, upstream).await
             };
             let mut conn = match conn {
                 Ok(c) => c,
@@ -470,6 +452,19 @@ fn passive_failure(upstream: &Upstream, server: &Arc<Server>, reason: &str) {
             }
         });
     }
+}
+
+/// A new connection to `server`. Boxed: dialing (TLS included) is the largest state of a
+/// request and the rarest step with a warm pool, so it is kept out of every request's future.
+async fn dial(server: &Server, upstream: &Upstream) -> std::io::Result<client::Conn> {
+    Box::pin(client::dial(
+        &server.target,
+        &server.name,
+        upstream.pool.connect_timeout,
+        upstream.tls.as_deref(),
+        upstream.pool.resolver,
+    ))
+    .await
 }
 
 /// A request waiting for a new upstream connection, counted against `max_pending`.
