@@ -118,7 +118,7 @@ impl Entry {
     /// The line to write, newline included.
     pub fn line(&self) -> String {
         let duration = self.start.elapsed();
-        let time = humantime::format_rfc3339_millis(self.time);
+        let time = Rfc3339Millis(self.time);
         let server = self.server.as_deref().unwrap_or("-");
         let upstream = self.upstream.as_deref().unwrap_or("-");
         match self.format {
@@ -166,6 +166,35 @@ impl Entry {
                 self.attempts
             ),
         }
+    }
+}
+
+/// `2026-11-29T01:10:00.123Z`. The date and time of day are formatted once per second per
+/// thread; most lines only add their milliseconds.
+struct Rfc3339Millis(SystemTime);
+
+impl std::fmt::Display for Rfc3339Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::cell::RefCell;
+        thread_local! {
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        let since = self
+            .0
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        SECOND.with(|cache| {
+            let mut c = cache.borrow_mut();
+            if c.0 != secs {
+                let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+                // "YYYY-MM-DDTHH:MM:SS" of "…SSZ".
+                let full = humantime::format_rfc3339_seconds(t).to_string();
+                c.1 = full.trim_end_matches('Z').to_owned();
+                c.0 = secs;
+            }
+            write!(f, "{}.{:03}Z", c.1, since.subsec_millis())
+        })
     }
 }
 
@@ -233,6 +262,20 @@ mod tests {
         assert_eq!(v["attempts"], 1);
         assert!(v["duration"].as_f64().unwrap() >= 0.0);
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        assert_eq!(
+            Rfc3339Millis(t).to_string(),
+            humantime::format_rfc3339_millis(t).to_string()
+        );
+        let t2 = t + Duration::from_millis(1_500);
+        assert_eq!(
+            Rfc3339Millis(t2).to_string(),
+            humantime::format_rfc3339_millis(t2).to_string()
+        );
     }
 
     #[test]
