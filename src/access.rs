@@ -1,71 +1,101 @@
 //! The access log (`[log] access`): one line per request on stdout, formatted on the
-//! request's task when its response ends and handed to a writer task over a bounded channel.
-//! When the writer falls behind, lines are dropped and counted in
-//! `fairway_access_log_dropped_total`; the request path never waits on stdout.
+//! request's task when its response ends and appended to a bounded buffer that a writer
+//! task writes out every 50 ms. When the writer falls behind, lines are dropped and counted
+//! in `fairway_access_log_dropped_total`; the request path never waits on stdout.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Version};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::AccessFormat;
 use crate::metrics::Metrics;
 
-/// Lines buffered between the request path and the writer.
-pub const CHANNEL_LINES: usize = 16 * 1024;
+/// Bytes of lines held between two writes; past it, lines are dropped and counted.
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
 
-/// The sending side, held by the shared state.
-#[derive(Debug, Clone)]
+/// How often queued lines are written out. Requests only append to a shared buffer; the
+/// writer swaps it out on each tick and writes it in one go, so a busy proxy pays a few
+/// writes per tick instead of a task wake-up and a write per request.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// The request side of the access log, held by the shared state. Dropping it lets the
+/// writer write what is left and stop.
+#[derive(Debug)]
 pub struct AccessLog {
-    tx: mpsc::Sender<String>,
+    inner: Arc<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    buf: Mutex<Vec<u8>>,
+    closed: AtomicBool,
 }
 
 impl AccessLog {
-    /// Starts the writer task on stdout; it ends when every sender is gone.
+    /// Starts the writer task on stdout.
     pub fn start() -> AccessLog {
-        let (tx, rx) = mpsc::channel(CHANNEL_LINES);
-        tokio::spawn(write_lines(rx, tokio::io::stdout()));
-        AccessLog { tx }
+        AccessLog::to(tokio::io::stdout())
     }
 
-    /// Queues a line, or drops and counts it when the queue is full.
-    pub fn send(&self, line: String, metrics: &Metrics) {
-        if self.tx.try_send(line).is_err() {
-            metrics.access_log_dropped.inc();
+    fn to<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(out: W) -> AccessLog {
+        let inner = Arc::new(Pending::default());
+        tokio::spawn(write_lines(Arc::clone(&inner), out));
+        AccessLog { inner }
+    }
+
+    /// Queues the line of `entry`, or drops and counts it when the writer is that far
+    /// behind. Formats into a per-thread buffer: no allocation per line.
+    pub fn send(&self, entry: &Entry, metrics: &Metrics) {
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            entry.write_line(&mut line);
+            let mut buf = self.inner.buf.lock().unwrap_or_else(|e| e.into_inner());
+            if buf.len() + line.len() > MAX_PENDING_BYTES {
+                drop(buf);
+                metrics.access_log_dropped.inc();
+            } else {
+                buf.extend_from_slice(line.as_bytes());
+            }
+        });
     }
 }
 
-/// How often queued lines are written out. Senders never wake the writer: it collects
-/// what piled up on each tick and writes it in one go, so a busy proxy pays a few writes per
-/// tick instead of a task wake-up and a write per request.
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+    }
+}
 
-async fn write_lines<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<String>, out: W) {
-    let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
+async fn write_lines<W: tokio::io::AsyncWrite + Unpin>(pending: Arc<Pending>, mut out: W) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut open = true;
-    while open {
+    let mut spare: Vec<u8> = Vec::new();
+    loop {
         tick.tick().await;
-        let mut ok = true;
-        loop {
-            match rx.try_recv() {
-                Ok(line) => ok &= out.write_all(line.as_bytes()).await.is_ok(),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
+        let closed = pending.closed.load(Ordering::Relaxed);
+        {
+            let mut buf = pending.buf.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *buf, &mut spare);
         }
-        // When stdout is gone, lines are still drained so that senders never see a full
-        // queue for that reason.
-        if ok {
-            let _ = out.flush().await;
+        if !spare.is_empty() {
+            // When stdout is gone the lines are dropped, so the buffer never fills for that
+            // reason.
+            if out.write_all(&spare).await.is_ok() {
+                let _ = out.flush().await;
+            }
+            spare.clear();
+        }
+        if closed {
+            return;
         }
     }
 }
@@ -77,7 +107,7 @@ pub struct Entry {
     time: SystemTime,
     start: Instant,
     method: Method,
-    path: String,
+    uri: http::Uri,
     version: Version,
     /// Status sent.
     pub status: u16,
@@ -101,10 +131,7 @@ impl Entry {
             time: SystemTime::now(),
             start: Instant::now(),
             method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
+            uri: req.uri().clone(),
             version: req.version(),
             status: 0,
             bytes: 0,
@@ -117,6 +144,22 @@ impl Entry {
 
     /// The line to write, newline included.
     pub fn line(&self) -> String {
+        let mut s = String::new();
+        self.write_line(&mut s);
+        s
+    }
+
+    /// The request target as received (path and query).
+    fn path(&self) -> &str {
+        self.uri
+            .path_and_query()
+            .map_or_else(|| self.uri.path(), |p| p.as_str())
+    }
+
+    /// Appends the line, newline included.
+    pub fn write_line(&self, s: &mut String) {
+        use std::fmt::Write;
+        let path = self.path();
         let duration = self.start.elapsed();
         let time = Rfc3339Millis(self.time);
         let server = self.server.as_deref().unwrap_or("-");
@@ -125,14 +168,14 @@ impl Entry {
             AccessFormat::Json => {
                 // Written by hand: building a serde_json::Value per request cost more than
                 // the rest of the line.
-                use std::fmt::Write;
-                let mut s = String::with_capacity(256 + self.path.len());
-                s.push_str("{\"time\":\"");
-                let _ = write!(s, "{time}");
-                let _ = write!(s, "\",\"client\":\"{}\",\"method\":", self.client);
-                push_json_str(&mut s, self.method.as_str());
+                let _ = write!(
+                    s,
+                    "{{\"time\":\"{time}\",\"client\":\"{}\",\"method\":",
+                    self.client
+                );
+                push_json_str(s, self.method.as_str());
                 s.push_str(",\"path\":");
-                push_json_str(&mut s, &self.path);
+                push_json_str(s, path);
                 let _ = write!(
                     s,
                     ",\"protocol\":\"{}\",\"status\":{},\"bytes\":{},\"upstream\":",
@@ -140,31 +183,33 @@ impl Entry {
                     self.status,
                     self.bytes
                 );
-                push_json_str(&mut s, upstream);
+                push_json_str(s, upstream);
                 s.push_str(",\"server\":");
-                push_json_str(&mut s, server);
+                push_json_str(s, server);
                 let _ = writeln!(
                     s,
                     ",\"duration\":{:.6},\"attempts\":{}}}",
                     secs(duration),
                     self.attempts
                 );
-                s
             }
-            _ => format!(
-                "{} - - [{}] \"{} {} {}\" {} {} upstream={} server={} duration={:.6} attempts={}\n",
-                self.client,
-                time,
-                self.method,
-                self.path,
-                version_str(self.version),
-                self.status,
-                self.bytes,
-                upstream,
-                server,
-                secs(duration),
-                self.attempts
-            ),
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "{} - - [{}] \"{} {} {}\" {} {} upstream={} server={} duration={:.6} attempts={}",
+                    self.client,
+                    time,
+                    self.method,
+                    path,
+                    version_str(self.version),
+                    self.status,
+                    self.bytes,
+                    upstream,
+                    server,
+                    secs(duration),
+                    self.attempts
+                );
+            }
         }
     }
 }
@@ -280,11 +325,13 @@ mod tests {
 
     #[test]
     fn json_strings_are_escaped() {
-        let req = Request::get("/a").body(()).unwrap();
-        let mut e = Entry::begin(AccessFormat::Json, &req, "10.0.0.9".parse().unwrap());
-        e.path = "/q?x=\"y\"\\z\u{1}".into();
+        let req = Request::get("/q?x=%22y%22&z=\\").body(()).unwrap();
+        let e = Entry::begin(AccessFormat::Json, &req, "10.0.0.9".parse().unwrap());
         let v: serde_json::Value = serde_json::from_str(e.line().trim()).unwrap();
-        assert_eq!(v["path"], "/q?x=\"y\"\\z\u{1}");
+        assert_eq!(v["path"], "/q?x=%22y%22&z=\\");
+        let mut out = String::new();
+        push_json_str(&mut out, "a\"b\\c\u{1}\n");
+        assert_eq!(out, "\"a\\\"b\\\\c\\u0001\\n\"");
         assert_eq!(v["server"], "-");
     }
 
@@ -302,18 +349,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writer_writes_queued_lines() {
-        let (tx, rx) = mpsc::channel(4);
-        let (w, mut r) = tokio::io::duplex(1024);
-        let task = tokio::spawn(write_lines(rx, w));
-        tx.send("a\n".into()).await.unwrap();
-        tx.send("b\n".into()).await.unwrap();
-        drop(tx);
-        task.await.unwrap();
+    async fn queued_lines_are_written_and_the_rest_is_dropped_and_counted() {
+        let (w, mut r) = tokio::io::duplex(1 << 20);
+        let log = AccessLog::to(w);
+        let metrics = Metrics::new();
+        let a = entry(AccessFormat::Common);
+        log.send(&a, &metrics);
+        log.send(&a, &metrics);
+        // Pretend the writer is far behind.
+        log.inner
+            .buf
+            .lock()
+            .unwrap()
+            .resize(MAX_PENDING_BYTES, b'-');
+        log.send(&a, &metrics);
+        assert_eq!(metrics.access_log_dropped.get(), 1);
+        log.inner.buf.lock().unwrap().truncate(2 * a.line().len());
+        drop(log);
         let mut out = String::new();
         tokio::io::AsyncReadExt::read_to_string(&mut r, &mut out)
             .await
             .unwrap();
-        assert_eq!(out, "a\nb\n");
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(
+            out.lines()
+                .all(|l| l.contains("\"GET /a?b=1 HTTP/1.1\" 200 12"))
+        );
     }
 }

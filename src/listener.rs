@@ -401,7 +401,7 @@ pub struct ConnBody {
 impl Drop for ConnBody {
     fn drop(&mut self) {
         if let Some((entry, shared)) = self.access.take() {
-            shared.access_log.send(entry.line(), &shared.metrics);
+            shared.access_log.send(&entry, &shared.metrics);
         }
     }
 }
