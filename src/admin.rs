@@ -27,18 +27,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _peer)) = crate::listener::accept(&listener, &stop, "admin").await {
         let shared = Arc::clone(&shared);
         let builder = Arc::clone(&builder);
         tokio::spawn(async move {

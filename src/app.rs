@@ -181,10 +181,17 @@ pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
     }
 }
 
+/// A periodic tick for background tasks; a late tick delays the next ones instead of
+/// bursting to catch up.
+pub(crate) fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Closes pooled connections that have been idle past `pool_idle_timeout`.
 async fn sweep_pools(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = ticker(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,

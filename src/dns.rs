@@ -93,8 +93,7 @@ pub fn resolve_missing(cfg: &Config, known: &Resolved, metrics: &Metrics) -> Res
 /// applies changed address sets. Ends at shutdown.
 pub async fn run(shared: Arc<Shared>) {
     let mut last: HashMap<String, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = crate::app::ticker(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,

@@ -53,40 +53,27 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             return;
         }
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Past max_connections: accepted and closed at once, with no answer
-                // (CONTRACT §7), so the backlog does not fill with clients left waiting.
-                let max = shared.runtime.load().config.server.max_connections;
-                if shared.metrics.connections_active.get() >= max as i64 {
-                    shared.metrics.connections_rejected.inc();
-                    drop(stream);
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
-                let info = ConnInfo {
-                    peer,
-                    local,
-                    proto: "http",
-                };
-                let count = ConnCount::new(&shared);
-                let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(async move {
-                    serve_accepted(stream, info, shared2).await;
-                    drop(count);
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, listen = %local, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    while let Some((stream, peer)) = accept(&listener, &stop, "client").await {
+        // Past max_connections: accepted and closed at once, with no answer
+        // (CONTRACT §7), so the backlog does not fill with clients left waiting.
+        let max = shared.runtime.load().config.server.max_connections;
+        if shared.metrics.connections_active.get() >= max as i64 {
+            shared.metrics.connections_rejected.inc();
+            drop(stream);
+            continue;
         }
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            peer,
+            local,
+            proto: "http",
+        };
+        let count = ConnCount::new(&shared);
+        let shared2 = Arc::clone(&shared);
+        shared.tracker.spawn(async move {
+            serve_accepted(stream, info, shared2).await;
+            drop(count);
+        });
     }
     tracing::debug!(listen = %local, "stopped accepting");
 }
@@ -151,20 +138,30 @@ async fn serve_tls(
     }
 }
 
-/// `redirect_http`: answers every request with 308 to the same host and path over https.
-pub async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// Waits for the next connection, or `None` once `stop` fires. Accept errors (EMFILE and
+/// friends) are logged and backed off from instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+        tokio::select! {
+            _ = stop.cancelled() => return None,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => return Some(x),
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on redirect_http");
+                    tracing::warn!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
+        }
+    }
+}
+
+/// `redirect_http`: answers every request with 308 to the same host and path over https.
+pub async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    while let Some((stream, _)) = accept(&listener, &stop, "redirect_http").await {
         let shared = Arc::clone(&shared);
         shared.tracker.clone().spawn(async move {
             let mut b = auto::Builder::new(TokioExecutor::new());

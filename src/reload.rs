@@ -177,8 +177,7 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
     let mut watched = vec![dir];
     tokio::spawn(async move {
         let mut watcher = watcher;
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::app::ticker(POLL);
         let identities = |shared: &Shared| {
             std::iter::once(shared.config_path.clone())
                 .chain(extra_files(shared))
