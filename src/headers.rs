@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
@@ -178,6 +179,23 @@ pub fn has_connection_token(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// Copies every value of `headers` into one allocation of their own, so that keeping a
+/// value no longer keeps alive the read buffer it was parsed from.
+pub fn detach_values(headers: &mut HeaderMap) {
+    let total: usize = headers.values().map(|v| v.len()).sum();
+    let mut buf = BytesMut::with_capacity(total);
+    for v in headers.values_mut() {
+        let sensitive = v.is_sensitive();
+        buf.extend_from_slice(v.as_bytes());
+        let bytes = buf.split().freeze();
+        // The bytes were a valid header value a moment ago.
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(bytes) {
+            copy.set_sensitive(sensitive);
+            *v = copy;
+        }
+    }
+}
+
 /// Removes hop-by-hop headers: `Connection` and the headers it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`,
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
@@ -227,6 +245,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn detached_values_keep_nothing_of_the_buffer_they_came_from() {
+        let buf = Bytes::from(vec![b'v'; 64 * 1024]);
+        let range = buf.as_ptr_range();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-a",
+            HeaderValue::from_maybe_shared(buf.slice(10..20)).unwrap(),
+        );
+        h.append(
+            "x-a",
+            HeaderValue::from_maybe_shared(buf.slice(30..33)).unwrap(),
+        );
+        let mut secret = HeaderValue::from_maybe_shared(buf.slice(40..48)).unwrap();
+        secret.set_sensitive(true);
+        h.insert("authorization", secret);
+        detach_values(&mut h);
+        for v in h.values() {
+            assert!(
+                !range.contains(&v.as_bytes().as_ptr()),
+                "still in the buffer"
+            );
+        }
+        let a: Vec<&[u8]> = h.get_all("x-a").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(a, [&b"vvvvvvvvvv"[..], b"vvv"]);
+        assert_eq!(h["authorization"].as_bytes(), b"vvvvvvvv");
+        assert!(h["authorization"].is_sensitive());
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()

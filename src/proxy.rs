@@ -235,7 +235,13 @@ async fn forward(
         replayable,
         progress: (!replayable).then_some(&*progress),
     };
-    let (resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
+    let (mut resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
+    if parts.version == Version::HTTP_2 {
+        // HPACK keeps header values in its table for the connection's life; values parsed
+        // by hyper are slices of the upstream connection's read buffer, which would pin
+        // that whole buffer (up to hundreds of KiB) per table entry.
+        headers::detach_values(resp.headers_mut());
+    }
     respond(resp, guard, sender, upstream, client_upgrade, rt, shared)
 }
 
