@@ -134,6 +134,9 @@ impl App {
         *shared.listeners.lock().unwrap_or_else(|e| e.into_inner()) = listeners;
         reconcile_checkers(&shared, &shared.runtime.load_full());
         tokio::spawn(sweep_pools(Arc::clone(&shared)));
+        if let Some(&release) = MEMORY_RELEASE.get() {
+            tokio::spawn(release_memory(Arc::clone(&shared), release));
+        }
         reload::spawn_watcher(Arc::clone(&shared));
         tokio::spawn(crate::dns::run(Arc::clone(&shared)));
         Ok(AppHandle { shared })
@@ -201,6 +204,33 @@ async fn sweep_pools(shared: Arc<Shared>) {
         for (u, s) in rt.servers() {
             s.pool.evict_expired(u.pool.idle_timeout);
         }
+    }
+}
+
+/// How often the allocator is asked to hand free memory back to the kernel.
+pub const MEMORY_RELEASE_PERIOD: Duration = Duration::from_secs(5);
+
+static MEMORY_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers a function that hands the allocator's free memory back to the kernel (the
+/// binary's is glibc's `malloc_trim`). Every app started afterwards calls it every
+/// [`MEMORY_RELEASE_PERIOD`] on a blocking thread, like HAProxy trims its pools: glibc keeps
+/// memory freed by other threads' arenas, so after a burst of connections RSS would
+/// otherwise stay at its high-water mark. The first registration wins.
+pub fn release_memory_with(release: fn()) {
+    let _ = MEMORY_RELEASE.set(release);
+}
+
+async fn release_memory(shared: Arc<Shared>, release: fn()) {
+    let mut tick = ticker(MEMORY_RELEASE_PERIOD);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Walks every arena: kept off the runtime's worker threads.
+        let _ = tokio::task::spawn_blocking(release).await;
     }
 }
 

@@ -58,7 +58,70 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Hands glibc's free heap pages back to the kernel once a burst is over. glibc keeps memory
+/// freed into its per-thread arenas, so after a burst of connections RSS would otherwise stay
+/// at its high-water mark. Under steady load freed memory is soon reused and trimming it would
+/// only cost page faults (and `malloc_trim` holds each arena's lock while it walks it), so
+/// the trim runs only when more memory is free than in use and RSS has grown by at least
+/// [`heap::SLACK`] beyond live memory since the last trim.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod heap {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Growth of retained memory (RSS minus heap in use) that is worth a trim.
+    pub const SLACK: usize = 4 << 20;
+
+    /// Retained memory right after the last trim.
+    static RETAINED_AFTER_TRIM: AtomicUsize = AtomicUsize::new(0);
+
+    /// glibc's `struct mallinfo2`.
+    #[repr(C)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+
+    unsafe extern "C" {
+        fn mallinfo2() -> MallInfo2;
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+
+    fn rss_bytes() -> Option<usize> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    pub fn trim_after_burst() {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+        let m = unsafe { mallinfo2() };
+        let (free, used) = (m.fordblks, m.uordblks + m.hblkhd);
+        let Some(rss) = rss_bytes() else { return };
+        let retained = rss.saturating_sub(used);
+        if free <= used || retained < RETAINED_AFTER_TRIM.load(Ordering::Relaxed) + SLACK {
+            return;
+        }
+        // SAFETY: malloc_trim takes no pointers and only releases memory malloc holds free.
+        unsafe {
+            malloc_trim(0);
+        }
+        let after = rss_bytes().map_or(retained, |r| r.saturating_sub(used));
+        RETAINED_AFTER_TRIM.store(after, Ordering::Relaxed);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fairway::app::release_memory_with(heap::trim_after_burst);
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Check { probe } => check(&cli.config, probe),
