@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::process::free_port;
 use common::*;
 use http::{Method, Request};
 use http_body_util::Full;
@@ -1398,12 +1399,6 @@ struct Fairway {
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     stderr: Arc<Mutex<String>>,
     addr: SocketAddr,
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 impl Fairway {

@@ -2,6 +2,7 @@
 //! ephemeral loopback ports, a small HTTP client, and `eventually` to poll for a condition.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -516,7 +517,12 @@ where
 
 /// Resident set size of this process in bytes (tests run the proxy in-process).
 pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_bytes_of("self")
+}
+
+/// Resident set size of process `pid` ("self" for this one) in bytes; 0 if unreadable.
+pub fn rss_bytes_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
