@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,15 +31,29 @@ pub struct PoolSettings {
     pub resolver: Option<std::net::SocketAddr>,
 }
 
-/// Idle keep-alive connections to one server, most recently used last.
-#[derive(Default)]
+/// Idle keep-alive connections to one server, most recently used last: one share per
+/// connection worker (see [`crate::workers`]), so that a request takes a connection whose
+/// driver runs on its own thread.
 pub struct Pool {
-    idle: Mutex<VecDeque<Idle>>,
+    shards: Box<[Mutex<VecDeque<Idle>>]>,
+    /// Idle connections in all shares, which `max_idle_per_server` bounds.
+    total: AtomicUsize,
 }
 
 struct Idle {
     conn: Conn,
     since: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let n = *SHARDS.get_or_init(crate::workers::default_count);
+        Pool {
+            shards: (0..n).map(|_| Mutex::default()).collect(),
+            total: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl fmt::Debug for Pool {
@@ -52,16 +67,23 @@ impl fmt::Debug for Pool {
 impl Pool {
     /// Number of idle connections held.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |q| q.len())
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// This thread's share.
+    fn shard(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.shards[crate::workers::current() % self.shards.len()]
     }
 
     /// The most recently used idle connection that is still open and young enough.
     pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
         let now = Instant::now();
-        let mut q = self.idle.lock().ok()?;
+        let mut q = self.shard().lock().ok()?;
         while let Some(idle) = q.pop_back() {
+            self.total.fetch_sub(1, Ordering::Relaxed);
             if now.duration_since(idle.since) >= idle_timeout {
                 // Everything older is expired too.
+                self.total.fetch_sub(q.len(), Ordering::Relaxed);
                 q.clear();
                 return None;
             }
@@ -74,18 +96,25 @@ impl Pool {
         None
     }
 
+    /// Keeps `conn` in this thread's share. All shares together hold at most `max_idle`:
+    /// past it this share's oldest connection makes room, or, with none here, `conn` is
+    /// closed.
     fn put(&self, conn: Conn, max_idle: usize) {
         if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
-        if let Ok(mut q) = self.idle.lock() {
-            while q.len() >= max_idle {
-                q.pop_front();
+        if let Ok(mut q) = self.shard().lock() {
+            while self.total.load(Ordering::Relaxed) >= max_idle {
+                if q.pop_front().is_none() {
+                    return;
+                }
+                self.total.fetch_sub(1, Ordering::Relaxed);
             }
             q.push_back(Idle {
                 conn,
                 since: Instant::now(),
             });
+            self.total.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -93,11 +122,14 @@ impl Pool {
     /// connection task).
     pub fn evict_expired(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        if let Ok(mut q) = self.idle.lock() {
-            while q.front().is_some_and(|i| {
-                i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
-            }) {
-                q.pop_front();
+        for shard in &self.shards {
+            if let Ok(mut q) = shard.lock() {
+                while q.front().is_some_and(|i| {
+                    i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
+                }) {
+                    q.pop_front();
+                    self.total.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
