@@ -97,25 +97,36 @@ impl Pool {
     }
 
     /// Keeps `conn` in this thread's share. All shares together hold at most `max_idle`:
-    /// past it this share's oldest connection makes room, or, with none here, `conn` is
-    /// closed.
+    /// past it the oldest connection of this share makes room, else the oldest of another
+    /// one (a share that is busy at that moment is skipped; with no room made, `conn` is
+    /// closed).
     fn put(&self, conn: Conn, max_idle: usize) {
         if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
-        if let Ok(mut q) = self.shard().lock() {
-            while self.total.load(Ordering::Relaxed) >= max_idle {
-                if q.pop_front().is_none() {
-                    return;
-                }
-                self.total.fetch_sub(1, Ordering::Relaxed);
+        let mine = crate::workers::current() % self.shards.len();
+        let Ok(mut q) = self.shards[mine].lock() else {
+            return;
+        };
+        while self.total.load(Ordering::Relaxed) >= max_idle {
+            let evicted = q.pop_front().is_some() || self.evict_oldest_except(mine);
+            if !evicted {
+                return;
             }
-            q.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
-            self.total.fetch_add(1, Ordering::Relaxed);
+            self.total.fetch_sub(1, Ordering::Relaxed);
         }
+        q.push_back(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Closes the oldest idle connection of a share other than `mine` that is not locked.
+    fn evict_oldest_except(&self, mine: usize) -> bool {
+        self.shards.iter().enumerate().any(|(i, shard)| {
+            i != mine && shard.try_lock().is_ok_and(|mut q| q.pop_front().is_some())
+        })
     }
 
     /// Closes idle connections older than `idle_timeout` (dropping the sender ends the

@@ -36,7 +36,7 @@ struct Bound {
     /// As bound.
     local: SocketAddr,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// The client listeners and the admin listener.
@@ -126,17 +126,18 @@ impl ListenerSet {
                     }
                 }
                 Some(std_listener) => {
-                    let l = tokio::net::TcpListener::from_std(std_listener)?;
-                    let local = l.local_addr()?;
+                    let local = std_listener.local_addr()?;
                     let stop = shared.stop.child_token();
-                    let task =
-                        tokio::spawn(listener::accept_loop(l, Arc::clone(shared), stop.clone()));
+                    let (s, st) = (Arc::clone(shared), stop.clone());
+                    let tasks = shared.workers.accept_on(std_listener, move |l| {
+                        listener::accept_loop(l, Arc::clone(&s), st.clone())
+                    })?;
                     tracing::info!(listen = %local, "accepting client connections");
                     self.client.push(Bound {
                         configured,
                         local,
                         stop,
-                        task,
+                        tasks,
                     });
                 }
             }
@@ -180,7 +181,7 @@ impl ListenerSet {
             .chain(self.redirect.take())
         {
             b.stop.cancel();
-            tasks.push(b.task);
+            tasks.extend(b.tasks);
         }
         tasks
     }
@@ -216,7 +217,7 @@ fn commit_single(
                 configured,
                 local,
                 stop,
-                task,
+                tasks: vec![task],
             }))
         }
         None => {

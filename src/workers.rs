@@ -1,11 +1,14 @@
 //! Connection workers: a fixed set of threads, each running its own single-threaded tokio
-//! runtime. An accepted client connection is handed to the worker serving the fewest
-//! connections (HAProxy hands connections to its least loaded thread the same way) and
-//! stays there with everything it starts: its requests, their upstream connections and
-//! tunnels. A request then never wakes another thread, and each worker keeps its own share
-//! of every upstream pool (see [`crate::client::Pool`]).
+//! runtime. Every worker accepts on every client listener (like Nginx's worker processes)
+//! and serves what it accepts itself, unless it already serves clearly more connections
+//! than the least busy worker: then the connection goes there (as HAProxy hands
+//! connections to its least loaded thread), so that a burst of connects that one worker
+//! wins does not leave the others idle. A connection stays on its worker with everything
+//! it starts: its requests, their upstream connections and tunnels. A request then never
+//! wakes another thread, and each worker keeps its own share of every upstream pool (see
+//! [`crate::client::Pool`]).
 //!
-//! `server.workers = 0` serves connections on the runtime that accepted them instead.
+//! `server.workers = 0` accepts and serves on the runtime that started the proxy instead.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -13,7 +16,8 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,9 +50,25 @@ struct Worker {
 /// Counts a connection on its worker while it is served.
 struct Load(Arc<AtomicUsize>);
 
+impl Load {
+    fn on(worker: &Worker) -> Load {
+        worker.load.fetch_add(1, Ordering::Relaxed);
+        Load(Arc::clone(&worker.load))
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Worker {
+    fn spawn<F>(&self, f: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.handle.spawn(f)
     }
 }
 
@@ -86,32 +106,74 @@ impl Workers {
         self.workers.len()
     }
 
-    /// Serves `stream` with `serve` on the least loaded worker (on the current runtime
-    /// without workers), as a task of `tracker`.
+    /// Runs `accept` on every worker, each with its own handle on `listener` (on the
+    /// current runtime without workers). Whichever worker is free first takes the next
+    /// connection and serves it.
+    pub fn accept_on<F, Fut>(
+        &self,
+        listener: std::net::TcpListener,
+        accept: F,
+    ) -> io::Result<Vec<JoinHandle<()>>>
+    where
+        F: Fn(TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.workers.is_empty() {
+            return Ok(vec![tokio::spawn(accept(TcpListener::from_std(listener)?))]);
+        }
+        let mut tasks = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let own = listener.try_clone()?;
+            let accept = accept.clone();
+            tasks.push(w.spawn(async move {
+                match TcpListener::from_std(own) {
+                    Ok(l) => accept(l).await,
+                    Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+                }
+            }));
+        }
+        Ok(tasks)
+    }
+
+    /// Serves a connection accepted on this thread, as a task of `tracker`: here, or on the
+    /// least busy worker when this one serves more than an eighth (and at least two) more
+    /// connections than it.
     pub fn serve<F, Fut>(&self, tracker: &TaskTracker, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(w) = self
-            .workers
-            .iter()
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))
-        else {
+        let Some(here) = self.workers.get(current()) else {
             tracker.spawn(serve(stream));
             return;
         };
-        // Moved to the worker's reactor: deregistered here, registered there.
+        let least = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+            .unwrap_or(here);
+        let (mine, theirs) = (
+            here.load.load(Ordering::Relaxed),
+            least.load.load(Ordering::Relaxed),
+        );
+        if mine < theirs + 2 + theirs / 8 {
+            let load = Load::on(here);
+            tracker.spawn(async move {
+                let _load = load;
+                serve(stream).await;
+            });
+            return;
+        }
+        // Moved to the other worker's reactor: deregistered here, registered there.
         let std = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot hand a connection to a worker");
+                tracing::debug!(error = %e, "cannot hand a connection to another worker");
                 return;
             }
         };
-        w.load.fetch_add(1, Ordering::Relaxed);
-        let load = Load(Arc::clone(&w.load));
-        w.handle.spawn(tracker.track_future(async move {
+        let load = Load::on(least);
+        least.spawn(tracker.track_future(async move {
             let _load = load;
             match TcpStream::from_std(std) {
                 Ok(stream) => serve(stream).await,
@@ -144,58 +206,89 @@ impl Drop for Workers {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn connections_go_to_the_least_loaded_worker_and_run_there() {
-        let workers = Workers::start(2).unwrap();
-        let tracker = TaskTracker::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// Accepts connections on `workers` and reports the thread that served each.
+    async fn served_on(workers: &Workers, connections: usize) -> Vec<String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut clients = Vec::new();
-        let mut ran_on = Vec::new();
-        for _ in 0..4 {
-            clients.push(TcpStream::connect(addr).await.unwrap());
-            let (stream, _) = listener.accept().await.unwrap();
-            let tx = tx.clone();
-            workers.serve(&tracker, stream, move |s| async move {
-                let name = std::thread::current().name().map(str::to_owned);
-                tx.send((current(), name)).unwrap();
-                // Held open until the test ends, so that the load stays counted.
-                std::future::pending::<()>().await;
-                drop(s);
-            });
-            ran_on.push(rx.recv().await.unwrap());
+        let tasks = workers
+            .accept_on(listener, move |l| {
+                let tx = tx.clone();
+                async move {
+                    while let Ok((s, _)) = l.accept().await {
+                        let name = std::thread::current().name().map(str::to_owned);
+                        tx.send((current(), name.unwrap_or_default())).unwrap();
+                        drop(s);
+                    }
+                }
+            })
+            .unwrap();
+        assert_eq!(tasks.len(), workers.count().max(1));
+        let mut seen = Vec::new();
+        for _ in 0..connections {
+            let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (index, name) = rx.recv().await.unwrap();
+            if name.starts_with("fairway-worker-") {
+                assert_eq!(name, format!("fairway-worker-{index}"));
+            }
+            seen.push(name);
         }
-        let loads: Vec<usize> = workers
-            .workers
-            .iter()
-            .map(|w| w.load.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(loads, [2, 2]);
-        ran_on.sort();
-        let names: Vec<(usize, Option<String>)> = [0, 0, 1, 1]
-            .into_iter()
-            .map(|i| (i, Some(format!("fairway-worker-{i}"))))
-            .collect();
-        assert_eq!(ran_on, names);
-        workers.stop();
+        for t in tasks {
+            t.abort();
+        }
+        seen
     }
 
     #[tokio::test]
-    async fn without_workers_connections_run_on_the_current_runtime() {
-        let workers = Workers::start(0).unwrap();
-        let tracker = TaskTracker::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
+    async fn every_worker_accepts_and_serves_on_its_own_thread() {
+        let workers = Workers::start(2).unwrap();
+        let seen = served_on(&workers, 20).await;
+        assert!(
+            seen.iter().all(|n| n.starts_with("fairway-worker-")),
+            "{seen:?}"
+        );
+        workers.stop();
+    }
+
+    /// The worker that serves a connection accepted on worker 0 when worker 0 already
+    /// serves `loads.0` connections and worker 1 `loads.1`.
+    async fn placed_with(loads: (usize, usize)) -> usize {
+        let workers = Arc::new(Workers::start(2).unwrap());
+        workers.workers[0].load.store(loads.0, Ordering::Relaxed);
+        workers.workers[1].load.store(loads.1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        workers.serve(&tracker, stream, move |_| async move {
-            tx.send(std::thread::current().name().map(str::to_owned))
-                .unwrap();
+        let w = Arc::clone(&workers);
+        workers.workers[0].spawn(async move {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = l.accept().await.unwrap();
+            let tracker = TaskTracker::new();
+            w.serve(&tracker, stream, move |_| async move {
+                tx.send(current()).unwrap();
+            });
         });
-        let name = rx.await.unwrap();
-        assert!(!name.unwrap_or_default().starts_with("fairway-worker"));
+        let placed = rx.await.unwrap();
+        workers.stop();
+        placed
+    }
+
+    #[tokio::test]
+    async fn a_busier_worker_hands_new_connections_to_the_least_busy_one() {
+        assert_eq!(placed_with((0, 0)).await, 0);
+        assert_eq!(placed_with((1, 0)).await, 0);
+        assert_eq!(placed_with((2, 0)).await, 1);
+        assert_eq!(placed_with((40, 36)).await, 0);
+        assert_eq!(placed_with((60, 36)).await, 1);
+    }
+
+    #[tokio::test]
+    async fn without_workers_connections_are_served_on_the_current_runtime() {
+        let workers = Workers::start(0).unwrap();
+        let seen = served_on(&workers, 3).await;
+        assert!(
+            seen.iter().all(|n| !n.starts_with("fairway-worker-")),
+            "{seen:?}"
+        );
     }
 }
