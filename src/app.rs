@@ -10,8 +10,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::workers::Workers;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
@@ -52,8 +50,6 @@ pub struct Shared {
     pub maintenance: Maintenance,
     /// The last good addresses of servers given by host name.
     pub dns: Mutex<crate::dns::Resolved>,
-    /// The threads that serve client connections.
-    pub workers: Workers,
 }
 
 impl Shared {
@@ -78,9 +74,6 @@ pub enum StartError {
         #[source]
         source: BindError,
     },
-    /// The worker threads could not be started.
-    #[error("cannot start the worker threads: {0}")]
-    Workers(#[source] std::io::Error),
     /// Anything else at startup.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -119,12 +112,6 @@ impl App {
             path: path.display().to_string(),
             source,
         })?;
-        let workers = Workers::start(
-            cfg.server
-                .workers
-                .unwrap_or_else(crate::workers::default_count),
-        )
-        .map_err(StartError::Workers)?;
         let rt = Runtime::build(cfg, None, &metrics, files);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(rt),
@@ -139,7 +126,6 @@ impl App {
             config_hash: Mutex::new(Some(content_hash)),
             maintenance: Maintenance::default(),
             dns: Mutex::new(dns_cache),
-            workers,
         });
         shared
             .maintenance
@@ -253,14 +239,6 @@ pub struct AppHandle {
     shared: Arc<Shared>,
 }
 
-impl Drop for AppHandle {
-    /// Without a [`AppHandle::shutdown`] first: stops at once, dropping open connections.
-    fn drop(&mut self) {
-        self.shared.stop.cancel();
-        self.shared.workers.stop();
-    }
-}
-
 impl AppHandle {
     /// The bound client listener addresses, in config order.
     pub fn client_addrs(&self) -> Vec<SocketAddr> {
@@ -338,6 +316,5 @@ async fn shutdown(shared: &Shared) -> bool {
     } else {
         tracing::warn!(timeout = ?limit, "shutdown_timeout passed with connections still open");
     }
-    shared.workers.stop();
     drained
 }

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,29 +30,15 @@ pub struct PoolSettings {
     pub resolver: Option<std::net::SocketAddr>,
 }
 
-/// Idle keep-alive connections to one server, most recently used last: one share per
-/// connection worker (see [`crate::workers`]), so that a request takes a connection whose
-/// driver runs on its own thread.
+/// Idle keep-alive connections to one server, most recently used last.
+#[derive(Default)]
 pub struct Pool {
-    shards: Box<[Mutex<VecDeque<Idle>>]>,
-    /// Idle connections in all shares, which `max_idle_per_server` bounds.
-    total: AtomicUsize,
+    idle: Mutex<VecDeque<Idle>>,
 }
 
 struct Idle {
     conn: Conn,
     since: Instant,
-}
-
-impl Default for Pool {
-    fn default() -> Pool {
-        static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let n = *SHARDS.get_or_init(crate::workers::default_count);
-        Pool {
-            shards: (0..n).map(|_| Mutex::default()).collect(),
-            total: AtomicUsize::new(0),
-        }
-    }
 }
 
 impl fmt::Debug for Pool {
@@ -67,23 +52,16 @@ impl fmt::Debug for Pool {
 impl Pool {
     /// Number of idle connections held.
     pub fn idle_count(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-
-    /// This thread's share.
-    fn shard(&self) -> &Mutex<VecDeque<Idle>> {
-        &self.shards[crate::workers::current() % self.shards.len()]
+        self.idle.lock().map_or(0, |q| q.len())
     }
 
     /// The most recently used idle connection that is still open and young enough.
     pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
         let now = Instant::now();
-        let mut q = self.shard().lock().ok()?;
+        let mut q = self.idle.lock().ok()?;
         while let Some(idle) = q.pop_back() {
-            self.total.fetch_sub(1, Ordering::Relaxed);
             if now.duration_since(idle.since) >= idle_timeout {
                 // Everything older is expired too.
-                self.total.fetch_sub(q.len(), Ordering::Relaxed);
                 q.clear();
                 return None;
             }
@@ -96,51 +74,30 @@ impl Pool {
         None
     }
 
-    /// Keeps `conn` in this thread's share. All shares together hold at most `max_idle`:
-    /// past it the oldest connection of this share makes room, else the oldest of another
-    /// one (a share that is busy at that moment is skipped; with no room made, `conn` is
-    /// closed).
     fn put(&self, conn: Conn, max_idle: usize) {
         if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
-        let mine = crate::workers::current() % self.shards.len();
-        let Ok(mut q) = self.shards[mine].lock() else {
-            return;
-        };
-        while self.total.load(Ordering::Relaxed) >= max_idle {
-            let evicted = q.pop_front().is_some() || self.evict_oldest_except(mine);
-            if !evicted {
-                return;
+        if let Ok(mut q) = self.idle.lock() {
+            while q.len() >= max_idle {
+                q.pop_front();
             }
-            self.total.fetch_sub(1, Ordering::Relaxed);
+            q.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
-        q.push_back(Idle {
-            conn,
-            since: Instant::now(),
-        });
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Closes the oldest idle connection of a share other than `mine` that is not locked.
-    fn evict_oldest_except(&self, mine: usize) -> bool {
-        self.shards.iter().enumerate().any(|(i, shard)| {
-            i != mine && shard.try_lock().is_ok_and(|mut q| q.pop_front().is_some())
-        })
     }
 
     /// Closes idle connections older than `idle_timeout` (dropping the sender ends the
     /// connection task).
     pub fn evict_expired(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        for shard in &self.shards {
-            if let Ok(mut q) = shard.lock() {
-                while q.front().is_some_and(|i| {
-                    i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
-                }) {
-                    q.pop_front();
-                    self.total.fetch_sub(1, Ordering::Relaxed);
-                }
+        if let Ok(mut q) = self.idle.lock() {
+            while q.front().is_some_and(|i| {
+                i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
+            }) {
+                q.pop_front();
             }
         }
     }

@@ -85,10 +85,6 @@ pub struct ServerSection {
     /// Open client connections past which new ones are accepted and closed at once.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
-    /// Threads that serve client connections (each with its own runtime); default one
-    /// per CPU, 0 serves them on the accepting runtime. Read at start only.
-    #[serde(default)]
-    pub workers: Option<usize>,
     /// Longest pause between reads of an upstream response body; past it the client's
     /// response is cut off.
     #[serde(default = "defaults::response_body_idle_timeout")]
@@ -786,12 +782,6 @@ impl Config {
                 "0 would refuse every client: give a positive number such as 10000".into(),
             ));
         }
-        if s.workers.is_some_and(|n| n > 1024) {
-            return Err((
-                key().k("server").k("workers"),
-                "at most 1024 worker threads; leave it out for one per CPU".into(),
-            ));
-        }
         if s.proxy_protocol && s.trusted_proxies.is_empty() {
             return Err((
                 key().k("server").k("proxy_protocol"),
@@ -1251,13 +1241,6 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
     #[test]
     fn semantic_errors() {
         let base = "[server]\nlisten = \"127.0.0.1:1\"\n";
-        let e = err(&format!(
-            "{base}workers = 2000\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n"
-        ));
-        assert!(
-            e.contains("fairway.toml:3:11: server.workers: at most 1024"),
-            "{e}"
-        );
         let e = err(&format!("{base}[upstreams.a]\nservers=[]\n"));
         assert!(e.contains("upstreams.a.servers: no servers"), "{e}");
         let e = err(&format!(

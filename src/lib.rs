@@ -6,7 +6,6 @@
 //! In data-path order:
 //! - [`app`]: starts listeners and background tasks; reload and graceful shutdown.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
-//! - [`workers`]: the threads that serve client connections, one runtime each.
 //! - [`listener`]: accept loop, hyper-util auto server (HTTP/1.1 + h2c), per-connection
 //!   watchdog for `header_read_timeout` and `idle_timeout`.
 //! - [`listeners`]: the bound listeners, reconciled by diff on reload.
@@ -60,7 +59,6 @@ pub mod server;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
-pub mod workers;
 
 pub use app::{App, AppHandle};
 pub use body::Body;

@@ -70,12 +70,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
         };
         let count = ConnCount::new(&shared);
         let shared2 = Arc::clone(&shared);
-        shared
-            .workers
-            .serve(&shared.tracker, stream, move |stream| async move {
-                serve_accepted(stream, info, shared2).await;
-                drop(count);
-            });
+        shared.tracker.spawn(async move {
+            serve_accepted(stream, info, shared2).await;
+            drop(count);
+        });
     }
     tracing::debug!(listen = %local, "stopped accepting");
 }

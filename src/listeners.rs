@@ -36,7 +36,7 @@ struct Bound {
     /// As bound.
     local: SocketAddr,
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 /// The client listeners and the admin listener.
@@ -126,18 +126,17 @@ impl ListenerSet {
                     }
                 }
                 Some(std_listener) => {
-                    let local = std_listener.local_addr()?;
+                    let l = tokio::net::TcpListener::from_std(std_listener)?;
+                    let local = l.local_addr()?;
                     let stop = shared.stop.child_token();
-                    let (s, st) = (Arc::clone(shared), stop.clone());
-                    let tasks = shared.workers.accept_on(std_listener, move |l| {
-                        listener::accept_loop(l, Arc::clone(&s), st.clone())
-                    })?;
+                    let task =
+                        tokio::spawn(listener::accept_loop(l, Arc::clone(shared), stop.clone()));
                     tracing::info!(listen = %local, "accepting client connections");
                     self.client.push(Bound {
                         configured,
                         local,
                         stop,
-                        tasks,
+                        task,
                     });
                 }
             }
@@ -181,7 +180,7 @@ impl ListenerSet {
             .chain(self.redirect.take())
         {
             b.stop.cancel();
-            tasks.extend(b.tasks);
+            tasks.push(b.task);
         }
         tasks
     }
@@ -217,7 +216,7 @@ fn commit_single(
                 configured,
                 local,
                 stop,
-                tasks: vec![task],
+                task,
             }))
         }
         None => {

@@ -102,18 +102,6 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     for w in cfg.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
     }
-    let workers = cfg
-        .server
-        .workers
-        .unwrap_or_else(crate::workers::default_count);
-    if workers != shared.workers.count() {
-        tracing::warn!(
-            config = %path.display(),
-            running = shared.workers.count(),
-            configured = workers,
-            "server.workers changed: takes effect at the next start"
-        );
-    }
     let mut files = Files::load(&cfg, path, false)?;
     {
         let mut cache = shared.dns.lock().unwrap_or_else(|e| e.into_inner());

@@ -902,8 +902,7 @@ async fn upstream_connections_are_reused() {
         .load(std::sync::atomic::Ordering::SeqCst);
     println!("upstream connections for 20 sequential requests: {conns}");
     assert!(conns <= 2, "{conns} upstream connections for 20 requests");
-    // Different client connections share the pool too (each worker has its share: one
-    // more connection at most with the default two workers here).
+    // Different client connections share the pool too.
     for _ in 0..10 {
         assert_eq!(get(&p.url("/fresh-client")).await.status, 200);
     }
@@ -912,25 +911,6 @@ async fn upstream_connections_are_reused() {
         .connections
         .load(std::sync::atomic::Ordering::SeqCst);
     assert!(conns <= 3, "{conns} upstream connections for 30 requests");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_workers_or_with_one_every_client_connection_shares_one_pool() {
-    for workers in ["workers = 0", "workers = 1"] {
-        let a = TestUpstream::start("a").await;
-        let p = TestProxy::start(&proxy_config(workers, &[&a])).await;
-        // Sequential requests on fresh client connections: one upstream connection.
-        for i in 0..10 {
-            let r = get(&p.url(&format!("/fresh/{i}"))).await;
-            assert_eq!((r.status, r.upstream().as_str()), (200, "a"), "{workers}");
-        }
-        let conns = a
-            .knobs
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(conns, 1, "{workers}: {conns} upstream connections");
-        assert!(p.shutdown().await, "{workers}: shutdown did not drain");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

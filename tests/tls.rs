@@ -1281,16 +1281,12 @@ async fn upstream_tls_verifies_against_the_configured_ca() {
 
     // Verified against ca.pem, for the address's IP (no SNI for an IP).
     let p = proxy_to_tls(&ca, &up, "tls = true\nca = \"ca.pem\"").await;
-    // One keep-alive client connection: its requests run on one worker, whose share of
-    // the pool keeps the upstream connection.
-    let c = client();
-    let at = |path: &str| Request::get(format!("http://{}{path}", p.addr));
-    let r = send(&c, at("/x").body(Full::default()).unwrap()).await;
+    let r = plain_get(&p, "/x").await;
     assert_eq!((r.status, r.text().as_str()), (200, "secure"));
     assert_eq!(up.last_sni(), Some(None));
     // Kept alive and pooled: a second request needs no new handshake.
     let handshakes = up.handshakes();
-    let r = send(&c, at("/y").body(Full::default()).unwrap()).await;
+    let r = plain_get(&p, "/y").await;
     assert_eq!((r.status, r.text().as_str()), (200, "secure"));
     assert_eq!(
         up.handshakes(),
