@@ -62,8 +62,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// freed into its per-thread arenas, so after a burst of connections RSS would otherwise stay
 /// at its high-water mark. Under steady load freed memory is soon reused and trimming it would
 /// only cost page faults (and `malloc_trim` holds each arena's lock while it walks it), so
-/// the trim runs only when more memory is free than in use and RSS has grown by at least
-/// [`heap::SLACK`] beyond live memory since the last trim.
+/// the trim runs only when more memory is free than in use and memory held beyond live
+/// memory is at least [`heap::SLACK`] above the least it came down to after a trim.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod heap {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,8 +71,9 @@ mod heap {
     /// Growth of retained memory (RSS minus heap in use) that is worth a trim.
     pub const SLACK: usize = 4 << 20;
 
-    /// Retained memory right after the last trim.
-    static RETAINED_AFTER_TRIM: AtomicUsize = AtomicUsize::new(0);
+    /// The least retained memory seen right after a trim (0 before the first): what the
+    /// process comes back to once a burst is over.
+    static RETAINED_FLOOR: AtomicUsize = AtomicUsize::new(0);
 
     /// glibc's `struct mallinfo2`.
     #[repr(C)]
@@ -107,7 +108,8 @@ mod heap {
         let (free, used) = (m.fordblks, m.uordblks + m.hblkhd);
         let Some(rss) = rss_bytes() else { return };
         let retained = rss.saturating_sub(used);
-        if free <= used || retained < RETAINED_AFTER_TRIM.load(Ordering::Relaxed) + SLACK {
+        let floor = RETAINED_FLOOR.load(Ordering::Relaxed);
+        if free <= used || retained < floor + SLACK {
             return;
         }
         // SAFETY: malloc_trim takes no pointers and only releases memory malloc holds free.
@@ -115,7 +117,9 @@ mod heap {
             malloc_trim(0);
         }
         let after = rss_bytes().map_or(retained, |r| r.saturating_sub(used));
-        RETAINED_AFTER_TRIM.store(after, Ordering::Relaxed);
+        if floor == 0 || after < floor {
+            RETAINED_FLOOR.store(after, Ordering::Relaxed);
+        }
     }
 }
 
