@@ -368,9 +368,16 @@ mod tests {
         up_peer.write_all(&big[1000..]).await.unwrap();
         up_peer.write_all(&frame(10, false)).await.unwrap();
         assert!(matches!(task.await.unwrap().unwrap(), Ended::GoingAway));
-        let mut got = vec![0u8; big.len() + 4];
-        client.read_exact(&mut got).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
         assert_eq!(&got[..big.len()], &big[..]);
-        assert_eq!(&got[big.len()..], &GOING_AWAY);
+        // The next frame may have been read in one go with the end of the big one, before
+        // the copy saw the shutdown; then it is passed on whole. Never a part of it.
+        let rest = &got[big.len()..];
+        let next = frame(10, false);
+        assert!(
+            rest == GOING_AWAY || rest == [&next[..], &GOING_AWAY[..]].concat(),
+            "{rest:?}"
+        );
     }
 }
