@@ -74,7 +74,7 @@ impl ProxyError {
     }
 
     /// The short text body sent to the client.
-    fn text(&self) -> &'static str {
+    pub fn text(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "404 not found: no route for this request\n",
             ProxyError::NoHealthyServer => "503 service unavailable: no healthy server\n",

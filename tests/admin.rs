@@ -512,6 +512,33 @@ fn allow(r: &Reply) -> BTreeSet<String> {
 // 1. Metrics after known traffic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_are_counted_with_upstream_none() {
+    let a = TestUpstream::start("a").await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{ADMIN}\n[upstreams.app]\nservers = [{}]\n",
+        quoted(&[&a])
+    );
+    let p = TestProxy::start(&cfg).await;
+    for bytes in [
+        &b"NOT HTTP AT ALL\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
+    ] {
+        let answer = raw(p.addr, bytes, Duration::from_secs(3)).await;
+        assert_eq!(raw_status(&answer), Some(400), "{answer:?}");
+    }
+    let e = scrape(&p).await;
+    let req = "fairway_requests_total";
+    assert_eq!(
+        must(
+            &e,
+            req,
+            &[("upstream", "none"), ("server", "none"), ("code", "400")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_known_traffic() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
