@@ -348,7 +348,7 @@ fn load_upstream(
 /// `insecure_skip_verify`: accepts any certificate (signatures are still checked so the
 /// handshake itself is sound).
 #[derive(Debug)]
-struct NoVerification;
+pub struct NoVerification;
 
 impl ServerCertVerifier for NoVerification {
     fn verify_server_cert(
