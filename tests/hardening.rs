@@ -200,6 +200,15 @@ where
     (addr, accepted)
 }
 
+/// Polls until `flag` is set, within `limit`.
+async fn until_set(limit: Duration, what: &str, flag: &Arc<AtomicBool>) {
+    eventually(limit, what, || {
+        let f = Arc::clone(flag);
+        async move { f.load(Ordering::SeqCst) }
+    })
+    .await;
+}
+
 /// Reads until the end of a request or response head; `None` at EOF.
 async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
@@ -748,13 +757,10 @@ async fn a_client_that_never_reads_a_big_download_is_not_buffered() {
     let r = get(&b.url("/steady/side")).await;
     assert_eq!(r.status, 200);
     drop(s);
-    eventually(
+    until_set(
         Duration::from_secs(5),
         "upstream released after the client left",
-        || {
-            let f = Arc::clone(&finished);
-            async move { f.load(Ordering::SeqCst) }
-        },
+        &finished,
     )
     .await;
     assert!(sent.load(Ordering::SeqCst) < TOTAL);
@@ -1386,56 +1392,46 @@ async fn an_upstream_that_never_answers_is_504_after_request_timeout() {
     b.steady_ok().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_that_answers_garbage_is_502() {
-    let (up, _) = raw_upstream(|mut s| async move {
-        let _ = read_head(&mut s).await;
-        let _ = s.write_all(b"NOT HTTP\r\n\r\n").await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
+/// An upstream that reads the request head, writes `answer` and then stays silent; the
+/// client must get 502 while the proxy keeps serving everyone else.
+async fn answering_is_502(answer: Vec<u8>, path: &str) {
+    let answer = Arc::new(answer);
+    let (up, _) = raw_upstream(move |mut s| {
+        let answer = Arc::clone(&answer);
+        async move {
+            let _ = read_head(&mut s).await;
+            let _ = s.write_all(&answer).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
     })
     .await;
     let mut b = bench("", &[up], "").await;
-    let r = get(&b.url("/garbage")).await;
-    assert_eq!(r.status, 502, "{}", r.text());
+    let r = get(&b.url(path)).await;
+    assert_eq!(r.status, 502, "{path}: {}", r.text());
     b.steady_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_garbage_is_502() {
+    answering_is_502(b"NOT HTTP\r\n\r\n".to_vec(), "/garbage").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_with_a_huge_response_head_is_502() {
-    let (up, _) = raw_upstream(|mut s| async move {
-        let _ = read_head(&mut s).await;
-        let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
-        let value = "h".repeat(1000);
-        for i in 0..1_000 {
-            head.extend_from_slice(format!("X-Huge-{i}: {value}\r\n").as_bytes());
-        }
-        head.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
-        let _ = s.write_all(&head).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    })
-    .await;
-    let mut b = bench("", &[up], "").await;
-    let r = get(&b.url("/huge-head")).await;
-    assert_eq!(r.status, 502, "{}", r.text());
-    b.steady_ok().await;
+    let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+    let value = "h".repeat(1000);
+    for i in 0..1_000 {
+        head.extend_from_slice(format!("X-Huge-{i}: {value}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
+    answering_is_502(head, "/huge-head").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answering_101_to_a_plain_get_is_502() {
-    let (up, _) = raw_upstream(|mut s| async move {
-        let _ = read_head(&mut s).await;
-        let _ = s
-            .write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            )
-            .await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    })
-    .await;
-    let mut b = bench("", &[up], "").await;
-    let r = get(&b.url("/not-an-upgrade")).await;
-    assert_eq!(r.status, 502, "{}", r.text());
-    b.steady_ok().await;
+    let answer =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+    answering_is_502(answer.to_vec(), "/not-an-upgrade").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1683,14 +1679,10 @@ async fn after_a_504_for_a_stalled_upload_the_connections_are_released() {
     );
     // The upstream, reading again, finds the proxy gone rather than the rest of a body.
     u.listen_again.store(true, Ordering::SeqCst);
-    let upstream_closed = Arc::clone(&u.upstream_closed);
-    eventually(
+    until_set(
         Duration::from_secs(3),
         "the upstream connection closed by the proxy",
-        || {
-            let c = Arc::clone(&upstream_closed);
-            async move { c.load(Ordering::SeqCst) }
-        },
+        &u.upstream_closed,
     )
     .await;
     u.writer.abort();
