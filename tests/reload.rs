@@ -229,14 +229,36 @@ async fn reloads(p: &TestProxy) -> Reloads {
 // ---------------------------------------------------------------------------------------
 // 1. Every trigger switches the serving upstream
 
+/// Upstreams `a` and `b`, a proxy serving `a`, and a keep-alive client that has seen it.
+struct Switch {
+    a: TestUpstream,
+    b: TestUpstream,
+    p: TestProxy,
+    c: HttpClient,
+    url: String,
+}
+
+impl Switch {
+    async fn start() -> Switch {
+        let a = TestUpstream::start("a").await;
+        let b = TestUpstream::start("b").await;
+        let p = TestProxy::start(&app(&[&a])).await;
+        let c = client();
+        let url = p.url("/");
+        assert_eq!(served_by(&c, &url).await, "a");
+        Switch { a, b, p, c, url }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_place_write_takes_effect_within_2s() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
-    let c = client();
-    let url = p.url("/");
-    assert_eq!(served_by(&c, &url).await, "a");
+    let Switch {
+        a: _a,
+        b,
+        p,
+        c,
+        url,
+    } = Switch::start().await;
 
     let t0 = Instant::now();
     std::fs::write(&p.config_path, app(&[&b])).unwrap();
@@ -251,12 +273,13 @@ async fn an_in_place_write_takes_effect_within_2s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rename_over_the_file_takes_effect_within_2s() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
-    let c = client();
-    let url = p.url("/");
-    assert_eq!(served_by(&c, &url).await, "a");
+    let Switch {
+        a: _a,
+        b,
+        p,
+        c,
+        url,
+    } = Switch::start().await;
 
     let t0 = Instant::now();
     replace(&p.config_path, &app(&[&b]));
@@ -324,12 +347,13 @@ async fn a_configmap_symlink_swap_takes_effect_within_2s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_as_sighup_runs_it_bumps_the_version_by_one() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
-    let c = client();
-    let url = p.url("/");
-    assert_eq!(served_by(&c, &url).await, "a");
+    let Switch {
+        a: _a,
+        b,
+        p,
+        c,
+        url,
+    } = Switch::start().await;
 
     let before = p.handle().runtime().version;
     replace(&p.config_path, &app(&[&b]));
@@ -343,13 +367,14 @@ async fn reload_as_sighup_runs_it_bumps_the_version_by_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_reload_answers_the_new_config_version() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let Switch {
+        a: _a,
+        b,
+        p,
+        c,
+        url,
+    } = Switch::start().await;
     let admin = admin_client(&p).await;
-    let c = client();
-    let url = p.url("/");
-    assert_eq!(served_by(&c, &url).await, "a");
 
     let before = config_version(&p).await;
     replace(&p.config_path, &app(&[&b]));
