@@ -106,23 +106,17 @@ class Children:
         if p in self.procs:
             self.procs.remove(p)
         pgid = p.pid  # setsid() made the child its group leader
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        # The leader may be gone while members (nginx workers) linger: kill the group.
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
+        # SIGTERM first; then SIGKILL, as the leader may be gone while members (nginx
+        # workers) linger.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
 
     def stop_all(self):
         for p in reversed(list(self.procs)):
@@ -185,30 +179,26 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
-def rss_kib(pids):
+def proc_kib(pids, name, key):
+    """Sum over pids of the kB value of `key` in /proc/PID/`name`; gone processes count 0."""
     total = 0
     for pid in pids:
         try:
-            for line in read_file("/proc/%d/status" % pid).splitlines():
-                if line.startswith("VmRSS:"):
+            for line in read_file("/proc/%d/%s" % (pid, name)).splitlines():
+                if line.startswith(key):
                     total += int(line.split()[1])
                     break
         except OSError:
             pass
     return total
+
+
+def rss_kib(pids):
+    return proc_kib(pids, "status", "VmRSS:")
 
 
 def pss_kib(pids):
-    total = 0
-    for pid in pids:
-        try:
-            for line in read_file("/proc/%d/smaps_rollup" % pid).splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            pass
-    return total
+    return proc_kib(pids, "smaps_rollup", "Pss:")
 
 
 def machine_busy_seconds():
