@@ -6,256 +6,32 @@
 mod common;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::raw::RawConn;
+use common::raw::*;
+use common::steady::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-type Http = Client<HttpConnector, Full<Bytes>>;
-
 /// Tests that move a lot of memory or file descriptors run one at a time, so that RSS
 /// figures are this test's own and the fd limit is not shared.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------
-// The well-behaved client and the proxy around it
-
-/// A well-behaved client: GETs `/steady/N` in a loop on one keep-alive connection, and
-/// notes every answer that is not a 200 from the `steady` upstream.
-struct Steady {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Steady {
-    /// Starts the loop once a first request has been answered (its connection is open).
-    async fn start(proxy: SocketAddr) -> Steady {
-        let c = client();
-        if let Err(e) = steady_get(&c, proxy, 0).await {
-            panic!("the well-behaved client failed before the case began: {e}");
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
-        let task = tokio::spawn(async move {
-            let (mut ok, mut bad) = (0, Vec::new());
-            let mut n = 1;
-            while !s.load(Ordering::Relaxed) {
-                match steady_get(&c, proxy, n).await {
-                    Ok(()) => ok += 1,
-                    Err(e) => bad.push(e),
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (ok, bad)
-        });
-        Steady { stop, task }
-    }
-
-    /// Stops the loop: every answer must have been a 200, and there must have been some.
-    async fn finish(self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        let (ok, bad) = self.task.await.unwrap();
-        assert!(
-            bad.is_empty(),
-            "the well-behaved client was disturbed: {bad:?}"
-        );
-        assert!(
-            ok >= 1,
-            "the well-behaved client got no answer during the case"
-        );
-        ok
-    }
-}
-
-async fn steady_get(c: &Http, proxy: SocketAddr, n: usize) -> Result<(), String> {
-    let req = Request::get(format!("http://{proxy}/steady/{n}"))
-        .body(Full::default())
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req))
-        .await
-        .map_err(|_| format!("#{n}: no answer within 10 s"))?
-        .map_err(|e| format!("#{n}: {e}"))?;
-    let status = resp.status().as_u16();
-    let from = resp
-        .headers()
-        .get("x-upstream")
-        .map(|v| v.to_str().unwrap_or("?").to_owned());
-    tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-        .await
-        .map_err(|_| format!("#{n}: body not finished within 10 s"))?
-        .map_err(|e| format!("#{n}: body failed: {e}"))?;
-    if status != 200 || from.as_deref() != Some("steady") {
-        return Err(format!("#{n}: {status} from {from:?}"));
-    }
-    Ok(())
-}
-
-/// A proxy with the case's upstream `app` on `/` and the well-behaved client's upstream
-/// `steady` on `/steady`, the admin listener on, and the well-behaved client running.
-struct Bench {
-    proxy: TestProxy,
-    steady: Option<Steady>,
-    _steady_up: TestUpstream,
-}
-
-async fn bench(server_extra: &str, app: &[SocketAddr], app_extra: &str) -> Bench {
-    let steady_up = TestUpstream::start("steady").await;
-    let proxy = TestProxy::start(&config(server_extra, app, app_extra, steady_up.addr)).await;
-    let steady = Steady::start(proxy.addr).await;
-    Bench {
-        proxy,
-        steady: Some(steady),
-        _steady_up: steady_up,
-    }
-}
-
-fn config(server_extra: &str, app: &[SocketAddr], app_extra: &str, steady: SocketAddr) -> String {
-    let servers: Vec<String> = app.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [upstreams.app]\nservers = [{}]\n{app_extra}\n\n\
-         [upstreams.steady]\nservers = [\"{steady}\"]\n\n\
-         [[routes]]\npath_prefix = \"/steady\"\nupstream = \"steady\"\n\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"app\"\n",
-        servers.join(", ")
-    )
-}
-
-impl Bench {
-    fn addr(&self) -> SocketAddr {
-        self.proxy.addr
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.proxy.url(path)
-    }
-
-    /// Stops the well-behaved client and checks that it only ever got 200s.
-    async fn steady_ok(&mut self) -> usize {
-        self.steady
-            .take()
-            .expect("steady client already finished")
-            .finish()
-            .await
-    }
-
-    /// The sum of the samples of metric `name` on the admin listener.
-    async fn metric(&self, name: &str) -> f64 {
-        let admin = self.proxy.admin.expect("admin listener");
-        let r = get(&format!("http://{admin}/metrics")).await;
-        r.text()
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Small upstreams and raw-socket helpers
-
-/// A raw TCP upstream: each accepted connection is handed to `behaviour`. Returns its
-/// address and the number of connections accepted.
-async fn raw_upstream<F, Fut>(behaviour: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let a = Arc::clone(&accepted);
-    let behaviour = Arc::new(behaviour);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            a.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(behaviour(stream));
-        }
-    });
-    (addr, accepted)
-}
-
-/// Polls until `flag` is set, within `limit`.
-async fn until_set(limit: Duration, what: &str, flag: &Arc<AtomicBool>) {
-    eventually(limit, what, || {
-        let f = Arc::clone(flag);
-        async move { f.load(Ordering::SeqCst) }
-    })
-    .await;
-}
-
-/// Reads until the end of a request or response head; `None` at EOF.
-async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    loop {
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            return Some(buf);
-        }
-        let n = s.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
-
-/// A loopback address where nothing listens.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Reads until the peer closes (EOF or reset) or `limit` passes; returns the bytes and
-/// whether the peer closed.
-async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    let mut tmp = [0u8; 16 * 1024];
-    let closed = tokio::time::timeout(limit, async {
-        loop {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&tmp[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
-    (out, closed)
-}
-
-/// The statuses of every response head found in raw bytes, in order.
-fn statuses(bytes: &[u8]) -> Vec<u16> {
-    let text = String::from_utf8_lossy(bytes);
-    text.match_indices("HTTP/1.1 ")
-        .filter_map(|(i, _)| text[i + 9..].get(..3)?.parse().ok())
-        .collect()
-}
+// Small upstreams
 
 /// What an upstream saw: `METHOD URI body=N te=.. cl=..` for each request.
 #[derive(Clone, Default)]

@@ -4,6 +4,7 @@
 
 pub mod process;
 pub mod raw;
+pub mod steady;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

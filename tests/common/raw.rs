@@ -2,13 +2,16 @@
 //! ([`RawResponse`]), for tests that need exact bytes on the wire.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
-use super::raw_status;
+use super::{eventually, raw_status};
 
 /// One HTTP/1.1 connection driven byte by byte.
 pub struct RawConn {
@@ -153,4 +156,85 @@ impl RawConn {
         .await;
         closed.ok().map(|()| start.elapsed())
     }
+}
+
+/// A raw TCP upstream: each accepted connection is handed to `behaviour`. Returns its
+/// address and the number of connections accepted.
+pub async fn raw_upstream<F, Fut>(behaviour: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = Arc::clone(&accepted);
+    let behaviour = Arc::new(behaviour);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(behaviour(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Polls until `flag` is set, within `limit`.
+pub async fn until_set(limit: Duration, what: &str, flag: &Arc<AtomicBool>) {
+    eventually(limit, what, || {
+        let f = Arc::clone(flag);
+        async move { f.load(Ordering::SeqCst) }
+    })
+    .await;
+}
+
+/// Reads until the end of a request or response head; `None` at EOF.
+pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Some(buf);
+        }
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// A loopback address where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Reads until the peer closes (EOF or reset) or `limit` passes; returns the bytes and
+/// whether the peer closed.
+pub async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 16 * 1024];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&tmp[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (out, closed)
+}
+
+/// The statuses of every response head found in raw bytes, in order.
+pub fn statuses(bytes: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(bytes);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text[i + 9..].get(..3)?.parse().ok())
+        .collect()
 }
