@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,7 +16,8 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::client::PoolReturn;
-use crate::server::ActiveGuard;
+use crate::error::ClientFault;
+use crate::server::{ActiveGuard, PassivePolicy};
 
 /// Boxed error of the body types.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,12 +78,16 @@ impl http_body::Body for Body {
 
 /// An upstream response body. When it ends cleanly its connection goes back to the pool;
 /// when it is dropped the server's active-request count goes down. A pause longer than
-/// `response_body_idle_timeout` between reads cuts it off.
+/// `response_body_idle_timeout` between reads cuts it off. A body the upstream breaks off or
+/// stalls is a passive failure of its server, unless the client's own body caused it.
 pub struct UpstreamBody {
     inner: Incoming,
     pool: Option<PoolReturn>,
     idle: IdleTimer,
-    _active: ActiveGuard,
+    passive: PassivePolicy,
+    /// The client's body on the same exchange, if it had one.
+    request: Option<Arc<BodyProgress>>,
+    active: ActiveGuard,
 }
 
 /// The upstream paused longer than `response_body_idle_timeout` in a response body.
@@ -91,18 +96,23 @@ pub struct UpstreamBody {
 pub struct ResponseBodyTimeout;
 
 impl UpstreamBody {
-    /// Wraps `inner`; `pool` is the connection to return once the body has been read.
+    /// Wraps `inner`; `pool` is the connection to return once the body has been read,
+    /// `request` the progress of the client's body sent on the same connection.
     pub fn new(
         inner: Incoming,
         pool: Option<PoolReturn>,
         idle_timeout: Duration,
         active: ActiveGuard,
+        passive: PassivePolicy,
+        request: Option<Arc<BodyProgress>>,
     ) -> UpstreamBody {
         let mut b = UpstreamBody {
             inner,
             pool,
             idle: IdleTimer::new(idle_timeout),
-            _active: active,
+            passive,
+            request,
+            active,
         };
         if http_body::Body::is_end_stream(&b.inner) {
             b.finish();
@@ -113,6 +123,17 @@ impl UpstreamBody {
     fn finish(&mut self) {
         if let Some(p) = self.pool.take() {
             p.checkin();
+        }
+    }
+
+    /// The body broke off: the connection is never reused, and unless the client caused
+    /// it, the server gets a passive failure.
+    fn broke(&mut self, err: &(dyn std::error::Error + 'static), reason: &str) {
+        self.pool = None;
+        if fault_behind(err, self.request.as_deref()).is_none() {
+            let server = self.active.server();
+            tracing::warn!(upstream = %server.upstream, server = %server.addr, error = %err, "{reason}");
+            server.record_passive_failure(self.passive, reason);
         }
     }
 }
@@ -135,8 +156,7 @@ impl http_body::Body for UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                // The connection is broken: never pool it.
-                this.pool = None;
+                this.broke(&e, "upstream broke off the response body");
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -146,7 +166,10 @@ impl http_body::Body for UpstreamBody {
             Poll::Pending => {
                 if this.idle.poll_expired(cx) {
                     // The client's response is cut off; the connection is not reused.
-                    this.pool = None;
+                    this.broke(
+                        &ResponseBodyTimeout,
+                        "upstream stalled in the response body",
+                    );
                     return Poll::Ready(Some(Err(Box::new(ResponseBodyTimeout))));
                 }
                 Poll::Pending
@@ -192,15 +215,12 @@ impl IdleTimer {
     }
 }
 
-/// The request body was larger than `max_body_bytes`.
+/// The client's request body failed, and how: the error [`RequestBody`] gives the upstream
+/// connection. The same fault is recorded in the body's [`BodyProgress`], so that whatever
+/// error the upstream connection then reports is attributed to the client.
 #[derive(Debug, thiserror::Error)]
-#[error("request body larger than max_body_bytes")]
-pub struct BodyTooLarge;
-
-/// The client paused longer than `body_read_timeout` while sending the body.
-#[derive(Debug, thiserror::Error)]
-#[error("request body stalled longer than body_read_timeout")]
-pub struct BodyTimeout;
+#[error("client request body failed: {0:?}")]
+pub struct ClientBodyError(pub ClientFault);
 
 /// A body sent upstream.
 pub enum RequestBody {
@@ -210,13 +230,21 @@ pub enum RequestBody {
     Client(ClientBody),
 }
 
-/// How far a client's body has got on its way upstream: when it last moved and when it
-/// ended (the start of `request_timeout`, CONTRACT §2).
+/// How far a client's body has got on its way upstream: when it last moved, whether it is
+/// waiting on the client, when it ended (the start of `request_timeout`, CONTRACT §2), and
+/// whether it failed or was told to stop.
 #[derive(Debug)]
 pub struct BodyProgress {
     start: Instant,
     last_ms: AtomicU64,
     ended: OnceLock<Instant>,
+    /// The last poll found nothing from the client (as opposed to the upstream not taking
+    /// what was read): a stall then is the client's, not the upstream's.
+    waiting: AtomicBool,
+    /// Set when the upstream's response head arrived first: no further byte of the body is
+    /// sent, and the connection is not reused (an early response, HTTP1-RULES).
+    stopped: AtomicBool,
+    fault: OnceLock<ClientFault>,
 }
 
 impl Default for BodyProgress {
@@ -232,6 +260,9 @@ impl BodyProgress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             ended: OnceLock::new(),
+            waiting: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            fault: OnceLock::new(),
         }
     }
 
@@ -253,10 +284,68 @@ impl BodyProgress {
     pub fn last_moved(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
+
+    /// Whether the body is waiting for the client to send more.
+    pub fn is_waiting_on_client(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Sends no further byte of the body upstream; the body never ends from then on, so
+    /// the connection carrying it is never complete, and is dropped after its response.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// What the client did wrong, if its body failed.
+    pub fn fault(&self) -> Option<ClientFault> {
+        self.fault.get().copied()
+    }
+
+    fn fail(&self, fault: ClientFault) -> BoxError {
+        let _ = self.fault.set(fault);
+        Box::new(ClientBodyError(fault))
+    }
+}
+
+/// What a failed read of the client's body says about the client: a closed or reset
+/// connection or stream is the client going away, anything else is a malformed body
+/// (hyper's chunked decoder reports bad framing, and extensions or trailers over its limits,
+/// as `InvalidData`/`InvalidInput`; h2 reports protocol and flow-control violations).
+pub fn client_fault(e: &hyper::Error) -> ClientFault {
+    const MALFORMED: ClientFault = ClientFault::Malformed("malformed chunked body");
+    if e.is_incomplete_message() || e.is_canceled() {
+        return ClientFault::Gone;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => MALFORMED,
+                _ => ClientFault::Gone,
+            };
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            if h2.is_io() || h2.is_go_away() {
+                return ClientFault::Gone;
+            }
+            return match h2.reason() {
+                Some(
+                    h2::Reason::NO_ERROR
+                    | h2::Reason::CANCEL
+                    | h2::Reason::REFUSED_STREAM
+                    | h2::Reason::STREAM_CLOSED,
+                )
+                | None => ClientFault::Gone,
+                Some(_) => ClientFault::Malformed("HTTP/2 protocol error on the request stream"),
+            };
+        }
+        source = s.source();
+    }
+    ClientFault::Gone
 }
 
 /// The client's request body on its way upstream: counts bytes against `max_body_bytes`,
-/// enforces `body_read_timeout` between reads, and records its progress.
+/// enforces `body_read_timeout` between reads, and records its progress and its fault.
 pub struct ClientBody {
     inner: Incoming,
     seen: u64,
@@ -281,10 +370,6 @@ impl ClientBody {
             progress,
         }
     }
-
-    fn mark_ended(&self) {
-        self.progress.end();
-    }
 }
 
 impl http_body::Body for RequestBody {
@@ -299,30 +384,40 @@ impl http_body::Body for RequestBody {
             RequestBody::Empty => return Poll::Ready(None),
             RequestBody::Client(b) => b,
         };
+        let progress = &*b.progress;
+        if progress.stopped.load(Ordering::Relaxed) {
+            // The upstream answered early: nothing more goes to it. Never woken again; the
+            // connection is dropped once its response has been relayed.
+            return Poll::Pending;
+        }
         match Pin::new(&mut b.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                progress.waiting.store(false, Ordering::Relaxed);
                 if let Some(data) = frame.data_ref() {
                     b.seen += data.len() as u64;
                     if b.seen > b.limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        return Poll::Ready(Some(Err(progress.fail(ClientFault::TooLarge))));
                     }
-                    b.progress.touch();
+                    progress.touch();
                 }
                 b.idle.moved();
                 if b.inner.is_end_stream() {
-                    b.mark_ended();
+                    progress.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(progress.fail(client_fault(&e))))),
             Poll::Ready(None) => {
-                b.mark_ended();
+                progress.end();
                 Poll::Ready(None)
             }
-            Poll::Pending if b.idle.poll_expired(cx) => {
-                Poll::Ready(Some(Err(Box::new(BodyTimeout))))
+            Poll::Pending => {
+                progress.waiting.store(true, Ordering::Relaxed);
+                if b.idle.poll_expired(cx) {
+                    return Poll::Ready(Some(Err(progress.fail(ClientFault::Stalled))));
+                }
+                Poll::Pending
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -339,4 +434,23 @@ impl http_body::Body for RequestBody {
             RequestBody::Client(b) => b.inner.size_hint(),
         }
     }
+}
+
+/// The client fault behind `err` (an upstream connection's error), if the client's body
+/// caused it: recorded in `progress`, or found in the error's source chain.
+pub fn fault_behind(
+    err: &(dyn std::error::Error + 'static),
+    progress: Option<&BodyProgress>,
+) -> Option<ClientFault> {
+    if let Some(f) = progress.and_then(BodyProgress::fault) {
+        return Some(f);
+    }
+    let mut source = Some(err);
+    while let Some(s) = source {
+        if let Some(ClientBodyError(f)) = s.downcast_ref::<ClientBodyError>() {
+            return Some(*f);
+        }
+        source = s.source();
+    }
+    None
 }

@@ -5,11 +5,15 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -112,8 +116,18 @@ pub struct Conn {
     /// Whether it came from the pool (a failure before any response byte is then retried
     /// on a fresh connection, CONTRACT §2 `pool_idle_timeout`).
     pub reused: bool,
+    /// Bytes written to the server's socket so far: a try that wrote none provably never
+    /// reached the server (RFC 9110 §9.2.2), whatever its method.
+    written: Arc<AtomicU64>,
     /// Aborts the driver task when dropped.
     _task: AbortOnDrop,
+}
+
+impl Conn {
+    /// Bytes written on this connection so far (TLS records included).
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
 }
 
 /// Aborts a task when dropped.
@@ -155,12 +169,17 @@ pub async fn dial(
     tls: Option<&UpstreamTls>,
     resolver: Option<std::net::SocketAddr>,
 ) -> io::Result<Conn> {
+    let written = Arc::new(AtomicU64::new(0));
     let connect = async {
         let stream = match target {
             Target::Socket(sa) => TcpStream::connect(sa).await,
             Target::Name(name) => connect_name(name, resolver).await,
         }?;
         stream.set_nodelay(true)?;
+        let stream = Counted {
+            inner: stream,
+            written: Arc::clone(&written),
+        };
         match tls {
             None => Ok::<_, io::Error>(Either::Left(stream)),
             Some(tls) => {
@@ -197,6 +216,7 @@ pub async fn dial(
     Ok(Conn {
         sender,
         reused: false,
+        written,
         _task: AbortOnDrop(task.abort_handle()),
     })
 }
@@ -222,6 +242,62 @@ async fn connect_name(name: &str, resolver: Option<std::net::SocketAddr>) -> io:
         }
     }
     Err(last)
+}
+
+/// A socket that counts the bytes written to it.
+struct Counted {
+    inner: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl Counted {
+    fn count(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.count(&r);
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.count(&r);
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// A plain or a TLS stream.

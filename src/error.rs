@@ -10,6 +10,53 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::Body;
 
+/// Who caused a failed exchange (CONTRACT §3; SECURITY.md "attribution"). Only
+/// [`Side::Upstream`] outcomes count as passive failures of a server or lead to a retry: a
+/// client's fault is never a server's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client: malformed or oversized request, stalled or abandoned body.
+    Client,
+    /// The server the request went to: connect failure, broken or invalid response, no
+    /// answer in time.
+    Upstream,
+    /// Neither: the proxy answered by itself (no route, no healthy server, overload).
+    Proxy,
+}
+
+/// What the client did wrong while sending its request body. Carried as the error of the
+/// request body (see `body::ClientBodyError`), so that an upstream connection that fails
+/// because of it is recognised as the client's doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Malformed body framing: a bad chunk size or line ending, chunk extensions or trailers
+    /// over their limits, a chunk framing overhead far beyond the payload, an HTTP/2
+    /// protocol or flow-control violation on the stream.
+    Malformed(&'static str),
+    /// The body grew past `max_body_bytes`.
+    TooLarge,
+    /// The body paused longer than `body_read_timeout`.
+    Stalled,
+    /// The client closed or reset its connection (or its HTTP/2 stream) mid-body.
+    Gone,
+}
+
+impl ClientFault {
+    /// The proxy error this fault is answered with.
+    pub fn error(self) -> ProxyError {
+        match self {
+            ClientFault::Malformed(what) => ProxyError::BadBody(what),
+            ClientFault::TooLarge => ProxyError::BodyTooLarge,
+            ClientFault::Stalled => ProxyError::BodyTimeout,
+            ClientFault::Gone => ProxyError::ClientGone,
+        }
+    }
+}
+
+/// The status logged and counted for a client that went away before it got an answer
+/// (Nginx's 499 "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// What went wrong while proxying one request. Every variant maps to one status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -35,7 +82,8 @@ pub enum ProxyError {
     /// The upstream broke off before a complete response head.
     #[error("upstream broke off: {0}")]
     UpstreamBroke(#[source] hyper::Error),
-    /// The upstream answered something the proxy cannot pass on (a `101` nobody asked for).
+    /// The upstream answered something the proxy cannot pass on (a `101` nobody asked for,
+    /// a response head with conflicting framing).
     #[error("unusable upstream response: {0}")]
     BadUpstreamResponse(&'static str),
     /// `request_timeout` passed before the response head arrived.
@@ -44,6 +92,9 @@ pub enum ProxyError {
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request body is malformed (see [`ClientFault::Malformed`]).
+    #[error("bad request body: {0}")]
+    BadBody(&'static str),
     /// The request head is larger than `max_header_bytes`.
     #[error("request head too large")]
     HeadTooLarge,
@@ -53,6 +104,9 @@ pub enum ProxyError {
     /// The client paused longer than `body_read_timeout` while sending the body.
     #[error("request body timed out")]
     BodyTimeout,
+    /// The client closed or reset its connection before the exchange ended.
+    #[error("client went away")]
+    ClientGone,
 }
 
 impl ProxyError {
@@ -67,9 +121,30 @@ impl ProxyError {
             ProxyError::BadUpstreamResponse(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientGone => client_closed_request(),
+        }
+    }
+
+    /// Who caused this outcome.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::NoRoute | ProxyError::NoHealthyServer | ProxyError::Overloaded(_) => {
+                Side::Proxy
+            }
+            ProxyError::Connect { .. }
+            | ProxyError::UpstreamBroke(_)
+            | ProxyError::BadUpstreamResponse(_)
+            | ProxyError::Timeout => Side::Upstream,
+            ProxyError::BadRequest(_)
+            | ProxyError::BadBody(_)
+            | ProxyError::HeadTooLarge
+            | ProxyError::BodyTooLarge
+            | ProxyError::BodyTimeout
+            | ProxyError::ClientGone => Side::Client,
         }
     }
 
@@ -84,16 +159,31 @@ impl ProxyError {
             ProxyError::BadUpstreamResponse(_) => "502 bad gateway: invalid upstream response\n",
             ProxyError::Timeout => "504 gateway timeout: upstream did not answer in time\n",
             ProxyError::BadRequest(_) => "400 bad request\n",
+            ProxyError::BadBody(_) => "400 bad request: malformed request body\n",
             ProxyError::HeadTooLarge => "431 request header fields too large\n",
             ProxyError::BodyTooLarge => "413 payload too large\n",
             ProxyError::BodyTimeout => "408 request timeout: request body stalled\n",
+            ProxyError::ClientGone => "499 client closed request\n",
         }
     }
 
-    /// The response sent to the client: the status and a short plain-text body.
+    /// The response sent to the client: the status and a short plain-text body. After a
+    /// client's fault the framing of whatever follows on its connection is unknown (a body
+    /// left unread, a malformed one), so the answer closes the connection (RFC 9112 §9.6,
+    /// HTTP1-RULES "after a 4xx for a malformed head or body").
     pub fn response(&self) -> Response<Body> {
-        plain_response(self.status(), self.text())
+        let mut r = plain_response(self.status(), self.text());
+        if self.side() == Side::Client {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
+}
+
+/// 499, which `http` has no constant for.
+fn client_closed_request() -> StatusCode {
+    StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 /// A response with a short `text/plain` body.
@@ -303,6 +393,8 @@ mod tests {
             (ProxyError::HeadTooLarge, 431),
             (ProxyError::BodyTooLarge, 413),
             (ProxyError::BodyTimeout, 408),
+            (ProxyError::BadBody("x"), 400),
+            (ProxyError::ClientGone, 499),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e}");
@@ -311,6 +403,12 @@ mod tests {
             assert_eq!(
                 r.headers()[header::CONTENT_TYPE],
                 "text/plain; charset=utf-8"
+            );
+            // A client's fault closes its connection; the proxy's and the upstream's do not.
+            assert_eq!(
+                r.headers().get(header::CONNECTION).is_some(),
+                e.side() == Side::Client,
+                "{e}"
             );
         }
     }

@@ -158,16 +158,65 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Whether the request asks for a protocol upgrade that can be tunnelled (a WebSocket, for
-/// instance). `h2c` upgrades are not tunnelled: they are stripped like any hop-by-hop header.
+/// Whether the request asks for a WebSocket upgrade, the only upgrade that is tunnelled:
+/// `Connection` lists `upgrade` and there is exactly one `Upgrade` line, whose value is the
+/// single token `websocket` (any case). Anything else (`h2c`, `websocket, h2c`, two
+/// `Upgrade` lines) is no upgrade at all and its `Upgrade` is stripped like any hop-by-hop
+/// header, so that no tunnel can be opened to smuggle requests past the proxy.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    let Some(up) = headers.get(header::UPGRADE) else {
-        return false;
-    };
-    if up.as_bytes().eq_ignore_ascii_case(b"h2c") {
-        return false;
+    is_websocket_upgrade(headers) && has_connection_token(headers, "upgrade")
+}
+
+/// Whether `headers` carry exactly one `Upgrade` line naming only `websocket` (a request's
+/// offer, or the protocol a `101` switches to).
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut up = headers.get_all(header::UPGRADE).iter();
+    match (up.next(), up.next()) {
+        (Some(v), None) => v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"),
+        _ => false,
     }
-    has_connection_token(headers, "upgrade")
+}
+
+/// How an upstream response head frames its body, as far as the proxy must act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One valid `Content-Length`, or `Transfer-Encoding: chunked` alone, or neither.
+    Clean,
+    /// Both `Transfer-Encoding: chunked` and `Content-Length`: the body is framed by the
+    /// chunked coding, the length is removed before relaying and the connection is not
+    /// reused (RFC 9112 §6.3).
+    ChunkedOverLength,
+}
+
+/// Checks the framing headers of an upstream response (RFC 9112 §6.3). More than one
+/// `Content-Length` (lines or list members, even equal ones) or one that is not a plain
+/// decimal is an invalid response, and so is a `Transfer-Encoding` other than exactly
+/// `chunked` (a body in an unknown coding cannot be relayed as it is).
+pub fn response_framing(headers: &HeaderMap) -> Result<Framing, &'static str> {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => None,
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            Some(v)
+        }
+        (Some(_), Some(_)) => return Err("more than one Content-Length"),
+    };
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(Framing::Clean),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => {
+            Ok(if length.is_some() {
+                Framing::ChunkedOverLength
+            } else {
+                Framing::Clean
+            })
+        }
+        _ => Err("unsupported Transfer-Encoding"),
+    }
 }
 
 /// Whether a `Connection` header lists `token`.
@@ -408,6 +457,72 @@ mod tests {
         strip_hop_by_hop(&mut m, false);
         let names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn only_a_single_websocket_upgrade_is_an_upgrade() {
+        let yes = [
+            h(&[("connection", "Upgrade"), ("upgrade", "websocket")]),
+            h(&[
+                ("connection", "keep-alive, upgrade"),
+                ("upgrade", "WebSocket"),
+            ]),
+        ];
+        for m in &yes {
+            assert!(is_upgrade_request(m), "{m:?}");
+        }
+        let no = [
+            h(&[("connection", "upgrade"), ("upgrade", "h2c")]),
+            h(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]),
+            h(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]),
+            h(&[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("upgrade", "h2c"),
+            ]),
+            h(&[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("upgrade", "websocket"),
+            ]),
+            h(&[("connection", "upgrade"), ("upgrade", "websocketx")]),
+            h(&[("upgrade", "websocket")]),
+        ];
+        for m in &no {
+            assert!(!is_upgrade_request(m), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        use Framing::*;
+        assert_eq!(response_framing(&h(&[])), Ok(Clean));
+        assert_eq!(response_framing(&h(&[("content-length", "12")])), Ok(Clean));
+        assert_eq!(
+            response_framing(&h(&[("transfer-encoding", "chunked")])),
+            Ok(Clean)
+        );
+        assert_eq!(
+            response_framing(&h(&[
+                ("content-length", "3"),
+                ("transfer-encoding", "Chunked")
+            ])),
+            Ok(ChunkedOverLength)
+        );
+        for bad in [
+            h(&[("content-length", "3"), ("content-length", "3")]),
+            h(&[("content-length", "3, 3")]),
+            h(&[("content-length", "+3")]),
+            h(&[("content-length", "")]),
+            h(&[("transfer-encoding", "gzip, chunked")]),
+            h(&[("transfer-encoding", "gzip")]),
+            h(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ]),
+        ] {
+            assert!(response_framing(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

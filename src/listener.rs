@@ -488,6 +488,54 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     }
 }
 
+/// A request being answered. If hyper drops it before the answer is ready (the client
+/// closed its connection, or reset its HTTP/2 stream), it is counted and logged as the
+/// client's: status 499, as Nginx logs a client that went away.
+struct Pending {
+    entry: Option<Box<Entry>>,
+    trace: proxy::Trace,
+    start: Instant,
+    rt: Arc<crate::runtime::Runtime>,
+    shared: Arc<Shared>,
+}
+
+impl Pending {
+    /// The answer is ready with `status` (already counted by `proxy::handle`): the access
+    /// log entry, completed, to go with the response body.
+    fn finish(&mut self, status: u16) -> Option<(Box<Entry>, Arc<Shared>)> {
+        let mut e = self.entry.take()?;
+        self.fill(&mut e, status);
+        Some((e, Arc::clone(&self.shared)))
+    }
+
+    fn fill(&self, e: &mut Entry, status: u16) {
+        e.status = status;
+        e.attempts = self.trace.attempts;
+        if let Some(ip) = self.trace.client_ip {
+            e.client = ip;
+        }
+        e.upstream = self
+            .trace
+            .upstream
+            .map(|i| Arc::clone(&self.rt.upstreams[i].name));
+        e.server = self.trace.server.as_ref().map(|s| Arc::clone(&s.addr));
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.trace.answered {
+            return;
+        }
+        let code = crate::error::CLIENT_CLOSED_REQUEST;
+        proxy::count(&self.rt, &self.trace, code, self.start);
+        if let Some(mut e) = self.entry.take() {
+            self.fill(&mut e, code);
+            self.shared.access_log.send(&e, &self.shared.metrics);
+        }
+    }
+}
+
 /// The body sent to a client: the response body plus the guard that marks the request done
 /// on this connection when hyper drops it.
 pub struct ConnBody {
@@ -579,26 +627,29 @@ where
         let guard = svc_state.begin_request();
         let shared = Arc::clone(&svc_shared);
         async move {
-            let start = Instant::now();
             let rt = shared.runtime.load_full();
             let format = rt.config.log.access;
-            let entry = (format != AccessFormat::Off)
-                .then(|| Box::new(Entry::begin(format, &req, info.peer.ip())));
-            let mut trace = proxy::Trace::default();
+            let mut pending = Pending {
+                entry: (format != AccessFormat::Off)
+                    .then(|| Box::new(Entry::begin(format, &req, info.peer.ip()))),
+                trace: proxy::Trace::default(),
+                start: Instant::now(),
+                rt,
+                shared,
+            };
             // Boxed: hyper keeps room for one in-flight future per connection, idle or
             // not; a small box there instead of the whole request state saves ~4 KiB per
             // idle keep-alive connection, for one allocation per request.
-            let resp = Box::pin(proxy::handle(&rt, req, &info, &shared, start, &mut trace)).await;
-            let access = entry.map(|mut e| {
-                e.status = resp.status().as_u16();
-                e.attempts = trace.attempts;
-                if let Some(ip) = trace.client_ip {
-                    e.client = ip;
-                }
-                e.upstream = trace.upstream.map(|i| Arc::clone(&rt.upstreams[i].name));
-                e.server = trace.server.as_ref().map(|s| Arc::clone(&s.addr));
-                (e, Arc::clone(&shared))
-            });
+            let resp = Box::pin(proxy::handle(
+                &pending.rt,
+                req,
+                &info,
+                &pending.shared,
+                pending.start,
+                &mut pending.trace,
+            ))
+            .await;
+            let access = pending.finish(resp.status().as_u16());
             Ok::<_, Infallible>(resp.map(|inner| ConnBody {
                 inner,
                 access,

@@ -12,13 +12,10 @@ use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
 use crate::app::Shared;
-use crate::body::{
-    Body, BodyProgress, BodyTimeout, BodyTooLarge, ClientBody, RequestBody, UpstreamBody,
-};
+use crate::body::{Body, BodyProgress, ClientBody, RequestBody, UpstreamBody, fault_behind};
 use crate::client::{self, PoolReturn};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
-use crate::health::Transition;
 use crate::listener::ConnInfo;
 use crate::route;
 use crate::runtime::Runtime;
@@ -38,6 +35,8 @@ pub struct Trace {
     pub attempts: u32,
     /// The client IP as `trusted_proxies` allow it to be known.
     pub client_ip: Option<IpAddr>,
+    /// Set once the answer is ready and counted.
+    pub answered: bool,
 }
 
 /// Answers one client request (its head arrived at `start`). Never fails: errors become the
@@ -67,7 +66,14 @@ pub async fn handle(
             e.response()
         }
     };
-    let code = resp.status().as_u16();
+    count(rt, trace, resp.status().as_u16(), start);
+    trace.answered = true;
+    resp
+}
+
+/// Counts an answered request (or, with 499, one whose client went away first) in the
+/// request metrics of its upstream and server.
+pub fn count(rt: &Runtime, trace: &Trace, code: u16, start: Instant) {
     match trace.upstream.map(|i| &rt.upstreams[i]) {
         Some(u) => {
             u.metrics.duration.observe(start.elapsed().as_secs_f64());
@@ -78,7 +84,6 @@ pub async fn handle(
         }
         None => rt.no_route.inc(code),
     }
-    resp
 }
 
 /// The size of a request head as sent on the wire (request line, header lines, CRLFs).
@@ -242,7 +247,16 @@ async fn forward(
         // that whole buffer (up to hundreds of KiB) per table entry.
         headers::detach_values(resp.headers_mut());
     }
-    respond(resp, guard, sender, upstream, client_upgrade, rt, shared)
+    respond(
+        resp,
+        guard,
+        sender,
+        upstream,
+        client_upgrade,
+        rt,
+        shared,
+        (!replayable).then_some(progress),
+    )
 }
 
 /// `/path?query` only: what an HTTP/1.1 origin server expects.
@@ -271,6 +285,11 @@ struct Attempt<'a> {
 type Sender = client::Conn;
 
 impl Attempt<'_> {
+    /// Tries servers until one answers with a response head, under the retry rules: a try
+    /// may be repeated only when the failure is the upstream's and either no byte of the
+    /// request provably reached the server, or the request is idempotent and its (empty)
+    /// body can be sent again (RFC 9110 §9.2.2; CONTRACT §2 `retries`, `pool_idle_timeout`).
+    /// A failure the client caused ends the request at once and counts against no server.
     async fn run(
         &self,
         client_ip: IpAddr,
@@ -282,9 +301,11 @@ impl Attempt<'_> {
         let idempotent = is_idempotent(&self.head.method);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err: Option<ProxyError> = None;
+        // A reused connection that broke after the request may have reached it is retried
+        // once on a fresh one (idempotent requests only).
         let mut fresh_retry_used = false;
         let mut force_fresh = false;
-        // A request given back unsent by a stale pooled connection.
+        // A request that provably never reached a server, to send as it is.
         let mut unsent: Option<Request<RequestBody>> = None;
         let mut retry = false;
         loop {
@@ -323,7 +344,7 @@ impl Attempt<'_> {
                 Ok(c) => c,
                 Err(source) => {
                     tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %source, "connect failed");
-                    passive_failure(upstream, server, "connect failed");
+                    server.record_passive_failure(upstream.passive, "connect failed");
                     tried.push(mi);
                     last_err = Some(ProxyError::Connect {
                         server: server.addr.to_string(),
@@ -344,60 +365,81 @@ impl Attempt<'_> {
                     None => self.head.request(RequestBody::Empty),
                 },
             };
+            let written = conn.bytes_written();
             let fut = conn.sender.try_send_request(req);
-            let result = self.await_head(fut).await;
-            match result {
+            let mut e = match self.await_head(fut).await {
                 Ok(Ok(resp)) => {
                     server.health.record_passive_success();
                     return Ok((resp, guard, conn));
                 }
-                Err(()) => return Err(ProxyError::Timeout),
-                Ok(Err(mut e)) => {
-                    if let Some(req) = e.take_message() {
-                        // Never written: the pooled connection had gone stale. Try again,
-                        // on a fresh connection, without counting a try.
-                        unsent = Some(req);
-                        force_fresh = conn.reused;
-                        if !conn.reused {
-                            tried.push(mi);
-                            last_err = Some(ProxyError::UpstreamBroke(e.into_error()));
-                            if tried.len() >= max_tries {
-                                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-                            }
-                            retry = true;
-                        }
-                        continue;
-                    }
-                    let err = e.into_error();
-                    if let Some(pe) = body_error(&err) {
-                        return Err(pe);
-                    }
-                    tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "upstream broke off");
-                    passive_failure(
-                        upstream,
-                        server,
-                        "connection broke before the response head",
-                    );
-                    if !self.replayable {
-                        return Err(ProxyError::UpstreamBroke(err));
-                    }
-                    if conn.reused && !fresh_retry_used {
-                        // CONTRACT §2 pool_idle_timeout: retried on a fresh connection,
-                        // whatever `retries` says.
-                        fresh_retry_used = true;
-                        force_fresh = true;
-                        retry = true;
-                        last_err = Some(ProxyError::UpstreamBroke(err));
-                        // Same server again: the balancer may choose it or another.
-                        continue;
-                    }
-                    tried.push(mi);
-                    last_err = Some(ProxyError::UpstreamBroke(err));
-                    if !idempotent || tried.len() >= max_tries {
-                        return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-                    }
-                    retry = true;
+                Err(()) => {
+                    tracing::warn!(upstream = %upstream.name, server = %server.addr, "no response head within request_timeout");
+                    server.record_passive_failure(upstream.passive, "request_timeout passed");
+                    return Err(ProxyError::Timeout);
                 }
+                Ok(Err(e)) => e,
+            };
+            let given_back = e.take_message();
+            let err = e.into_error();
+            if let Some(fault) = fault_behind(&err, self.progress) {
+                return Err(fault.error());
+            }
+            // The upstream's doing from here on. The request never reached the server when
+            // hyper gave it back unsent, or when not one byte was written.
+            let reached = given_back.is_none() && conn.bytes_written() > written;
+            let again = match given_back {
+                Some(r) => Some(r),
+                None if !reached && self.replayable => Some(self.head.request(RequestBody::Empty)),
+                None => None,
+            };
+            let err = upstream_error(err);
+            if let Some(req) = again {
+                unsent = Some(req);
+                if conn.reused {
+                    // A pooled connection the server had closed: try a fresh one, without
+                    // counting a try or a failure.
+                    force_fresh = true;
+                    continue;
+                }
+                tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "connection closed before the request was sent");
+                server.record_passive_failure(
+                    upstream.passive,
+                    "connection closed before the request",
+                );
+                tried.push(mi);
+                last_err = Some(err);
+                if tried.len() >= max_tries {
+                    return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
+                }
+                retry = true;
+                continue;
+            }
+            tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "upstream broke off before the response head");
+            if !conn.reused {
+                // On a reused connection the break may be the keep-alive race (the server
+                // closing an idle connection as the request arrived): not counted.
+                server.record_passive_failure(
+                    upstream.passive,
+                    "connection broke before the response head",
+                );
+            }
+            // The request may have reached the server: only an idempotent one with nothing
+            // left unsent goes again (RFC 9110 §9.2.2).
+            if !(self.replayable && idempotent) {
+                return Err(err);
+            }
+            last_err = Some(err);
+            retry = true;
+            if conn.reused && !fresh_retry_used {
+                // CONTRACT §2 pool_idle_timeout: retried on a fresh connection, whatever
+                // `retries` says; the balancer may choose the same server or another.
+                fresh_retry_used = true;
+                force_fresh = true;
+                continue;
+            }
+            tried.push(mi);
+            if tried.len() >= max_tries {
+                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
             }
         }
     }
@@ -423,40 +465,23 @@ impl Attempt<'_> {
             tokio::select! {
                 r = &mut fut => return Ok(r),
                 _ = tokio::time::sleep_until(deadline) => {
-                    // Until the body has ended, the clock runs only while nothing moves: a
-                    // slow upload that keeps moving is fine (body_read_timeout guards a
-                    // stalled client), an upstream that stops reading is not.
-                    let since = progress.ended().unwrap_or_else(|| progress.last_moved());
-                    if since + limit <= Instant::now() {
+                    // Until the body has ended, the clock runs only while the upstream is
+                    // the one holding things up: a slow upload that keeps moving is fine,
+                    // and a client that stops sending is the client's stall
+                    // (body_read_timeout answers it), never a timeout of the upstream.
+                    let now = Instant::now();
+                    let since = match progress.ended() {
+                        Some(t) => t,
+                        None if progress.is_waiting_on_client() => now,
+                        None => progress.last_moved(),
+                    };
+                    if since + limit <= now {
                         return Err(());
                     }
                     deadline = since + limit;
                 }
             }
         }
-    }
-}
-
-/// Counts a failed try against `server` (CONTRACT §2: passive failures). Without active
-/// checks, a server taken down this way is tried again after `fail_timeout`.
-fn passive_failure(upstream: &Upstream, server: &Arc<Server>, reason: &str) {
-    if server.health.record_passive_failure(upstream.max_fails) != Some(Transition::Down) {
-        return;
-    }
-    server.on_transition(Transition::Down, reason);
-    if upstream.health_check.is_none() {
-        let weak = Arc::downgrade(server);
-        let rest = upstream.fail_timeout;
-        // One more failure after the rest takes it down again, as Nginx's max_fails does.
-        let streak = upstream.max_fails.saturating_sub(1);
-        tokio::spawn(async move {
-            tokio::time::sleep(rest).await;
-            if let Some(s) = weak.upgrade()
-                && s.health.force_up(streak)
-            {
-                s.on_transition(Transition::Up, "fail_timeout passed, trying it again");
-            }
-        });
     }
 }
 
@@ -494,21 +519,17 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// The client's own body failed (too large, stalled): that is the client's answer.
-fn body_error(err: &hyper::Error) -> Option<ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(s) = source {
-        if s.is::<BodyTooLarge>() {
-            return Some(ProxyError::BodyTooLarge);
-        }
-        if s.is::<BodyTimeout>() {
-            return Some(ProxyError::BodyTimeout);
-        }
-        source = s.source();
+/// An upstream connection's error before the response head, as the proxy answers it: an
+/// unparsable response head is an invalid response, anything else a broken connection.
+fn upstream_error(err: hyper::Error) -> ProxyError {
+    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+        ProxyError::BadUpstreamResponse("malformed response head")
+    } else {
+        ProxyError::UpstreamBroke(err)
     }
-    None
 }
 
+#[allow(clippy::too_many_arguments)]
 fn respond(
     mut resp: Response<Incoming>,
     guard: ActiveGuard,
@@ -517,18 +538,32 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     rt: &Runtime,
     shared: &Arc<Shared>,
+    progress: Option<Arc<BodyProgress>>,
 ) -> Result<Response<Body>, ProxyError> {
+    // An early response: the head arrived before the client's body was all sent. No
+    // further byte of the body goes out, and the connection is not reused: the server may
+    // take what it did not read for a next request, and answer it to another client.
+    let early = progress.as_ref().is_some_and(|p| p.ended().is_none());
+    if early && let Some(p) = &progress {
+        p.stop();
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return Err(ProxyError::BadUpstreamResponse(
+            return Err(invalid_response(
+                &guard,
+                upstream,
                 "101 without an upgrade request",
             ));
         };
+        // Only the protocol asked for is tunnelled (headers::is_upgrade_request).
+        if !headers::is_websocket_upgrade(resp.headers()) {
+            return Err(invalid_response(
+                &guard,
+                upstream,
+                "101 to another protocol than websocket",
+            ));
+        }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let websocket = resp
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         let idle = rt.settings.tunnel_idle_timeout;
@@ -536,7 +571,7 @@ fn respond(
             client: client_upgrade,
             upstream: upstream_upgrade,
             idle,
-            websocket,
+            websocket: true,
             stop: shared.stop.clone(),
             guard,
             sender,
@@ -544,16 +579,25 @@ fn respond(
         return Ok(Response::from_parts(parts, Body::Empty));
     }
     let (mut parts, body) = resp.into_parts();
-    let keep = !headers::has_connection_token(&parts.headers, "close");
+    let framing = match headers::response_framing(&parts.headers) {
+        Ok(f) => f,
+        Err(what) => return Err(invalid_response(&guard, upstream, what)),
+    };
+    let keep = !early
+        && framing == headers::Framing::Clean
+        && !headers::has_connection_token(&parts.headers, "close");
+    if framing == headers::Framing::ChunkedOverLength {
+        // RFC 9112 §6.3: chunked wins, the length goes, the connection is not reused.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    let pool =
-        // The connection stays with the body either way (dropping it would end its driver
-        // mid-body); only a keep-alive one goes back to the pool afterwards.
-        Some(PoolReturn::new(
-            Arc::clone(guard.server()),
-            sender,
-            if keep { upstream.pool.max_idle } else { 0 },
-        ));
+    // The connection stays with the body either way (dropping it would end its driver
+    // mid-body); only one whose exchange ended cleanly both ways goes back to the pool.
+    let pool = Some(PoolReturn::new(
+        Arc::clone(guard.server()),
+        sender,
+        if keep { upstream.pool.max_idle } else { 0 },
+    ));
     Ok(Response::from_parts(
         parts,
         Body::Upstream(UpstreamBody::new(
@@ -561,6 +605,17 @@ fn respond(
             pool,
             rt.settings.response_body_idle_timeout,
             guard,
+            upstream.passive,
+            progress,
         )),
     ))
+}
+
+/// A response head the proxy cannot pass on: a 502 for the client, a passive failure for
+/// the server, and the connection closed (dropped with the caller's sender).
+fn invalid_response(guard: &ActiveGuard, upstream: &Upstream, what: &'static str) -> ProxyError {
+    let server = guard.server();
+    tracing::warn!(upstream = %upstream.name, server = %server.addr, problem = what, "invalid upstream response");
+    server.record_passive_failure(upstream.passive, what);
+    ProxyError::BadUpstreamResponse(what)
 }

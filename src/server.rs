@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::DropGuard;
 
@@ -119,6 +120,44 @@ impl Server {
     pub fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.metrics.active.inc();
         ActiveGuard(Arc::clone(self))
+    }
+}
+
+/// How passive failures take a server out of rotation (CONTRACT §2; §7
+/// `[upstreams.NAME.passive]`), as one snapshot's upstream says.
+#[derive(Debug, Clone, Copy)]
+pub struct PassivePolicy {
+    /// Consecutive failures that mark the server down.
+    pub max_fails: u32,
+    /// Without active checks, how long a server taken down this way rests.
+    pub fail_timeout: Duration,
+    /// Whether an active checker brings the server back (otherwise `fail_timeout` does).
+    pub has_active_check: bool,
+}
+
+impl Server {
+    /// Counts a failure of an exchange with this server that the server caused (never
+    /// one the client caused). Without active checks, a server taken down this way is
+    /// tried again after `fail_timeout`.
+    pub fn record_passive_failure(self: &Arc<Self>, policy: PassivePolicy, reason: &str) {
+        if self.health.record_passive_failure(policy.max_fails) != Some(Transition::Down) {
+            return;
+        }
+        self.on_transition(Transition::Down, reason);
+        if !policy.has_active_check {
+            let weak = Arc::downgrade(self);
+            // One more failure after the rest takes it down again, as Nginx's max_fails
+            // does.
+            let streak = policy.max_fails.saturating_sub(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(policy.fail_timeout).await;
+                if let Some(s) = weak.upgrade()
+                    && s.health.force_up(streak)
+                {
+                    s.on_transition(Transition::Up, "fail_timeout passed, trying it again");
+                }
+            });
+        }
     }
 }
 

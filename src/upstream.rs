@@ -10,7 +10,7 @@ use crate::client::PoolSettings;
 use crate::config::{BalanceKind, UpstreamSection};
 use crate::health::{HealthCheck, fast_random};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::server::Server;
+use crate::server::{PassivePolicy, Server};
 use crate::tls::UpstreamTls;
 
 /// A server as listed in one snapshot.
@@ -41,10 +41,8 @@ pub struct Upstream {
     pub pool: PoolSettings,
     /// Active checks, if configured.
     pub health_check: Option<HealthCheck>,
-    /// Consecutive failed requests that mark a server down.
-    pub max_fails: u32,
-    /// Without active checks, how long a passively downed server rests.
-    pub fail_timeout: Duration,
+    /// How failed exchanges take a server out (`max_fails`, `fail_timeout`).
+    pub passive: PassivePolicy,
     /// Ramp-up time of a server that comes back.
     pub slow_start: Option<Duration>,
     /// Route to every server when none is healthy.
@@ -164,16 +162,19 @@ impl Upstream {
                 resolver: section.resolver.map(|a| a.0),
                 ..HealthCheck::from_section(h)
             }),
-            max_fails: section.passive.max_fails.unwrap_or_else(|| {
-                section
-                    .health_check
-                    .as_ref()
-                    .map_or(3, |h| h.unhealthy_threshold)
-            }),
-            fail_timeout: section
-                .passive
-                .fail_timeout
-                .map_or(Duration::from_secs(10), |d| d.0),
+            passive: PassivePolicy {
+                max_fails: section.passive.max_fails.unwrap_or_else(|| {
+                    section
+                        .health_check
+                        .as_ref()
+                        .map_or(3, |h| h.unhealthy_threshold)
+                }),
+                fail_timeout: section
+                    .passive
+                    .fail_timeout
+                    .map_or(Duration::from_secs(10), |d| d.0),
+                has_active_check: section.health_check.is_some(),
+            },
             slow_start: section.slow_start.map(|d| d.0),
             fail_open: section.fail_open,
             tls,

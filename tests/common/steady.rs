@@ -144,13 +144,19 @@ impl Bench {
 
     /// The sum of the samples of metric `name` on the admin listener.
     pub async fn metric(&self, name: &str) -> f64 {
+        self.metric_where(name, "").await
+    }
+
+    /// The sum of the samples of metric `name` whose labels contain `labels` (a substring
+    /// such as `code="499"`).
+    pub async fn metric_where(&self, name: &str, labels: &str) -> f64 {
         let admin = self.proxy.admin.expect("admin listener");
         let r = get(&format!("http://{admin}/metrics")).await;
         r.text()
             .lines()
             .filter(|l| {
                 l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+                    .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
