@@ -138,7 +138,11 @@ fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
         "undrain" => false,
         _ => return plain_response(StatusCode::NOT_FOUND, "404 not found\n"),
     };
-    let (name, addr) = (percent_decode(name), percent_decode(addr));
+    // Config names and addresses are UTF-8: a path that decodes to other bytes names
+    // nothing here.
+    let (Some(name), Some(addr)) = (percent_decode(name), percent_decode(addr)) else {
+        return plain_response(StatusCode::NOT_FOUND, "404 not found\n");
+    };
     let Some(server) = rt.find_server(&name, &addr) else {
         return error_json(
             StatusCode::NOT_FOUND,
@@ -157,24 +161,36 @@ fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
     )
 }
 
-/// Decodes `%XX` escapes (a `host:port` may arrive as `127.0.0.1%3A13000`).
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (a `host:port` may arrive as `127.0.0.1%3A13000`). It works on
+/// bytes, since a `%` may be followed by any character; a `%` without two hex digits after
+/// it stays as it is. `None` when the decoded bytes are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(hi), Some(lo)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
         {
-            out.push(v);
+            out.push(hi << 4 | lo);
             i += 3;
             continue;
         }
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).ok()
 }
 
 /// `POST /maintenance` with `{"upstream": NAME | "*", "on": bool, "retry_after": "120s"}`.
@@ -351,7 +367,33 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, percent_decode};
+
+    #[test]
+    fn percent_decoding() {
+        let decode = |s| percent_decode(s).unwrap();
+        assert_eq!(decode("127.0.0.1%3A13000"), "127.0.0.1:13000");
+        assert_eq!(decode("%e2%82%ac"), "\u{20ac}");
+        // Escapes without two hex digits stay literal, whatever follows the `%`.
+        for literal in [
+            "%",
+            "%4",
+            "%zz",
+            "%+1",
+            "a%",
+            "%\u{e9}",
+            "%a\u{e9}",
+            "%\u{20ac}",
+        ] {
+            assert_eq!(decode(literal), literal);
+        }
+        assert_eq!(
+            decode("/upstreams/app/servers/%\u{e9}/drain"),
+            "/upstreams/app/servers/%\u{e9}/drain"
+        );
+        assert_eq!(percent_decode("%ff"), None);
+        assert_eq!(percent_decode("%c3"), None);
+    }
 
     #[test]
     fn token_comparison() {
