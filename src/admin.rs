@@ -257,14 +257,18 @@ async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> R
     )
 }
 
-fn is_authorized(req: &Request<Incoming>, token: &str) -> bool {
+/// `Authorization: Bearer TOKEN`. The scheme is case-insensitive and one or more spaces may
+/// precede the token (RFC 9110 §11.1, §11.4).
+fn is_authorized<B>(req: &Request<B>, token: &str) -> bool {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
-    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else {
+    let value = value.as_bytes();
+    let Some(space) = value.iter().position(|&b| b == b' ') else {
         return false;
     };
-    constant_time_eq(given.trim_ascii(), token.as_bytes())
+    let (scheme, given) = value.split_at(space);
+    scheme.eq_ignore_ascii_case(b"Bearer") && constant_time_eq(given.trim_ascii(), token.as_bytes())
 }
 
 /// Compares without an early exit, so that the time taken does not reveal how much of the
@@ -367,7 +371,41 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{constant_time_eq, percent_decode};
+    use super::{constant_time_eq, is_authorized, percent_decode};
+    use http::{Request, header};
+
+    fn authorized(value: &str) -> bool {
+        let req = Request::post("/reload")
+            .header(header::AUTHORIZATION, value)
+            .body(())
+            .unwrap();
+        is_authorized(&req, "s3cret")
+    }
+
+    #[test]
+    fn bearer_scheme() {
+        for ok in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "Bearer   s3cret",
+        ] {
+            assert!(authorized(ok), "{ok:?}");
+        }
+        for bad in [
+            "Bearer",
+            "Bearer ",
+            "Bearers3cret",
+            "Basic s3cret",
+            "Bearer s3cre",
+            "Bearer s3cret s3cret",
+            "s3cret",
+        ] {
+            assert!(!authorized(bad), "{bad:?}");
+        }
+        let none = Request::post("/reload").body(()).unwrap();
+        assert!(!is_authorized(&none, "s3cret"));
+    }
 
     #[test]
     fn percent_decoding() {
