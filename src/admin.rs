@@ -1,5 +1,6 @@
 //! The admin listener (CONTRACT §4): a small router over `(method, path)`, served on its own
-//! address, never on the client listener.
+//! address, never on the client listener. Requests other than GET and HEAD pass the
+//! cross-site [`guard`] (403), then the token check (401), before they are routed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use http_body_util::BodyExt;
 
 use crate::error::plain_response;
 use crate::runtime::Runtime;
+
+mod guard;
 
 /// Accepts admin connections until `stop` fires.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -49,14 +52,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-/// Routes one admin request (CONTRACT §4). With `admin.token` set, a non-GET request
-/// without `Authorization: Bearer TOKEN` gets 401 before anything else.
+/// Routes one admin request (CONTRACT §4). A request other than GET and HEAD that looks
+/// cross-site gets 403 before anything else (CONTRACT §7, even with the right token: the
+/// token may sit in a browser that a foreign page drives); then, with `admin.token` set,
+/// one without `Authorization: Bearer TOKEN` gets 401.
 pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let rt = shared.runtime.load_full();
     let method = req.method().clone();
+    let is_mutating = method != Method::GET && method != Method::HEAD;
+    if is_mutating && let Err(refusal) = guard::check(&req, &rt.config.admin.allowed_hosts) {
+        tracing::warn!(
+            method = %method,
+            path = %req.uri().path(),
+            rule = refusal.rule(),
+            "cross-site admin request refused"
+        );
+        return plain_response(StatusCode::FORBIDDEN, refusal.message());
+    }
     if let Some(token) = rt.config.admin.token.as_deref()
-        && method != Method::GET
-        && method != Method::HEAD
+        && is_mutating
         && !is_authorized(&req, token)
     {
         let mut r = plain_response(
