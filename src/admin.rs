@@ -1,5 +1,6 @@
 //! The admin listener (CONTRACT §4): a small router over `(method, path)`, served on its own
-//! address, never on the client listener.
+//! address, never on the client listener. Requests other than GET and HEAD pass the
+//! cross-site [`guard`] (403), then the token check (401), before they are routed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use http_body_util::BodyExt;
 
 use crate::error::plain_response;
 use crate::runtime::Runtime;
+
+mod guard;
 
 /// Accepts admin connections until `stop` fires.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -49,14 +52,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-/// Routes one admin request (CONTRACT §4). With `admin.token` set, a non-GET request
-/// without `Authorization: Bearer TOKEN` gets 401 before anything else.
+/// Routes one admin request (CONTRACT §4). A request other than GET and HEAD that looks
+/// cross-site gets 403 before anything else (CONTRACT §7, even with the right token: the
+/// token may sit in a browser that a foreign page drives); then, with `admin.token` set,
+/// one without `Authorization: Bearer TOKEN` gets 401.
 pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let rt = shared.runtime.load_full();
     let method = req.method().clone();
+    let is_mutating = method != Method::GET && method != Method::HEAD;
+    if is_mutating && let Err(refusal) = guard::check(&req, &rt.config.admin.allowed_hosts) {
+        tracing::warn!(
+            method = %method,
+            path = %req.uri().path(),
+            rule = refusal.rule(),
+            "cross-site admin request refused"
+        );
+        return plain_response(StatusCode::FORBIDDEN, refusal.message());
+    }
     if let Some(token) = rt.config.admin.token.as_deref()
-        && method != Method::GET
-        && method != Method::HEAD
+        && is_mutating
         && !is_authorized(&req, token)
     {
         let mut r = plain_response(
@@ -138,7 +152,11 @@ fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
         "undrain" => false,
         _ => return plain_response(StatusCode::NOT_FOUND, "404 not found\n"),
     };
-    let (name, addr) = (percent_decode(name), percent_decode(addr));
+    // Config names and addresses are UTF-8: a path that decodes to other bytes names
+    // nothing here.
+    let (Some(name), Some(addr)) = (percent_decode(name), percent_decode(addr)) else {
+        return plain_response(StatusCode::NOT_FOUND, "404 not found\n");
+    };
     let Some(server) = rt.find_server(&name, &addr) else {
         return error_json(
             StatusCode::NOT_FOUND,
@@ -157,24 +175,36 @@ fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
     )
 }
 
-/// Decodes `%XX` escapes (a `host:port` may arrive as `127.0.0.1%3A13000`).
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (a `host:port` may arrive as `127.0.0.1%3A13000`). It works on
+/// bytes, since a `%` may be followed by any character; a `%` without two hex digits after
+/// it stays as it is. `None` when the decoded bytes are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(hi), Some(lo)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
         {
-            out.push(v);
+            out.push(hi << 4 | lo);
             i += 3;
             continue;
         }
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).ok()
 }
 
 /// `POST /maintenance` with `{"upstream": NAME | "*", "on": bool, "retry_after": "120s"}`.
@@ -241,14 +271,18 @@ async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> R
     )
 }
 
-fn is_authorized(req: &Request<Incoming>, token: &str) -> bool {
+/// `Authorization: Bearer TOKEN`. The scheme is case-insensitive and one or more spaces may
+/// precede the token (RFC 9110 §11.1, §11.4).
+fn is_authorized<B>(req: &Request<B>, token: &str) -> bool {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
-    let Some(given) = value.as_bytes().strip_prefix(b"Bearer ") else {
+    let value = value.as_bytes();
+    let Some(space) = value.iter().position(|&b| b == b' ') else {
         return false;
     };
-    constant_time_eq(given.trim_ascii(), token.as_bytes())
+    let (scheme, given) = value.split_at(space);
+    scheme.eq_ignore_ascii_case(b"Bearer") && constant_time_eq(given.trim_ascii(), token.as_bytes())
 }
 
 /// Compares without an early exit, so that the time taken does not reveal how much of the
@@ -351,7 +385,67 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, is_authorized, percent_decode};
+    use http::{Request, header};
+
+    fn authorized(value: &str) -> bool {
+        let req = Request::post("/reload")
+            .header(header::AUTHORIZATION, value)
+            .body(())
+            .unwrap();
+        is_authorized(&req, "s3cret")
+    }
+
+    #[test]
+    fn bearer_scheme() {
+        for ok in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "Bearer   s3cret",
+        ] {
+            assert!(authorized(ok), "{ok:?}");
+        }
+        for bad in [
+            "Bearer",
+            "Bearer ",
+            "Bearers3cret",
+            "Basic s3cret",
+            "Bearer s3cre",
+            "Bearer s3cret s3cret",
+            "s3cret",
+        ] {
+            assert!(!authorized(bad), "{bad:?}");
+        }
+        let none = Request::post("/reload").body(()).unwrap();
+        assert!(!is_authorized(&none, "s3cret"));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        let decode = |s| percent_decode(s).unwrap();
+        assert_eq!(decode("127.0.0.1%3A13000"), "127.0.0.1:13000");
+        assert_eq!(decode("%e2%82%ac"), "\u{20ac}");
+        // Escapes without two hex digits stay literal, whatever follows the `%`.
+        for literal in [
+            "%",
+            "%4",
+            "%zz",
+            "%+1",
+            "a%",
+            "%\u{e9}",
+            "%a\u{e9}",
+            "%\u{20ac}",
+        ] {
+            assert_eq!(decode(literal), literal);
+        }
+        assert_eq!(
+            decode("/upstreams/app/servers/%\u{e9}/drain"),
+            "/upstreams/app/servers/%\u{e9}/drain"
+        );
+        assert_eq!(percent_decode("%ff"), None);
+        assert_eq!(percent_decode("%c3"), None);
+    }
 
     #[test]
     fn token_comparison() {

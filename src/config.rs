@@ -126,6 +126,11 @@ pub struct AdminSection {
     /// Bearer token required on non-GET admin requests.
     #[serde(default)]
     pub token: Option<String>,
+    /// Host names, besides IP literals and `localhost`, accepted in the `Host` of an admin
+    /// request other than GET and HEAD (CONTRACT §7); any other name gets 403, which stops
+    /// DNS rebinding.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[log]`.
@@ -812,6 +817,11 @@ impl Config {
                 "empty token: give a secret or remove the key".into(),
             ));
         }
+        for (i, h) in self.admin.allowed_hosts.iter().enumerate() {
+            if let Err(m) = validate_allowed_host(h) {
+                return Err((key().k("admin").k("allowed_hosts").i(i), m));
+            }
+        }
         if let Some(level) = &self.log.level
             && tracing_subscriber::EnvFilter::try_new(level).is_err()
         {
@@ -1142,6 +1152,25 @@ fn validate_host_pattern(h: &str) -> Result<(), String> {
     }
 }
 
+/// An `admin.allowed_hosts` entry: a bare host name, as the `Host` header carries it
+/// without its port. A trailing dot is allowed, as the guard ignores it.
+fn validate_allowed_host(h: &str) -> Result<(), String> {
+    let name = h.strip_suffix('.').unwrap_or(h);
+    let ok = !name.is_empty()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid host name {h:?}: write a bare name such as \"admin.example.com\", without scheme, port, path or wildcard"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1282,6 +1311,34 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
         );
         let e = err("[server]\nlisten = \"nowhere\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n");
         assert!(e.contains("fairway.toml:2:10: server.listen"), "{e}");
+    }
+
+    #[test]
+    fn admin_allowed_hosts() {
+        let with = |hosts: &str| {
+            format!("{MIN}[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = {hosts}\n")
+        };
+        assert!(p(MIN).unwrap().admin.allowed_hosts.is_empty());
+        let c = p(&with(
+            r#"["admin.example.com", "fairway-admin", "admin.internal."]"#,
+        ))
+        .unwrap();
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+        for (bad, index) in [
+            (r#"["admin.example.com", "admin.example.com:9901"]"#, 1),
+            (r#"["http://admin.example.com"]"#, 0),
+            (r#"["admin.example.com/"]"#, 0),
+            (r#"["admin example"]"#, 0),
+            (r#"[""]"#, 0),
+            (r#"["*.example.com"]"#, 0),
+        ] {
+            let e = err(&with(bad));
+            assert!(
+                e.contains(&format!("admin.allowed_hosts[{index}]: invalid host name")),
+                "{bad}: {e}"
+            );
+            assert!(e.starts_with("fairway.toml:9:"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! - [`config`]: the TOML file, its units and validation.
 //! - [`runtime`]: the immutable snapshot built from a config.
 //! - [`access`]: the access log and its writer task.
-//! - [`admin`]: the admin listener.
+//! - [`admin`]: the admin listener and its guard against cross-site requests.
 //! - [`metrics`]: Prometheus metrics and their pre-resolved handles.
 //! - [`error`]: `ProxyError` and `ConfigError`.
 //! - [`demo`]: `fairway demo`.
