@@ -261,10 +261,11 @@ pub struct HealthCheckSection {
     /// HTTP GET target.
     #[serde(default = "defaults::health_path")]
     pub path: String,
-    /// Between checks of one server.
+    /// From the end of one check of a server to the start of the next.
     #[serde(default = "defaults::health_interval")]
     pub interval: Dur,
-    /// A check slower than this fails.
+    /// A check slower than this fails. May be longer than `interval` (CONTRACT §2): checks
+    /// of one server run one after another, so they cannot overlap.
     #[serde(default = "defaults::health_timeout")]
     pub timeout: Dur,
     /// Consecutive passes to mark a server up.
@@ -1057,15 +1058,6 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         if h.unhealthy_threshold == 0 {
             return Err((hk().k("unhealthy_threshold"), "must be 1 or more".into()));
         }
-        if h.timeout.0 > h.interval.0 {
-            return Err((
-                hk().k("timeout"),
-                format!(
-                    "timeout {:?} is longer than interval {:?}: checks would overlap; make it shorter",
-                    h.timeout.0, h.interval.0
-                ),
-            ));
-        }
         if let Some(host) = &h.host
             && (host.is_empty() || host.bytes().any(|b| b <= b' ' || b == 0x7f))
         {
@@ -1282,6 +1274,19 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
         );
         let e = err("[server]\nlisten = \"nowhere\"\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n");
         assert!(e.contains("fairway.toml:2:10: server.listen"), "{e}");
+    }
+
+    #[test]
+    fn a_health_check_timeout_may_be_longer_than_its_interval() {
+        let c = p(&format!(
+            "{MIN}[upstreams.app.health_check]\ninterval = \"100ms\"\ntimeout = \"2s\"\n"
+        ))
+        .unwrap();
+        let h = c.upstreams["app"].health_check.as_ref().unwrap();
+        assert_eq!(
+            (h.interval.0, h.timeout.0),
+            (Duration::from_millis(100), Duration::from_secs(2))
+        );
     }
 
     #[test]
