@@ -1,12 +1,18 @@
 //! Points where fairway must follow the contract's exact wording, over real sockets: the
-//! `name` beside the resolved `addr` in `/status` (CONTRACT §4) and IPv4-mapped entries in
-//! `trusted_proxies` (§3).
+//! `name` beside the resolved `addr` in `/status` (CONTRACT §4), IPv4-mapped entries in
+//! `trusted_proxies` (§3), and escaping of what the client sent in the `common` access
+//! log (§7), read from the real binary's stdout.
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::{BIN, Proc, free_port};
+use common::raw::RawConn;
 use common::*;
 use http::Request;
 use http_body_util::Full;
@@ -111,4 +117,66 @@ async fn a_mapped_trusted_proxy_matches_its_ipv4_peer() {
     let (xff, real) = forwarded_by("::ffff:10.0.0.1", &a).await;
     assert_eq!(xff, ["127.0.0.1"]);
     assert_eq!(real, ["127.0.0.1"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The common access log escapes what the client sent
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_common_access_log_escapes_the_request_target() {
+    let up = TestUpstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fairway.toml");
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{addr}\"\n\n[log]\naccess = \"common\"\n\n\
+             [upstreams.app]\nservers = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("FAIRWAY_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    let mut proc = Proc::spawn(cmd);
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    proc.wait_listening(addr).await;
+
+    // `"` and `\` and UTF-8 in the target pass hyper's parser and go upstream as they are.
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(
+        "GET /a\"b\\c/é?q=\\1 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n".as_bytes(),
+    )
+    .await;
+    let r = conn.response().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["uri"], "/a\"b\\c/é?q=\\1");
+
+    let line = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no access log line: {}", proc.stderr()))
+        .expect("stdout closed");
+    let line = String::from_utf8(line).expect("the line is ASCII");
+    assert!(line.is_ascii(), "{line:?}");
+    assert!(
+        line.contains(r#" "GET /a\x22b\x5Cc/\xC3\xA9?q=\x5C1 HTTP/1.1" 200 "#),
+        "{line:?}"
+    );
+    proc.signal("TERM");
+    proc.expect_clean_exit(Duration::from_secs(10)).await;
 }
