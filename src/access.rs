@@ -193,13 +193,15 @@ impl Entry {
                 );
             }
             _ => {
+                // The method and target come from the client: escaped, so that a `"` or a
+                // line break in them cannot forge fields or lines.
+                let _ = write!(s, "{} - - [{}] \"", self.client, time);
+                push_escaped(s, self.method.as_str());
+                s.push(' ');
+                push_escaped(s, path);
                 let _ = writeln!(
                     s,
-                    "{} - - [{}] \"{} {} {}\" {} {} upstream={} server={} duration={:.6} attempts={}",
-                    self.client,
-                    time,
-                    self.method,
-                    path,
+                    " {}\" {} {} upstream={} server={} duration={:.6} attempts={}",
                     version_str(self.version),
                     self.status,
                     self.bytes,
@@ -260,6 +262,28 @@ fn push_json_str(out: &mut String, v: &str) {
         }
     }
     out.push('"');
+}
+
+/// Appends `v` for the common format as Nginx escapes its log variables: `"`, `\\`, and
+/// bytes below 0x20 or from 0x7f up are written as `\xHH`; the line stays one line of
+/// printable ASCII whatever the client sent.
+fn push_escaped(out: &mut String, v: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut clean = 0;
+    for (i, b) in v.bytes().enumerate() {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            // `clean..i` holds printable ASCII only; `get` is `None` just for the empty
+            // range between two bytes of one multi-byte character.
+            if let Some(run) = v.get(clean..i) {
+                out.push_str(run);
+            }
+            out.push_str("\\x");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            clean = i + 1;
+        }
+    }
+    out.push_str(&v[clean..]);
 }
 
 fn secs(d: Duration) -> f64 {
@@ -345,6 +369,28 @@ mod tests {
             "{line}"
         );
         assert!(line.trim_end().ends_with("attempts=1"), "{line}");
+    }
+
+    #[test]
+    fn common_fields_from_the_client_are_escaped() {
+        let mut out = String::new();
+        push_escaped(&mut out, "/a\"b\\c\r\n\x01\x7fé?q=1 2");
+        assert_eq!(out, "/a\\x22b\\x5Cc\\x0D\\x0A\\x01\\x7F\\xC3\\xA9?q=1 2");
+        let mut out = String::new();
+        push_escaped(&mut out, "éé\u{1F600}");
+        assert_eq!(out, "\\xC3\\xA9\\xC3\\xA9\\xF0\\x9F\\x98\\x80");
+
+        // A target as hyper hands it over: `"` (in the path), `\\` and UTF-8 pass its
+        // parser; control bytes do not.
+        let req = Request::get("/x\"y/é\\z?q=\\1").body(()).unwrap();
+        let mut e = Entry::begin(AccessFormat::Common, &req, "10.0.0.9".parse().unwrap());
+        e.status = 200;
+        let line = e.line();
+        assert!(
+            line.contains("\"GET /x\\x22y/\\xC3\\xA9\\x5Cz?q=\\x5C1 HTTP/1.1\" 200 0 "),
+            "{line}"
+        );
+        assert!(line.is_ascii() && line.lines().count() == 1, "{line}");
     }
 
     #[tokio::test]

@@ -351,8 +351,11 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
             .iter()
             .map(|m| {
                 let s = &m.server;
+                // CONTRACT §4: `addr` is what is connected to; `name` is the entry as
+                // written, so a host name stays visible beside the addresses it resolved to.
                 serde_json::json!({
                     "addr": &*s.addr,
+                    "name": &*s.name,
                     "healthy": s.is_healthy(),
                     "weight": m.weight,
                     "backup": m.backup,

@@ -266,10 +266,11 @@ pub struct HealthCheckSection {
     /// HTTP GET target.
     #[serde(default = "defaults::health_path")]
     pub path: String,
-    /// Between checks of one server.
+    /// From the end of one check of a server to the start of the next.
     #[serde(default = "defaults::health_interval")]
     pub interval: Dur,
-    /// A check slower than this fails.
+    /// A check slower than this fails. May be longer than `interval` (CONTRACT §2): checks
+    /// of one server run one after another, so they cannot overlap.
     #[serde(default = "defaults::health_timeout")]
     pub timeout: Dur,
     /// Consecutive passes to mark a server up.
@@ -571,15 +572,38 @@ impl<'de> Deserialize<'de> for Cidr {
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let t = s.trim();
-    if let Ok(net) = t.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!(
-        "invalid CIDR {s:?}: write an address or a network, such as \"10.0.0.0/8\" or \"192.168.1.10\""
-    ))
+    let net = match (t.parse::<IpNet>(), t.parse::<IpAddr>()) {
+        (Ok(net), _) => net,
+        (_, Ok(ip)) => IpNet::from(ip),
+        _ => {
+            return Err(format!(
+                "invalid CIDR {s:?}: write an address or a network, such as \"10.0.0.0/8\" or \"192.168.1.10\""
+            ));
+        }
+    };
+    unmap_v4(net)
+        .map(|n| n.trunc())
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is an IPv4-mapped IPv6 network with a prefix below 96, so it is not an IPv4 network: write the IPv4 form (\"::ffff:10.0.0.0/104\" is \"10.0.0.0/8\") or a prefix of 96 or more"
+            )
+        })
+}
+
+/// An IPv4-mapped network (`::ffff:a.b.c.d/NN`) as the IPv4 network it stands for
+/// (`a.b.c.d/(NN-96)`); any other network unchanged. Peers are compared in IPv4 form (a
+/// mapped peer address is turned into IPv4 first), so a mapped entry kept as IPv6 would
+/// never match. `None` for a mapped address with a prefix below 96: that network reaches
+/// beyond the mapped range, and no IPv4 network is what was meant.
+fn unmap_v4(net: IpNet) -> Option<IpNet> {
+    let IpNet::V6(v6) = net else {
+        return Some(net);
+    };
+    let Some(v4) = v6.addr().to_ipv4_mapped() else {
+        return Some(net);
+    };
+    let prefix = v6.prefix_len().checked_sub(96)?;
+    ipnet::Ipv4Net::new(v4, prefix).ok().map(IpNet::V4)
 }
 
 /// A status range for health checks: `"200-399"`, `"200"` or `200`.
@@ -1067,15 +1091,6 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
         if h.unhealthy_threshold == 0 {
             return Err((hk().k("unhealthy_threshold"), "must be 1 or more".into()));
         }
-        if h.timeout.0 > h.interval.0 {
-            return Err((
-                hk().k("timeout"),
-                format!(
-                    "timeout {:?} is longer than interval {:?}: checks would overlap; make it shorter",
-                    h.timeout.0, h.interval.0
-                ),
-            ));
-        }
         if let Some(host) = &h.host
             && (host.is_empty() || host.bytes().any(|b| b <= b' ' || b == 0x7f))
         {
@@ -1237,6 +1252,48 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
         assert!(parse_cidr("10.0.0.0/33").is_err());
     }
 
+    #[test]
+    fn mapped_cidrs_are_ipv4_networks() {
+        let v4 = |s: &str| parse_cidr(s).unwrap().to_string();
+        assert_eq!(v4("::ffff:127.0.0.1"), "127.0.0.1/32");
+        assert_eq!(v4("::ffff:10.1.2.3/104"), "10.0.0.0/8");
+        assert_eq!(v4("::FFFF:192.168.1.0/120"), "192.168.1.0/24");
+        assert_eq!(v4("::ffff:0.0.0.0/96"), "0.0.0.0/0");
+        assert_eq!(v4("::ffff:10.0.0.1/128"), "10.0.0.1/32");
+        // Not mapped: stays IPv6.
+        assert_eq!(v4("::/0"), "::/0");
+        assert_eq!(v4("64:ff9b::10.0.0.1"), "64:ff9b::a00:1/128");
+        let e = parse_cidr("::ffff:10.0.0.0/64").unwrap_err();
+        assert!(e.contains("below 96"), "{e}");
+
+        let trusted = [parse_cidr("::ffff:127.0.0.1").unwrap()];
+        for peer in ["127.0.0.1", "::ffff:127.0.0.1"] {
+            assert!(
+                crate::headers::is_trusted(peer.parse().unwrap(), &trusted),
+                "{peer}"
+            );
+        }
+        assert!(!crate::headers::is_trusted(
+            "127.0.0.2".parse().unwrap(),
+            &trusted
+        ));
+    }
+
+    #[test]
+    fn a_mapped_trusted_proxy_below_96_names_its_entry() {
+        let e = err(
+            "[server]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::ffff:10.0.0.0/80\"]\n[upstreams.a]\nservers=[\"127.0.0.1:2\"]\n",
+        );
+        assert!(
+            e.starts_with("fairway.toml:3:") && e.contains("server.trusted_proxies[1]: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("::ffff:10.0.0.0/80") && e.contains("below 96"),
+            "{e}"
+        );
+    }
+
     fn err(text: &str) -> String {
         p(text).unwrap_err().to_string()
     }
@@ -1339,6 +1396,19 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
             );
             assert!(e.starts_with("fairway.toml:9:"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_health_check_timeout_may_be_longer_than_its_interval() {
+        let c = p(&format!(
+            "{MIN}[upstreams.app.health_check]\ninterval = \"100ms\"\ntimeout = \"2s\"\n"
+        ))
+        .unwrap();
+        let h = c.upstreams["app"].health_check.as_ref().unwrap();
+        assert_eq!(
+            (h.interval.0, h.timeout.0),
+            (Duration::from_millis(100), Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -322,13 +322,21 @@ impl ConfigError {
         if let Some(rest) = message.strip_prefix("unknown field") {
             message = format!("unknown key{rest}; check the spelling (unknown keys are errors)");
         }
-        let mut location = e.span().map(|s| line_col(text, s.start));
-        if location.is_none() {
-            location = key
-                .as_ref()
-                .and_then(|k| k.span_in(text))
-                .map(|s| line_col(text, s.start));
-        }
+        // toml places an error in an array element on the whole array; the key path then
+        // points at the element itself, which is the more useful place to show.
+        let at_key = key.as_ref().and_then(|k| k.span_in(text));
+        let span = match (e.span(), at_key) {
+            (Some(outer), Some(inner))
+                if outer.start <= inner.start
+                    && inner.end <= outer.end
+                    && inner.len() < outer.len() =>
+            {
+                Some(inner)
+            }
+            (Some(outer), _) => Some(outer),
+            (None, inner) => inner,
+        };
+        let location = span.map(|s| line_col(text, s.start));
         ConfigError {
             path: path.to_owned(),
             location,

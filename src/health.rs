@@ -380,8 +380,8 @@ fn jitter(d: Duration, spread: f64) -> Duration {
     d.mul_f64(1.0 - spread + 2.0 * spread * r)
 }
 
-/// Checks one server every `interval` (with jitter, so that many servers do not fire in
-/// lockstep) until `cancel` fires or the server is gone. Logs each state change once.
+/// Checks one server until `cancel` fires or the server is gone, one check at a time: the
+/// next starts `interval` after the previous one ended. Logs each state change once.
 pub async fn run_checker(
     server: Weak<Server>,
     hc: HealthCheck,
@@ -396,7 +396,11 @@ pub async fn run_checker(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        wait = jitter(hc.interval, 0.1);
+        // CONTRACT §2: the wait is counted from the end of this check (the sleep above runs
+        // after the probe below returned), so checks never overlap whatever `timeout` is.
+        // It is never shorter than `interval`, and up to 10% longer so that the checks of
+        // many servers do not fire in lockstep.
+        wait = hc.interval + jitter(hc.interval / 20, 1.0);
         let Some(s) = server.upgrade() else { return };
         let target = s.target.clone();
         let addr = Arc::clone(&s.name);

@@ -141,6 +141,32 @@ fn check_names_a_bad_duration() {
 }
 
 #[test]
+fn check_accepts_a_health_check_timeout_longer_than_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{GOOD}\n[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"2s\"\n"
+    );
+    let path = write(dir.path(), "hc.toml", &text);
+    let o = output(fairway(&["check", "-c", path.to_str().unwrap()]));
+    assert_eq!(o.code, Some(0), "stderr: {}", o.stderr);
+    assert!(o.stdout.contains("ok"), "{:?}", o.stdout);
+}
+
+#[test]
+fn check_names_a_mapped_trusted_proxy_with_a_short_prefix() {
+    check_fails(
+        "[server]\nlisten = \"127.0.0.1:8080\"\ntrusted_proxies = [\n  \"::ffff:10.0.0.1\",\n  \"::ffff:10.0.0.0/64\",\n]\n\n\
+         [upstreams.app]\nservers = [\"127.0.0.1:13000\"]\n",
+        5,
+        &[
+            "{path}:5:3: server.trusted_proxies[1]: ",
+            "\"::ffff:10.0.0.0/64\"",
+            "prefix below 96",
+        ],
+    );
+}
+
+#[test]
 fn check_locates_a_toml_syntax_error() {
     check_fails(
         "[server]\nlisten = \"127.0.0.1:8080\"\n\n[upstreams.app\nservers = [\"127.0.0.1:13000\"]\n",

@@ -472,3 +472,43 @@ async fn slow_start_ramps_a_server_added_by_reload() {
     assert!(early < 0.35, "early share {early}");
     assert!(late > 0.4, "late share {late}");
 }
+
+/// CONTRACT §2: a `timeout` longer than `interval` is valid, and the next check starts
+/// `interval` after the previous one ended, so checks of one server never overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_slower_than_the_interval_never_overlap() {
+    let a = TestUpstream::start("a").await;
+    a.set_health_delay(Duration::from_millis(300));
+    let checks = "\n[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\n\
+                  timeout = \"2s\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
+    let p = TestProxy::start(&with_admin(TestProxy::config(&[&a], checks))).await;
+    eventually(Duration::from_secs(10), "five checks", || async {
+        a.knobs.health_hits.load(Ordering::SeqCst) >= 5
+    })
+    .await;
+    assert_eq!(
+        a.knobs.health_most_in_flight.load(Ordering::SeqCst),
+        1,
+        "health checks of one server overlapped"
+    );
+    let addr = a.addr.to_string();
+    assert_eq!(server_healthy(&status(&p).await, &addr), Some(true));
+    let metrics = get(&format!("http://{}/metrics", p.admin.unwrap()))
+        .await
+        .text();
+    let passed = format!(
+        "fairway_health_checks_total{{upstream=\"app\",server=\"{addr}\",result=\"success\"}}"
+    );
+    let failed = format!(
+        "fairway_health_checks_total{{upstream=\"app\",server=\"{addr}\",result=\"failure\"}}"
+    );
+    let count = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap_or(-1.0))
+    };
+    assert!(count(&passed) >= 4.0, "{metrics}");
+    assert_eq!(count(&failed), 0.0, "{metrics}");
+    assert_eq!(get(&p.url("/")).await.status, 200);
+}

@@ -46,6 +46,12 @@ pub struct Knobs {
     pub hits: AtomicUsize,
     /// Health checks seen.
     pub health_hits: AtomicUsize,
+    /// `/health` waits this long before answering (milliseconds).
+    pub health_delay_ms: AtomicU64,
+    /// Health checks being answered right now.
+    pub health_in_flight: AtomicUsize,
+    /// The most health checks ever answered at once.
+    pub health_most_in_flight: AtomicUsize,
     /// TCP connections accepted.
     pub connections: AtomicUsize,
 }
@@ -137,6 +143,12 @@ impl TestUpstream {
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
+    pub fn set_health_delay(&self, d: Duration) {
+        self.knobs
+            .health_delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
     pub fn set_healthy(&self, healthy: bool) {
         self.knobs.unhealthy.store(!healthy, Ordering::SeqCst);
     }
@@ -161,6 +173,14 @@ async fn answer(
     let path = req.uri().path().to_owned();
     if path == "/health" {
         k.health_hits.fetch_add(1, Ordering::SeqCst);
+        let now = k.health_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        k.health_most_in_flight.fetch_max(now, Ordering::SeqCst);
+        // Counted out on drop too: a check that times out drops this future mid-wait.
+        let _in_flight = InFlight(&k.health_in_flight);
+        let delay = k.health_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let code = if k.unhealthy.load(Ordering::SeqCst) {
             503
         } else {
@@ -247,6 +267,15 @@ async fn answer(
             .insert("proxy-connection", "keep-alive".parse().unwrap());
     }
     resp
+}
+
+/// Decrements its counter when dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn full(s: impl Into<Bytes>) -> TestBody {
