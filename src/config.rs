@@ -89,6 +89,10 @@ pub struct ServerSection {
     /// response is cut off.
     #[serde(default = "defaults::response_body_idle_timeout")]
     pub response_body_idle_timeout: Dur,
+    /// Longest time a client may leave its response (HTTP/1.1) or an HTTP/2 stream unread;
+    /// past it the client is cut off and its upstream connection released.
+    #[serde(default = "defaults::send_timeout")]
+    pub send_timeout: Dur,
 }
 
 /// `[server.tls]`.
@@ -373,6 +377,9 @@ mod defaults {
         10_000
     }
     pub fn response_body_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn send_timeout() -> Dur {
         Dur(Duration::from_secs(60))
     }
     pub fn resolve_interval() -> Dur {
@@ -758,6 +765,7 @@ impl Config {
             ("body_read_timeout", s.body_read_timeout),
             ("tunnel_idle_timeout", s.tunnel_idle_timeout),
             ("response_body_idle_timeout", s.response_body_idle_timeout),
+            ("send_timeout", s.send_timeout),
         ] {
             if d.0.is_zero() {
                 return Err((

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -229,6 +229,15 @@ struct ConnState {
     /// anyway), so a busy keep-alive connection costs no wake-up per request.
     armed: AtomicBool,
     wake: Notify,
+    /// Milliseconds since `start` since which a write to the client has been waiting for
+    /// the socket to take a byte, or `NONE` (CONTRACT §7 `send_timeout`).
+    write_blocked_since: AtomicU64,
+    /// The HTTP/2 responses being sent, each cut off on its own when its stream is left
+    /// unread for `send_timeout`.
+    streams: std::sync::Mutex<Vec<Arc<StreamWatch>>>,
+    /// Set while the watchdog looks again within `send_timeout` anyway (a request is in
+    /// flight), so that a new stream to watch need not wake it.
+    watching: AtomicBool,
 }
 
 impl ConnState {
@@ -245,7 +254,95 @@ impl ConnState {
             first_read: AtomicBool::new(true),
             armed: AtomicBool::new(false),
             wake: Notify::new(),
+            write_blocked_since: AtomicU64::new(NONE),
+            streams: std::sync::Mutex::new(Vec::new()),
+            watching: AtomicBool::new(false),
         }
+    }
+
+    /// A write returned: `blocked` if the socket took nothing.
+    fn on_write(&self, blocked: bool) {
+        let since = self.write_blocked_since.load(Ordering::Relaxed);
+        if !blocked {
+            if since != NONE {
+                self.write_blocked_since.store(NONE, Ordering::Relaxed);
+            }
+            return;
+        }
+        if since == NONE {
+            self.write_blocked_since
+                .store(self.now_ms(), Ordering::SeqCst);
+            // The watchdog may sleep towards a later deadline: it looks at this one now
+            // (writes run on the connection's own task, so this costs no thread switch).
+            self.wake.notify_one();
+        }
+    }
+
+    /// When the client's socket has not taken a byte for `send_timeout`: `Ok(())` if that
+    /// has happened, else when it will if nothing moves (or `None` if no write waits).
+    fn send_deadline(&self, send: Duration) -> Result<Option<Instant>, ()> {
+        let since = self.write_blocked_since.load(Ordering::SeqCst);
+        if since == NONE {
+            return Ok(None);
+        }
+        let deadline = self.at(since) + send;
+        if deadline <= Instant::now() {
+            return Err(());
+        }
+        Ok(Some(deadline))
+    }
+
+    /// Watches an HTTP/2 response for `send_timeout`.
+    fn watch_stream(&self, body: Body) -> Arc<StreamWatch> {
+        let w = Arc::new(StreamWatch {
+            handed: AtomicU64::new(NONE),
+            body: std::sync::Mutex::new(Some(body)),
+        });
+        if let Ok(mut list) = self.streams.lock() {
+            if list.len() >= 64 {
+                // Responses whose body hyper has dropped.
+                list.retain(|w| Arc::strong_count(w) > 1);
+            }
+            list.push(Arc::clone(&w));
+        }
+        if !self.watching.load(Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+        w
+    }
+
+    /// Cuts off every HTTP/2 response whose stream has taken nothing for `send`; returns
+    /// when the next one would be due if nothing moves.
+    fn cut_stalled_streams(&self, send: Duration) -> Option<Instant> {
+        let now = self.now_ms();
+        let send_ms = send.as_millis() as u64;
+        let mut next: Option<u64> = None;
+        let mut cut: Vec<Body> = Vec::new();
+        if let Ok(mut list) = self.streams.lock() {
+            list.retain(|w| Arc::strong_count(w) > 1);
+            for w in list.iter() {
+                let handed = w.handed.load(Ordering::Relaxed);
+                if handed == NONE {
+                    continue;
+                }
+                if now.saturating_sub(handed) >= send_ms {
+                    if let Some(b) = w.body.lock().ok().and_then(|mut b| b.take()) {
+                        cut.push(b);
+                    }
+                } else {
+                    next = Some(next.map_or(handed + send_ms, |n| n.min(handed + send_ms)));
+                }
+            }
+        }
+        if !cut.is_empty() {
+            tracing::debug!(
+                streams = cut.len(),
+                "send_timeout: unread HTTP/2 responses cut off"
+            );
+        }
+        // Dropped outside the lock: each releases its upstream connection and its slot.
+        drop(cut);
+        next.map(|ms| self.at(ms))
     }
 
     fn now_ms(&self) -> u64 {
@@ -282,9 +379,12 @@ impl ConnState {
     /// When the watchdog must look again, and what it will find if nothing changes.
     fn next_check(&self, t: &Timeouts) -> (Instant, Verdict) {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            // Look again within the shorter limit: by then this request may be done and
-            // the connection idle, or the next head begun.
-            return (Instant::now() + t.header.min(t.idle), Verdict::Busy);
+            // Look again within the shortest limit: by then this request may be done and
+            // the connection idle, the next head begun, or a response left unread.
+            return (
+                Instant::now() + t.header.min(t.idle).min(t.send),
+                Verdict::Busy,
+            );
         }
         let head = self.head_since.load(Ordering::Relaxed);
         let h2_served =
@@ -324,7 +424,24 @@ enum Verdict {
 struct Timeouts {
     header: Duration,
     idle: Duration,
+    send: Duration,
 }
+
+/// One HTTP/2 response on its way to the client, as the connection's watchdog sees it.
+struct StreamWatch {
+    /// Milliseconds since the connection's start at which hyper took a frame of the body
+    /// without asking for the next one yet (the stream is waiting for the client's
+    /// window), or `NONE`.
+    handed: AtomicU64,
+    /// The body; taken by the watchdog to cut the stream off, which drops the upstream
+    /// connection and the server's in-flight count with it.
+    body: std::sync::Mutex<Option<Body>>,
+}
+
+/// The client left its HTTP/2 stream unread longer than `send_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client left its response unread longer than send_timeout")]
+struct SendTimeout;
 
 /// A request in flight on a connection; dropped with the response body.
 struct RequestGuard(Arc<ConnState>);
@@ -453,12 +570,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
             let _ = this.poll_answer(cx)?;
             return Poll::Ready(Ok(data.len()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, data)
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.state.on_write(r.is_pending());
+        r
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         std::task::ready!(this.poll_answer(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        // A flush that is done says nothing of progress (a TCP socket has nothing to
+        // flush); one that waits is a blocked write (TLS records not taken).
+        if r.is_pending() {
+            this.state.on_write(true);
+        }
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -481,7 +606,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
             let _ = this.poll_answer(cx)?;
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.state.on_write(r.is_pending());
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -539,9 +666,19 @@ impl Drop for Pending {
 /// The body sent to a client: the response body plus the guard that marks the request done
 /// on this connection when hyper drops it.
 pub struct ConnBody {
-    inner: Body,
+    inner: Sent,
     access: Option<(Box<Entry>, Arc<Shared>)>,
-    _guard: RequestGuard,
+    guard: RequestGuard,
+}
+
+/// A response body as the client connection holds it.
+enum Sent {
+    /// Held here (HTTP/1.1, where a client that reads nothing blocks the whole connection
+    /// and the connection is cut off for it; and the proxy's own short answers).
+    Own(Body),
+    /// Shared with the connection's watchdog, which cuts this stream alone off when the
+    /// client leaves it unread (HTTP/2).
+    Watched(Arc<StreamWatch>),
 }
 
 impl Drop for ConnBody {
@@ -549,6 +686,30 @@ impl Drop for ConnBody {
         if let Some((entry, shared)) = self.access.take() {
             shared.access_log.send(&entry, &shared.metrics);
         }
+    }
+}
+
+impl ConnBody {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let w = match &mut self.inner {
+            Sent::Own(b) => return Pin::new(b).poll_frame(cx),
+            Sent::Watched(w) => w,
+        };
+        let Ok(mut slot) = w.body.lock() else {
+            return Poll::Ready(Some(Err(Box::new(SendTimeout))));
+        };
+        let Some(body) = slot.as_mut() else {
+            // Cut off by the watchdog: hyper resets the stream.
+            return Poll::Ready(Some(Err(Box::new(SendTimeout))));
+        };
+        let r = Pin::new(body).poll_frame(cx);
+        // A data frame handed over starts the clock until hyper asks for the next one.
+        let handed = match &r {
+            Poll::Ready(Some(Ok(f))) if f.is_data() => self.guard.0.now_ms(),
+            _ => NONE,
+        };
+        w.handed.store(handed, Ordering::Relaxed);
+        r
     }
 }
 
@@ -561,7 +722,7 @@ impl http_body::Body for ConnBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = this.poll_inner(cx);
         if let (Some((entry, _)), Poll::Ready(Some(Ok(frame)))) = (&mut this.access, &r)
             && let Some(d) = frame.data_ref()
         {
@@ -570,10 +731,24 @@ impl http_body::Body for ConnBody {
         r
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Sent::Own(b) => b.is_end_stream(),
+            Sent::Watched(w) => w
+                .body
+                .lock()
+                .map_or(true, |b| b.as_ref().is_none_or(|b| b.is_end_stream())),
+        }
     }
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Sent::Own(b) => b.size_hint(),
+            Sent::Watched(w) => w
+                .body
+                .lock()
+                .ok()
+                .and_then(|b| b.as_ref().map(|b| b.size_hint()))
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -604,6 +779,7 @@ fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
     let t = Timeouts {
         header: s.header_read_timeout,
         idle: s.idle_timeout,
+        send: s.send_timeout,
     };
     (b, t)
 }
@@ -629,6 +805,7 @@ where
         async move {
             let rt = shared.runtime.load_full();
             let format = rt.config.log.access;
+            let h2 = req.version() == http::Version::HTTP_2;
             let mut pending = Pending {
                 entry: (format != AccessFormat::Off)
                     .then(|| Box::new(Entry::begin(format, &req, info.peer.ip()))),
@@ -650,10 +827,16 @@ where
             ))
             .await;
             let access = pending.finish(resp.status().as_u16());
-            Ok::<_, Infallible>(resp.map(|inner| ConnBody {
-                inner,
-                access,
-                _guard: guard,
+            Ok::<_, Infallible>(resp.map(|inner| {
+                let inner = match inner {
+                    Body::Upstream(_) if h2 => Sent::Watched(guard.0.watch_stream(inner)),
+                    inner => Sent::Own(inner),
+                };
+                ConnBody {
+                    inner,
+                    access,
+                    guard,
+                }
             }))
         }
     });
@@ -661,12 +844,28 @@ where
     tokio::pin!(conn);
     let mut closing = false;
     loop {
-        let (deadline, verdict) = if closing {
+        let (mut deadline, verdict) = if closing {
             // Draining: the shutdown timeout bounds what is left.
             (Instant::now() + Duration::from_secs(3600), Verdict::Busy)
         } else {
             state.next_check(&timeouts)
         };
+        state
+            .watching
+            .store(verdict == Verdict::Busy && !closing, Ordering::Relaxed);
+        // CONTRACT §7 send_timeout: a client whose socket takes nothing is cut off whole;
+        // an HTTP/2 stream left unread, alone.
+        match state.send_deadline(timeouts.send) {
+            Err(()) => {
+                tracing::debug!(peer = %info.peer, "closing connection: send_timeout");
+                break;
+            }
+            Ok(Some(t)) => deadline = deadline.min(t),
+            Ok(None) => {}
+        }
+        if let Some(t) = state.cut_stalled_streams(timeouts.send) {
+            deadline = deadline.min(t);
+        }
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {

@@ -114,6 +114,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Pause between reads of an upstream response body.
     pub response_body_idle_timeout: Duration,
+    /// Longest time a client may accept no byte of its response (`send_timeout`).
+    pub send_timeout: Duration,
 }
 
 /// One immutable config snapshot.
@@ -168,6 +170,7 @@ impl Runtime {
             max_body_bytes: s.max_body_bytes.map(|b| b.0),
             shutdown_timeout: s.shutdown_timeout.0,
             response_body_idle_timeout: s.response_body_idle_timeout.0,
+            send_timeout: s.send_timeout.0,
         };
         let trusted = s.trusted_proxies.iter().map(|c| c.0).collect();
         let upstreams: Vec<Upstream> = config
