@@ -1,12 +1,13 @@
 //! Request and response head rewriting, as pure functions (CONTRACT §3): hop-by-hop
-//! stripping and upgrade detection here; forwarded information and the client IP in
-//! `headers/forwarded.rs`, re-exported from here.
+//! stripping and upgrade detection here; forwarded information (and the underscore
+//! spellings of its header names) and the client IP in `headers/forwarded.rs`, re-exported
+//! from here.
 
 mod forwarded;
 
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
-    set_forwarded,
+    remove_underscore_spellings, set_forwarded,
 };
 
 use bytes::BytesMut;

@@ -194,6 +194,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut hdrs = parts.headers;
     headers::strip_hop_by_hop(&mut hdrs, upgrade);
+    headers::remove_underscore_spellings(&mut hdrs);
     let origin = Origin {
         peer,
         client: client_ip,

@@ -1,6 +1,7 @@
 //! Forwarded information (CONTRACT §3): who the client is as `trusted_proxies` allow it to
-//! be known, and the `X-Forwarded-For`/`-Proto`/`-Host` and `X-Real-IP` headers that tell
-//! the upstream, as pure functions over a request's headers.
+//! be known, the `X-Forwarded-For`/`-Proto`/`-Host` and `X-Real-IP` headers that tell the
+//! upstream, and the underscore spellings of those names that must not reach it, as pure
+//! functions over a request's headers.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -155,6 +156,47 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+/// The forwarded headers whose underscore spellings [`remove_underscore_spellings`] removes.
+const FORWARDED_NAMES: [&str; 7] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Whether `name` (lowercase, as in a `HeaderMap`) is one of [`FORWARDED_NAMES`] spelled with
+/// at least one `_` in place of a `-`.
+fn is_underscore_spelling(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && FORWARDED_NAMES.iter().any(|f| {
+            f.len() == name.len()
+                && f.bytes()
+                    .zip(name)
+                    .all(|(f, &n)| f == if n == b'_' { b'-' } else { n })
+        })
+}
+
+/// Removes `X_Forwarded_For`, `X-Real_IP` and every other underscore spelling of a forwarded
+/// header, whoever the peer is. WSGI and CGI servers turn `-` into `_` when they name headers
+/// (`HTTP_X_FORWARDED_FOR`), so to them such a spelling is the real header, with a value
+/// fairway never rewrote. fairway's own values travel in the canonical names only, and a
+/// trusted proxy in front passes the client's underscore headers through unchanged, so none
+/// of them is worth keeping.
+pub fn remove_underscore_spellings(headers: &mut HeaderMap) {
+    // Most requests have no name with `_`: then nothing matches and nothing is allocated.
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_underscore_spelling(k.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +300,37 @@ mod tests {
         let mut m = HeaderMap::new();
         set_forwarded(&mut m, &origin("::ffff:1.2.3.4", false), None);
         assert_eq!(m["x-forwarded-for"], "1.2.3.4");
+    }
+
+    #[test]
+    fn underscore_spellings_of_forwarded_headers_are_removed() {
+        let mut m = h(&[
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-forwarded_for", "6.6.6.6"),
+            ("x_forwarded_proto", "https"),
+            ("x_forwarded_host", "evil"),
+            ("x_forwarded_port", "443"),
+            ("x_forwarded_prefix", "/admin"),
+            ("x-real_ip", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x_request_id", "kept"),
+            ("x_forwarded_for_x", "kept"),
+            ("x_custom", "kept"),
+            ("forwarded", "for=1.1.1.1"),
+        ]);
+        remove_underscore_spellings(&mut m);
+        let mut names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "forwarded",
+                "x-forwarded-for",
+                "x_custom",
+                "x_forwarded_for_x",
+                "x_request_id",
+            ]
+        );
     }
 }

@@ -1,0 +1,66 @@
+//! What the upstream learns about the client (CONTRACT §3) beyond `tests/proxy.rs`: underscore
+//! spellings of the forwarded headers, RFC 7239 `Forwarded`, HTTP/2 cookie crumbs on the way
+//! to an HTTP/1.1 upstream, and an HTTP/2 request without an authority.
+
+mod common;
+
+use common::raw::RawConn;
+use common::*;
+use serde_json::{Value, json};
+
+/// Sends `head` (a whole HTTP/1.1 request without a body) on a new connection and returns
+/// the headers the upstream received, as the echo JSON lists them.
+async fn seen_over_raw(p: &TestProxy, head: &str) -> Value {
+    let mut c = RawConn::connect(p.addr).await;
+    c.send(head.as_bytes()).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    r.json()["headers"].clone()
+}
+
+/// The names with `_` among the headers the upstream received.
+fn underscore_names(seen: &Value) -> Vec<String> {
+    let mut names: Vec<String> = seen
+        .as_object()
+        .expect("headers object")
+        .keys()
+        .filter(|k| k.contains('_'))
+        .cloned()
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+const UNDERSCORE_HEAD: &str = "GET /u HTTP/1.1\r\nHost: app.example\r\n\
+    X-Forwarded-For: 203.0.113.7\r\n\
+    X_Forwarded_For: 6.6.6.6\r\nX-Forwarded_For: 6.6.6.6\r\nX-Real_IP: 6.6.6.6\r\n\
+    X_Forwarded_Proto: https\r\nX_Forwarded_Host: evil.example\r\n\
+    X_Forwarded_Port: 443\r\nX-Forwarded_Prefix: /admin\r\n\
+    X_Request_Id: r-1\r\nX_Custom: kept\r\n\r\n";
+
+// ---------------------------------------------------------------------------------------
+// 1. Underscore spellings
+
+#[tokio::test]
+async fn underscore_spellings_are_removed_from_an_untrusted_peer() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let seen = seen_over_raw(&p, UNDERSCORE_HEAD).await;
+    // Only names outside the forwarded list pass.
+    assert_eq!(underscore_names(&seen), ["x_custom", "x_request_id"]);
+    assert_eq!(seen["x-forwarded-for"], json!(["127.0.0.1"]));
+    assert_eq!(seen["x-real-ip"], json!(["127.0.0.1"]));
+    assert_eq!(seen["x-forwarded-proto"], json!(["http"]));
+    assert_eq!(seen["x-forwarded-host"], json!(["app.example"]));
+}
+
+#[tokio::test]
+async fn underscore_spellings_are_removed_from_a_trusted_peer() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.1/32\"]", &[&a])).await;
+    let seen = seen_over_raw(&p, UNDERSCORE_HEAD).await;
+    assert_eq!(underscore_names(&seen), ["x_custom", "x_request_id"]);
+    // The canonical names from the trusted peer are kept and appended to as usual.
+    assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
+    assert_eq!(seen["x-real-ip"], json!(["203.0.113.7"]));
+}
