@@ -64,3 +64,64 @@ async fn underscore_spellings_are_removed_from_a_trusted_peer() {
     assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
     assert_eq!(seen["x-real-ip"], json!(["203.0.113.7"]));
 }
+
+// ---------------------------------------------------------------------------------------
+// 2. RFC 7239 `Forwarded`
+
+#[tokio::test]
+async fn forwarded_from_an_untrusted_peer_is_replaced() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let seen = seen_over_raw(
+        &p,
+        "GET /f HTTP/1.1\r\nHost: app.example:8080\r\n\
+         Forwarded: for=6.6.6.6;proto=https;host=evil.example\r\n\
+         Forwarded: for=7.7.7.7\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        seen["forwarded"],
+        json!(["for=127.0.0.1;proto=http;host=\"app.example:8080\""])
+    );
+}
+
+#[tokio::test]
+async fn forwarded_is_set_when_the_client_sent_none() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let seen = seen_over_raw(&p, "GET /f HTTP/1.1\r\nHost: app.example\r\n\r\n").await;
+    assert_eq!(
+        seen["forwarded"],
+        json!(["for=127.0.0.1;proto=http;host=app.example"])
+    );
+    // An HTTP/2 client's `:authority` is the host.
+    let r = send(
+        &h2c_client(),
+        http::Request::get(p.url("/f"))
+            .body(http_body_util::Full::default())
+            .unwrap(),
+    )
+    .await;
+    let host = format!("for=127.0.0.1;proto=http;host=\"{}\"", p.addr);
+    assert_eq!(r.seen_header("forwarded"), Some(vec![host]));
+}
+
+#[tokio::test]
+async fn forwarded_from_a_trusted_peer_gets_the_element_appended() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.1/32\"]", &[&a])).await;
+    let seen = seen_over_raw(
+        &p,
+        "GET /f HTTP/1.1\r\nHost: app.example\r\n\
+         Forwarded: for=203.0.113.7;proto=https;host=front.example\r\n\
+         Forwarded: for=\"[2001:db8::7]\"\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        seen["forwarded"],
+        json!([
+            "for=203.0.113.7;proto=https;host=front.example, for=\"[2001:db8::7]\", \
+             for=127.0.0.1;proto=http;host=app.example"
+        ])
+    );
+}

@@ -1,11 +1,12 @@
 //! Forwarded information (CONTRACT §3): who the client is as `trusted_proxies` allow it to
-//! be known, the `X-Forwarded-For`/`-Proto`/`-Host` and `X-Real-IP` headers that tell the
-//! upstream, and the underscore spellings of those names that must not reach it, as pure
-//! functions over a request's headers.
+//! be known, the `X-Forwarded-For`/`-Proto`/`-Host`, `X-Real-IP` and RFC 7239 `Forwarded`
+//! headers that tell the upstream, and the underscore spellings of those names that must not
+//! reach it, as pure functions over a request's headers.
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -84,33 +85,22 @@ pub struct Origin {
     pub proto: &'static str,
 }
 
-/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Real-IP`: kept
-/// (and, for `X-Forwarded-For`, appended to) from a trusted peer, overwritten otherwise.
-/// `host` is the `Host` the client asked for.
+/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP` and
+/// `Forwarded`: kept (and, for `X-Forwarded-For` and `Forwarded`, appended to) from a trusted
+/// peer, overwritten otherwise. `host` is the `Host` the client asked for.
 pub fn set_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
     let peer = canonical(origin.peer);
     let peer_value = ip_value(peer);
+    set_rfc7239(headers, origin, host);
     if origin.trusted {
-        let mut joined: Option<String> = None;
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            let s = String::from_utf8_lossy(v.as_bytes());
-            let s = s.trim();
-            if s.is_empty() {
-                continue;
-            }
-            let j = joined.get_or_insert_with(String::new);
-            if !j.is_empty() {
-                j.push_str(", ");
-            }
-            j.push_str(s);
-        }
-        let value = match joined {
-            Some(mut j) => {
-                j.push_str(", ");
-                j.push_str(peer_value.to_str().unwrap_or_default());
-                HeaderValue::from_str(&j).unwrap_or(peer_value)
-            }
-            None => peer_value,
+        let mut joined = joined_values(headers, &X_FORWARDED_FOR);
+        let value = if joined.is_empty() {
+            peer_value
+        } else {
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer_value.as_bytes());
+            // Valid: trimmed header values joined by ", ".
+            HeaderValue::from_maybe_shared(Bytes::from(joined)).unwrap_or(peer_value)
         };
         headers.insert(X_FORWARDED_FOR.clone(), value);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -154,6 +144,95 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
         64 - w.len()
     };
     HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Every value of `name` in order, trimmed, empty ones skipped, joined with `, `: several
+/// field lines of a list-based field are one list (RFC 9110 §5.3). Empty when there is none.
+fn joined_values(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
+    let mut joined = Vec::new();
+    for v in headers.get_all(name) {
+        let v = v.as_bytes().trim_ascii();
+        if v.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(v);
+    }
+    joined
+}
+
+/// Sets `Forwarded` (RFC 7239) to fairway's own element for this hop, appended to what a
+/// trusted peer sent (§4: each proxy adds its element to the list) and replacing what any
+/// other peer sent, as CONTRACT §3 does for `X-Forwarded-For`. Set even when the client sent
+/// none, so an upstream that reads only RFC 7239 learns the same as from `X-Forwarded-*`.
+fn set_rfc7239(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
+    let mut value = if origin.trusted {
+        joined_values(headers, &header::FORWARDED)
+    } else {
+        Vec::new()
+    };
+    if !value.is_empty() {
+        value.extend_from_slice(b", ");
+    }
+    push_forwarded_element(&mut value, origin.peer, origin.proto, host);
+    match HeaderValue::from_maybe_shared(Bytes::from(value)) {
+        Ok(v) => {
+            headers.insert(header::FORWARDED, v);
+        }
+        // Not reached (every byte comes from a valid header value or is ASCII), but a
+        // forged value must not pass on if it were.
+        Err(_) => {
+            headers.remove(header::FORWARDED);
+        }
+    }
+}
+
+/// Appends the RFC 7239 forwarded-element `for=<peer>;proto=<proto>;host=<host>` to `buf`;
+/// `host` is left out when the request has none.
+fn push_forwarded_element(
+    buf: &mut Vec<u8>,
+    peer: IpAddr,
+    proto: &str,
+    host: Option<&HeaderValue>,
+) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = match canonical(peer) {
+        IpAddr::V4(v4) => write!(buf, "for={v4}"),
+        // RFC 7239 §6: an IPv6 node is bracketed, and since `[` and `:` are not token
+        // characters the value must be a quoted-string (§4).
+        IpAddr::V6(v6) => write!(buf, "for=\"[{v6}]\""),
+    };
+    buf.extend_from_slice(b";proto=");
+    buf.extend_from_slice(proto.as_bytes());
+    if let Some(host) = host.map(HeaderValue::as_bytes).filter(|h| !h.is_empty()) {
+        buf.extend_from_slice(b";host=");
+        push_token_or_quoted(buf, host);
+    }
+}
+
+/// Appends `v` as a token when it is one, else as a quoted-string (RFC 7239 §4, RFC 9110
+/// §5.6.4): a `Host` with a port (`:`) or an IPv6 literal (`[`, `]`) is quoted.
+fn push_token_or_quoted(buf: &mut Vec<u8>, v: &[u8]) {
+    if v.iter().all(|&b| is_tchar(b)) {
+        buf.extend_from_slice(v);
+        return;
+    }
+    buf.push(b'"');
+    for &b in v {
+        if b == b'"' || b == b'\\' {
+            buf.push(b'\\');
+        }
+        buf.push(b);
+    }
+    buf.push(b'"');
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The forwarded headers whose underscore spellings [`remove_underscore_spellings`] removes.
@@ -300,6 +379,102 @@ mod tests {
         let mut m = HeaderMap::new();
         set_forwarded(&mut m, &origin("::ffff:1.2.3.4", false), None);
         assert_eq!(m["x-forwarded-for"], "1.2.3.4");
+    }
+
+    fn forwarded_of(m: &HeaderMap) -> Vec<&str> {
+        m.get_all(header::FORWARDED)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn forwarded_element_for_an_ipv4_peer() {
+        let mut m = HeaderMap::new();
+        set_forwarded(
+            &mut m,
+            &origin("192.0.2.60", false),
+            Some(&HeaderValue::from_static("app.example")),
+        );
+        assert_eq!(
+            forwarded_of(&m),
+            ["for=192.0.2.60;proto=http;host=app.example"]
+        );
+    }
+
+    #[test]
+    fn forwarded_element_for_an_ipv6_peer_is_quoted_and_bracketed() {
+        let mut m = HeaderMap::new();
+        let mut o = origin("2001:db8::1", false);
+        o.proto = "https";
+        set_forwarded(&mut m, &o, None);
+        // No Host: no `host` parameter.
+        assert_eq!(forwarded_of(&m), ["for=\"[2001:db8::1]\";proto=https"]);
+        let mut m = HeaderMap::new();
+        set_forwarded(&mut m, &origin("::ffff:192.0.2.60", false), None);
+        assert_eq!(forwarded_of(&m), ["for=192.0.2.60;proto=http"]);
+    }
+
+    #[test]
+    fn forwarded_host_outside_token_is_a_quoted_string() {
+        let cases = [
+            ("app.example:8080", "host=\"app.example:8080\""),
+            ("[2001:db8::2]:443", "host=\"[2001:db8::2]:443\""),
+            ("a\"b\\c", "host=\"a\\\"b\\\\c\""),
+            ("", "proto=http"),
+        ];
+        for (host, tail) in cases {
+            let mut m = HeaderMap::new();
+            let host = HeaderValue::from_str(host).unwrap();
+            set_forwarded(&mut m, &origin("192.0.2.60", false), Some(&host));
+            let v = forwarded_of(&m);
+            assert!(v[0].ends_with(tail), "{host:?}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn forwarded_from_an_untrusted_peer_is_replaced() {
+        let mut m = h(&[
+            ("forwarded", "for=6.6.6.6;proto=https"),
+            ("forwarded", "for=7.7.7.7"),
+        ]);
+        set_forwarded(
+            &mut m,
+            &origin("192.0.2.60", false),
+            Some(&HeaderValue::from_static("app.example")),
+        );
+        assert_eq!(
+            forwarded_of(&m),
+            ["for=192.0.2.60;proto=http;host=app.example"]
+        );
+    }
+
+    #[test]
+    fn forwarded_from_a_trusted_peer_gets_the_element_appended() {
+        let mut m = h(&[
+            (
+                "forwarded",
+                "for=203.0.113.7;proto=https;host=front.example",
+            ),
+            ("forwarded", " "),
+            ("forwarded", "for=198.51.100.2, for=\"[2001:db8::3]\" "),
+        ]);
+        set_forwarded(
+            &mut m,
+            &origin("10.0.0.1", true),
+            Some(&HeaderValue::from_static("app.example:8080")),
+        );
+        assert_eq!(
+            forwarded_of(&m),
+            [
+                "for=203.0.113.7;proto=https;host=front.example, for=198.51.100.2, \
+                 for=\"[2001:db8::3]\", for=10.0.0.1;proto=http;host=\"app.example:8080\""
+            ]
+        );
+        // Nothing sent: fairway's element alone.
+        let mut m = HeaderMap::new();
+        set_forwarded(&mut m, &origin("10.0.0.1", true), None);
+        assert_eq!(forwarded_of(&m), ["for=10.0.0.1;proto=http"]);
     }
 
     #[test]
