@@ -1,7 +1,7 @@
 //! Request and response head rewriting, as pure functions (CONTRACT §3): hop-by-hop
-//! stripping and upgrade detection here; forwarded information (and the underscore
-//! spellings of its header names) and the client IP in `headers/forwarded.rs`, re-exported
-//! from here.
+//! stripping, upgrade detection and HTTP/2 cookie crumbs here; forwarded information (and
+//! the underscore spellings of its header names) and the client IP in
+//! `headers/forwarded.rs`, re-exported from here.
 
 mod forwarded;
 
@@ -10,7 +10,7 @@ pub use forwarded::{
     remove_underscore_spellings, set_forwarded,
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -51,6 +51,33 @@ pub fn detach_values(headers: &mut HeaderMap) {
             copy.set_sensitive(sensitive);
             *v = copy;
         }
+    }
+}
+
+/// Joins the `cookie` fields of an HTTP/2 request into one, crumbs separated by `; `: RFC
+/// 9113 §8.2.3 requires it before the request goes on in a non-HTTP/2 context, and an
+/// HTTP/1.1 request carries at most one `Cookie` line (RFC 6265 §5.4).
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    let mut sensitive = false;
+    for v in headers.get_all(header::COOKIE) {
+        sensitive |= v.is_sensitive();
+        if v.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Valid: header values joined by "; ".
+    if let Ok(mut v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        v.set_sensitive(sensitive);
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -143,6 +170,24 @@ mod tests {
             );
         }
         m
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut m = h(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookie_crumbs(&mut m);
+        let v: Vec<&str> = m
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(v, ["a=1; b=2; c=3"]);
+        let mut m = h(&[("cookie", "a=1; b=2")]);
+        join_cookie_crumbs(&mut m);
+        assert_eq!(m["cookie"], "a=1; b=2");
+        let mut m = HeaderMap::new();
+        join_cookie_crumbs(&mut m);
+        assert!(m.is_empty());
     }
 
     #[test]

@@ -195,6 +195,10 @@ async fn forward(
     let mut hdrs = parts.headers;
     headers::strip_hop_by_hop(&mut hdrs, upgrade);
     headers::remove_underscore_spellings(&mut hdrs);
+    if parts.version == Version::HTTP_2 {
+        // The upstream connection is HTTP/1.1 (RFC 9113 §8.2.3).
+        headers::join_cookie_crumbs(&mut hdrs);
+    }
     let origin = Origin {
         peer,
         client: client_ip,

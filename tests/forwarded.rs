@@ -125,3 +125,33 @@ async fn forwarded_from_a_trusted_peer_gets_the_element_appended() {
         ])
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. HTTP/2 cookie crumbs (RFC 9113 §8.2.3)
+
+#[tokio::test]
+async fn http2_cookie_crumbs_reach_an_http11_upstream_as_one_cookie() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let req = http::Request::get(p.url("/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let r = send(&h2c_client(), req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    assert_eq!(r.seen_header("cookie"), Some(vec!["a=1; b=2".to_owned()]));
+}
+
+#[tokio::test]
+async fn http11_cookie_lines_pass_as_they_are() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let seen = seen_over_raw(
+        &p,
+        "GET /c HTTP/1.1\r\nHost: app.example\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n",
+    )
+    .await;
+    assert_eq!(seen["cookie"], json!(["a=1", "b=2"]));
+}
