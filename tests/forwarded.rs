@@ -4,9 +4,13 @@
 
 mod common;
 
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 use common::raw::RawConn;
 use common::*;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 
 /// Sends `head` (a whole HTTP/1.1 request without a body) on a new connection and returns
 /// the headers the upstream received, as the echo JSON lists them.
@@ -154,4 +158,56 @@ async fn http11_cookie_lines_pass_as_they_are() {
     )
     .await;
     assert_eq!(seen["cookie"], json!(["a=1", "b=2"]));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. HTTP/2 without `:authority`
+
+/// Sends `req` on an h2 connection and reads the whole answer.
+async fn h2_send(h2: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> (u16, Bytes) {
+    let mut ready = h2.clone().ready().await.expect("h2 connection not ready");
+    let (resp, _) = ready.send_request(req, true).expect("h2 request refused");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("no h2 answer within 5 s")
+        .expect("h2 stream failed");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("h2 body failed");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    (status, out.freeze())
+}
+
+#[tokio::test]
+async fn http2_request_without_authority_or_host_is_400() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // A relative URI in an HTTP/1.1-versioned request: the h2 crate sends `:scheme` and
+    // `:path` with no `:authority` (hyper's client always sets one).
+    let (status, body) = h2_send(&h2, http::Request::get("/no-authority").body(()).unwrap()).await;
+    assert_eq!(status, 400, "{body:?}");
+    assert_eq!(a.hits(), 0);
+    // `Host` without `:authority` is enough.
+    let req = http::Request::get("/host-only")
+        .header("host", "app.example")
+        .body(())
+        .unwrap();
+    let (status, body) = h2_send(&h2, req).await;
+    assert_eq!(status, 200, "{body:?}");
+    let seen: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["host"], json!(["app.example"]));
+    // The connection still serves an ordinary request.
+    let uri = format!("http://{}/after", p.addr);
+    let (status, _) = h2_send(&h2, http::Request::get(uri).body(()).unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(a.hits(), 2);
 }
