@@ -1,162 +1,20 @@
 //! Request and response head rewriting, as pure functions (CONTRACT §3): hop-by-hop
-//! stripping, `X-Forwarded-For`/`-Proto`/`-Host` and `X-Real-IP`, and the client IP as
-//! `trusted_proxies` allow it to be known.
+//! stripping, upgrade detection and HTTP/2 cookie crumbs here; forwarded information (and
+//! the underscore spellings of its header names) and the client IP in
+//! `headers/forwarded.rs`, re-exported from here.
 
-use std::net::{IpAddr, SocketAddr};
+mod forwarded;
 
-use bytes::BytesMut;
+pub use forwarded::{
+    Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
+    remove_underscore_spellings, set_forwarded,
+};
+
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use ipnet::IpNet;
 
-/// `X-Forwarded-For`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `X-Forwarded-Proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// `X-Forwarded-Host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// `X-Real-IP`.
-pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Whether `ip` lies in one of the trusted networks.
-pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
-    let ip = canonical(ip);
-    trusted.iter().any(|n| n.contains(&ip))
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// One `X-Forwarded-For` entry: an address, optionally with a port or brackets.
-fn parse_xff_entry(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
-    s.parse::<IpAddr>()
-        .ok()
-        .or_else(|| s.parse::<SocketAddr>().ok().map(|sa| sa.ip()))
-        .or_else(|| s.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
-        .map(canonical)
-}
-
-/// The client IP: the peer, unless the peer is a trusted proxy, in which case the right-most
-/// `X-Forwarded-For` address that is not itself trusted (the left-most when all are).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let peer = canonical(peer);
-    if !is_trusted(peer, trusted) {
-        return peer;
-    }
-    let mut candidate = peer;
-    // Header lines in order, entries right to left.
-    let lines: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    for line in lines.iter().rev() {
-        for entry in line.rsplit(',') {
-            match parse_xff_entry(entry) {
-                Some(ip) => {
-                    candidate = ip;
-                    if !is_trusted(ip, trusted) {
-                        return ip;
-                    }
-                }
-                // Garbage ends the chain of trust: the last good hop is the client.
-                None => return candidate,
-            }
-        }
-    }
-    candidate
-}
-
-/// What the proxy knows about the request's origin.
-#[derive(Debug, Clone, Copy)]
-pub struct Origin {
-    /// The TCP peer.
-    pub peer: IpAddr,
-    /// The client IP (see [`client_ip`]).
-    pub client: IpAddr,
-    /// Whether the peer is a trusted proxy.
-    pub trusted: bool,
-    /// `"http"` or `"https"`.
-    pub proto: &'static str,
-}
-
-/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Real-IP`: kept
-/// (and, for `X-Forwarded-For`, appended to) from a trusted peer, overwritten otherwise.
-/// `host` is the `Host` the client asked for.
-pub fn set_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
-    let peer = canonical(origin.peer);
-    let peer_value = ip_value(peer);
-    if origin.trusted {
-        let mut joined: Option<String> = None;
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            let s = String::from_utf8_lossy(v.as_bytes());
-            let s = s.trim();
-            if s.is_empty() {
-                continue;
-            }
-            let j = joined.get_or_insert_with(String::new);
-            if !j.is_empty() {
-                j.push_str(", ");
-            }
-            j.push_str(s);
-        }
-        let value = match joined {
-            Some(mut j) => {
-                j.push_str(", ");
-                j.push_str(peer_value.to_str().unwrap_or_default());
-                HeaderValue::from_str(&j).unwrap_or(peer_value)
-            }
-            None => peer_value,
-        };
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(
-                X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(origin.proto),
-            );
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST)
-            && let Some(h) = host
-        {
-            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
-        }
-        if !headers.contains_key(&X_REAL_IP) {
-            headers.insert(X_REAL_IP.clone(), ip_value(origin.client));
-        }
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), peer_value.clone());
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(origin.proto),
-        );
-        match host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
-        }
-        headers.insert(X_REAL_IP.clone(), peer_value);
-    }
-}
-
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    let mut buf = [0u8; 64];
-    let len = {
-        use std::io::Write;
-        let mut w = &mut buf[..];
-        let _ = write!(w, "{ip}");
-        64 - w.len()
-    };
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
 
 /// Whether the request asks for a WebSocket upgrade, the only upgrade that is tunnelled:
 /// `Connection` lists `upgrade` and there is exactly one `Upgrade` line, whose value is the
@@ -245,6 +103,33 @@ pub fn detach_values(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins the `cookie` fields of an HTTP/2 request into one, crumbs separated by `; `: RFC
+/// 9113 §8.2.3 requires it before the request goes on in a non-HTTP/2 context, and an
+/// HTTP/1.1 request carries at most one `Cookie` line (RFC 6265 §5.4).
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    let mut sensitive = false;
+    for v in headers.get_all(header::COOKIE) {
+        sensitive |= v.is_sensitive();
+        if v.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Valid: header values joined by "; ".
+    if let Ok(mut v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        v.set_sensitive(sensitive);
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Removes hop-by-hop headers: `Connection` and the headers it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`,
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
@@ -325,14 +210,6 @@ mod tests {
         assert!(h["authorization"].is_sensitive());
     }
 
-    fn nets(list: &[&str]) -> Vec<IpNet> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
@@ -345,85 +222,21 @@ mod tests {
     }
 
     #[test]
-    fn client_ip_from_untrusted_peer_ignores_xff() {
-        let headers = h(&[("x-forwarded-for", "6.6.6.6")]);
-        assert_eq!(
-            client_ip(ip("1.2.3.4"), &headers, &nets(&["10.0.0.0/8"])),
-            ip("1.2.3.4")
-        );
-    }
-
-    #[test]
-    fn client_ip_from_trusted_peer_is_rightmost_untrusted() {
-        let t = nets(&["10.0.0.0/8"]);
-        let headers = h(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("1.2.3.4"));
-        let headers = h(&[("x-forwarded-for", "10.0.0.3, 10.0.0.2")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("10.0.0.3"));
-        let headers = h(&[
-            ("x-forwarded-for", "1.1.1.1"),
-            ("x-forwarded-for", "2.2.2.2:5000"),
-        ]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("2.2.2.2"));
-        let headers = h(&[("x-forwarded-for", "1.1.1.1, garbage, 10.0.0.9")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("10.0.0.9"));
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &t),
-            ip("10.0.0.1")
-        );
-    }
-
-    fn origin(peer: &str, trusted: bool) -> Origin {
-        Origin {
-            peer: ip(peer),
-            client: ip(peer),
-            trusted,
-            proto: "http",
-        }
-    }
-
-    #[test]
-    fn untrusted_peer_overwrites_forwarded_headers() {
-        let mut m = h(&[
-            ("x-forwarded-for", "6.6.6.6"),
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "evil"),
-            ("x-real-ip", "6.6.6.6"),
-        ]);
-        set_forwarded(
-            &mut m,
-            &origin("1.2.3.4", false),
-            Some(&HeaderValue::from_static("app")),
-        );
-        assert_eq!(m["x-forwarded-for"], "1.2.3.4");
-        assert_eq!(m["x-forwarded-proto"], "http");
-        assert_eq!(m["x-forwarded-host"], "app");
-        assert_eq!(m["x-real-ip"], "1.2.3.4");
-        assert_eq!(m.get_all("x-forwarded-for").iter().count(), 1);
-    }
-
-    #[test]
-    fn trusted_peer_appends_and_keeps() {
-        let mut m = h(&[
-            ("x-forwarded-for", "1.1.1.1"),
-            ("x-forwarded-for", "2.2.2.2"),
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "front"),
-        ]);
-        let mut o = origin("10.0.0.1", true);
-        o.client = ip("2.2.2.2");
-        set_forwarded(&mut m, &o, Some(&HeaderValue::from_static("app")));
-        assert_eq!(m["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
-        assert_eq!(m["x-forwarded-proto"], "https");
-        assert_eq!(m["x-forwarded-host"], "front");
-        assert_eq!(m["x-real-ip"], "2.2.2.2");
-    }
-
-    #[test]
-    fn mapped_v4_peer_is_written_as_v4() {
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut m = h(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookie_crumbs(&mut m);
+        let v: Vec<&str> = m
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(v, ["a=1; b=2; c=3"]);
+        let mut m = h(&[("cookie", "a=1; b=2")]);
+        join_cookie_crumbs(&mut m);
+        assert_eq!(m["cookie"], "a=1; b=2");
         let mut m = HeaderMap::new();
-        set_forwarded(&mut m, &origin("::ffff:1.2.3.4", false), None);
-        assert_eq!(m["x-forwarded-for"], "1.2.3.4");
+        join_cookie_crumbs(&mut m);
+        assert!(m.is_empty());
     }
 
     #[test]

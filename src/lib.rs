@@ -13,7 +13,8 @@
 //! - [`maintenance`]: the maintenance switch.
 //! - [`proxy`]: route → select → forward with retries → response.
 //! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
-//! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, client IP.
+//! - [`headers`]: hop-by-hop stripping, HTTP/2 cookie crumbs; in `headers/forwarded.rs`,
+//!   `X-Forwarded-*`, `Forwarded`, their underscore spellings and the client IP.
 //! - [`route`]: host and path-prefix routing.
 //! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
 //! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.

@@ -150,6 +150,13 @@ async fn forward(
         (None, None) if req.version() == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
         }
+        // RFC 9113 §8.3.1: HTTP/2 carries the authority in `:authority` (or `Host`); with
+        // neither, there is no Host for the HTTP/1.1 request upstream (RFC 9112 §3.2).
+        (None, None) if req.version() == Version::HTTP_2 && req.uri().authority().is_none() => {
+            return Err(ProxyError::BadRequest(
+                "HTTP/2 request without :authority or Host",
+            ));
+        }
         _ => {}
     }
     // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
@@ -199,6 +206,11 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut hdrs = parts.headers;
     headers::strip_hop_by_hop(&mut hdrs, upgrade);
+    headers::remove_underscore_spellings(&mut hdrs);
+    if parts.version == Version::HTTP_2 {
+        // The upstream connection is HTTP/1.1 (RFC 9113 §8.2.3).
+        headers::join_cookie_crumbs(&mut hdrs);
+    }
     let origin = Origin {
         peer,
         client: client_ip,
