@@ -262,3 +262,102 @@ async fn two_websockets_at_once() {
     two.send(Message::text("still here")).await.unwrap();
     expect_text(&mut two, "b: still here").await;
 }
+
+/// An upstream that switches to `proto` whatever it is asked (as a careless or hostile
+/// application might), then echoes bytes; it records the `Upgrade` lines it received.
+async fn always_switching_upstream(
+    proto: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use common::raw::{raw_upstream, read_head};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = std::sync::Arc::clone(&seen);
+    let (addr, _) = raw_upstream(move |mut s: TcpStream| {
+        let seen = std::sync::Arc::clone(&s2);
+        async move {
+            let Some(head) = read_head(&mut s).await else {
+                return;
+            };
+            let upgrades: Vec<String> = String::from_utf8_lossy(&head)
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("upgrade:"))
+                .map(|l| l.to_owned())
+                .collect();
+            seen.lock().unwrap().push(upgrades.join(" | "));
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {proto}\r\nConnection: Upgrade\r\n\r\n"
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+/// Sends `head` and returns the status the proxy answered with.
+async fn upgrade_status(p: &TestProxy, head: &str) -> u16 {
+    let answer = raw(p.addr, head.as_bytes(), Duration::from_millis(500)).await;
+    raw_status(&answer).unwrap_or_else(|| panic!("no answer: {answer:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_single_websocket_upgrade_opens_a_tunnel() {
+    let (up, seen) = always_switching_upstream("websocket").await;
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 0\n"
+    ))
+    .await;
+    for (offer, what) in [
+        (
+            "Upgrade: websocket, h2c\r\nConnection: Upgrade",
+            "h2c listed beside websocket",
+        ),
+        (
+            "Upgrade: h2c, websocket\r\nConnection: Upgrade",
+            "h2c listed first",
+        ),
+        (
+            "Upgrade: websocket\r\nUpgrade: h2c\r\nConnection: Upgrade",
+            "two Upgrade lines",
+        ),
+        (
+            "Upgrade: websocket\r\nUpgrade: websocket\r\nConnection: Upgrade",
+            "the same protocol twice",
+        ),
+        (
+            "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+            "h2c",
+        ),
+    ] {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: app\r\n{offer}\r\n\r\n");
+        // No tunnel: the offer is stripped, and a 101 the upstream sends anyway is refused.
+        assert_eq!(upgrade_status(&p, &head).await, 502, "{what}");
+        let last = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last, "", "{what}: the upstream was offered {last:?}");
+    }
+    let head = "GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n";
+    assert_eq!(upgrade_status(&p, head).await, 101);
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "upgrade: WebSocket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_to_another_protocol_than_websocket_is_502() {
+    let (up, _) = always_switching_upstream("h2c").await;
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 0\n"
+    ))
+    .await;
+    let head = "GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    assert_eq!(upgrade_status(&p, head).await, 502);
+}
