@@ -345,22 +345,58 @@ pub fn client_fault(e: &hyper::Error) -> ClientFault {
 }
 
 /// The client's request body on its way upstream: counts bytes against `max_body_bytes`,
-/// enforces `body_read_timeout` between reads, and records its progress and its fault.
+/// enforces `body_read_timeout` between reads, bounds the framing overhead of a chunked
+/// body, and records its progress and its fault.
 pub struct ClientBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
     idle: IdleTimer,
     progress: Arc<BodyProgress>,
+    framing: Option<Framing>,
 }
 
+/// The bytes read from the client's connection since a chunked body began, to bound the
+/// body's framing overhead.
+pub struct Framing {
+    read: Arc<AtomicU64>,
+    start: u64,
+}
+
+impl Framing {
+    /// Watches the connection's read counter from now on.
+    pub fn new(read: Arc<AtomicU64>) -> Framing {
+        let start = read.load(Ordering::Relaxed);
+        Framing { read, start }
+    }
+
+    /// Whether the bytes read so far are out of all proportion to `payload` bytes of body.
+    fn is_excessive(&self, payload: u64) -> bool {
+        let wire = self.read.load(Ordering::Relaxed).saturating_sub(self.start);
+        wire > payload
+            .saturating_mul(MAX_FRAMING_RATIO)
+            .saturating_add(FRAMING_SLACK)
+    }
+}
+
+/// The most framing bytes a chunked body may carry per byte of payload: 1-byte chunks
+/// (`1\r\nx\r\n`, five framing bytes each) pass; padded chunk sizes and extensions that
+/// cost far more than they carry do not (SECURITY.md "cheap bodies").
+pub const MAX_FRAMING_RATIO: u64 = 10;
+
+/// Read bytes that are not the body's: the head read with it, and the start of a next
+/// request that hyper reads into its buffer (at most twice `max_header_bytes`).
+const FRAMING_SLACK: u64 = 256 * 1024;
+
 impl ClientBody {
-    /// Wraps a client's body; `progress` follows it.
+    /// Wraps a client's body; `progress` follows it; `framing` bounds the overhead of a
+    /// chunked HTTP/1.1 body.
     pub fn new(
         inner: Incoming,
         limit: Option<u64>,
         read_timeout: Duration,
         progress: Arc<BodyProgress>,
+        framing: Option<Framing>,
     ) -> ClientBody {
         ClientBody {
             inner,
@@ -368,6 +404,7 @@ impl ClientBody {
             limit: limit.unwrap_or(u64::MAX),
             idle: IdleTimer::new(read_timeout),
             progress,
+            framing,
         }
     }
 }
@@ -397,6 +434,11 @@ impl http_body::Body for RequestBody {
                     b.seen += data.len() as u64;
                     if b.seen > b.limit {
                         return Poll::Ready(Some(Err(progress.fail(ClientFault::TooLarge))));
+                    }
+                    if b.framing.as_ref().is_some_and(|f| f.is_excessive(b.seen)) {
+                        let fault =
+                            ClientFault::Malformed("chunk framing far larger than its payload");
+                        return Poll::Ready(Some(Err(progress.fail(fault))));
                     }
                     progress.touch();
                 }

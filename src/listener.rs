@@ -33,7 +33,7 @@ use crate::proxy;
 use crate::proxy_protocol;
 
 /// What the proxy knows about one client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The TCP peer.
     pub peer: SocketAddr,
@@ -41,6 +41,9 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `"http"` or `"https"`.
     pub proto: &'static str,
+    /// Bytes read from the client so far (after TLS), once the connection is served:
+    /// what a chunked request body costs on the wire, against its payload.
+    pub bytes_read: Option<Arc<AtomicU64>>,
 }
 
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
@@ -67,6 +70,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             peer,
             local,
             proto: "http",
+            bytes_read: None,
         };
         let count = ConnCount::new(&shared);
         let shared2 = Arc::clone(&shared);
@@ -238,6 +242,10 @@ struct ConnState {
     /// Set while the watchdog looks again within `send_timeout` anyway (a request is in
     /// flight), so that a new stream to watch need not wake it.
     watching: AtomicBool,
+    /// Bytes read from the client so far.
+    read_total: Arc<AtomicU64>,
+    /// `read_total` where the current request head began.
+    head_start: AtomicU64,
 }
 
 impl ConnState {
@@ -257,6 +265,8 @@ impl ConnState {
             write_blocked_since: AtomicU64::new(NONE),
             streams: std::sync::Mutex::new(Vec::new()),
             watching: AtomicBool::new(false),
+            read_total: Arc::new(AtomicU64::new(0)),
+            head_start: AtomicU64::new(0),
         }
     }
 
@@ -357,9 +367,13 @@ impl ConnState {
         if self.first_read.swap(false, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
             self.is_h2.store(true, Ordering::Relaxed);
         }
+        let before = self
+            .read_total
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
+            self.head_start.store(before, Ordering::Relaxed);
             // SeqCst pairs with the watchdog's arming below (a store then a load on each
             // side: either it sees the head, or this sees it armed).
             self.head_since.store(self.now_ms(), Ordering::SeqCst);
@@ -369,11 +383,16 @@ impl ConnState {
         }
     }
 
-    fn begin_request(self: &Arc<Self>) -> RequestGuard {
+    /// A request head has been parsed; `wire` is its size on the wire with its body's,
+    /// where known (HTTP/1.1 without chunked coding).
+    fn begin_request(self: &Arc<Self>, wire: Option<u64>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(NONE, Ordering::Relaxed);
-        RequestGuard(Arc::clone(self))
+        RequestGuard {
+            state: Arc::clone(self),
+            wire,
+        }
     }
 
     /// When the watchdog must look again, and what it will find if nothing changes.
@@ -444,15 +463,32 @@ struct StreamWatch {
 struct SendTimeout;
 
 /// A request in flight on a connection; dropped with the response body.
-struct RequestGuard(Arc<ConnState>);
+struct RequestGuard {
+    state: Arc<ConnState>,
+    /// The request's head and body size on the wire, where known.
+    wire: Option<u64>,
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let s = &self.0;
-        if s.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            s.idle_since.store(s.now_ms(), Ordering::Relaxed);
-            s.head_since.store(NONE, Ordering::Relaxed);
+        let s = &self.state;
+        if s.in_flight.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
         }
+        s.idle_since.store(s.now_ms(), Ordering::Relaxed);
+        // Bytes read past this request's end are the next head, begun already: held to
+        // header_read_timeout like any head (a client that sends a body and the start of
+        // a next head, then nothing, is a slow-loris too), not to idle_timeout.
+        let surplus = self.wire.is_some_and(|wire| {
+            let end = s.head_start.load(Ordering::Relaxed) + wire;
+            let more = s.read_total.load(Ordering::Relaxed) > end;
+            if more {
+                s.head_start.store(end, Ordering::Relaxed);
+            }
+            more
+        });
+        let head = if surplus { s.now_ms() } else { NONE };
+        s.head_since.store(head, Ordering::Relaxed);
     }
 }
 
@@ -615,6 +651,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     }
 }
 
+/// The size of an HTTP/1.x request on the wire, head and body, as a client writes it
+/// (`Name: value` lines); `None` for HTTP/2 and for a chunked body, whose framing is not
+/// known in advance.
+fn wire_size<B>(req: &Request<B>) -> Option<u64> {
+    if req.version() == http::Version::HTTP_2
+        || req.headers().contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    let body = match req.headers().get(http::header::CONTENT_LENGTH) {
+        Some(v) => v.to_str().ok()?.trim().parse::<u64>().ok()?,
+        None => 0,
+    };
+    Some(proxy::head_size(req) as u64 + body)
+}
+
 /// A request being answered. If hyper drops it before the answer is ready (the client
 /// closed its connection, or reset its HTTP/2 stream), it is counted and logged as the
 /// client's: status 499, as Nginx logs a client that went away.
@@ -705,7 +757,7 @@ impl ConnBody {
         let r = Pin::new(body).poll_frame(cx);
         // A data frame handed over starts the clock until hyper asks for the next one.
         let handed = match &r {
-            Poll::Ready(Some(Ok(f))) if f.is_data() => self.guard.0.now_ms(),
+            Poll::Ready(Some(Ok(f))) if f.is_data() => self.guard.state.now_ms(),
             _ => NONE,
         };
         w.handed.store(handed, Ordering::Relaxed);
@@ -799,8 +851,14 @@ where
     };
     let svc_state = Arc::clone(&state);
     let svc_shared = Arc::clone(&shared);
+    let peer = info.peer;
+    let info = ConnInfo {
+        bytes_read: Some(Arc::clone(&state.read_total)),
+        ..info
+    };
     let service = service_fn(move |req: Request<Incoming>| {
-        let guard = svc_state.begin_request();
+        let guard = svc_state.begin_request(wire_size(&req));
+        let info = info.clone();
         let shared = Arc::clone(&svc_shared);
         async move {
             let rt = shared.runtime.load_full();
@@ -829,7 +887,7 @@ where
             let access = pending.finish(resp.status().as_u16());
             Ok::<_, Infallible>(resp.map(|inner| {
                 let inner = match inner {
-                    Body::Upstream(_) if h2 => Sent::Watched(guard.0.watch_stream(inner)),
+                    Body::Upstream(_) if h2 => Sent::Watched(guard.state.watch_stream(inner)),
                     inner => Sent::Own(inner),
                 };
                 ConnBody {
@@ -857,7 +915,7 @@ where
         // an HTTP/2 stream left unread, alone.
         match state.send_deadline(timeouts.send) {
             Err(()) => {
-                tracing::debug!(peer = %info.peer, "closing connection: send_timeout");
+                tracing::debug!(peer = %peer, "closing connection: send_timeout");
                 break;
             }
             Ok(Some(t)) => deadline = deadline.min(t),
@@ -869,7 +927,7 @@ where
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+                    tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
                 }
                 break;
             }
@@ -878,7 +936,7 @@ where
                     Verdict::Busy => {}
                     Verdict::HeadTimeout => {
                         if state.is_expired(&timeouts, Verdict::HeadTimeout) {
-                            tracing::debug!(peer = %info.peer, "closing connection: header_read_timeout");
+                            tracing::debug!(peer = %peer, "closing connection: header_read_timeout");
                             break;
                         }
                     }

@@ -12,7 +12,9 @@ use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
 use crate::app::Shared;
-use crate::body::{Body, BodyProgress, ClientBody, RequestBody, UpstreamBody, fault_behind};
+use crate::body::{
+    Body, BodyProgress, ClientBody, Framing, RequestBody, UpstreamBody, fault_behind,
+};
 use crate::client::{self, PoolReturn};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
@@ -87,7 +89,7 @@ pub fn count(rt: &Runtime, trace: &Trace, code: u16, start: Instant) {
 }
 
 /// The size of a request head as sent on the wire (request line, header lines, CRLFs).
-fn head_size<B>(req: &Request<B>) -> usize {
+pub fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len()
         + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
         + " HTTP/1.1\r\n ".len();
@@ -204,6 +206,9 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
+    // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
+    let chunked =
+        parts.version != Version::HTTP_2 && parts.headers.contains_key(header::TRANSFER_ENCODING);
     let mut hdrs = parts.headers;
     headers::strip_hop_by_hop(&mut hdrs, upgrade);
     headers::remove_underscore_spellings(&mut hdrs);
@@ -235,6 +240,9 @@ async fn forward(
                 rt.settings.max_body_bytes,
                 rt.settings.body_read_timeout,
                 Arc::clone(&progress),
+                chunked
+                    .then(|| conn.bytes_read.clone().map(Framing::new))
+                    .flatten(),
             )),
             false,
         )

@@ -237,6 +237,12 @@ async fn malformed_requests_get_400_and_never_reach_the_upstream() {
             Some("text/plain; charset=utf-8"),
             "{what}"
         );
+        // What follows a malformed request cannot be framed: the answer closes.
+        assert_eq!(r.header("connection"), Some("close"), "{what}");
+        assert!(
+            c.closed_within(Duration::from_secs(5)).await.is_some(),
+            "{what}: the connection stays open after the 400"
+        );
     }
     assert_eq!(app.hits(), 0, "a malformed request reached the upstream");
     // An upstream's own 400 passes through untouched.
@@ -369,12 +375,29 @@ async fn a_head_past_max_header_bytes_is_431() {
             answer.ends_with("\r\n\r\n431 request header fields too large\n"),
             "{size}: {answer:?}"
         );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{size}: {answer:?}"
+        );
     }
     // Many small headers, each line short (a long request line is the same case).
     let many: String = (0..2_000).map(|i| format!("X-H{i}: v\r\n")).collect();
     let req = format!("GET /many HTTP/1.1\r\nHost: h\r\n{many}\r\n");
+    let started = Instant::now();
     let answer = raw(b.addr(), req.as_bytes(), Duration::from_secs(3)).await;
     assert_eq!(raw_status(&answer), Some(431), "{answer:?}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the connection stays open after the 431"
+    );
     assert_eq!(app.hits(), 0);
     b.steady_ok().await;
 }
