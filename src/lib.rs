@@ -14,7 +14,7 @@
 //! - [`proxy`]: route → select → forward with retries → response.
 //! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, client IP.
-//! - [`route`]: host and path-prefix routing.
+//! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
 //! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
 //! - [`dns`]: servers given by host name, resolved periodically.
