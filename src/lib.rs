@@ -15,7 +15,7 @@
 //! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`headers`]: hop-by-hop stripping, HTTP/2 cookie crumbs; in `headers/forwarded.rs`,
 //!   `X-Forwarded-*`, `Forwarded`, their underscore spellings and the client IP.
-//! - [`route`]: host and path-prefix routing.
+//! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
 //! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
 //! - [`dns`]: servers given by host name, resolved periodically.

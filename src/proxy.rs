@@ -1,6 +1,7 @@
 //! The request path: route → select a server → forward (with retries) → stream the
 //! response back; after an upstream `101`, tunnel both ways (see `tunnel`).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -174,10 +175,17 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(route::host_only)
         .unwrap_or("");
-    let index = rt
+    let routed = rt
         .routes
-        .lookup(host, req.uri().path())
+        .route(host, req.uri().path())
+        .map_err(|e| ProxyError::BadRequest(e.reason()))?
         .ok_or(ProxyError::NoRoute)?;
+    let index = routed.upstream;
+    // The routed path is the one sent upstream; owned only when normalizing changed it.
+    let routed_path = match routed.path {
+        Cow::Owned(p) => Some(p),
+        Cow::Borrowed(_) => None,
+    };
     trace.upstream = Some(index);
     let upstream = &rt.upstreams[index];
     if let Some(retry_after) = shared.maintenance.get(&upstream.name) {
@@ -228,7 +236,7 @@ async fn forward(
     {
         hdrs.insert(header::HOST, h);
     }
-    let uri = origin_form(&parts.uri);
+    let uri = origin_form(&parts.uri, routed_path.as_deref())?;
 
     let progress = Arc::new(BodyProgress::new());
     let (body, replayable) = if http_body::Body::is_end_stream(&body) {
@@ -279,16 +287,27 @@ async fn forward(
     )
 }
 
-/// `/path?query` only: what an HTTP/1.1 origin server expects.
-fn origin_form(uri: &Uri) -> Uri {
+/// `/path?query` only: what an HTTP/1.1 origin server expects; with `path` (the routed
+/// path, when it differs from the one received) in place of the received path and the
+/// query kept as sent.
+fn origin_form(uri: &Uri, path: Option<&str>) -> Result<Uri, ProxyError> {
+    if let Some(path) = path {
+        let pq = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        };
+        return PathAndQuery::try_from(pq)
+            .map(Uri::from)
+            .map_err(|_| ProxyError::BadRequest("invalid path"));
+    }
     if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
+        return Ok(uri.clone());
     }
     let pq = uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(pq)
+    Ok(Uri::from(pq))
 }
 
 /// The tries of one request against one upstream.
