@@ -348,7 +348,8 @@ pub fn client_fault(e: &hyper::Error) -> ClientFault {
 /// enforces `body_read_timeout` between reads, bounds the framing overhead of a chunked
 /// body, and records its progress and its fault.
 pub struct ClientBody {
-    inner: Incoming,
+    /// Taken by [`Drop`] to drain what the client still sends after an early response.
+    inner: Option<Incoming>,
     seen: u64,
     limit: u64,
     idle: IdleTimer,
@@ -399,12 +400,53 @@ impl ClientBody {
         framing: Option<Framing>,
     ) -> ClientBody {
         ClientBody {
-            inner,
+            inner: Some(inner),
             seen: 0,
             limit: limit.unwrap_or(u64::MAX),
             idle: IdleTimer::new(read_timeout),
             progress,
             framing,
+        }
+    }
+}
+
+/// The longest an early-answered request's remaining body is read and discarded.
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // An early response stopped this body: what the client still sends is read and
+        // discarded (as Nginx discards a body it will not use), so that the client, still
+        // busy writing, gets to read the answer instead of a reset, and its connection
+        // can serve a next request once the body has ended.
+        let progress = &self.progress;
+        if !progress.stopped.load(Ordering::Relaxed)
+            || progress.ended().is_some()
+            || progress.fault().is_some()
+        {
+            return;
+        }
+        let (Some(inner), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if http_body::Body::is_end_stream(&inner) {
+            return;
+        }
+        rt.spawn(drain(inner, self.idle.limit));
+    }
+}
+
+/// Reads and discards a body until it ends, pauses longer than `pause`, or
+/// [`DRAIN_TIME`] has passed; dropping it then closes the client's connection.
+async fn drain(mut body: Incoming, pause: Duration) {
+    use http_body_util::BodyExt;
+    let deadline = Instant::now() + DRAIN_TIME;
+    loop {
+        let limit = deadline.min(Instant::now() + pause);
+        match tokio::time::timeout_at(limit, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            _ => return,
         }
     }
 }
@@ -427,7 +469,10 @@ impl http_body::Body for RequestBody {
             // connection is dropped once its response has been relayed.
             return Poll::Pending;
         }
-        match Pin::new(&mut b.inner).poll_frame(cx) {
+        let Some(inner) = b.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 progress.waiting.store(false, Ordering::Relaxed);
                 if let Some(data) = frame.data_ref() {
@@ -443,7 +488,7 @@ impl http_body::Body for RequestBody {
                     progress.touch();
                 }
                 b.idle.moved();
-                if b.inner.is_end_stream() {
+                if inner.is_end_stream() {
                     progress.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -466,14 +511,14 @@ impl http_body::Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Client(b) => b.inner.is_end_stream(),
+            RequestBody::Client(b) => b.inner.as_ref().is_none_or(|i| i.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Client(b) => b.inner.size_hint(),
+            RequestBody::Client(b) => b.inner.as_ref().map(|i| i.size_hint()).unwrap_or_default(),
         }
     }
 }

@@ -892,6 +892,27 @@ impl Config {
                     format!("{:?} must start with '/', such as \"/api\"", r.path_prefix),
                 ));
             }
+            // Requests are matched on their normalized path (route.rs): a prefix in any
+            // other form could never match.
+            match crate::route::normalize_path(&r.path_prefix) {
+                Ok(n) if n == r.path_prefix.as_str() => {}
+                Ok(n) => {
+                    return Err((
+                        at().k("path_prefix"),
+                        format!(
+                            "{:?} is matched against normalized paths (dot segments removed, \
+                             unreserved characters decoded): write {:?}",
+                            r.path_prefix, n
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    return Err((
+                        at().k("path_prefix"),
+                        format!("{:?}: {}", r.path_prefix, e.reason()),
+                    ));
+                }
+            }
             if let Some(h) = &r.host
                 && let Err(m) = validate_host_pattern(h)
             {
@@ -1417,6 +1438,24 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
             (h.interval.0, h.timeout.0),
             (Duration::from_millis(100), Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn a_path_prefix_must_be_in_normal_form() {
+        let with = |prefix: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.app]\nservers = [\"127.0.0.1:1\"]\n\
+                 [[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"app\"\n"
+            )
+        };
+        assert!(p(&with("/api/v1")).is_ok());
+        assert!(p(&with("/files%2Fx")).is_ok());
+        let e = err(&with("/api/./v1"));
+        assert!(e.contains("routes[0].path_prefix") && e.contains("\"/api/v1\""), "{e}");
+        let e = err(&with("/%61pi"));
+        assert!(e.contains("write \"/api\""), "{e}");
+        let e = err(&with("/../api"));
+        assert!(e.contains("routes[0].path_prefix"), "{e}");
     }
 
     #[test]

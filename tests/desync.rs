@@ -1,5 +1,6 @@
 //! An upstream connection goes back to the pool only when both directions ended cleanly
-//! (SECURITY.md): an early response stops the upload and closes the connection, a response
+//! (SECURITY.md): an early response stops the upload (what the client still sends is read
+//! and discarded) and closes the upstream connection, a response
 //! framed twice is relayed by its chunked coding and its connection closed, a response with
 //! a broken `Content-Length` is a 502; and a request that may have reached a server is sent
 //! again only when it is idempotent (RFC 9110 §9.2.2).
@@ -94,7 +95,9 @@ async fn an_early_response_never_hands_a_smuggled_answer_to_another_client() {
             got.extend_from_slice(&tmp[..n]);
         }
         assert_eq!(statuses(&got), [413]);
-        let _ = one.write_all(smuggled.as_bytes()).await;
+        // Still writing its body when the answer came: it is read and discarded, never
+        // sent on, so client one gets no reset and its connection goes on.
+        one.write_all(smuggled.as_bytes()).await.unwrap();
         // Client two, on a path of its own, must get its own answer.
         let r = get(&p.url(&format!("/mine/{round}"))).await;
         assert_eq!(r.status, 200);
@@ -103,13 +106,56 @@ async fn an_early_response_never_hands_a_smuggled_answer_to_another_client() {
             format!("GET /mine/{round} HTTP/1.1"),
             "client two got an answer meant for another request"
         );
-        // Client one's connection is closed after its answer: its body was left unread.
-        let (_, closed) = read_to_close(&mut one, Duration::from_secs(5)).await;
-        assert!(
-            closed,
-            "client one's connection left open with its body unread"
+        // And so must client one, on its own connection.
+        let mut one = common::raw::RawConn {
+            stream: one,
+            buf: Vec::new(),
+            reset: false,
+        };
+        one.send(format!("GET /one/{round} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await;
+        let r = one.response().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            format!("GET /one/{round} HTTP/1.1")
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_uploading_when_the_early_answer_comes_gets_it_without_a_reset() {
+    let up = early_answering_upstream().await;
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
+    ))
+    .await;
+    const LEN: usize = 16 * 1024 * 1024;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /big HTTP/1.1\r\nHost: app\r\nContent-Length: {LEN}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        wr.write_all(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !got.ends_with(b"GET /next HTTP/1.1") {
+        let n = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut tmp))
+            .await
+            .expect("no answer")
+            .expect("the client got a reset");
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&tmp[..n]);
+    }
+    assert_eq!(statuses(&got), [413, 200]);
+    writer.await.unwrap().expect("the upload was cut off");
 }
 
 /// An upstream that answers every request with `answer`, counting the requests it read.
