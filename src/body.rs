@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -227,7 +227,7 @@ pub enum RequestBody {
     /// No body (health checks, GETs).
     Empty,
     /// The client's body, streamed.
-    Client(ClientBody),
+    Client(Box<ClientBody>),
 }
 
 /// How far a client's body has got on its way upstream: when it last moved, whether it is
@@ -355,6 +355,7 @@ pub struct ClientBody {
     idle: IdleTimer,
     progress: Arc<BodyProgress>,
     framing: Option<Framing>,
+    held: Held,
 }
 
 /// The bytes read from the client's connection since a chunked body began, to bound the
@@ -406,6 +407,7 @@ impl ClientBody {
             idle: IdleTimer::new(read_timeout),
             progress,
             framing,
+            held: Held::default(),
         }
     }
 }
@@ -451,6 +453,136 @@ async fn drain(mut body: Incoming, pause: Duration) {
     }
 }
 
+/// Data frames smaller than this are gathered before they go upstream: a body sent in tiny
+/// chunks then costs one write per [`COALESCE_MAX`] upstream instead of one per chunk.
+const COALESCE_MIN: usize = 4 * 1024;
+
+/// The most bytes gathered before they are sent on.
+const COALESCE_MAX: usize = 16 * 1024;
+
+/// The longest small data waits to be gathered with more: a slow client that sends a few
+/// bytes at a time is forwarded this late at most.
+const COALESCE_WAIT: Duration = Duration::from_millis(1);
+
+/// Small frames of a client's body, gathered before they go upstream.
+#[derive(Default)]
+struct Held {
+    data: BytesMut,
+    /// The trailers that ended the body while data was held; sent after it.
+    trailers: Option<Frame<Bytes>>,
+    /// Set while data is held: when it goes out whatever comes next.
+    due: Option<Pin<Box<Sleep>>>,
+}
+
+impl Held {
+    fn take(&mut self) -> Frame<Bytes> {
+        Frame::data(self.data.split().freeze())
+    }
+
+    /// Whether held data must go out now (registers the wake-up otherwise).
+    fn is_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let t = self
+            .due
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE_WAIT)));
+        t.as_mut().poll(cx).is_ready()
+    }
+
+    fn start(&mut self) {
+        if let Some(t) = self.due.as_mut() {
+            t.as_mut().reset(Instant::now() + COALESCE_WAIT);
+        }
+    }
+}
+
+impl ClientBody {
+    /// The next frame to send upstream: the client's frames as they come, small data
+    /// frames gathered (see [`COALESCE_MIN`]).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(t) = self.held.trailers.take() {
+            return Poll::Ready(Some(Ok(t)));
+        }
+        let progress = &*self.progress;
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            match Pin::new(&mut *inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    progress.waiting.store(false, Ordering::Relaxed);
+                    self.idle.moved();
+                    let end = inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            self.seen += data.len() as u64;
+                            if self.seen > self.limit {
+                                return Poll::Ready(Some(
+                                    Err(progress.fail(ClientFault::TooLarge)),
+                                ));
+                            }
+                            if self
+                                .framing
+                                .as_ref()
+                                .is_some_and(|f| f.is_excessive(self.seen))
+                            {
+                                let fault = ClientFault::Malformed(
+                                    "chunk framing far larger than its payload",
+                                );
+                                return Poll::Ready(Some(Err(progress.fail(fault))));
+                            }
+                            progress.touch();
+                            let held = &mut self.held;
+                            if held.data.is_empty() && (data.len() >= COALESCE_MIN || end) {
+                                Frame::data(data)
+                            } else {
+                                if held.data.is_empty() {
+                                    held.start();
+                                }
+                                held.data.extend_from_slice(&data);
+                                if held.data.len() < COALESCE_MAX && !end {
+                                    continue;
+                                }
+                                held.take()
+                            }
+                        }
+                        Err(trailers) => {
+                            if self.held.data.is_empty() {
+                                trailers
+                            } else {
+                                self.held.trailers = Some(trailers);
+                                self.held.take()
+                            }
+                        }
+                    };
+                    if end {
+                        progress.end();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Some(Err(progress.fail(client_fault(&e)))));
+                }
+                Poll::Ready(None) => {
+                    progress.end();
+                    if !self.held.data.is_empty() {
+                        return Poll::Ready(Some(Ok(self.held.take())));
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    if !self.held.data.is_empty() && self.held.is_due(cx) {
+                        return Poll::Ready(Some(Ok(self.held.take())));
+                    }
+                    progress.waiting.store(true, Ordering::Relaxed);
+                    if self.idle.poll_expired(cx) {
+                        return Poll::Ready(Some(Err(progress.fail(ClientFault::Stalled))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
 impl http_body::Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -459,66 +591,38 @@ impl http_body::Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let b = match self.get_mut() {
-            RequestBody::Empty => return Poll::Ready(None),
-            RequestBody::Client(b) => b,
-        };
-        let progress = &*b.progress;
-        if progress.stopped.load(Ordering::Relaxed) {
-            // The upstream answered early: nothing more goes to it. Never woken again; the
-            // connection is dropped once its response has been relayed.
-            return Poll::Pending;
-        }
-        let Some(inner) = b.inner.as_mut() else {
-            return Poll::Pending;
-        };
-        match Pin::new(&mut *inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                progress.waiting.store(false, Ordering::Relaxed);
-                if let Some(data) = frame.data_ref() {
-                    b.seen += data.len() as u64;
-                    if b.seen > b.limit {
-                        return Poll::Ready(Some(Err(progress.fail(ClientFault::TooLarge))));
-                    }
-                    if b.framing.as_ref().is_some_and(|f| f.is_excessive(b.seen)) {
-                        let fault =
-                            ClientFault::Malformed("chunk framing far larger than its payload");
-                        return Poll::Ready(Some(Err(progress.fail(fault))));
-                    }
-                    progress.touch();
-                }
-                b.idle.moved();
-                if inner.is_end_stream() {
-                    progress.end();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(progress.fail(client_fault(&e))))),
-            Poll::Ready(None) => {
-                progress.end();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                progress.waiting.store(true, Ordering::Relaxed);
-                if b.idle.poll_expired(cx) {
-                    return Poll::Ready(Some(Err(progress.fail(ClientFault::Stalled))));
-                }
-                Poll::Pending
-            }
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            // The upstream answered early: nothing more goes to it, and the body is never
+            // woken again; the connection is dropped once its response has been relayed.
+            RequestBody::Client(b) if b.progress.stopped.load(Ordering::Relaxed) => Poll::Pending,
+            RequestBody::Client(b) => b.poll_next(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Client(b) => b.inner.as_ref().is_none_or(|i| i.is_end_stream()),
+            RequestBody::Client(b) => {
+                b.held.data.is_empty()
+                    && b.held.trailers.is_none()
+                    && b.inner.as_ref().is_none_or(|i| i.is_end_stream())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Client(b) => b.inner.as_ref().map(|i| i.size_hint()).unwrap_or_default(),
+            RequestBody::Client(b) => {
+                let mut hint = b.inner.as_ref().map(|i| i.size_hint()).unwrap_or_default();
+                let held = b.held.data.len() as u64;
+                hint.set_lower(hint.lower() + held);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + held);
+                }
+                hint
+            }
         }
     }
 }

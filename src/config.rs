@@ -1451,7 +1451,10 @@ servers = ["127.0.0.1:13000", { addr = "127.0.0.1:13001", weight = 2 }]
         assert!(p(&with("/api/v1")).is_ok());
         assert!(p(&with("/files%2Fx")).is_ok());
         let e = err(&with("/api/./v1"));
-        assert!(e.contains("routes[0].path_prefix") && e.contains("\"/api/v1\""), "{e}");
+        assert!(
+            e.contains("routes[0].path_prefix") && e.contains("\"/api/v1\""),
+            "{e}"
+        );
         let e = err(&with("/%61pi"));
         assert!(e.contains("write \"/api\""), "{e}");
         let e = err(&with("/../api"));

@@ -243,7 +243,7 @@ async fn forward(
         (RequestBody::Empty, true)
     } else {
         (
-            RequestBody::Client(ClientBody::new(
+            RequestBody::Client(Box::new(ClientBody::new(
                 body,
                 rt.settings.max_body_bytes,
                 rt.settings.body_read_timeout,
@@ -251,7 +251,7 @@ async fn forward(
                 chunked
                     .then(|| conn.bytes_read.clone().map(Framing::new))
                     .flatten(),
-            )),
+            ))),
             false,
         )
     };

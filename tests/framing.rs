@@ -109,3 +109,122 @@ async fn one_byte_chunks_pass_and_padded_chunk_sizes_are_400() {
     assert_eq!(status, 400);
     assert_eq!(get(&p.url("/after")).await.status, 200);
 }
+
+/// An upstream that reads one chunked request and answers `chunks=N bytes=M`: how the body
+/// was framed on its way from the proxy. Each chunk's arrival is also sent to `arrivals`.
+async fn chunk_counter(
+    arrivals: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> std::net::SocketAddr {
+    let (addr, _) = raw_upstream(move |mut s: TcpStream| {
+        let arrivals = arrivals.clone();
+        async move {
+            use tokio::io::AsyncReadExt;
+            let Some(head) = read_head(&mut s).await else {
+                return;
+            };
+            let at = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut buf = head[at..].to_vec();
+            let (mut chunks, mut bytes) = (0usize, 0usize);
+            let mut tmp = [0u8; 64 * 1024];
+            loop {
+                // One chunk: size line, data, CRLF.
+                let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                    continue;
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&buf[..eol])
+                        .unwrap()
+                        .split(';')
+                        .next()
+                        .unwrap(),
+                    16,
+                )
+                .unwrap();
+                while buf.len() < eol + 2 + size + 2 {
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                buf.drain(..eol + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+                chunks += 1;
+                bytes += size;
+                let _ = arrivals.send(size);
+            }
+            let body = format!("chunks={chunks} bytes={bytes}");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_chunks_are_gathered_before_they_go_upstream() {
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let up = chunk_counter(tx).await;
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
+    ))
+    .await;
+    const N: usize = 64 * 1024;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut req =
+        b"POST /up HTTP/1.1\r\nHost: app\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    req.extend(b"1\r\nx\r\n".repeat(N));
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let (bytes, _) = read_to_close(&mut s, Duration::from_secs(20)).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let (chunks, total) = body
+        .strip_prefix("chunks=")
+        .and_then(|r| r.split_once(" bytes="))
+        .map(|(c, b)| (c.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+        .unwrap_or_else(|| panic!("{text:?}"));
+    println!("{N} one-byte chunks from the client reached the upstream as {chunks} chunks");
+    assert_eq!(total, N);
+    assert!(
+        chunks * 16 <= N,
+        "{chunks} chunks upstream for {N} from the client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upload_is_forwarded_as_it_comes() {
+    let (tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let up = chunk_counter(tx).await;
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: app\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Each byte is with the upstream well before the client sends the next one.
+    for _ in 0..5 {
+        s.write_all(b"1\r\nx\r\n").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), arrivals.recv())
+            .await
+            .expect("a small chunk held back");
+        assert_eq!(got, Some(1));
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let (bytes, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&bytes).ends_with("chunks=5 bytes=5"));
+}
