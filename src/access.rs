@@ -76,7 +76,7 @@ impl Drop for AccessLog {
 }
 
 async fn write_lines<W: tokio::io::AsyncWrite + Unpin>(pending: Arc<Pending>, mut out: W) {
-    let mut tick = crate::app::ticker(FLUSH_EVERY);
+    let mut tick = crate::timing::ticker(FLUSH_EVERY);
     let mut spare: Vec<u8> = Vec::new();
     loop {
         tick.tick().await;

@@ -17,7 +17,7 @@ use crate::app::Shared;
 use crate::body::Body;
 use http_body_util::BodyExt;
 
-use crate::error::plain_response;
+use crate::body::plain_response;
 use crate::runtime::Runtime;
 
 mod guard;

@@ -184,17 +184,9 @@ pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
     }
 }
 
-/// A periodic tick for background tasks; a late tick delays the next ones instead of
-/// bursting to catch up.
-pub(crate) fn ticker(period: Duration) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
-}
-
 /// Closes pooled connections that have been idle past `pool_idle_timeout`.
 async fn sweep_pools(shared: Arc<Shared>) {
-    let mut tick = ticker(Duration::from_secs(1));
+    let mut tick = crate::timing::ticker(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -222,7 +214,7 @@ pub fn release_memory_with(release: fn()) {
 }
 
 async fn release_memory(shared: Arc<Shared>, release: fn()) {
-    let mut tick = ticker(MEMORY_RELEASE_PERIOD);
+    let mut tick = crate::timing::ticker(MEMORY_RELEASE_PERIOD);
     tick.tick().await;
     loop {
         tokio::select! {

@@ -70,7 +70,7 @@ impl LeastRequest {
             (load(a.0) + 1) * u64::from(b.1) <= (load(b.0) + 1) * u64::from(a.1)
         };
         if n >= 2 {
-            let r = crate::health::fast_random();
+            let r = crate::timing::fast_random();
             let i = (r % n as u64) as usize;
             let mut j = ((r >> 32) % (n as u64 - 1)) as usize;
             if j >= i {

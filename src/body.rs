@@ -11,16 +11,39 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::client::PoolReturn;
-use crate::error::ClientFault;
+use crate::error::{ClientFault, ProxyError};
 use crate::server::{ActiveGuard, PassivePolicy};
 
 /// Boxed error of the body types.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response with a short `text/plain` body.
+pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(Bytes::from_static(text.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The answer to `e` (CONTRACT §3): its status and short text, closing the connection
+/// after a client's fault.
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    let mut r = plain_response(e.status(), e.text());
+    if e.closes_connection() {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
 
 /// A response body sent to a client.
 pub enum Body {
@@ -644,4 +667,31 @@ pub fn fault_behind(
         source = s.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_are_short_text_and_close_after_a_clients_fault() {
+        for e in [
+            ProxyError::NoRoute,
+            ProxyError::Timeout,
+            ProxyError::BadBody("x"),
+            ProxyError::ClientGone,
+        ] {
+            let r = error_response(&e);
+            assert_eq!(r.status(), e.status());
+            assert_eq!(
+                r.headers()[header::CONTENT_TYPE],
+                "text/plain; charset=utf-8"
+            );
+            assert_eq!(
+                r.headers().get(header::CONNECTION).is_some(),
+                e.closes_connection(),
+                "{e}"
+            );
+        }
+    }
 }

@@ -93,7 +93,7 @@ pub fn resolve_missing(cfg: &Config, known: &Resolved, metrics: &Metrics) -> Res
 /// applies changed address sets. Ends at shutdown.
 pub async fn run(shared: Arc<Shared>) {
     let mut last: HashMap<String, Instant> = HashMap::new();
-    let mut tick = crate::app::ticker(Duration::from_millis(250));
+    let mut tick = crate::timing::ticker(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -196,7 +196,7 @@ fn query(server: SocketAddr, host: &str, rtype: RecordType) -> io::Result<Vec<Ip
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.connect(server)?;
-    let id = (crate::health::fast_random() & 0xffff) as u16;
+    let id = (crate::timing::fast_random() & 0xffff) as u16;
     let packet = encode_query(id, host, rtype)?;
     socket.send(&packet)?;
     let mut buf = [0u8; 1500];

@@ -355,28 +355,9 @@ pub async fn probe_all(
     (out, all_ok)
 }
 
-/// A small xorshift generator for jitter and balancing, one per thread.
-pub fn fast_random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            use std::hash::{BuildHasher, Hasher};
-            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
-}
-
 /// `d` scaled by a random factor in [1 - spread, 1 + spread].
 fn jitter(d: Duration, spread: f64) -> Duration {
-    let r = (fast_random() % 10_000) as f64 / 10_000.0; // [0, 1)
+    let r = (crate::timing::fast_random() % 10_000) as f64 / 10_000.0; // [0, 1)
     d.mul_f64(1.0 - spread + 2.0 * spread * r)
 }
 

@@ -57,6 +57,7 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod timing;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

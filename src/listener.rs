@@ -199,14 +199,14 @@ pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
         .map(crate::route::host_only)
         .unwrap_or("");
     if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
-        return crate::error::plain_response(
+        return crate::body::plain_response(
             http::StatusCode::BAD_REQUEST,
             "400 bad request: no usable Host\n",
         );
     }
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = format!("https://{host}{path}");
-    let mut r = crate::error::plain_response(
+    let mut r = crate::body::plain_response(
         http::StatusCode::PERMANENT_REDIRECT,
         "308 permanent redirect\n",
     );

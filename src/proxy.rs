@@ -66,7 +66,7 @@ pub async fn handle(
                     tracing::debug!(peer = %conn.peer, method = %method, error = %e, "request refused")
                 }
             }
-            e.response()
+            crate::body::error_response(&e)
         }
     };
     count(rt, trace, resp.status().as_u16(), start);

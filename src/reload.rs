@@ -177,7 +177,7 @@ pub fn spawn_watcher(shared: Arc<Shared>) {
     let mut watched = vec![dir];
     tokio::spawn(async move {
         let mut watcher = watcher;
-        let mut tick = crate::app::ticker(POLL);
+        let mut tick = crate::timing::ticker(POLL);
         let identities = |shared: &Shared| {
             std::iter::once(shared.config_path.clone())
                 .chain(extra_files(shared))

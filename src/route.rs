@@ -10,7 +10,16 @@
 
 use std::borrow::Cow;
 
-use crate::config::RouteSection;
+/// One `[[routes]]` entry, its upstream given by index.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec<'a> {
+    /// `host`: exact, `*.suffix`, or any.
+    pub host: Option<&'a str>,
+    /// `path_prefix`, in normal form.
+    pub path_prefix: &'a str,
+    /// The upstream's index in the snapshot.
+    pub upstream: usize,
+}
 
 /// Routes sorted so that the first match is the best one.
 #[derive(Debug, Default)]
@@ -262,16 +271,11 @@ fn decode(s: &str, decodes: impl Fn(u8) -> bool) -> Cow<'_, str> {
 
 impl RouteTable {
     /// Builds the table; `upstream_index(name)` maps validated names to indexes.
-    pub fn build(
-        routes: &[RouteSection],
-        upstream_count: usize,
-        upstream_index: impl Fn(&str) -> Option<usize>,
-    ) -> RouteTable {
+    pub fn build(routes: &[RouteSpec<'_>], upstream_count: usize) -> RouteTable {
         let mut out: Vec<Route> = routes
             .iter()
-            .filter_map(|r| {
-                let upstream = upstream_index(&r.upstream)?;
-                let host = match r.host.as_deref() {
+            .map(|r| {
+                let host = match r.host {
                     None | Some("*") | Some("") => HostMatch::Any,
                     Some(h) => {
                         let h = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
@@ -281,11 +285,11 @@ impl RouteTable {
                         }
                     }
                 };
-                Some(Route {
+                Route {
                     host,
-                    prefix: normalize_prefix(&r.path_prefix).to_owned(),
-                    upstream,
-                })
+                    prefix: normalize_prefix(r.path_prefix).to_owned(),
+                    upstream: r.upstream,
+                }
             })
             .collect();
         // Stable: among equals, config order decides.
@@ -351,15 +355,15 @@ mod tests {
     use super::*;
 
     fn table(routes: &[(Option<&str>, &str, usize)]) -> RouteTable {
-        let sections: Vec<RouteSection> = routes
+        let specs: Vec<RouteSpec<'_>> = routes
             .iter()
-            .map(|(h, p, u)| RouteSection {
-                host: h.map(str::to_owned),
-                path_prefix: (*p).to_owned(),
-                upstream: u.to_string(),
+            .map(|&(host, path_prefix, upstream)| RouteSpec {
+                host,
+                path_prefix,
+                upstream,
             })
             .collect();
-        RouteTable::build(&sections, 9, |n| n.parse().ok())
+        RouteTable::build(&specs, 9)
     }
 
     #[test]
@@ -399,9 +403,9 @@ mod tests {
 
     #[test]
     fn single_upstream_without_routes_takes_everything() {
-        let t = RouteTable::build(&[], 1, |_| Some(0));
+        let t = RouteTable::build(&[], 1);
         assert_eq!(t.lookup("anything", "/x"), Some(0));
-        let t = RouteTable::build(&[], 2, |_| Some(0));
+        let t = RouteTable::build(&[], 2);
         assert_eq!(t.lookup("anything", "/x"), None);
     }
 

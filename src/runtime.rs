@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::error::{ConfigError, KeyPath};
 use crate::metrics::{CodeCounters, Metrics};
-use crate::route::RouteTable;
+use crate::route::{RouteSpec, RouteTable};
 use crate::server::Server;
 use crate::tls::TlsMaterial;
 use crate::upstream::{Inputs, Upstream};
@@ -203,9 +203,18 @@ impl Runtime {
             })
             .collect();
         let names: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
-        let routes = RouteTable::build(&config.routes, upstreams.len(), |n| {
-            names.iter().position(|&x| x == n)
-        });
+        let specs: Vec<RouteSpec<'_>> = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                Some(RouteSpec {
+                    host: r.host.as_deref(),
+                    path_prefix: &r.path_prefix,
+                    upstream: names.iter().position(|&x| x == r.upstream)?,
+                })
+            })
+            .collect();
+        let routes = RouteTable::build(&specs, upstreams.len());
         metrics.set_tls_expiries(tls.server.as_ref().map_or(&[][..], |t| &t.expiries));
         Runtime {
             version: prev.map_or(1, |p| p.version + 1),

@@ -8,9 +8,10 @@ use std::time::Duration;
 use crate::balance::{self, Balancer, LeastRequest, Ring, SmoothWrr};
 use crate::client::PoolSettings;
 use crate::config::{BalanceKind, UpstreamSection};
-use crate::health::{HealthCheck, fast_random};
+use crate::health::HealthCheck;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::{PassivePolicy, Server};
+use crate::timing::fast_random;
 use crate::tls::UpstreamTls;
 
 /// A server as listed in one snapshot.

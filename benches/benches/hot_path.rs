@@ -6,9 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fairway::balance::{Ring, SmoothWrr, client_key};
-use fairway::config::RouteSection;
 use fairway::headers::{self, Origin};
-use fairway::route::RouteTable;
+use fairway::route::{RouteSpec, RouteTable};
 use http::{HeaderMap, HeaderValue};
 
 fn select(c: &mut Criterion) {
@@ -40,20 +39,20 @@ fn select(c: &mut Criterion) {
 }
 
 fn route(c: &mut Criterion) {
-    let sections: Vec<RouteSection> = [
+    let specs: Vec<RouteSpec<'_>> = [
         (Some("app.example.com"), "/api"),
         (Some("*.example.com"), "/"),
         (None, "/static"),
         (None, "/"),
     ]
     .iter()
-    .map(|(h, p)| RouteSection {
-        host: h.map(str::to_owned),
-        path_prefix: (*p).to_owned(),
-        upstream: "app".to_owned(),
+    .map(|&(host, path_prefix)| RouteSpec {
+        host,
+        path_prefix,
+        upstream: 0,
     })
     .collect();
-    let table = RouteTable::build(&sections, 1, |_| Some(0));
+    let table = RouteTable::build(&specs, 1);
     c.bench_function("route/lookup", |b| {
         b.iter(|| black_box(table.lookup(black_box("app.example.com"), black_box("/api/v1/users"))))
     });
