@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::AccessLog;
 use crate::config;
 use crate::error::ConfigError;
-use crate::health::{self, Transition};
+use crate::health::Transition;
 use crate::listeners::{BindError, ListenerSet};
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
@@ -49,7 +49,7 @@ pub struct Shared {
     /// The maintenance switch.
     pub maintenance: Maintenance,
     /// The last good addresses of servers given by host name.
-    pub dns: Mutex<crate::dns::Resolved>,
+    pub dns: Mutex<crate::resolve::Resolved>,
 }
 
 impl Shared {
@@ -102,7 +102,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let dns_metrics = Arc::clone(&metrics);
         files.resolved = tokio::task::spawn_blocking(move || {
-            crate::dns::resolve_missing(&for_dns, &crate::dns::Resolved::new(), &dns_metrics)
+            crate::resolve::resolve_missing(
+                &for_dns,
+                &crate::resolve::Resolved::new(),
+                &dns_metrics,
+            )
         })
         .await
         .unwrap_or_default();
@@ -160,7 +164,7 @@ pub(crate) fn reconcile_checkers(shared: &Shared, rt: &Runtime) {
                 (Some(hc), Some(c)) if c.settings == *hc && same_tls(c) => {}
                 (Some(hc), _) => {
                     let token = shared.stop.child_token();
-                    tokio::spawn(health::run_checker(
+                    tokio::spawn(crate::checker::run_checker(
                         Arc::downgrade(s),
                         hc.clone(),
                         u.tls.clone(),

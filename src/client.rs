@@ -1,10 +1,11 @@
 //! Connections to upstream servers: dial (under `connect_timeout`), HTTP/1.1 handshake, and
 //! the per-server pool of idle keep-alive connections (`max_idle_per_server`,
-//! `pool_idle_timeout`). A failed [`checkout`] is a connect failure: nothing was sent.
+//! `pool_idle_timeout`). A failed [`dial`] is a connect failure: nothing was sent.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
-use crate::server::{Server, Target};
 use crate::tls::UpstreamTls;
+use crate::upload::RequestBody;
+
+/// Where a server is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An IP address and port.
+    Socket(SocketAddr),
+    /// A `host:port` resolved on each new connection.
+    Name(String),
+}
+
+impl Target {
+    /// Parses a validated `addr`.
+    pub fn parse(addr: &str) -> Target {
+        match addr.parse::<SocketAddr>() {
+            Ok(sa) => Target::Socket(sa),
+            Err(_) => Target::Name(addr.to_owned()),
+        }
+    }
+}
 
 /// Pool settings of one upstream.
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +97,9 @@ impl Pool {
         None
     }
 
-    fn put(&self, conn: Conn, max_idle: usize) {
+    /// Keeps `conn` as the most recently used idle connection (dropping the oldest past
+    /// `max_idle`).
+    pub fn put(&self, conn: Conn, max_idle: usize) {
         if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
@@ -137,25 +158,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// A pooled connection if one is idle, else a new one (over TLS with `tls`).
-pub async fn checkout(
-    server: &Server,
-    settings: &PoolSettings,
-    tls: Option<&UpstreamTls>,
-) -> io::Result<Conn> {
-    if let Some(conn) = server.pool.take(settings.idle_timeout) {
-        return Ok(conn);
-    }
-    dial(
-        &server.target,
-        &server.name,
-        settings.connect_timeout,
-        tls,
-        settings.resolver,
-    )
-    .await
 }
 
 /// Opens a new HTTP/1.1 connection to `target` (`addr`: the entry as written, whose host is
@@ -231,7 +233,7 @@ async fn connect_name(name: &str, resolver: Option<std::net::SocketAddr>) -> io:
         .map(|(h, p)| (h.to_owned(), p))
         .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
     let addrs =
-        tokio::task::spawn_blocking(move || crate::dns::resolve(&host, port, Some(resolver)))
+        tokio::task::spawn_blocking(move || crate::resolve::resolve(&host, port, Some(resolver)))
             .await
             .map_err(io::Error::other)??;
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{name} has no address"));
@@ -302,43 +304,3 @@ impl AsyncWrite for Counted {
 
 /// A plain or a TLS stream.
 type Either<A, B> = tokio_util::either::Either<A, B>;
-
-/// A connection to put back into its server's pool once its response has been read.
-pub struct PoolReturn {
-    server: Arc<Server>,
-    conn: Conn,
-    max_idle: usize,
-}
-
-impl PoolReturn {
-    /// Remembers where `conn` goes back to.
-    pub fn new(server: Arc<Server>, conn: Conn, max_idle: usize) -> PoolReturn {
-        PoolReturn {
-            server,
-            conn,
-            max_idle,
-        }
-    }
-
-    /// Puts the connection back as soon as it can take another request.
-    pub fn checkin(self) {
-        if self.max_idle == 0 {
-            return;
-        }
-        if self.conn.sender.is_ready() {
-            self.server.pool.put(self.conn, self.max_idle);
-            return;
-        }
-        // The connection task has not yet seen the end of the message: wait for it.
-        let PoolReturn {
-            server,
-            mut conn,
-            max_idle,
-        } = self;
-        tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() {
-                server.pool.put(conn, max_idle);
-            }
-        });
-    }
-}

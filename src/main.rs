@@ -159,7 +159,7 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let (table, ok) = rt.block_on(fairway::health::probe_all(&cfg, &files.tls));
+        let (table, ok) = rt.block_on(fairway::checker::probe_all(&cfg, &files.tls));
         print!("{table}");
         if !ok {
             eprintln!("{}: an upstream has no passing server", path.display());

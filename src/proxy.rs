@@ -13,17 +13,16 @@ use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
 use crate::app::Shared;
-use crate::body::{
-    Body, BodyProgress, ClientBody, Framing, RequestBody, UpstreamBody, fault_behind,
-};
-use crate::client::{self, PoolReturn};
+use crate::body::{Body, UpstreamBody};
+use crate::client;
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
 use crate::listener::ConnInfo;
 use crate::route;
 use crate::runtime::Runtime;
-use crate::server::{ActiveGuard, Server};
+use crate::server::{ActiveGuard, PoolReturn, Server};
 use crate::tunnel;
+use crate::upload::{BodyProgress, ClientBody, Framing, RequestBody, fault_behind};
 use crate::upstream::Upstream;
 
 /// Where a request went: filled in as it is routed and tried, read for metrics and the

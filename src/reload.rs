@@ -105,7 +105,7 @@ fn swap(shared: &Arc<Shared>, cfg: config::Config) -> Result<u64, ConfigError> {
     let mut files = Files::load(&cfg, path, false)?;
     {
         let mut cache = shared.dns.lock().unwrap_or_else(|e| e.into_inner());
-        files.resolved = crate::dns::resolve_missing(&cfg, &cache, &shared.metrics);
+        files.resolved = crate::resolve::resolve_missing(&cfg, &cache, &shared.metrics);
         *cache = files.resolved.clone();
     }
     let mut listeners = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());

@@ -28,7 +28,7 @@ pub struct Files {
     /// Maintenance page bodies by upstream name.
     pub pages: HashMap<String, Bytes>,
     /// Addresses of servers given by host name.
-    pub resolved: crate::dns::Resolved,
+    pub resolved: crate::resolve::Resolved,
 }
 
 /// Largest maintenance page read into memory.
@@ -75,7 +75,7 @@ impl Files {
         Ok(Files {
             tls,
             pages,
-            resolved: crate::dns::Resolved::new(),
+            resolved: crate::resolve::Resolved::new(),
         })
     }
 

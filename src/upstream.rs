@@ -75,7 +75,7 @@ pub struct Inputs<'a> {
     /// The maintenance page body.
     pub maintenance_page: Option<bytes::Bytes>,
     /// Addresses of host-name servers.
-    pub resolved: &'a crate::dns::Resolved,
+    pub resolved: &'a crate::resolve::Resolved,
     /// The pending-request counter of the previous snapshot's upstream of that name.
     pub pending: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
