@@ -13,8 +13,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Shared;
 use crate::body::Body;
+use crate::control::Control;
 use http_body_util::BodyExt;
 
 use crate::body::plain_response;
@@ -22,28 +22,37 @@ use crate::runtime::Runtime;
 
 mod guard;
 
+/// Serves the admin listener on its own task (the control plane's `AdminServer`).
+pub fn spawn(
+    listener: TcpListener,
+    control: Arc<Control>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve(listener, control, stop))
+}
+
 /// Accepts admin connections until `stop` fires.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: CancellationToken) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
-    while let Some((stream, _peer)) = crate::listener::accept(&listener, &stop, "admin").await {
-        let shared = Arc::clone(&shared);
+    while let Some((stream, _peer)) = crate::connection::accept(&listener, &stop, "admin").await {
+        let control = Arc::clone(&control);
         let builder = Arc::clone(&builder);
         tokio::spawn(async move {
-            let svc_shared = Arc::clone(&shared);
+            let svc_control = Arc::clone(&control);
             let service = service_fn(move |req: Request<Incoming>| {
-                let shared = Arc::clone(&svc_shared);
-                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+                let control = Arc::clone(&svc_control);
+                async move { Ok::<_, Infallible>(handle(req, &control).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = shared.stop.cancelled() => {
+                _ = control.ctx.stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -56,8 +65,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 /// cross-site gets 403 before anything else (CONTRACT §7, even with the right token: the
 /// token may sit in a browser that a foreign page drives); then, with `admin.token` set,
 /// one without `Authorization: Bearer TOKEN` gets 401.
-pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
-    let rt = shared.runtime.load_full();
+pub async fn handle(req: Request<Incoming>, control: &Arc<Control>) -> Response<Body> {
+    let rt = control.ctx.runtime.load_full();
     let method = req.method().clone();
     let is_mutating = method != Method::GET && method != Method::HEAD;
     if is_mutating && let Err(refusal) = guard::check(&req, &rt.config.admin.allowed_hosts) {
@@ -98,7 +107,7 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
     match path {
         "/healthz" if get => text(StatusCode::OK, "ok"),
         "/metrics" if get => {
-            let mut r = Response::new(Body::full(shared.metrics.encode()));
+            let mut r = Response::new(Body::full(control.ctx.metrics.encode()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -106,11 +115,11 @@ pub async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             r
         }
         "/readyz" if get => readyz(&rt),
-        "/status" if get => json(StatusCode::OK, &status(&rt, shared)),
-        "/maintenance" if method == Method::POST => maintenance(req, shared, &rt).await,
+        "/status" if get => json(StatusCode::OK, &status(&rt, control)),
+        "/maintenance" if method == Method::POST => maintenance(req, control, &rt).await,
         "/reload" if method == Method::POST => {
-            let s = Arc::clone(shared);
-            match tokio::task::spawn_blocking(move || crate::reload::reload(&s)).await {
+            let s = Arc::clone(control);
+            match tokio::task::spawn_blocking(move || s.reload()).await {
                 Ok(Ok(version)) => json(
                     StatusCode::OK,
                     &serde_json::json!({ "config_version": version }),
@@ -208,7 +217,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// `POST /maintenance` with `{"upstream": NAME | "*", "on": bool, "retry_after": "120s"}`.
-async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> Response<Body> {
+async fn maintenance(req: Request<Incoming>, control: &Control, rt: &Runtime) -> Response<Body> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Switch {
@@ -249,17 +258,18 @@ async fn maintenance(req: Request<Incoming>, shared: &Shared, rt: &Runtime) -> R
     let retry_after = switch
         .retry_after
         .map_or(crate::maintenance::DEFAULT_RETRY_AFTER, |d| d.0);
-    shared
+    control
+        .ctx
         .maintenance
         .set(&switch.upstream, switch.on.then_some(retry_after));
-    shared.maintenance.publish(rt, &shared.metrics);
+    control.ctx.maintenance.publish(rt, &control.ctx.metrics);
     // The state in force afterwards: an upstream stays in maintenance while `*` is on.
     let now = if switch.upstream == "*" {
         rt.upstreams
             .iter()
-            .find_map(|u| shared.maintenance.get(&u.name))
+            .find_map(|u| control.ctx.maintenance.get(&u.name))
     } else {
-        shared.maintenance.get(&switch.upstream)
+        control.ctx.maintenance.get(&switch.upstream)
     };
     json(
         StatusCode::OK,
@@ -343,7 +353,7 @@ fn readyz(rt: &Runtime) -> Response<Body> {
 }
 
 /// The `/status` document: the contract's fields plus totals and pool sizes.
-pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
+pub fn status(rt: &Runtime, control: &Control) -> serde_json::Value {
     let mut upstreams = serde_json::Map::new();
     for u in &rt.upstreams {
         let servers: Vec<serde_json::Value> = u
@@ -372,7 +382,7 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
                 "balance": u.balance.as_str(),
                 "retries": u.retries,
                 "healthy_servers": u.members.iter().filter(|m| m.server.is_healthy()).count(),
-                "maintenance": shared.maintenance.get(&u.name).is_some(),
+                "maintenance": control.ctx.maintenance.get(&u.name).is_some(),
                 "servers": servers,
             }),
         );
@@ -380,8 +390,8 @@ pub fn status(rt: &Runtime, shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "config_version": rt.version,
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": shared.started.elapsed().as_secs_f64(),
-        "client_connections": shared.metrics.connections_active.get(),
+        "uptime_seconds": control.started.elapsed().as_secs_f64(),
+        "client_connections": control.ctx.metrics.connections_active.get(),
         "upstreams": upstreams,
     })
 }

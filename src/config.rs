@@ -36,6 +36,14 @@ pub struct Config {
     pub log: LogSection,
 }
 
+impl Config {
+    /// The config before any file is read: no listeners, no upstreams, every default.
+    pub fn empty() -> Config {
+        toml::from_str("[server]\nlisten = []\n[upstreams]\n")
+            .expect("the empty config deserializes")
+    }
+}
+
 /// `[server]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,22 +9,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::app::{Shared, reconcile_checkers};
-use crate::config::Config;
+use crate::control::Control;
 use crate::resolve::{name_entries, resolve};
-use crate::runtime::Runtime;
 
 /// Re-resolves every name entry when its upstream's `resolve_interval` has passed, and
 /// applies changed address sets. Ends at shutdown.
-pub async fn run(shared: Arc<Shared>) {
+pub async fn run(control: Arc<Control>) {
     let mut last: HashMap<String, Instant> = HashMap::new();
     let mut tick = crate::timing::ticker(Duration::from_millis(250));
     loop {
         tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = control.ctx.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let rt = shared.runtime.load_full();
+        let rt = control.ctx.runtime.load_full();
         let now = Instant::now();
         let mut due = Vec::new();
         for (name, u) in &rt.config.upstreams {
@@ -56,49 +54,9 @@ pub async fn run(shared: Arc<Shared>) {
         })
         .await;
         let Ok(results) = results else { continue };
-        let mut changed = false;
-        {
-            let mut cache = shared.dns.lock().unwrap_or_else(|e| e.into_inner());
-            for (upstream, addr, r) in results {
-                match r {
-                    Ok(v) => {
-                        shared.metrics.record_dns(&upstream, true);
-                        let key = (upstream, addr);
-                        if cache.get(&key) != Some(&v) {
-                            tracing::info!(upstream = %key.0, server = %key.1, addresses = ?v, "resolved addresses changed");
-                            cache.insert(key, v);
-                            changed = true;
-                        }
-                    }
-                    Err(e) => {
-                        shared.metrics.record_dns(&upstream, false);
-                        tracing::warn!(upstream = %upstream, server = %addr, error = %e, "resolution failed; keeping the last good addresses");
-                    }
-                }
-            }
-        }
-        if changed {
-            apply(&shared);
-        }
+        // Applying takes the control plane's lock, which a reload may hold while it reads
+        // files: off the async workers.
+        let c = Arc::clone(&control);
+        let _ = tokio::task::spawn_blocking(move || c.update_resolved(results)).await;
     }
-}
-
-/// Rebuilds the current snapshot with the cached addresses (same config, same version).
-fn apply(shared: &Arc<Shared>) {
-    let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-    let old = shared.runtime.load_full();
-    let resolved = shared.dns.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut files = old.files.clone();
-    files.resolved = resolved;
-    let mut rt = Runtime::build(
-        Config::clone(&old.config),
-        Some(&old),
-        &shared.metrics,
-        files,
-    );
-    rt.version = old.version;
-    let rt = Arc::new(rt);
-    old.forget_removed(&rt, &shared.metrics);
-    shared.runtime.store(Arc::clone(&rt));
-    reconcile_checkers(shared, &rt);
 }

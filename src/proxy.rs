@@ -12,12 +12,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
-use crate::app::Shared;
 use crate::body::{Body, UpstreamBody};
 use crate::client;
+use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
-use crate::listener::ConnInfo;
 use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, PoolReturn, Server};
@@ -47,12 +46,12 @@ pub async fn handle(
     rt: &Runtime,
     req: Request<Incoming>,
     conn: &ConnInfo,
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     start: Instant,
     trace: &mut Trace,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let resp = match forward(rt, req, conn, shared, trace).await {
+    let resp = match forward(rt, req, conn, ctx, trace).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.status() {
@@ -138,7 +137,7 @@ async fn forward(
     rt: &Runtime,
     mut req: Request<Incoming>,
     conn: &ConnInfo,
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
     if head_size(&req) > rt.settings.max_header_bytes {
@@ -187,7 +186,7 @@ async fn forward(
     };
     trace.upstream = Some(index);
     let upstream = &rt.upstreams[index];
-    if let Some(retry_after) = shared.maintenance.get(&upstream.name) {
+    if let Some(retry_after) = ctx.maintenance.get(&upstream.name) {
         return Ok(crate::maintenance::response(
             retry_after,
             upstream.maintenance_page.as_ref(),
@@ -281,7 +280,7 @@ async fn forward(
         upstream,
         client_upgrade,
         rt,
-        shared,
+        ctx,
         (!replayable).then_some(progress),
     )
 }
@@ -575,7 +574,7 @@ fn respond(
     upstream: &Upstream,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     rt: &Runtime,
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     progress: Option<Arc<BodyProgress>>,
 ) -> Result<Response<Body>, ProxyError> {
     // An early response: the head arrived before the client's body was all sent. No
@@ -605,12 +604,12 @@ fn respond(
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         let idle = rt.settings.tunnel_idle_timeout;
-        shared.tracker.spawn(tunnel::run(tunnel::Tunnel {
+        ctx.tracker.spawn(tunnel::run(tunnel::Tunnel {
             client: client_upgrade,
             upstream: upstream_upgrade,
             idle,
             websocket: true,
-            stop: shared.stop.clone(),
+            stop: ctx.stop.clone(),
             guard,
             sender,
         }));

@@ -143,6 +143,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The snapshot before the first config is applied: no upstreams, no routes, every
+    /// default, version 0 (so the first config in force is version 1).
+    pub fn before_start(metrics: &Metrics) -> Runtime {
+        let mut rt = Runtime::build(Config::empty(), None, metrics, Files::default());
+        rt.version = 0;
+        rt
+    }
+
     /// Builds a snapshot from a validated config. Servers that `prev` already has (same
     /// upstream, same `addr`) are reused with their health and pool. Pure: binds nothing,
     /// spawns nothing.
@@ -193,8 +201,9 @@ impl Runtime {
                         .cloned()
                         .unwrap_or_else(|| {
                             let s = Server::new(name, addr, written, metrics);
-                            if prev.is_some() {
-                                // Added by a reload: slow start ramps it.
+                            if prev.is_some_and(|p| p.version > 0) {
+                                // Added by a reload (not the first config): slow start
+                                // ramps it.
                                 s.health.mark_new();
                             }
                             Arc::new(s)

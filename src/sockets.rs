@@ -10,10 +10,9 @@ use socket2::{Domain, Socket, Type};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
-use crate::app::Shared;
 use crate::config::{Addr, Config};
-use crate::listener;
+use crate::connection;
+use crate::context::Context;
 
 /// A listen address that failed to bind.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +115,12 @@ impl ListenerSet {
 
     /// Starts accepting on the newly bound sockets and stops the ones `prepared` no longer
     /// lists. Connections already accepted are not touched.
-    pub fn commit(&mut self, prepared: Prepared, shared: &Arc<Shared>) -> io::Result<()> {
+    pub fn commit(
+        &mut self,
+        prepared: Prepared,
+        ctx: &Arc<Context>,
+        admin: &dyn Fn(tokio::net::TcpListener, CancellationToken) -> JoinHandle<()>,
+    ) -> io::Result<()> {
         let mut old = std::mem::take(&mut self.client);
         for (configured, fresh) in prepared.client {
             match fresh {
@@ -128,9 +132,9 @@ impl ListenerSet {
                 Some(std_listener) => {
                     let l = tokio::net::TcpListener::from_std(std_listener)?;
                     let local = l.local_addr()?;
-                    let stop = shared.stop.child_token();
+                    let stop = ctx.stop.child_token();
                     let task =
-                        tokio::spawn(listener::accept_loop(l, Arc::clone(shared), stop.clone()));
+                        tokio::spawn(connection::accept_loop(l, Arc::clone(ctx), stop.clone()));
                     tracing::info!(listen = %local, "accepting client connections");
                     self.client.push(Bound {
                         configured,
@@ -145,12 +149,13 @@ impl ListenerSet {
             tracing::info!(listen = %b.local, "no longer listening (removed from the config)");
             b.stop.cancel();
         }
-        self.admin = commit_single(self.admin.take(), prepared.admin, Kind::Admin, shared)?;
+        self.admin = commit_single(self.admin.take(), prepared.admin, Kind::Admin, ctx, admin)?;
         self.redirect = commit_single(
             self.redirect.take(),
             prepared.redirect,
             Kind::Redirect,
-            shared,
+            ctx,
+            admin,
         )?;
         Ok(())
     }
@@ -191,7 +196,8 @@ fn commit_single(
     old: Option<Bound>,
     want: Option<(SocketAddr, Option<std::net::TcpListener>)>,
     kind: Kind,
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
+    admin: &dyn Fn(tokio::net::TcpListener, CancellationToken) -> JoinHandle<()>,
 ) -> io::Result<Option<Bound>> {
     match want {
         Some((_, None)) => Ok(old),
@@ -201,15 +207,15 @@ fn commit_single(
             }
             let l = tokio::net::TcpListener::from_std(std_listener)?;
             let local = l.local_addr()?;
-            let stop = shared.stop.child_token();
+            let stop = ctx.stop.child_token();
             let task = match kind {
                 Kind::Admin => {
                     tracing::info!(listen = %local, "admin listener up");
-                    tokio::spawn(admin::serve(l, Arc::clone(shared), stop.clone()))
+                    admin(l, stop.clone())
                 }
                 Kind::Redirect => {
                     tracing::info!(listen = %local, "redirecting plain HTTP to https");
-                    tokio::spawn(listener::redirect_loop(l, Arc::clone(shared), stop.clone()))
+                    tokio::spawn(connection::redirect_loop(l, Arc::clone(ctx), stop.clone()))
                 }
             };
             Ok(Some(Bound {

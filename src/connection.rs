@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{self, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,29 +26,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Entry;
-use crate::app::Shared;
 use crate::body::{Body, BoxError};
 use crate::config::AccessFormat;
+use crate::context::{ConnInfo, Context};
 use crate::proxy;
 use crate::proxy_protocol;
 
-/// What the proxy knows about one client connection.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// The local address the client connected to.
-    pub local: SocketAddr,
-    /// `"http"` or `"https"`.
-    pub proto: &'static str,
-    /// Bytes read from the client so far (after TLS), once the connection is served:
-    /// what a chunked request body costs on the wire, against its payload.
-    pub bytes_read: Option<Arc<AtomicU64>>,
-}
-
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
     let local = match listener.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -59,9 +45,9 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
     while let Some((stream, peer)) = accept(&listener, &stop, "client").await {
         // Past max_connections: accepted and closed at once, with no answer
         // (CONTRACT §7), so the backlog does not fill with clients left waiting.
-        let max = shared.runtime.load().config.server.max_connections;
-        if shared.metrics.connections_active.get() >= max as i64 {
-            shared.metrics.connections_rejected.inc();
+        let max = ctx.runtime.load().config.server.max_connections;
+        if ctx.metrics.connections_active.get() >= max as i64 {
+            ctx.metrics.connections_rejected.inc();
             drop(stream);
             continue;
         }
@@ -72,10 +58,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             proto: "http",
             bytes_read: None,
         };
-        let count = ConnCount::new(&shared);
-        let shared2 = Arc::clone(&shared);
-        shared.tracker.spawn(async move {
-            serve_accepted(stream, info, shared2).await;
+        let count = ConnCount::new(&ctx);
+        let ctx2 = Arc::clone(&ctx);
+        ctx.tracker.spawn(async move {
+            serve_accepted(stream, info, ctx2).await;
             drop(count);
         });
     }
@@ -87,12 +73,8 @@ const NONE: u64 = u64::MAX;
 /// Reads the PROXY protocol header if the listener expects one, then serves the connection,
 /// over TLS when `[server.tls]` is set. New handshakes use the certificates of the current
 /// snapshot.
-async fn serve_accepted(
-    mut stream: tokio::net::TcpStream,
-    mut info: ConnInfo,
-    shared: Arc<Shared>,
-) {
-    let rt = shared.runtime.load_full();
+async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
+    let rt = ctx.runtime.load_full();
     if rt.config.server.proxy_protocol {
         if !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
             tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
@@ -115,12 +97,12 @@ async fn serve_accepted(
     match rt.tls.clone() {
         None => {
             drop(rt);
-            serve_connection(stream, info, shared).await;
+            serve_connection(stream, info, ctx).await;
         }
         Some(tls) => {
             drop(rt);
             info.proto = "https";
-            serve_tls(stream, tls, info, shared).await;
+            serve_tls(stream, tls, info, ctx).await;
         }
     }
 }
@@ -131,12 +113,12 @@ async fn serve_tls(
     stream: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
     info: ConnInfo,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
 ) {
-    let limit = shared.runtime.load().settings.header_read_timeout;
+    let limit = ctx.runtime.load().settings.header_read_timeout;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_connection(stream, info, shared).await,
+        Ok(Ok(stream)) => serve_connection(stream, info, ctx).await,
         Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
     }
@@ -164,14 +146,14 @@ pub async fn accept(
 }
 
 /// `redirect_http`: answers every request with 308 to the same host and path over https.
-pub async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
     while let Some((stream, _)) = accept(&listener, &stop, "redirect_http").await {
-        let shared = Arc::clone(&shared);
-        shared.tracker.clone().spawn(async move {
+        let ctx = Arc::clone(&ctx);
+        ctx.tracker.clone().spawn(async move {
             let mut b = auto::Builder::new(TokioExecutor::new());
             b.http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(shared.runtime.load().settings.header_read_timeout);
+                .header_read_timeout(ctx.runtime.load().settings.header_read_timeout);
             let service = service_fn(|req: Request<Incoming>| async move {
                 Ok::<_, Infallible>(redirect_response(&req))
             });
@@ -179,7 +161,7 @@ pub async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, stop: Can
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = shared.stop.cancelled() => {
+                _ = ctx.stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -216,7 +198,7 @@ pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
     r
 }
 
-/// Shared between a connection's IO, its requests and its watchdog.
+/// Context between a connection's IO, its requests and its watchdog.
 struct ConnState {
     start: Instant,
     in_flight: AtomicUsize,
@@ -496,7 +478,7 @@ impl Drop for RequestGuard {
 struct WatchedIo<S> {
     inner: S,
     state: Arc<ConnState>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     /// fairway's answer in place of hyper's own (see [`own_answer`]), and how much of it is
     /// written.
     answer: Option<(Vec<u8>, usize)>,
@@ -538,7 +520,7 @@ fn own_answer(hyper_head: &[u8]) -> Option<(u16, Vec<u8>)> {
 
 impl<S: AsyncWrite + Unpin> WatchedIo<S> {
     /// Writes what is left of fairway's own answer.
-    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_answer(&mut self, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
         while let Some((bytes, done)) = self.answer.as_mut() {
             if *done == bytes.len() {
                 break;
@@ -572,7 +554,7 @@ impl<S: AsyncWrite + Unpin> WatchedIo<S> {
         let Some((code, bytes)) = own_answer(data) else {
             return false;
         };
-        self.shared.runtime.load().no_route.inc(code);
+        self.ctx.runtime.load().no_route.inc(code);
         self.answer = Some((bytes, 0));
         true
     }
@@ -581,7 +563,7 @@ impl<S: AsyncWrite + Unpin> WatchedIo<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -597,7 +579,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut task::Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
@@ -610,7 +592,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
         this.state.on_write(r.is_pending());
         r
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         std::task::ready!(this.poll_answer(cx))?;
         let r = Pin::new(&mut this.inner).poll_flush(cx);
@@ -621,14 +603,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
         }
         r
     }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         std::task::ready!(this.poll_answer(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
@@ -675,16 +657,16 @@ struct Pending {
     trace: proxy::Trace,
     start: Instant,
     rt: Arc<crate::runtime::Runtime>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
 }
 
 impl Pending {
     /// The answer is ready with `status` (already counted by `proxy::handle`): the access
     /// log entry, completed, to go with the response body.
-    fn finish(&mut self, status: u16) -> Option<(Box<Entry>, Arc<Shared>)> {
+    fn finish(&mut self, status: u16) -> Option<(Box<Entry>, Arc<Context>)> {
         let mut e = self.entry.take()?;
         self.fill(&mut e, status);
-        Some((e, Arc::clone(&self.shared)))
+        Some((e, Arc::clone(&self.ctx)))
     }
 
     fn fill(&self, e: &mut Entry, status: u16) {
@@ -710,7 +692,7 @@ impl Drop for Pending {
         proxy::count(&self.rt, &self.trace, code, self.start);
         if let Some(mut e) = self.entry.take() {
             self.fill(&mut e, code);
-            self.shared.access_log.send(&e, &self.shared.metrics);
+            self.ctx.access_log.send(&e, &self.ctx.metrics);
         }
     }
 }
@@ -719,7 +701,7 @@ impl Drop for Pending {
 /// on this connection when hyper drops it.
 pub struct ConnBody {
     inner: Sent,
-    access: Option<(Box<Entry>, Arc<Shared>)>,
+    access: Option<(Box<Entry>, Arc<Context>)>,
     guard: RequestGuard,
 }
 
@@ -728,21 +710,24 @@ enum Sent {
     /// Held here (HTTP/1.1, where a client that reads nothing blocks the whole connection
     /// and the connection is cut off for it; and the proxy's own short answers).
     Own(Body),
-    /// Shared with the connection's watchdog, which cuts this stream alone off when the
+    /// Context with the connection's watchdog, which cuts this stream alone off when the
     /// client leaves it unread (HTTP/2).
     Watched(Arc<StreamWatch>),
 }
 
 impl Drop for ConnBody {
     fn drop(&mut self) {
-        if let Some((entry, shared)) = self.access.take() {
-            shared.access_log.send(&entry, &shared.metrics);
+        if let Some((entry, ctx)) = self.access.take() {
+            ctx.access_log.send(&entry, &ctx.metrics);
         }
     }
 }
 
 impl ConnBody {
-    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_inner(
+        &mut self,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let w = match &mut self.inner {
             Sent::Own(b) => return Pin::new(b).poll_frame(cx),
             Sent::Watched(w) => w,
@@ -771,7 +756,7 @@ impl http_body::Body for ConnBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = this.poll_inner(cx);
@@ -804,8 +789,8 @@ impl http_body::Body for ConnBody {
     }
 }
 
-fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
-    let rt = shared.runtime.load();
+fn builder(ctx: &Context) -> (auto::Builder<TokioExecutor>, Timeouts) {
+    let rt = ctx.runtime.load();
     let s = &rt.settings;
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -837,20 +822,20 @@ fn builder(shared: &Shared) -> (auto::Builder<TokioExecutor>, Timeouts) {
 }
 
 /// Serves one client connection until it closes, times out or the proxy shuts down.
-pub async fn serve_connection<S>(stream: S, info: ConnInfo, shared: Arc<Shared>)
+pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (builder, timeouts) = builder(&shared);
+    let (builder, timeouts) = builder(&ctx);
     let state = Arc::new(ConnState::new());
     let io = WatchedIo {
         inner: stream,
         state: Arc::clone(&state),
-        shared: Arc::clone(&shared),
+        ctx: Arc::clone(&ctx),
         answer: None,
     };
     let svc_state = Arc::clone(&state);
-    let svc_shared = Arc::clone(&shared);
+    let svc_ctx = Arc::clone(&ctx);
     let peer = info.peer;
     let info = ConnInfo {
         bytes_read: Some(Arc::clone(&state.read_total)),
@@ -859,9 +844,9 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         let guard = svc_state.begin_request(wire_size(&req));
         let info = info.clone();
-        let shared = Arc::clone(&svc_shared);
+        let ctx = Arc::clone(&svc_ctx);
         async move {
-            let rt = shared.runtime.load_full();
+            let rt = ctx.runtime.load_full();
             let format = rt.config.log.access;
             let h2 = req.version() == http::Version::HTTP_2;
             let mut pending = Pending {
@@ -870,7 +855,7 @@ where
                 trace: proxy::Trace::default(),
                 start: Instant::now(),
                 rt,
-                shared,
+                ctx,
             };
             // Boxed: hyper keeps room for one in-flight future per connection, idle or
             // not; a small box there instead of the whole request state saves ~4 KiB per
@@ -879,7 +864,7 @@ where
                 &pending.rt,
                 req,
                 &info,
-                &pending.shared,
+                &pending.ctx,
                 pending.start,
                 &mut pending.trace,
             ))
@@ -955,7 +940,7 @@ where
                 }
             }
             _ = state.wake.notified() => {}
-            _ = shared.stop.cancelled(), if !closing => {
+            _ = ctx.stop.cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -964,12 +949,12 @@ where
 }
 
 /// Counts open client connections.
-struct ConnCount(Arc<Shared>);
+struct ConnCount(Arc<Context>);
 
 impl ConnCount {
-    fn new(shared: &Arc<Shared>) -> ConnCount {
-        shared.metrics.connections_active.inc();
-        ConnCount(Arc::clone(shared))
+    fn new(ctx: &Arc<Context>) -> ConnCount {
+        ctx.metrics.connections_active.inc();
+        ConnCount(Arc::clone(ctx))
     }
 }
 

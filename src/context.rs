@@ -1,0 +1,62 @@
+//! What the request path shares ([`Context`]): the current runtime snapshot, the
+//! maintenance switch, the tracker of connection and tunnel tasks, the shutdown signal, the
+//! metrics and the access log; and what it knows about one client connection
+//! ([`ConnInfo`]). The control plane stores new snapshots here; the data path only reads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access::AccessLog;
+use crate::maintenance::Maintenance;
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+
+/// State shared by every listener, connection and request.
+#[derive(Debug)]
+pub struct Context {
+    /// The current snapshot; a request loads it once (CONTRACT §3, §6).
+    pub runtime: ArcSwap<Runtime>,
+    /// The maintenance switch.
+    pub maintenance: Maintenance,
+    /// Connection and tunnel tasks, waited for on shutdown.
+    pub tracker: TaskTracker,
+    /// Fires on shutdown: listeners stop accepting, connections drain.
+    pub stop: CancellationToken,
+    /// Metric families and handles.
+    pub metrics: Arc<Metrics>,
+    /// The access log writer.
+    pub access_log: AccessLog,
+}
+
+impl Context {
+    /// A context serving `runtime`.
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Context {
+        Context {
+            runtime: ArcSwap::from_pointee(runtime),
+            maintenance: Maintenance::default(),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            metrics,
+            access_log: AccessLog::start(),
+        }
+    }
+}
+
+/// What the proxy knows about one client connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// `"http"` or `"https"`.
+    pub proto: &'static str,
+    /// Bytes read from the client so far (after TLS), once the connection is served:
+    /// what a chunked request body costs on the wire, against its payload.
+    pub bytes_read: Option<Arc<AtomicU64>>,
+}
