@@ -31,6 +31,7 @@ use crate::config::AccessFormat;
 use crate::context::{ConnInfo, Context};
 use crate::proxy;
 use crate::proxy_protocol;
+use crate::runtime::Settings;
 
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
@@ -45,7 +46,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
     while let Some((stream, peer)) = accept(&listener, &stop, "client").await {
         // Past max_connections: accepted and closed at once, with no answer
         // (CONTRACT §7), so the backlog does not fill with clients left waiting.
-        let max = ctx.runtime.load().config.server.max_connections;
+        let max = ctx.runtime.load().settings.max_connections;
         if ctx.metrics.connections_active.get() >= max as i64 {
             ctx.metrics.connections_rejected.inc();
             drop(stream);
@@ -71,16 +72,20 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
 const NONE: u64 = u64::MAX;
 
 /// Reads the PROXY protocol header if the listener expects one, then serves the connection,
-/// over TLS when `[server.tls]` is set. New handshakes use the certificates of the current
-/// snapshot.
+/// over TLS when `[server.tls]` is set. The connection takes its settings and certificates
+/// from one load of the current snapshot, and keeps a copy of the settings rather than the
+/// snapshot itself (a long connection must not pin an old config).
 async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
-    let rt = ctx.runtime.load_full();
-    if rt.config.server.proxy_protocol {
-        if !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
+    let (settings, tls) = {
+        let rt = ctx.runtime.load();
+        if rt.settings.proxy_protocol && !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
             tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
             return;
         }
-        let limit = rt.settings.header_read_timeout;
+        (rt.settings.clone(), rt.tls.clone())
+    };
+    if settings.proxy_protocol {
+        let limit = settings.header_read_timeout;
         match tokio::time::timeout(limit, proxy_protocol::read_header(&mut stream)).await {
             Ok(Ok(proxy_protocol::Header::Proxied(client))) => info.peer = client,
             Ok(Ok(proxy_protocol::Header::Local)) => {}
@@ -94,31 +99,14 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
             }
         }
     }
-    match rt.tls.clone() {
-        None => {
-            drop(rt);
-            serve_connection(stream, info, ctx).await;
-        }
-        Some(tls) => {
-            drop(rt);
-            info.proto = "https";
-            serve_tls(stream, tls, info, ctx).await;
-        }
-    }
-}
-
-/// Completes the TLS handshake (within `header_read_timeout`; a failure closes this
-/// connection only), then serves the connection.
-async fn serve_tls(
-    stream: tokio::net::TcpStream,
-    tls: Arc<rustls::ServerConfig>,
-    info: ConnInfo,
-    ctx: Arc<Context>,
-) {
-    let limit = ctx.runtime.load().settings.header_read_timeout;
+    let Some(tls) = tls else {
+        return serve_connection(stream, info, ctx, &settings).await;
+    };
+    // Completed within header_read_timeout; a failure closes this connection only.
+    info.proto = "https";
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_connection(stream, info, ctx).await,
+    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, info, ctx, &settings).await,
         Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
     }
@@ -789,9 +777,7 @@ impl http_body::Body for ConnBody {
     }
 }
 
-fn builder(ctx: &Context) -> (auto::Builder<TokioExecutor>, Timeouts) {
-    let rt = ctx.runtime.load();
-    let s = &rt.settings;
+fn builder(s: &Settings) -> (auto::Builder<TokioExecutor>, Timeouts) {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -822,11 +808,11 @@ fn builder(ctx: &Context) -> (auto::Builder<TokioExecutor>, Timeouts) {
 }
 
 /// Serves one client connection until it closes, times out or the proxy shuts down.
-pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>)
+pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>, settings: &Settings)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (builder, timeouts) = builder(&ctx);
+    let (builder, timeouts) = builder(settings);
     let state = Arc::new(ConnState::new());
     let io = WatchedIo {
         inner: stream,
@@ -847,7 +833,7 @@ where
         let ctx = Arc::clone(&svc_ctx);
         async move {
             let rt = ctx.runtime.load_full();
-            let format = rt.config.log.access;
+            let format = rt.settings.access_log;
             let h2 = req.version() == http::Version::HTTP_2;
             let mut pending = Pending {
                 entry: (format != AccessFormat::Off)

@@ -116,6 +116,12 @@ pub struct Settings {
     pub response_body_idle_timeout: Duration,
     /// Longest time a client may accept no byte of its response (`send_timeout`).
     pub send_timeout: Duration,
+    /// Open client connections past which new ones are closed at once.
+    pub max_connections: usize,
+    /// Whether client connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// `[log] access`.
+    pub access_log: crate::config::AccessFormat,
 }
 
 /// One immutable config snapshot.
@@ -179,6 +185,9 @@ impl Runtime {
             shutdown_timeout: s.shutdown_timeout.0,
             response_body_idle_timeout: s.response_body_idle_timeout.0,
             send_timeout: s.send_timeout.0,
+            max_connections: s.max_connections,
+            proxy_protocol: s.proxy_protocol,
+            access_log: config.log.access,
         };
         let trusted = s.trusted_proxies.iter().map(|c| c.0).collect();
         let upstreams: Vec<Upstream> = config
