@@ -1135,11 +1135,16 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     let encoded = aa.replace(':', "%3A");
     let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
 
-    // Unknown names, and the wrong method.
+    // Unknown names, each named in the answer, and the wrong method.
     let r = post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        r#"no server "127.0.0.1:1" in upstream "app""#
+    );
     let r = post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"], r#"no upstream named "nope""#);
     let r = get(&admin_url(&p, &drain_path(&aa, "drain"))).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
