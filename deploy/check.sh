@@ -16,8 +16,9 @@
 #         ports; and for each fairway container: its config comes from a ConfigMap of the
 #         same file mounted as a directory, `fairway check` accepts that fairway.toml, the
 #         listen/admin ports match the container ports, probes and Prometheus annotations use
-#         the admin port, the security context is locked down, and
-#         terminationGracePeriodSeconds exceeds preStop sleep + server.shutdown_timeout.
+#         the admin port, the security context is locked down,
+#         terminationGracePeriodSeconds exceeds preStop sleep + server.shutdown_timeout, and
+#         the memory limit holds server.max_connections at 64 KiB each plus 16 MiB.
 #   2. systemd unit (deploy/systemd/fairway.service): `systemd-analyze verify` on a copy whose
 #      /usr/local/bin/fairway points at the built binary (the installed path does not exist on
 #      a build machine, and verify rejects a unit whose binary is missing), failing on any
@@ -191,6 +192,18 @@ def parse_duration(s):
     return total
 
 
+def parse_quantity(q):
+    """A Kubernetes memory quantity ("320Mi", "1G", "268435456") in bytes, or None."""
+    if q is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?", str(q).strip())
+    if not m:
+        return None
+    mult = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+            "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
 def listen_port(addr):
     m = re.search(r":(\d+)$", addr.strip())
     return int(m.group(1)) if m else None
@@ -360,7 +373,7 @@ def check_fairway(where, c, pod, template_meta, volumes, configmaps, tmpdir):
         err(where, "securityContext.runAsNonRoot should be true")
     uid = eff("runAsUser")
     if not isinstance(uid, int) or uid == 0:
-        err(where, "securityContext.runAsUser should be a non-zero UID: the image's USER is a name, which the kubelet cannot verify as non-root")
+        err(where, "securityContext.runAsUser should be a non-zero UID (the image's is 10001): the pod must stay non-root whatever image it is given, and the kubelet cannot verify runAsNonRoot for an image whose USER is a name")
     if csc.get("readOnlyRootFilesystem") is not True:
         err(where, "securityContext.readOnlyRootFilesystem should be true")
     if csc.get("allowPrivilegeEscalation") is not False:
@@ -378,6 +391,19 @@ def check_fairway(where, c, pod, template_meta, volumes, configmaps, tmpdir):
     else:
         ok(where, f"listen {', '.join(listen)}, admin {admin}; probes /healthz and /readyz on {admin_port}; "
                   f"grace {grace}s > preStop {sleep:g}s + shutdown_timeout {shutdown:g}s; security context locked down")
+
+    # Memory: about 7 MiB idle and 60 KiB per busy client connection (65-70 MiB measured with
+    # 1,000), so the limit must hold server.max_connections of them, or the container is
+    # OOM-killed long before fairway refuses a connection.
+    max_conns = cfg["server"].get("max_connections", 10000)
+    limit = parse_quantity(((c.get("resources") or {}).get("limits") or {}).get("memory"))
+    need = (16 << 20) + max_conns * (64 << 10)
+    if limit is None:
+        print(f"  note {where}: no memory limit; memory use grows by about 64 KiB per connection up to server.max_connections ({max_conns})")
+    elif limit < need:
+        err(where, f"memory limit {limit >> 20} MiB is below 16 MiB + server.max_connections {max_conns} x 64 KiB = {need >> 20} MiB: raise the limit or lower max_connections")
+    else:
+        ok(where, f"memory limit {limit >> 20} MiB >= 16 MiB + server.max_connections {max_conns} x 64 KiB = {need >> 20} MiB")
 
 
 def check_pod(where, pod, template_meta, configmaps, tmpdir):
