@@ -10,7 +10,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked \
     && cp target/release/fairway /usr/local/bin/fairway
 
-# Runtime stage: the binary, the example config and CA certificates, run as a non-root user.
+# Runtime stage: the binary, the container config and CA certificates, run as the non-root
+# user fairway, UID and GID 10001 (numeric in USER, so that runAsNonRoot can verify it).
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
@@ -18,7 +19,9 @@ RUN apt-get update \
     && groupadd --system --gid 10001 fairway \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fairway
 COPY --from=builder /usr/local/bin/fairway /usr/local/bin/fairway
-COPY config/fairway.toml /etc/fairway/fairway.toml
+# Listeners on 0.0.0.0 and the sample nodes of deploy/docker/compose.yaml as servers: mount a
+# directory with your own fairway.toml at /etc/fairway (config/fairway.toml is for bare metal).
+COPY deploy/docker/fairway.toml /etc/fairway/fairway.toml
 ENV FAIRWAY_CONFIG=/etc/fairway/fairway.toml
 USER 10001:10001
 EXPOSE 8080 9901

@@ -16,9 +16,16 @@
 #         ports; and for each fairway container: its config comes from a ConfigMap of the
 #         same file mounted as a directory, `fairway check` accepts that fairway.toml, the
 #         listen/admin ports match the container ports, probes and Prometheus annotations use
-#         the admin port, the security context is locked down, and
-#         terminationGracePeriodSeconds exceeds preStop sleep + server.shutdown_timeout.
-#   2. systemd unit (deploy/systemd/fairway.service): `systemd-analyze verify` on a copy whose
+#         the admin port, the security context is locked down,
+#         terminationGracePeriodSeconds exceeds preStop sleep + server.shutdown_timeout, and
+#         the memory limit holds server.max_connections at 64 KiB each plus 16 MiB.
+#   2. Docker example (deploy/docker/compose.yaml and fairway.toml): `docker compose config`
+#      (or `docker-compose config`) when installed, which needs no engine; `fairway check` on
+#      the config; the Dockerfile bakes that config in; the compose file mounts its directory
+#      at /etc/fairway, publishes the listen port, and the admin port on loopback only; the
+#      admin token is set; every server is a compose service; stop_grace_period exceeds
+#      server.shutdown_timeout.
+#   3. systemd unit (deploy/systemd/fairway.service): `systemd-analyze verify` on a copy whose
 #      /usr/local/bin/fairway points at the built binary (the installed path does not exist on
 #      a build machine, and verify rejects a unit whose binary is missing), failing on any
 #      message, plus the `systemd-analyze security --offline` exposure score. Skipped with a
@@ -39,6 +46,8 @@ MAX_EXPOSURE=${DEPLOY_CHECK_MAX_EXPOSURE:-3.0}
 VENV=target/deploy-check/venv
 MANIFESTS=(deploy/kubernetes/*.yaml)
 UNIT=deploy/systemd/fairway.service
+COMPOSE=deploy/docker/compose.yaml
+DOCKER_CONFIG=deploy/docker/fairway.toml
 
 failures=0
 step() { printf '\n=== %s\n' "$*"; }
@@ -189,6 +198,18 @@ def parse_duration(s):
             return None
         total += float(n) * units[u]
     return total
+
+
+def parse_quantity(q):
+    """A Kubernetes memory quantity ("320Mi", "1G", "268435456") in bytes, or None."""
+    if q is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?", str(q).strip())
+    if not m:
+        return None
+    mult = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+            "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2)]
+    return int(float(m.group(1)) * mult)
 
 
 def listen_port(addr):
@@ -360,7 +381,7 @@ def check_fairway(where, c, pod, template_meta, volumes, configmaps, tmpdir):
         err(where, "securityContext.runAsNonRoot should be true")
     uid = eff("runAsUser")
     if not isinstance(uid, int) or uid == 0:
-        err(where, "securityContext.runAsUser should be a non-zero UID: the image's USER is a name, which the kubelet cannot verify as non-root")
+        err(where, "securityContext.runAsUser should be a non-zero UID (the image's is 10001): the pod must stay non-root whatever image it is given, and the kubelet cannot verify runAsNonRoot for an image whose USER is a name")
     if csc.get("readOnlyRootFilesystem") is not True:
         err(where, "securityContext.readOnlyRootFilesystem should be true")
     if csc.get("allowPrivilegeEscalation") is not False:
@@ -378,6 +399,19 @@ def check_fairway(where, c, pod, template_meta, volumes, configmaps, tmpdir):
     else:
         ok(where, f"listen {', '.join(listen)}, admin {admin}; probes /healthz and /readyz on {admin_port}; "
                   f"grace {grace}s > preStop {sleep:g}s + shutdown_timeout {shutdown:g}s; security context locked down")
+
+    # Memory: about 7 MiB idle and 60 KiB per busy client connection (65-70 MiB measured with
+    # 1,000), so the limit must hold server.max_connections of them, or the container is
+    # OOM-killed long before fairway refuses a connection.
+    max_conns = cfg["server"].get("max_connections", 10000)
+    limit = parse_quantity(((c.get("resources") or {}).get("limits") or {}).get("memory"))
+    need = (16 << 20) + max_conns * (64 << 10)
+    if limit is None:
+        print(f"  note {where}: no memory limit; memory use grows by about 64 KiB per connection up to server.max_connections ({max_conns})")
+    elif limit < need:
+        err(where, f"memory limit {limit >> 20} MiB is below 16 MiB + server.max_connections {max_conns} x 64 KiB = {need >> 20} MiB: raise the limit or lower max_connections")
+    else:
+        ok(where, f"memory limit {limit >> 20} MiB >= 16 MiB + server.max_connections {max_conns} x 64 KiB = {need >> 20} MiB")
 
 
 def check_pod(where, pod, template_meta, configmaps, tmpdir):
@@ -530,6 +564,114 @@ PYTHON
 if ! FAIRWAY_BIN=$FAIRWAY_BIN "$PY" "$tmp/structure.py" "${MANIFESTS[@]}"; then
     fail "structural check of the manifests"
 fi
+
+# ---------------------------------------------------------------------------------------
+step "Docker: $COMPOSE and $DOCKER_CONFIG"
+# The compose file as Compose itself reads it (no engine needed): `docker compose config`,
+# else the older `docker-compose config`; without either, the structural check below still
+# parses it as YAML.
+if docker compose version >/dev/null 2>&1; then
+    echo "validator: $(docker compose version | head -n1)"
+    docker compose -f "$COMPOSE" config --quiet || fail "docker compose config rejected $COMPOSE"
+elif command -v docker-compose >/dev/null 2>&1; then
+    echo "validator: $(docker-compose version --short 2>/dev/null || echo docker-compose)"
+    docker-compose -f "$COMPOSE" config --quiet || fail "docker-compose config rejected $COMPOSE"
+else
+    echo "SKIPPED: Compose's own validation: neither \`docker compose\` nor docker-compose is installed"
+fi
+cat >"$tmp/compose.py" <<'PYTHON'
+"""The compose example against the config it mounts and the image's Dockerfile."""
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+try:
+    import tomllib
+except ImportError:
+    tomllib = None
+
+compose_path, config_path, fairway = sys.argv[1:4]
+errors = []
+
+
+def check(cond, ok_msg, err_msg):
+    if cond:
+        print(f"  ok   {ok_msg}")
+    else:
+        errors.append(err_msg)
+        print(f"  FAIL {err_msg}")
+
+
+r = subprocess.run([fairway, "check", "-c", config_path], capture_output=True, text=True)
+check(r.returncode == 0, f"fairway check: {r.stdout.strip()}", f"fairway check rejected {config_path}: {(r.stdout + r.stderr).strip()}")
+with open("Dockerfile") as f:
+    dockerfile = f.read()
+check(re.search(rf"^COPY {re.escape(config_path)} /etc/fairway/fairway.toml$", dockerfile, re.M),
+      f"the image's built-in config is {config_path}",
+      f"Dockerfile does not COPY {config_path} to /etc/fairway/fairway.toml")
+with open(compose_path) as f:
+    compose = yaml.safe_load(f)
+services = compose.get("services") or {}
+svc = services.get("fairway")
+if svc is None or tomllib is None:
+    check(svc is not None, "", f"{compose_path}: no service `fairway`")
+    if tomllib is None:
+        print("  note Python < 3.11 has no tomllib: cross-checks skipped")
+    sys.exit(1 if errors else 0)
+with open(config_path, "rb") as f:
+    cfg = tomllib.load(f)
+
+# The config directory is mounted (a single-file bind mount never sees a rename-over).
+base = os.path.dirname(compose_path)
+mounts = [v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in svc.get("volumes") or []]
+dir_mount = any(
+    m.split(":")[1].rstrip("/") == "/etc/fairway"
+    and os.path.realpath(os.path.join(base, m.split(":")[0])) == os.path.realpath(os.path.dirname(config_path))
+    for m in mounts if m.count(":") >= 1)
+check(dir_mount, f"the directory of {config_path} is mounted at /etc/fairway",
+      f"service fairway must mount the directory of {config_path} at /etc/fairway (not the file itself)")
+
+published = {}
+for p in svc.get("ports") or []:
+    parts = str(p).split("/")[0].split(":")
+    published[int(parts[-1])] = parts[0] if len(parts) == 3 else "0.0.0.0"
+listen = cfg["server"]["listen"]
+for a in [listen] if isinstance(listen, str) else listen:
+    port = int(a.rsplit(":", 1)[1])
+    check(not a.startswith("127.") and port in published, f"server.listen {a} is published",
+          f"server.listen {a} must be on 0.0.0.0 and its port published")
+admin = (cfg.get("admin") or {}).get("listen", "")
+aport = int(admin.rsplit(":", 1)[1]) if admin else None
+check(admin and not admin.startswith("127.") and published.get(aport) == "127.0.0.1",
+      f"admin.listen {admin} is published on the host's loopback only",
+      f"admin.listen ({admin or 'unset'}) must be on 0.0.0.0, published as 127.0.0.1:{aport}:{aport}")
+check((cfg.get("admin") or {}).get("token"), "admin.token is set", "admin.token must be set: the admin port is reachable")
+
+# Every server is a service of the file, and the drain outlasts the drain timeout.
+for u, up in cfg["upstreams"].items():
+    for srv in up["servers"]:
+        addr = srv if isinstance(srv, str) else srv["addr"]
+        host = addr.rsplit(":", 1)[0]
+        check(host in services, f"upstreams.{u}: server {addr} is a service", f"upstreams.{u}: server {addr} is not a service of {compose_path}")
+
+
+def seconds(d):
+    total = 0.0
+    for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", str(d)):
+        total += float(n) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[u]
+    return total
+
+
+shutdown = seconds(cfg["server"].get("shutdown_timeout", "30s"))
+grace = seconds(svc.get("stop_grace_period", "10s"))
+check(grace > shutdown, f"stop_grace_period {grace:g}s > shutdown_timeout {shutdown:g}s",
+      f"stop_grace_period ({grace:g}s) must exceed server.shutdown_timeout ({shutdown:g}s)")
+sys.exit(1 if errors else 0)
+PYTHON
+"$PY" "$tmp/compose.py" "$COMPOSE" "$DOCKER_CONFIG" "$FAIRWAY_BIN" || fail "Docker example ($COMPOSE, $DOCKER_CONFIG)"
 
 # ---------------------------------------------------------------------------------------
 step "systemd unit: $UNIT"

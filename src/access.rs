@@ -160,7 +160,6 @@ impl Entry {
         use std::fmt::Write;
         let path = self.path();
         let duration = self.start.elapsed();
-        let time = Rfc3339Millis(self.time);
         let server = self.server.as_deref().unwrap_or("-");
         let upstream = self.upstream.as_deref().unwrap_or("-");
         match self.format {
@@ -169,7 +168,8 @@ impl Entry {
                 // the rest of the line.
                 let _ = write!(
                     s,
-                    "{{\"time\":\"{time}\",\"client\":\"{}\",\"method\":",
+                    "{{\"time\":\"{}\",\"client\":\"{}\",\"method\":",
+                    Rfc3339Millis(self.time),
                     self.client
                 );
                 push_json_str(s, self.method.as_str());
@@ -195,7 +195,7 @@ impl Entry {
             _ => {
                 // The method and target come from the client: escaped, so that a `"` or a
                 // line break in them cannot forge fields or lines.
-                let _ = write!(s, "{} - - [{}] \"", self.client, time);
+                let _ = write!(s, "{} - - [{}] \"", self.client, ClfTime(self.time));
                 push_escaped(s, self.method.as_str());
                 s.push(' ');
                 push_escaped(s, path);
@@ -242,6 +242,74 @@ impl std::fmt::Display for Rfc3339Millis {
             write!(f, "{}.{:03}Z", c.1, since.subsec_millis())
         })
     }
+}
+
+/// The Common Log Format time, `10/Oct/2000:13:55:36 +0000`, in UTC. Formatted once per
+/// second per thread into a fixed buffer (no allocation); the other lines of that second
+/// copy it.
+struct ClfTime(SystemTime);
+
+/// Length of `10/Oct/2000:13:55:36 +0000`.
+const CLF_LEN: usize = 26;
+
+impl std::fmt::Display for ClfTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::cell::Cell;
+        thread_local! {
+            static SECOND: Cell<(u64, [u8; CLF_LEN])> = const { Cell::new((u64::MAX, [0; CLF_LEN])) };
+        }
+        let secs = self
+            .0
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        SECOND.with(|cache| {
+            let (cached, mut text) = cache.get();
+            if cached != secs {
+                text = clf_time(secs);
+                cache.set((secs, text));
+            }
+            // Always ASCII.
+            f.write_str(std::str::from_utf8(&text).unwrap_or_default())
+        })
+    }
+}
+
+/// `secs` after the Unix epoch as `DD/Mon/YYYY:HH:MM:SS +0000` (years up to 9999).
+fn clf_time(secs: u64) -> [u8; CLF_LEN] {
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    // 9999-12-31T23:59:59Z: the last second with a four-digit year.
+    let secs = secs.min(253_402_300_799);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's `civil_from_days`), in eras of
+    // 400 years that start on 1 March.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+
+    let mut out = *b"DD/Mon/YYYY:HH:MM:SS +0000";
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 2, day);
+    put(7, 4, year);
+    put(12, 2, rem / 3600);
+    put(15, 2, rem / 60 % 60);
+    put(18, 2, rem % 60);
+    // `month` is 1 to 12.
+    out[3..6].copy_from_slice(MONTHS[(month as usize - 1) % 12]);
+    out
 }
 
 /// Appends `v` as a JSON string.
@@ -359,9 +427,43 @@ mod tests {
     }
 
     #[test]
+    fn common_times_are_clf_in_utc() {
+        let at = |s: u64| ClfTime(std::time::UNIX_EPOCH + Duration::from_secs(s)).to_string();
+        assert_eq!(at(971_186_136), "10/Oct/2000:13:55:36 +0000");
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(at(1_709_251_199), "29/Feb/2024:23:59:59 +0000");
+        assert_eq!(at(1_709_251_200), "01/Mar/2024:00:00:00 +0000");
+        assert_eq!(at(u64::MAX / 2), "31/Dec/9999:23:59:59 +0000");
+        // Every day from 1970 to 2130 (an hour and a second later each day), against
+        // humantime's RFC 3339: the same date and time of day.
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        for day in 0..58_440 {
+            let s = day * 86_400 + (day * 3_601) % 86_400;
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(s);
+            let r = humantime::format_rfc3339_seconds(t).to_string();
+            let month: usize = r[5..7].parse().unwrap();
+            let want = format!(
+                "{}/{}/{}:{} +0000",
+                &r[8..10],
+                MONTHS[month - 1],
+                &r[0..4],
+                &r[11..19]
+            );
+            assert_eq!(ClfTime(t).to_string(), want, "{s}");
+        }
+    }
+
+    #[test]
     fn common_line() {
         let line = entry(AccessFormat::Common).line();
         assert!(line.starts_with("10.0.0.9 - - ["), "{line}");
+        let time = &line["10.0.0.9 - - [".len()..][..CLF_LEN];
+        assert!(
+            time.ends_with(" +0000") && line.contains(" +0000] \"GET "),
+            "{line}"
+        );
         assert!(
             line.contains(
                 "\"GET /a?b=1 HTTP/1.1\" 200 12 upstream=app server=127.0.0.1:13000 duration="

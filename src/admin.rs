@@ -167,10 +167,13 @@ fn drain(rest: &str, rt: &Runtime) -> Response<Body> {
         return plain_response(StatusCode::NOT_FOUND, "404 not found\n");
     };
     let Some(server) = rt.find_server(&name, &addr) else {
-        return error_json(
-            StatusCode::NOT_FOUND,
-            format!("no server {addr:?} in upstream {name:?}"),
-        );
+        // As /maintenance does: say which of the two names is unknown.
+        let message = if rt.upstreams.iter().any(|u| *u.name == name) {
+            format!("no server {addr:?} in upstream {name:?}")
+        } else {
+            format!("no upstream named {name:?}")
+        };
+        return error_json(StatusCode::NOT_FOUND, message);
     };
     server.set_draining(on);
     json(

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// An HTTP load balancer and reverse proxy for a pool of identical application nodes.
@@ -15,7 +16,6 @@ struct Cli {
     #[arg(
         short = 'c',
         long = "config",
-        global = true,
         env = "FAIRWAY_CONFIG",
         default_value = "config/fairway.toml"
     )]
@@ -25,18 +25,32 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// `-c` after `run` or `check`; before the command (`fairway -c PATH check`) it is the
+/// top-level option. Not offered by `demo`, which writes its own config.
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The config file [default: $FAIRWAY_CONFIG, else config/fairway.toml].
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Validate the config file and exit (0: valid, 1: invalid), like `nginx -t`.
     Check {
+        #[command(flatten)]
+        config: ConfigArg,
         /// Also send one health check to every server and print what each answered; exit 1
         /// if an upstream has no passing server.
         #[arg(long)]
         probe: bool,
     },
-    /// Start three sample upstreams and the proxy in front of them.
+    /// Start three sample upstreams and the proxy in front of them (with a config of its own).
     Demo,
 }
 
@@ -126,11 +140,20 @@ mod heap {
 fn main() -> ExitCode {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fairway::app::release_memory_with(heap::trim_after_burst);
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check { probe } => check(&cli.config, probe),
-        Command::Run => run(&cli.config),
-        Command::Demo => demo(),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let or_top = |c: ConfigArg| c.config.unwrap_or_else(|| cli.config.clone());
+    match cli.command {
+        Some(Command::Check { config, probe }) => check(&or_top(config), probe),
+        Some(Command::Run { config }) => run(&or_top(config)),
+        None => run(&cli.config),
+        Some(Command::Demo) => {
+            if matches.value_source("config") == Some(ValueSource::CommandLine) {
+                eprintln!("fairway demo writes its own config: -c/--config does not apply to it");
+                return ExitCode::FAILURE;
+            }
+            demo()
+        }
     }
 }
 

@@ -1135,11 +1135,16 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     let encoded = aa.replace(':', "%3A");
     let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
 
-    // Unknown names, and the wrong method.
+    // Unknown names, each named in the answer, and the wrong method.
     let r = post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        r#"no server "127.0.0.1:1" in upstream "app""#
+    );
     let r = post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"], r#"no upstream named "nope""#);
     let r = get(&admin_url(&p, &drain_path(&aa, "drain"))).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
@@ -1693,10 +1698,35 @@ fn parse_common(line: &str) -> CommonLine {
     }
 }
 
+/// `10/Oct/2000:13:55:36 +0000`, the Common Log Format time (always UTC here).
+fn parse_clf(time: &str) -> SystemTime {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let fail = || -> ! { panic!("time {time:?} is not DD/Mon/YYYY:HH:MM:SS +0000") };
+    let Some((date, "+0000")) = time.split_once(' ') else {
+        fail()
+    };
+    let mut parts = date.splitn(3, '/');
+    let (Some(day), Some(month), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        fail()
+    };
+    let month = MONTHS
+        .iter()
+        .position(|m| *m == month)
+        .unwrap_or_else(|| fail())
+        + 1;
+    let Some((year, clock)) = rest.split_once(':') else {
+        fail()
+    };
+    humantime::parse_rfc3339(&format!("{year}-{month:02}-{day}T{clock}Z"))
+        .unwrap_or_else(|_| fail())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn common_access_log_lines_from_the_binary() {
     let up = TestUpstream::start("a").await;
-    let (mut f, sizes, _dir, _) = access_log_run("common", &up).await;
+    let (mut f, sizes, _dir, (t0, t1)) = access_log_run("common", &up).await;
     let lines = f.read_lines(3, Duration::from_secs(5)).await;
     let server = up.addr.to_string();
     let mut paths = Vec::new();
@@ -1705,7 +1735,12 @@ async fn common_access_log_lines_from_the_binary() {
         let l = parse_common(line);
         let miss = l.path.starts_with("/missing");
         assert_eq!(l.client, "127.0.0.1");
-        humantime::parse_rfc3339(&l.time).unwrap_or_else(|e| panic!("time {:?}: {e}", l.time));
+        let time = parse_clf(&l.time);
+        assert!(
+            time + Duration::from_secs(1) >= t0 && time <= t1 + Duration::from_secs(1),
+            "time {:?} outside the requests",
+            l.time
+        );
         assert_eq!(
             (l.method.as_str(), l.protocol.as_str()),
             ("GET", "HTTP/1.1"),

@@ -202,11 +202,14 @@ fn fairway_config_sets_the_default_path() {
     assert_eq!(o.code, Some(1));
     assert!(o.stderr.contains(missing.to_str().unwrap()), "{}", o.stderr);
 
-    // An explicit -c wins over the environment.
-    let mut c = fairway(&["check", "-c", good.to_str().unwrap()]);
-    c.env("FAIRWAY_CONFIG", &missing);
-    let o = output(c);
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    // An explicit -c wins over the environment, after the command or before it.
+    let good = good.to_str().unwrap();
+    for args in [["check", "-c", good], ["-c", good, "check"]] {
+        let mut c = fairway(&args);
+        c.env("FAIRWAY_CONFIG", &missing);
+        let o = output(c);
+        assert_eq!(o.code, Some(0), "{args:?}: {}", o.stderr);
+    }
 }
 
 #[test]
@@ -222,6 +225,24 @@ fn version_and_help() {
             "{word} not in --help: {}",
             o.stdout
         );
+    }
+}
+
+#[test]
+fn demo_offers_no_config_option() {
+    // The demo writes its own config: `-c` would be silently ignored, so it is refused.
+    let o = output(fairway(&["demo", "--help"]));
+    assert_eq!(o.code, Some(0));
+    assert!(!o.stdout.contains("--config"), "{}", o.stdout);
+    let o = output(fairway(&["demo", "-c", "some.toml"]));
+    assert_eq!(o.code, Some(2), "{}", o.stderr);
+    let o = output(fairway(&["-c", "some.toml", "demo"]));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("does not apply"), "{}", o.stderr);
+    // `run` and `check` still offer it.
+    for args in [&["check", "--help"][..], &["run", "--help"]] {
+        let o = output(fairway(args));
+        assert!(o.stdout.contains("--config"), "{args:?}: {}", o.stdout);
     }
 }
 
