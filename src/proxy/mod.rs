@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
 use tokio::time::Instant;
 
+mod attempt;
+
+use attempt::{Attempt, Head, Sender};
+
 use crate::body::{Body, UpstreamBody};
-use crate::client;
 use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
@@ -21,7 +23,7 @@ use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, PoolReturn, Server};
 use crate::tunnel;
-use crate::upload::{BodyProgress, ClientBody, Framing, RequestBody, fault_behind};
+use crate::upload::{BodyProgress, ClientBody, Framing, RequestBody};
 use crate::upstream::Upstream;
 
 /// Where a request went: filled in as it is routed and tried, read for metrics and the
@@ -97,14 +99,6 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
         .fold(line + 2, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-/// Whether a failed request may be sent again to another server (CONTRACT §2 `retries`).
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
@@ -113,24 +107,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// The head of the request as it goes upstream, kept to send it again when its body is
-/// empty and a try fails.
-struct Head {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn request(&self, body: RequestBody) -> Request<RequestBody> {
-        let mut r = Request::new(body);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
 }
 
 async fn forward(
@@ -306,264 +282,6 @@ fn origin_form(uri: &Uri, path: Option<&str>) -> Result<Uri, ProxyError> {
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     Ok(Uri::from(pq))
-}
-
-/// The tries of one request against one upstream.
-struct Attempt<'a> {
-    rt: &'a Runtime,
-    upstream: &'a Upstream,
-    head: &'a Head,
-    /// The body is empty, so the request can be sent again.
-    replayable: bool,
-    /// Set when the client's body has been read to its end.
-    progress: Option<&'a BodyProgress>,
-}
-
-type Sender = client::Conn;
-
-impl Attempt<'_> {
-    /// Tries servers until one answers with a response head, under the retry rules: a try
-    /// may be repeated only when the failure is the upstream's and either no byte of the
-    /// request provably reached the server, or the request is idempotent and its (empty)
-    /// body can be sent again (RFC 9110 §9.2.2; CONTRACT §2 `retries`, `pool_idle_timeout`).
-    /// A failure the client caused ends the request at once and counts against no server.
-    async fn run(
-        &self,
-        client_ip: IpAddr,
-        first: &mut Option<RequestBody>,
-        trace: &mut Trace,
-    ) -> Result<(Response<Incoming>, ActiveGuard, Sender), ProxyError> {
-        let upstream = self.upstream;
-        let max_tries = 1 + upstream.retries as usize;
-        let idempotent = is_idempotent(&self.head.method);
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_err: Option<ProxyError> = None;
-        // A reused connection that broke after the request may have reached it is retried
-        // once on a fresh one (idempotent requests only).
-        let mut fresh_retry_used = false;
-        let mut force_fresh = false;
-        // A request that provably never reached a server, to send as it is.
-        let mut unsent: Option<Request<RequestBody>> = None;
-        let mut retry = false;
-        loop {
-            let Some(mi) = upstream.select(client_ip, &tried) else {
-                if last_err.is_none() && upstream.has_healthy_server() && upstream.is_saturated() {
-                    return Err(ProxyError::Overloaded(
-                        "every server is at max_connections_per_server",
-                    ));
-                }
-                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-            };
-            let server = &upstream.members[mi].server;
-            if retry {
-                upstream.metrics.retries.inc();
-            }
-            // Set again by each failure that leads to another try.
-            retry = false;
-            trace.attempts += 1;
-            trace.server = Some(Arc::clone(server));
-            let guard = server.begin();
-            let conn = if force_fresh {
-                force_fresh = false;
-                dial(server, upstream).await
-            } else if let Some(conn) = server.pool.take(upstream.pool.idle_timeout) {
-                Ok(conn)
-            } else {
-                // A new connection: the wait counts against max_pending.
-                let Some(_waiting) = PendingGuard::enter(upstream) else {
-                    return Err(ProxyError::Overloaded(
-                        "max_pending requests already wait for a connection",
-                    ));
-                };
-                dial(server, upstream).await
-            };
-            let mut conn = match conn {
-                Ok(c) => c,
-                Err(source) => {
-                    tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %source, "connect failed");
-                    server.record_passive_failure(upstream.passive, "connect failed");
-                    tried.push(mi);
-                    last_err = Some(ProxyError::Connect {
-                        server: server.addr.to_string(),
-                        source,
-                    });
-                    if tried.len() >= max_tries {
-                        return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-                    }
-                    retry = true;
-                    continue;
-                }
-            };
-            let req = match unsent.take() {
-                Some(r) => r,
-                None => match first.take() {
-                    Some(body) => self.head.request(body),
-                    // Only replayable requests come around again.
-                    None => self.head.request(RequestBody::Empty),
-                },
-            };
-            let written = conn.bytes_written();
-            let fut = conn.sender.try_send_request(req);
-            let mut e = match self.await_head(fut).await {
-                Ok(Ok(resp)) => {
-                    server.health.record_passive_success();
-                    return Ok((resp, guard, conn));
-                }
-                Err(()) => {
-                    tracing::warn!(upstream = %upstream.name, server = %server.addr, "no response head within request_timeout");
-                    server.record_passive_failure(upstream.passive, "request_timeout passed");
-                    return Err(ProxyError::Timeout);
-                }
-                Ok(Err(e)) => e,
-            };
-            let given_back = e.take_message();
-            let err = e.into_error();
-            if let Some(fault) = fault_behind(&err, self.progress) {
-                return Err(fault.error());
-            }
-            // The upstream's doing from here on. The request never reached the server when
-            // hyper gave it back unsent, or when not one byte was written.
-            let reached = given_back.is_none() && conn.bytes_written() > written;
-            let again = match given_back {
-                Some(r) => Some(r),
-                None if !reached && self.replayable => Some(self.head.request(RequestBody::Empty)),
-                None => None,
-            };
-            let err = upstream_error(err);
-            if let Some(req) = again {
-                unsent = Some(req);
-                if conn.reused {
-                    // A pooled connection the server had closed: try a fresh one, without
-                    // counting a try or a failure.
-                    force_fresh = true;
-                    continue;
-                }
-                tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "connection closed before the request was sent");
-                server.record_passive_failure(
-                    upstream.passive,
-                    "connection closed before the request",
-                );
-                tried.push(mi);
-                last_err = Some(err);
-                if tried.len() >= max_tries {
-                    return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-                }
-                retry = true;
-                continue;
-            }
-            tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %err, "upstream broke off before the response head");
-            if !conn.reused {
-                // On a reused connection the break may be the keep-alive race (the server
-                // closing an idle connection as the request arrived): not counted.
-                server.record_passive_failure(
-                    upstream.passive,
-                    "connection broke before the response head",
-                );
-            }
-            // The request may have reached the server: only an idempotent one with nothing
-            // left unsent goes again (RFC 9110 §9.2.2).
-            if !(self.replayable && idempotent) {
-                return Err(err);
-            }
-            last_err = Some(err);
-            retry = true;
-            if conn.reused && !fresh_retry_used {
-                // CONTRACT §2 pool_idle_timeout: retried on a fresh connection, whatever
-                // `retries` says; the balancer may choose the same server or another.
-                fresh_retry_used = true;
-                force_fresh = true;
-                continue;
-            }
-            tried.push(mi);
-            if tried.len() >= max_tries {
-                return Err(last_err.unwrap_or(ProxyError::NoHealthyServer));
-            }
-        }
-    }
-
-    /// Waits for the response head under `request_timeout`, which starts once the request
-    /// body has been sent (CONTRACT §2). `Err(())` is a timeout.
-    async fn await_head<F>(
-        &self,
-        fut: F,
-    ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, ()>
-    where
-        F: std::future::Future<
-                Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>,
-            >,
-    {
-        let limit = self.rt.settings.request_timeout;
-        let Some(progress) = self.progress else {
-            return tokio::time::timeout(limit, fut).await.map_err(|_| ());
-        };
-        tokio::pin!(fut);
-        let mut deadline = Instant::now() + limit;
-        loop {
-            tokio::select! {
-                r = &mut fut => return Ok(r),
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Until the body has ended, the clock runs only while the upstream is
-                    // the one holding things up: a slow upload that keeps moving is fine,
-                    // and a client that stops sending is the client's stall
-                    // (body_read_timeout answers it), never a timeout of the upstream.
-                    let now = Instant::now();
-                    let since = match progress.ended() {
-                        Some(t) => t,
-                        None if progress.is_waiting_on_client() => now,
-                        None => progress.last_moved(),
-                    };
-                    if since + limit <= now {
-                        return Err(());
-                    }
-                    deadline = since + limit;
-                }
-            }
-        }
-    }
-}
-
-/// A new connection to `server`. Boxed: dialing (TLS included) is the largest state of a
-/// request and the rarest step with a warm pool, so it is kept out of every request's future.
-async fn dial(server: &Server, upstream: &Upstream) -> std::io::Result<client::Conn> {
-    Box::pin(client::dial(
-        &server.target,
-        &server.name,
-        upstream.pool.connect_timeout,
-        upstream.tls.as_deref(),
-        upstream.pool.resolver,
-    ))
-    .await
-}
-
-/// A request waiting for a new upstream connection, counted against `max_pending`.
-struct PendingGuard<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> PendingGuard<'a> {
-    fn enter(upstream: &'a Upstream) -> Option<PendingGuard<'a>> {
-        use std::sync::atomic::Ordering;
-        let n = upstream.pending.fetch_add(1, Ordering::Relaxed);
-        let guard = PendingGuard(&upstream.pending);
-        match upstream.max_pending {
-            Some(max) if n >= max => None,
-            _ => Some(guard),
-        }
-    }
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// An upstream connection's error before the response head, as the proxy answers it: an
-/// unparsable response head is an invalid response, anything else a broken connection.
-fn upstream_error(err: hyper::Error) -> ProxyError {
-    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-        ProxyError::BadUpstreamResponse("malformed response head")
-    } else {
-        ProxyError::UpstreamBroke(err)
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
