@@ -22,7 +22,7 @@ pub enum Side {
 }
 
 /// What the client did wrong while sending its request body. Carried as the error of the
-/// request body (see `body::ClientBodyError`), so that an upstream connection that fails
+/// request body (see `upload::ClientBodyError`), so that an upstream connection that fails
 /// because of it is recognised as the client's doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFault {

@@ -1,0 +1,361 @@
+//! One client connection from accept to close: the accept loop, the PROXY protocol and TLS,
+//! then hyper-util's auto server (HTTP/1.1 keep-alive and h2c) calling `proxy::handle` per
+//! request, with a watchdog beside it (`watchdog.rs`) for `header_read_timeout`,
+//! `idle_timeout` and `send_timeout`, the IO hyper sees (`watched.rs`), and the answers as the
+//! connection holds them (`response.rs`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+mod response;
+mod watchdog;
+mod watched;
+
+use response::{ConnBody, Pending, Sent, wire_size};
+use watchdog::{ConnState, Timeouts, Verdict};
+use watched::WatchedIo;
+
+use crate::access::Entry;
+use crate::body::Body;
+use crate::config::AccessFormat;
+use crate::context::{ConnInfo, Context};
+use crate::proxy;
+use crate::proxy_protocol;
+use crate::runtime::Settings;
+
+/// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
+/// each on its own tracked task.
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "listener has no local address");
+            return;
+        }
+    };
+    while let Some((stream, peer)) = accept(&listener, &stop, "client").await {
+        // Past max_connections: accepted and closed at once, with no answer
+        // (CONTRACT §7), so the backlog does not fill with clients left waiting.
+        let max = ctx.runtime.load().settings.max_connections;
+        if ctx.metrics.connections_active.get() >= max as i64 {
+            ctx.metrics.connections_rejected.inc();
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            peer,
+            local,
+            proto: "http",
+            bytes_read: None,
+        };
+        let count = ConnCount::new(&ctx);
+        let ctx2 = Arc::clone(&ctx);
+        ctx.tracker.spawn(async move {
+            serve_accepted(stream, info, ctx2).await;
+            drop(count);
+        });
+    }
+    tracing::debug!(listen = %local, "stopped accepting");
+}
+
+/// Reads the PROXY protocol header if the listener expects one, then serves the connection,
+/// over TLS when `[server.tls]` is set. The connection takes its settings and certificates
+/// from one load of the current snapshot, and keeps a copy of the settings rather than the
+/// snapshot itself (a long connection must not pin an old config).
+async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
+    let (settings, tls) = {
+        let rt = ctx.runtime.load();
+        if rt.settings.proxy_protocol && !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
+            tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
+            return;
+        }
+        (rt.settings.clone(), rt.tls.clone())
+    };
+    if settings.proxy_protocol {
+        let limit = settings.header_read_timeout;
+        match tokio::time::timeout(limit, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(proxy_protocol::Header::Proxied(client))) => info.peer = client,
+            Ok(Ok(proxy_protocol::Header::Local)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %info.peer, error = %e, "refused: bad PROXY protocol header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %info.peer, "refused: no PROXY protocol header in time");
+                return;
+            }
+        }
+    }
+    let Some(tls) = tls else {
+        return serve_connection(stream, info, ctx, &settings).await;
+    };
+    // Completed within header_read_timeout; a failure closes this connection only.
+    info.proto = "https";
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, info, ctx, &settings).await,
+        Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
+    }
+}
+
+/// Waits for the next connection, or `None` once `stop` fires. Accept errors (EMFILE and
+/// friends) are logged and backed off from instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// `redirect_http`: answers every request with 308 to the same host and path over https.
+pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
+    while let Some((stream, _)) = accept(&listener, &stop, "redirect_http").await {
+        let ctx = Arc::clone(&ctx);
+        ctx.tracker.clone().spawn(async move {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ctx.runtime.load().settings.header_read_timeout);
+            let service = service_fn(|req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(redirect_response(&req))
+            });
+            let conn = b.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = ctx.stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// 308 to `https://HOST/PATH?QUERY` (the host without its port, as Nginx's
+/// `return 308 https://$host$request_uri`).
+pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(crate::route::host_only)
+        .unwrap_or("");
+    if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
+        return crate::body::plain_response(
+            http::StatusCode::BAD_REQUEST,
+            "400 bad request: no usable Host\n",
+        );
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{path}");
+    let mut r = crate::body::plain_response(
+        http::StatusCode::PERMANENT_REDIRECT,
+        "308 permanent redirect\n",
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
+}
+
+fn builder(s: &Settings) -> (auto::Builder<TokioExecutor>, Timeouts) {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // The watchdog below enforces header_read_timeout; hyper's would also cut idle
+        // keep-alive connections at the same limit.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        // Room for twice max_header_bytes, so that the proxy itself sees an oversized head
+        // and answers 431 with a body (CONTRACT §3); only heads past twice the limit get
+        // hyper's bare 431.
+        .max_buf_size(s.max_header_bytes.saturating_mul(2).max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(s.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
+        // Bounded per connection; a client that opens and resets streams faster than
+        // they can be served is cut off (the rapid-reset guard).
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256));
+    let t = Timeouts {
+        header: s.header_read_timeout,
+        idle: s.idle_timeout,
+        send: s.send_timeout,
+    };
+    (b, t)
+}
+
+/// Serves one client connection until it closes, times out or the proxy shuts down.
+pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>, settings: &Settings)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (builder, timeouts) = builder(settings);
+    let state = Arc::new(ConnState::new());
+    let io = WatchedIo {
+        inner: stream,
+        state: Arc::clone(&state),
+        ctx: Arc::clone(&ctx),
+        answer: None,
+    };
+    let svc_state = Arc::clone(&state);
+    let svc_ctx = Arc::clone(&ctx);
+    let peer = info.peer;
+    let info = ConnInfo {
+        bytes_read: Some(Arc::clone(&state.read_total)),
+        ..info
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let guard = svc_state.begin_request(wire_size(&req));
+        let info = info.clone();
+        let ctx = Arc::clone(&svc_ctx);
+        async move {
+            let rt = ctx.runtime.load_full();
+            let format = rt.settings.access_log;
+            let h2 = req.version() == http::Version::HTTP_2;
+            let mut pending = Pending {
+                entry: (format != AccessFormat::Off)
+                    .then(|| Box::new(Entry::begin(format, &req, info.peer.ip()))),
+                trace: proxy::Trace::default(),
+                start: Instant::now(),
+                rt,
+                ctx,
+            };
+            // Boxed: hyper keeps room for one in-flight future per connection, idle or
+            // not; a small box there instead of the whole request state saves ~4 KiB per
+            // idle keep-alive connection, for one allocation per request.
+            let resp = Box::pin(proxy::handle(
+                &pending.rt,
+                req,
+                &info,
+                &pending.ctx,
+                pending.start,
+                &mut pending.trace,
+            ))
+            .await;
+            let access = pending.finish(resp.status().as_u16());
+            Ok::<_, Infallible>(resp.map(|inner| {
+                let inner = match inner {
+                    Body::Upstream(_) if h2 => Sent::Watched(guard.state.watch_stream(inner)),
+                    inner => Sent::Own(inner),
+                };
+                ConnBody {
+                    inner,
+                    access,
+                    guard,
+                }
+            }))
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let (mut deadline, verdict) = if closing {
+            // Draining: the shutdown timeout bounds what is left.
+            (Instant::now() + Duration::from_secs(3600), Verdict::Busy)
+        } else {
+            state.next_check(&timeouts)
+        };
+        state
+            .watching
+            .store(verdict == Verdict::Busy && !closing, Ordering::Relaxed);
+        // CONTRACT §7 send_timeout: a client whose socket takes nothing is cut off whole;
+        // an HTTP/2 stream left unread, alone.
+        match state.send_deadline(timeouts.send) {
+            Err(()) => {
+                tracing::debug!(peer = %peer, "closing connection: send_timeout");
+                break;
+            }
+            Ok(Some(t)) => deadline = deadline.min(t),
+            Ok(None) => {}
+        }
+        if let Some(t) = state.cut_stalled_streams(timeouts.send) {
+            deadline = deadline.min(t);
+        }
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                match verdict {
+                    Verdict::Busy => {}
+                    Verdict::HeadTimeout => {
+                        if state.is_expired(&timeouts, Verdict::HeadTimeout) {
+                            tracing::debug!(peer = %peer, "closing connection: header_read_timeout");
+                            break;
+                        }
+                    }
+                    Verdict::Idle => {
+                        if state.is_expired(&timeouts, Verdict::Idle) {
+                            conn.as_mut().graceful_shutdown();
+                            // Give the close a moment, then drop the connection.
+                            let grace = tokio::time::sleep(Duration::from_secs(1));
+                            tokio::select! {
+                                _ = conn.as_mut() => {}
+                                _ = grace => {}
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = state.wake.notified() => {}
+            _ = ctx.stop.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Counts open client connections.
+struct ConnCount(Arc<Context>);
+
+impl ConnCount {
+    fn new(ctx: &Arc<Context>) -> ConnCount {
+        ctx.metrics.connections_active.inc();
+        ConnCount(Arc::clone(ctx))
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.metrics.connections_active.dec();
+    }
+}
