@@ -3,33 +3,55 @@
 //! code.
 //!
 //! # Layout
-//! In data-path order:
-//! - [`app`]: starts listeners and background tasks; reload and graceful shutdown.
-//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
-//! - [`listener`]: accept loop, hyper-util auto server (HTTP/1.1 + h2c), per-connection
-//!   watchdog for `header_read_timeout` and `idle_timeout`.
-//! - [`listeners`]: the bound listeners, reconciled by diff on reload.
-//! - [`reload`]: file watcher and the one reload path.
-//! - [`maintenance`]: the maintenance switch.
-//! - [`proxy`]: route → select → forward with retries → response.
-//! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
-//! - [`headers`]: hop-by-hop stripping, HTTP/2 cookie crumbs; in `headers/forwarded.rs`,
-//!   `X-Forwarded-*`, `Forwarded`, their underscore spellings and the client IP.
+//! Layer by layer, bottom to top; a module imports only modules listed before it
+//! (`docs/architecture.md` describes the layers, the path of a request and how a config is
+//! applied).
+//!
+//! Pure modules:
+//! - [`error`]: `ProxyError` (status, text, fault side), `ClientFault` and `ConfigError`.
+//! - [`timing`]: the ticker of background tasks and a cheap random number.
+//! - [`headers`]: hop-by-hop stripping, upgrades, response framing, HTTP/2 cookie crumbs; in
+//!   `headers/forwarded.rs`, `X-Forwarded-*`, `Forwarded`, their underscore spellings and the
+//!   client IP.
 //! - [`route`]: host and path-prefix routing on the normalized path.
-//! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
-//! - [`balance`]: smooth weighted round robin and the `ip_hash` ring.
-//! - [`dns`]: servers given by host name, resolved periodically.
-//! - [`server`]: one long-lived server (health, in-flight count, pool).
-//! - [`client`]: upstream connections and the per-server idle pool.
-//! - [`health`]: health state, active checker task, probe.
-//! - [`tls`]: rustls on the client listeners and towards upstreams.
-//! - [`body`]: the streaming body types.
-//! - [`config`]: the TOML file, its units and validation.
-//! - [`runtime`]: the immutable snapshot built from a config.
-//! - [`access`]: the access log and its writer task.
-//! - [`admin`]: the admin listener and its guard against cross-site requests.
+//! - [`balance`]: smooth weighted round robin, `least_request` and the `ip_hash` ring.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
 //! - [`metrics`]: Prometheus metrics and their pre-resolved handles.
-//! - [`error`]: `ProxyError` and `ConfigError`.
+//! - [`config`]: the TOML file, its units and validation.
+//! - [`tls`]: rustls on the client listeners and towards upstreams.
+//!
+//! Upstream state:
+//! - [`health`]: a server's health state and the active check's settings.
+//! - [`upload`]: the client's request body on its way upstream; the client's faults.
+//! - [`resolve`]: name resolution for servers given by host name.
+//! - [`client`]: upstream connections and the per-server idle pool.
+//! - [`server`]: one long-lived server (health, draining, in-flight count, pool).
+//!
+//! The snapshot:
+//! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
+//! - [`runtime`]: the immutable snapshot built from a config.
+//!
+//! The data path:
+//! - [`body`]: the response body types; the proxy's own short answers.
+//! - [`maintenance`]: the maintenance switch.
+//! - [`access`]: the access log and its writer task.
+//! - [`context`]: what the data path shares (the snapshot, among others) and `ConnInfo`.
+//! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
+//! - [`proxy`]: route → select → forward with retries → response.
+//! - [`connection`]: accept loop, PROXY protocol, TLS, hyper-util auto server (HTTP/1.1 +
+//!   h2c), the per-connection watchdog (`header_read_timeout`, `idle_timeout`,
+//!   `send_timeout`).
+//!
+//! The control plane and background tasks:
+//! - [`sockets`]: the bound listeners, reconciled by diff on reload.
+//! - [`checker`]: the active health checker task and the probe.
+//! - [`control`]: the control plane; `Control::apply` puts every config in force.
+//! - [`dns`]: servers given by host name, re-resolved periodically.
+//! - [`reload`]: the config file watcher.
+//! - [`admin`]: the admin listener and its guard against cross-site requests.
+//!
+//! The top:
+//! - [`app`]: starts the proxy and its background tasks; signals and graceful shutdown.
 //! - [`demo`]: `fairway demo`.
 
 #![forbid(unsafe_code)]
