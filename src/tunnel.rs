@@ -25,9 +25,6 @@ pub struct Tunnel {
     pub upstream: OnUpgrade,
     /// `tunnel_idle_timeout`.
     pub idle: Duration,
-    /// Whether this is a WebSocket (its frames are followed so that shutdown can close it
-    /// cleanly).
-    pub websocket: bool,
     /// Fires at shutdown.
     pub stop: CancellationToken,
     /// Keeps the request counted as active on its server.
@@ -56,28 +53,17 @@ pub async fn run(t: Tunnel) {
     };
     drop(t.sender);
     let activity = Arc::new(Activity::new());
-    let mut c = Watched {
+    let c = Watched {
         inner: TokioIo::new(client),
         activity: Arc::clone(&activity),
     };
-    let mut u = Watched {
+    let u = Watched {
         inner: TokioIo::new(upstream),
         activity: Arc::clone(&activity),
     };
     let server = Arc::clone(t.guard.server());
-    if !t.websocket {
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
-                if let Err(e) = r {
-                    tracing::debug!(server = %server.addr, error = %e, "tunnel closed with an error");
-                }
-            }
-            _ = activity.idle_for(t.idle) => {
-                tracing::debug!(server = %server.addr, "tunnel closed: tunnel_idle_timeout");
-            }
-        }
-        return;
-    }
+    // Only WebSocket upgrades are tunnelled (`headers::is_upgrade_request`): the upstream's
+    // frames are followed so that shutdown can close the tunnel between two of them.
     let (mut c_read, mut c_write) = tokio::io::split(c);
     let (mut u_read, mut u_write) = tokio::io::split(u);
     let client_to_upstream = async {

@@ -159,22 +159,22 @@ pub struct ClientBody {
     limit: u64,
     idle: IdleTimer,
     progress: Arc<BodyProgress>,
-    framing: Option<Framing>,
+    framing: Option<WireCount>,
     held: Held,
 }
 
 /// The bytes read from the client's connection since a chunked body began, to bound the
 /// body's framing overhead.
-pub struct Framing {
+pub struct WireCount {
     read: Arc<AtomicU64>,
     start: u64,
 }
 
-impl Framing {
+impl WireCount {
     /// Watches the connection's read counter from now on.
-    pub fn new(read: Arc<AtomicU64>) -> Framing {
+    pub fn new(read: Arc<AtomicU64>) -> WireCount {
         let start = read.load(Ordering::Relaxed);
-        Framing { read, start }
+        WireCount { read, start }
     }
 
     /// Whether the bytes read so far are out of all proportion to `payload` bytes of body.
@@ -203,7 +203,7 @@ impl ClientBody {
         limit: Option<u64>,
         read_timeout: Duration,
         progress: Arc<BodyProgress>,
-        framing: Option<Framing>,
+        framing: Option<WireCount>,
     ) -> ClientBody {
         ClientBody {
             inner: Some(inner),

@@ -23,7 +23,7 @@ use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, PoolReturn, Server};
 use crate::tunnel;
-use crate::upload::{BodyProgress, ClientBody, Framing, RequestBody};
+use crate::upload::{BodyProgress, ClientBody, RequestBody, WireCount};
 use crate::upstream::Upstream;
 
 /// Where a request went: filled in as it is routed and tried, read for metrics and the
@@ -223,7 +223,7 @@ async fn forward(
                 rt.settings.body_read_timeout,
                 Arc::clone(&progress),
                 chunked
-                    .then(|| conn.bytes_read.clone().map(Framing::new))
+                    .then(|| conn.bytes_read.clone().map(WireCount::new))
                     .flatten(),
             ))),
             false,
@@ -326,7 +326,6 @@ fn respond(
             client: client_upgrade,
             upstream: upstream_upgrade,
             idle,
-            websocket: true,
             stop: ctx.stop.clone(),
             guard,
             sender,
