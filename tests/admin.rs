@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::admin::ADMIN;
 use common::process::free_port;
+use common::prometheus;
 use common::*;
 use http::{Method, Request};
 use http_body_util::Full;
@@ -23,324 +25,6 @@ type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     Full<Bytes>,
 >;
-
-// ---------------------------------------------------------------------------------------
-// A parser of the Prometheus text exposition format 0.0.4
-
-mod prom {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    /// The kind a `# TYPE` line declares.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Kind {
-        Counter,
-        Gauge,
-        Histogram,
-        Summary,
-        Untyped,
-    }
-
-    impl Kind {
-        fn parse(s: &str) -> Option<Kind> {
-            Some(match s {
-                "counter" => Kind::Counter,
-                "gauge" => Kind::Gauge,
-                "histogram" => Kind::Histogram,
-                "summary" => Kind::Summary,
-                "untyped" => Kind::Untyped,
-                _ => return None,
-            })
-        }
-    }
-
-    /// One sample line.
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct Sample {
-        pub name: String,
-        /// The family the sample belongs to (`x` for `x_bucket` of histogram `x`).
-        pub family: String,
-        pub labels: BTreeMap<String, String>,
-        pub value: f64,
-    }
-
-    /// A parsed scrape.
-    #[derive(Debug, Default)]
-    pub struct Exposition {
-        pub kinds: BTreeMap<String, Kind>,
-        pub samples: Vec<Sample>,
-        /// Comment lines other than `# HELP` and `# TYPE`.
-        pub comments: Vec<String>,
-    }
-
-    /// A histogram series: `(le, cumulative count)` in exposition order, `_sum`, `_count`.
-    #[derive(Debug)]
-    pub struct Histogram {
-        pub buckets: Vec<(f64, f64)>,
-        pub sum: f64,
-        pub count: f64,
-    }
-
-    fn is_name_start(c: char) -> bool {
-        c.is_ascii_alphabetic() || c == '_' || c == ':'
-    }
-
-    fn is_name_char(c: char) -> bool {
-        c.is_ascii_alphanumeric() || c == '_' || c == ':'
-    }
-
-    fn is_metric_name(s: &str) -> bool {
-        let mut chars = s.chars();
-        chars.next().is_some_and(is_name_start) && chars.all(is_name_char)
-    }
-
-    /// A sample value: a float, `+Inf`, `-Inf` or `NaN`.
-    pub fn parse_value(s: &str) -> Result<f64, String> {
-        match s {
-            "+Inf" | "Inf" => Ok(f64::INFINITY),
-            "-Inf" => Ok(f64::NEG_INFINITY),
-            "NaN" => Ok(f64::NAN),
-            _ => s
-                .parse::<f64>()
-                .map_err(|e| format!("bad value {s:?}: {e}")),
-        }
-    }
-
-    /// `name{l="v",...} value [timestamp]` → (name, labels, value).
-    fn parse_sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64), String> {
-        let mut it = line.char_indices().peekable();
-        let name_end = loop {
-            match it.peek() {
-                Some(&(i, c)) if (i == 0 && is_name_start(c)) || (i > 0 && is_name_char(c)) => {
-                    it.next();
-                }
-                Some(&(i, _)) => break i,
-                None => break line.len(),
-            }
-        };
-        if name_end == 0 {
-            return Err("no metric name".into());
-        }
-        let name = line[..name_end].to_owned();
-        let mut labels = BTreeMap::new();
-        if let Some(&(_, '{')) = it.peek() {
-            it.next();
-            loop {
-                while matches!(it.peek(), Some(&(_, ' '))) {
-                    it.next();
-                }
-                match it.peek() {
-                    Some(&(_, '}')) => {
-                        it.next();
-                        break;
-                    }
-                    None => return Err("unclosed label set".into()),
-                    _ => {}
-                }
-                let mut key = String::new();
-                while let Some(&(_, c)) = it.peek() {
-                    if c.is_ascii_alphanumeric() || c == '_' {
-                        key.push(c);
-                        it.next();
-                    } else {
-                        break;
-                    }
-                }
-                if key.is_empty() || key.starts_with(|c: char| c.is_ascii_digit()) {
-                    return Err(format!("bad label name {key:?}"));
-                }
-                if it.next().map(|x| x.1) != Some('=') {
-                    return Err(format!("expected '=' after label {key:?}"));
-                }
-                if it.next().map(|x| x.1) != Some('"') {
-                    return Err(format!("expected '\"' to open the value of {key:?}"));
-                }
-                let mut value = String::new();
-                loop {
-                    match it.next().map(|x| x.1) {
-                        Some('"') => break,
-                        Some('\\') => match it.next().map(|x| x.1) {
-                            Some('\\') => value.push('\\'),
-                            Some('"') => value.push('"'),
-                            Some('n') => value.push('\n'),
-                            other => {
-                                return Err(format!("bad escape \\{other:?} in label {key:?}"));
-                            }
-                        },
-                        Some('\n') => return Err("raw newline in a label value".into()),
-                        Some(c) => value.push(c),
-                        None => return Err(format!("unterminated value of label {key:?}")),
-                    }
-                }
-                if labels.insert(key.clone(), value).is_some() {
-                    return Err(format!("label {key:?} given twice"));
-                }
-                while matches!(it.peek(), Some(&(_, ' '))) {
-                    it.next();
-                }
-                match it.next().map(|x| x.1) {
-                    Some(',') => {}
-                    Some('}') => break,
-                    other => return Err(format!("expected ',' or '}}', found {other:?}")),
-                }
-            }
-        }
-        let rest: String = it.map(|x| x.1).collect();
-        if !rest.starts_with([' ', '\t']) {
-            return Err(format!(
-                "no blank between the series and the value: {rest:?}"
-            ));
-        }
-        let mut fields = rest.split_whitespace();
-        let value = parse_value(fields.next().ok_or("no value")?)?;
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .map_err(|e| format!("bad timestamp {ts:?}: {e}"))?;
-        }
-        if let Some(extra) = fields.next() {
-            return Err(format!("trailing text {extra:?}"));
-        }
-        Ok((name, labels, value))
-    }
-
-    impl Exposition {
-        /// The family a sample name belongs to, given the `# TYPE` lines seen so far.
-        fn family_of(&self, name: &str) -> String {
-            if self.kinds.contains_key(name) {
-                return name.to_owned();
-            }
-            for (suffix, kinds) in [
-                ("_bucket", &[Kind::Histogram][..]),
-                ("_sum", &[Kind::Histogram, Kind::Summary][..]),
-                ("_count", &[Kind::Histogram, Kind::Summary][..]),
-            ] {
-                if let Some(stem) = name.strip_suffix(suffix)
-                    && self.kinds.get(stem).is_some_and(|k| kinds.contains(k))
-                {
-                    return stem.to_owned();
-                }
-            }
-            name.to_owned()
-        }
-
-        /// The declared kind of `family`.
-        pub fn kind(&self, family: &str) -> Option<Kind> {
-            self.kinds.get(family).copied()
-        }
-
-        /// The value of sample `name` whose label set is exactly `labels`.
-        pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-            let want: BTreeMap<String, String> = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            self.samples
-                .iter()
-                .find(|s| s.name == name && s.labels == want)
-                .map(|s| s.value)
-        }
-
-        /// Every sample named `name`.
-        pub fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
-            self.samples.iter().filter(move |s| s.name == name)
-        }
-
-        /// The histogram series of `family` whose labels other than `le` are `labels`.
-        pub fn histogram(&self, family: &str, labels: &[(&str, &str)]) -> Option<Histogram> {
-            let want: BTreeMap<String, String> = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            let bucket_name = format!("{family}_bucket");
-            let mut buckets = Vec::new();
-            for s in self.series(&bucket_name) {
-                let mut rest = s.labels.clone();
-                let le = rest.remove("le")?;
-                if rest == want {
-                    buckets.push((parse_value(&le).ok()?, s.value));
-                }
-            }
-            Some(Histogram {
-                buckets,
-                sum: self.get(&format!("{family}_sum"), labels)?,
-                count: self.get(&format!("{family}_count"), labels)?,
-            })
-        }
-    }
-
-    /// Parses a scrape, checking what the format requires: valid names and label syntax,
-    /// at most one `# TYPE` per family and before its samples, each family's samples in one
-    /// group, no series twice, `le` on every histogram bucket.
-    pub fn parse(text: &str) -> Result<Exposition, String> {
-        let mut e = Exposition::default();
-        let mut current: Option<String> = None;
-        let mut finished: BTreeSet<String> = BTreeSet::new();
-        let mut seen: BTreeSet<(String, Vec<(String, String)>)> = BTreeSet::new();
-        for (n, line) in text.lines().enumerate() {
-            let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
-            if line.trim().is_empty() {
-                continue;
-            }
-            if let Some(comment) = line.strip_prefix('#') {
-                let mut words = comment.trim_start().splitn(3, ' ');
-                match words.next() {
-                    Some("TYPE") => {
-                        let name = words.next().unwrap_or_default();
-                        let kind = words.next().unwrap_or_default().trim();
-                        if !is_metric_name(name) {
-                            return Err(at(format!("bad metric name {name:?}")));
-                        }
-                        let kind = Kind::parse(kind)
-                            .ok_or_else(|| at(format!("unknown type {kind:?}")))?;
-                        if e.kinds.insert(name.to_owned(), kind).is_some() {
-                            return Err(at(format!("second TYPE for {name}")));
-                        }
-                        if finished.contains(name) || current.as_deref() == Some(name) {
-                            return Err(at(format!("TYPE for {name} after its samples")));
-                        }
-                    }
-                    Some("HELP") => {
-                        let name = words.next().unwrap_or_default();
-                        if !is_metric_name(name) {
-                            return Err(at(format!("bad metric name {name:?}")));
-                        }
-                    }
-                    _ => e.comments.push(line.to_owned()),
-                }
-                continue;
-            }
-            let (name, labels, value) = parse_sample(line).map_err(at)?;
-            let family = e.family_of(&name);
-            if current.as_deref() != Some(family.as_str()) {
-                if finished.contains(&family) {
-                    return Err(at(format!("samples of {family} are not grouped together")));
-                }
-                if let Some(prev) = current.replace(family.clone()) {
-                    finished.insert(prev);
-                }
-            }
-            if e.kind(&family) == Some(Kind::Histogram)
-                && name.ends_with("_bucket")
-                && !labels.contains_key("le")
-            {
-                return Err(at("histogram bucket without le".into()));
-            }
-            let key = (
-                name.clone(),
-                labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            );
-            if !seen.insert(key) {
-                return Err(at("the same series twice".into()));
-            }
-            e.samples.push(Sample {
-                name,
-                family,
-                labels,
-                value,
-            });
-        }
-        Ok(e)
-    }
-}
 
 #[test]
 fn the_exposition_parser_handles_escapes_types_and_histograms() {
@@ -355,7 +39,7 @@ fn the_exposition_parser_handles_escapes_types_and_histograms() {
                 h_count{u=\"a\"} 2\n\
                 # a free comment\n\
                 up NaN\n";
-    let e = prom::parse(text).unwrap();
+    let e = prometheus::parse(text).unwrap();
     assert_eq!(
         e.get(
             "x_total",
@@ -364,8 +48,8 @@ fn the_exposition_parser_handles_escapes_types_and_histograms() {
         Some(3.0)
     );
     assert_eq!(e.get("x_total", &[("path", "c,d=e")]), Some(4.0));
-    assert_eq!(e.kind("x_total"), Some(prom::Kind::Counter));
-    assert_eq!(e.kind("h"), Some(prom::Kind::Histogram));
+    assert_eq!(e.kind("x_total"), Some(prometheus::Kind::Counter));
+    assert_eq!(e.kind("h"), Some(prometheus::Kind::Histogram));
     let h = e.histogram("h", &[("u", "a")]).unwrap();
     assert_eq!(h.buckets, vec![(0.5, 1.0), (f64::INFINITY, 2.0)]);
     assert_eq!((h.sum, h.count), (0.75, 2.0));
@@ -384,88 +68,16 @@ fn the_exposition_parser_handles_escapes_types_and_histograms() {
         "# TYPE x gauge\n# TYPE x gauge\n",  // two TYPE lines
         "# TYPE x widget\n",                 // unknown type
     ] {
-        assert!(prom::parse(bad).is_err(), "accepted {bad:?}");
+        assert!(prometheus::parse(bad).is_err(), "accepted {bad:?}");
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
 fn quoted(list: &[&TestUpstream]) -> String {
     let v: Vec<String> = list.iter().map(|u| format!("\"{}\"", u.addr)).collect();
     v.join(", ")
-}
-
-fn admin_url(p: &TestProxy, path: &str) -> String {
-    format!("http://{}{}", p.admin.expect("admin listener"), path)
-}
-
-/// A request to the admin listener, with a bearer token if given.
-async fn admin(
-    p: &TestProxy,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> Reply {
-    let mut b = Request::builder().method(method).uri(admin_url(p, path));
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    if !body.is_empty() {
-        b = b.header("content-type", "application/json");
-    }
-    send(
-        &client(),
-        b.body(Full::new(Bytes::from(body.to_owned()))).unwrap(),
-    )
-    .await
-}
-
-async fn post(p: &TestProxy, path: &str, body: &str) -> Reply {
-    admin(p, Method::POST, path, None, body).await
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&admin_url(p, "/status")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-/// `/status` entry of server `addr` in upstream `upstream`.
-fn server_entry<'a>(
-    st: &'a serde_json::Value,
-    upstream: &str,
-    addr: &str,
-) -> &'a serde_json::Value {
-    st["upstreams"][upstream]["servers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no servers array for {upstream}: {st}"))
-        .iter()
-        .find(|s| s["addr"] == addr)
-        .unwrap_or_else(|| panic!("no server {addr} in {upstream}: {st}"))
-}
-
-/// Scrapes `/metrics`, checks the answer's head and parses the body.
-async fn scrape(p: &TestProxy) -> prom::Exposition {
-    let r = get(&admin_url(p, "/metrics")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.headers.get("content-type").map(|v| v.to_str().unwrap()),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
-    let text = r.text();
-    prom::parse(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"))
-}
-
-/// A sample that must be present.
-fn must(e: &prom::Exposition, name: &str, labels: &[(&str, &str)]) -> f64 {
-    e.get(name, labels).unwrap_or_else(|| {
-        let have: Vec<_> = e.series(name).map(|s| &s.labels).collect();
-        panic!("{name}{labels:?} not exposed; {name} has {have:?}")
-    })
 }
 
 /// GET `path` on the proxy with `Host: host`.
@@ -526,11 +138,10 @@ async fn requests_hyper_cannot_parse_are_counted_with_upstream_none() {
         let answer = raw(p.addr, bytes, Duration::from_secs(3)).await;
         assert_eq!(raw_status(&answer), Some(400), "{answer:?}");
     }
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     let req = "fairway_requests_total";
     assert_eq!(
-        must(
-            &e,
+        e.must(
             req,
             &[("upstream", "none"), ("server", "none"), ("code", "400")]
         ),
@@ -567,15 +178,15 @@ async fn metrics_after_known_traffic() {
     let miss = get_host(&c, &p, "elsewhere.test", "/n").await;
     assert_eq!(miss.status, 404);
 
-    let r = get(&admin_url(&p, "/metrics")).await;
+    let r = get(&admin::url(&p, "/metrics")).await;
     assert!(
         !r.text().lines().any(|l| l.trim() == "# EOF"),
         "0.0.4 has no # EOF line"
     );
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
 
     // Every §5 name, with the right TYPE (and the §7 names fairway has built).
-    use prom::Kind::*;
+    use prometheus::Kind::*;
     for (family, kind) in [
         ("fairway_requests_total", Counter),
         ("fairway_request_duration_seconds", Histogram),
@@ -605,24 +216,21 @@ async fn metrics_after_known_traffic() {
 
     let req = "fairway_requests_total";
     assert_eq!(
-        must(
-            &e,
+        e.must(
             req,
             &[("upstream", "app"), ("server", &aa), ("code", "200")]
         ),
         5.0
     );
     assert_eq!(
-        must(
-            &e,
+        e.must(
             req,
             &[("upstream", "app"), ("server", &ba), ("code", "200")]
         ),
         5.0
     );
     assert_eq!(
-        must(
-            &e,
+        e.must(
             req,
             &[("upstream", "none"), ("server", "none"), ("code", "404")]
         ),
@@ -663,43 +271,39 @@ async fn metrics_after_known_traffic() {
 
     for addr in [&aa, &ba] {
         let l = [("upstream", "app"), ("server", addr.as_str())];
-        assert_eq!(must(&e, "fairway_upstream_server_healthy", &l), 1.0);
+        assert_eq!(e.must("fairway_upstream_server_healthy", &l), 1.0);
         for result in ["success", "failure"] {
-            let v = must(
-                &e,
+            let v = e.must(
                 "fairway_health_checks_total",
                 &[l[0], l[1], ("result", result)],
             );
             assert!(v >= 0.0 && v.fract() == 0.0, "{result}: {v}");
         }
     }
+    assert_eq!(e.must("fairway_retries_total", &[("upstream", "app")]), 0.0);
     assert_eq!(
-        must(&e, "fairway_retries_total", &[("upstream", "app")]),
+        e.must("fairway_config_reloads_total", &[("result", "success")]),
         0.0
     );
     assert_eq!(
-        must(&e, "fairway_config_reloads_total", &[("result", "success")]),
+        e.must("fairway_config_reloads_total", &[("result", "failure")]),
         0.0
     );
-    assert_eq!(
-        must(&e, "fairway_config_reloads_total", &[("result", "failure")]),
-        0.0
-    );
-    assert_eq!(must(&e, "fairway_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(e.must("fairway_config_last_reload_successful", &[]), 1.0);
     // `c` keeps its keep-alive connection open.
-    assert!(must(&e, "fairway_client_connections_active", &[]) >= 1.0);
+    assert!(e.must("fairway_client_connections_active", &[]) >= 1.0);
 
     // Process metrics, plausible for this (test) process.
-    let rss = must(&e, "process_resident_memory_bytes", &[]);
+    let rss = e.must("process_resident_memory_bytes", &[]);
     assert!((1e6..64e9).contains(&rss), "rss {rss}");
-    let cpu = must(&e, "process_cpu_seconds_total", &[]);
+    let cpu = e.must("process_cpu_seconds_total", &[]);
     assert!(cpu.is_finite() && cpu >= 0.0, "cpu {cpu}");
-    let fds = must(&e, "process_open_fds", &[]);
+    let fds = e.must("process_open_fds", &[]);
     assert!(fds >= 3.0 && fds.fract() == 0.0, "fds {fds}");
     if let Some(max) = e.get("process_max_fds", &[]) {
         assert!(fds <= max, "{fds} > {max}");
     }
-    let start = must(&e, "process_start_time_seconds", &[]);
+    let start = e.must("process_start_time_seconds", &[]);
     let now = now_secs();
     assert!(
         start <= now + 5.0 && start > now - 3600.0,
@@ -708,7 +312,7 @@ async fn metrics_after_known_traffic() {
 
     // Health checks run and are counted per server.
     eventually(Duration::from_secs(3), "health checks counted", || async {
-        let e = scrape(&p).await;
+        let e = admin::metrics(&p).await;
         [&aa, &ba].iter().all(|addr| {
             e.get(
                 "fairway_health_checks_total",
@@ -720,12 +324,11 @@ async fn metrics_after_known_traffic() {
     .await;
 
     // Active requests: 0 after the traffic, 1 while a slow request is in flight.
-    let active = |e: &prom::Exposition| -> Vec<f64> {
+    let active = |e: &prometheus::Exposition| -> Vec<f64> {
         [&aa, &ba]
             .iter()
             .map(|addr| {
-                must(
-                    e,
+                e.must(
                     "fairway_upstream_active_requests",
                     &[("upstream", "app"), ("server", addr)],
                 )
@@ -733,7 +336,7 @@ async fn metrics_after_known_traffic() {
             .collect()
     };
     eventually(Duration::from_secs(2), "no request in flight", || async {
-        active(&scrape(&p).await) == [0.0, 0.0]
+        active(&admin::metrics(&p).await) == [0.0, 0.0]
     })
     .await;
     a.set_delay(Duration::from_millis(1500));
@@ -752,7 +355,7 @@ async fn metrics_after_known_traffic() {
         })
     };
     eventually(Duration::from_secs(1), "one request in flight", || async {
-        let mut v = active(&scrape(&p).await);
+        let mut v = active(&admin::metrics(&p).await);
         v.sort_by(f64::total_cmp);
         v == [0.0, 1.0]
     })
@@ -760,7 +363,7 @@ async fn metrics_after_known_traffic() {
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200);
     eventually(Duration::from_secs(2), "the slow request ended", || async {
-        active(&scrape(&p).await) == [0.0, 0.0]
+        active(&admin::metrics(&p).await) == [0.0, 0.0]
     })
     .await;
 
@@ -770,7 +373,7 @@ async fn metrics_after_known_traffic() {
         Duration::from_secs(3),
         "client connections closed",
         || async {
-            scrape(&p)
+            admin::metrics(&p)
                 .await
                 .get("fairway_client_connections_active", &[])
                 == Some(0.0)
@@ -782,7 +385,7 @@ async fn metrics_after_known_traffic() {
 // ---------------------------------------------------------------------------------------
 // 2. A server removed by a reload leaves the exposition
 
-fn labels_mention(e: &prom::Exposition, needle: &str) -> Vec<prom::Sample> {
+fn labels_mention(e: &prometheus::Exposition, needle: &str) -> Vec<prometheus::Sample> {
     e.samples
         .iter()
         .filter(|s| s.labels.values().any(|v| v == needle))
@@ -805,14 +408,14 @@ async fn a_server_removed_by_a_reload_leaves_the_exposition() {
             200
         );
     }
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     for addr in [&aa, &ba] {
         let l = [
             ("upstream", "app"),
             ("server", addr.as_str()),
             ("code", "200"),
         ];
-        assert_eq!(must(&e, "fairway_requests_total", &l), 1.0);
+        assert_eq!(e.must("fairway_requests_total", &l), 1.0);
     }
     assert!(!labels_mention(&e, &ba).is_empty());
 
@@ -820,7 +423,7 @@ async fn a_server_removed_by_a_reload_leaves_the_exposition() {
     let v = p.handle().reload().expect("reload");
     assert_eq!(v, 2);
 
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!(
         labels_mention(&e, &ba),
         Vec::new(),
@@ -828,32 +431,30 @@ async fn a_server_removed_by_a_reload_leaves_the_exposition() {
     );
     // The server that stays keeps its series and counts.
     assert_eq!(
-        must(
-            &e,
+        e.must(
             "fairway_requests_total",
             &[("upstream", "app"), ("server", &aa), ("code", "200")]
         ),
         1.0
     );
     assert_eq!(
-        must(
-            &e,
+        e.must(
             "fairway_upstream_server_healthy",
             &[("upstream", "app"), ("server", &aa)]
         ),
         1.0
     );
     assert!(
-        must(&e, "fairway_config_reloads_total", &[("result", "success")]) >= 1.0,
+        e.must("fairway_config_reloads_total", &[("result", "success")]) >= 1.0,
         "reload counted"
     );
-    assert_eq!(must(&e, "fairway_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(e.must("fairway_config_last_reload_successful", &[]), 1.0);
     // Traffic after the reload goes to a only, and b stays out of the exposition.
     for _ in 0..2 {
         let r = send(&c, Request::get(p.url("/")).body(Full::default()).unwrap()).await;
         assert_eq!(r.upstream(), "a");
     }
-    assert_eq!(labels_mention(&scrape(&p).await, &ba), Vec::new());
+    assert_eq!(labels_mention(&admin::metrics(&p).await, &ba), Vec::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -870,12 +471,12 @@ async fn a_request_in_flight_on_a_removed_server_does_not_bring_its_series_back(
     .await;
     std::fs::write(&p.config_path, TestProxy::config(&[&a], ADMIN)).unwrap();
     p.handle().reload().expect("reload");
-    assert_eq!(labels_mention(&scrape(&p).await, &ba), Vec::new());
+    assert_eq!(labels_mention(&admin::metrics(&p).await, &ba), Vec::new());
     // Requests in flight finish on the config they started with.
     let r = slow.await.unwrap();
     assert_eq!((r.status, r.upstream().as_str()), (200, "b"));
     assert_eq!(
-        labels_mention(&scrape(&p).await, &ba),
+        labels_mention(&admin::metrics(&p).await, &ba),
         Vec::new(),
         "the removed server is back in the exposition"
     );
@@ -894,7 +495,7 @@ async fn status_document_has_the_contract_fields_and_types() {
          [upstreams.app]\nservers = [{{ addr = \"{aa}\", weight = 3 }}, {{ addr = \"{ba}\", backup = true }}]\n"
     );
     let p = TestProxy::start(&cfg).await;
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert!(st["config_version"].is_u64(), "{st}");
     assert_eq!(st["config_version"], 1);
     let app = &st["upstreams"]["app"];
@@ -910,7 +511,7 @@ async fn status_document_has_the_contract_fields_and_types() {
         assert!(s["active_requests"].is_u64(), "{s}");
         assert!(s["draining"].is_boolean(), "{s}");
     }
-    let sa = server_entry(&st, "app", &aa);
+    let sa = admin::server_entry(&st, "app", &aa);
     assert_eq!(
         (
             &sa["healthy"],
@@ -927,7 +528,7 @@ async fn status_document_has_the_contract_fields_and_types() {
             &false.into()
         )
     );
-    let sb = server_entry(&st, "app", &ba);
+    let sb = admin::server_entry(&st, "app", &ba);
     assert_eq!(
         (
             &sb["healthy"],
@@ -953,10 +554,10 @@ async fn status_document_has_the_contract_fields_and_types() {
         ),
     )
     .unwrap();
-    let r = post(&p, "/reload", "").await;
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["config_version"], 2);
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(st["config_version"], 2);
     assert_eq!(st["upstreams"]["app"]["balance"], "ip_hash");
 }
@@ -979,10 +580,10 @@ async fn readyz_follows_the_health_of_every_upstream() {
         a.addr, b.addr
     );
     let p = TestProxy::start(&cfg).await;
-    let readyz = || get_owned(admin_url(&p, "/readyz"));
+    let readyz = || get_owned(admin::url(&p, "/readyz"));
     let r = readyz().await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let h = get(&admin_url(&p, "/healthz")).await;
+    let h = get(&admin::url(&p, "/healthz")).await;
     assert_eq!((h.status, h.text().trim()), (200, "ok"));
 
     a.set_healthy(false);
@@ -1003,18 +604,16 @@ async fn readyz_follows_the_health_of_every_upstream() {
     let c = client();
     assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 503);
     assert_eq!(get_host(&c, &p, "other.test", "/").await.status, 200);
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!(
-        must(
-            &e,
+        e.must(
             "fairway_requests_total",
             &[("upstream", "app"), ("server", "none"), ("code", "503")]
         ),
         1.0
     );
     assert_eq!(
-        must(
-            &e,
+        e.must(
             "fairway_upstream_server_healthy",
             &[("upstream", "app"), ("server", &a.addr.to_string())]
         ),
@@ -1046,7 +645,7 @@ async fn the_admin_token_guards_every_non_get_request() {
     .await;
     let tok = Some("s3cret");
 
-    let r = admin(&p, Method::POST, "/reload", None, "").await;
+    let r = admin::request(&p, Method::POST, "/reload", None, "").await;
     assert_eq!(r.status, 401, "{}", r.text());
     let challenge = r
         .headers
@@ -1056,34 +655,34 @@ async fn the_admin_token_guards_every_non_get_request() {
         challenge.to_str().unwrap().starts_with("Bearer"),
         "{challenge:?}"
     );
-    let r = admin(&p, Method::POST, "/reload", Some("wrong"), "").await;
+    let r = admin::request(&p, Method::POST, "/reload", Some("wrong"), "").await;
     assert_eq!(r.status, 401);
-    let r = admin(&p, Method::POST, "/reload", Some("s3cret2"), "").await;
+    let r = admin::request(&p, Method::POST, "/reload", Some("s3cret2"), "").await;
     assert_eq!(r.status, 401);
-    let r = admin(&p, Method::POST, "/reload", tok, "").await;
+    let r = admin::request(&p, Method::POST, "/reload", tok, "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["config_version"], 2);
 
     // Reads need no token.
     for path in ["/metrics", "/status", "/healthz", "/readyz"] {
-        assert_eq!(get(&admin_url(&p, path)).await.status, 200, "{path}");
+        assert_eq!(get(&admin::url(&p, path)).await.status, 200, "{path}");
     }
 
     // Drain and maintenance need it too; nothing changes without it.
     let drain = format!("/upstreams/app/servers/{aa}/drain");
-    assert_eq!(post(&p, &drain, "").await.status, 401);
+    assert_eq!(admin::post(&p, &drain, "").await.status, 401);
     let on = r#"{"upstream":"app","on":true}"#;
-    assert_eq!(post(&p, "/maintenance", on).await.status, 401);
-    let st = status(&p).await;
-    assert_eq!(server_entry(&st, "app", &aa)["draining"], false);
+    assert_eq!(admin::post(&p, "/maintenance", on).await.status, 401);
+    let st = admin::status(&p).await;
+    assert_eq!(admin::server_entry(&st, "app", &aa)["draining"], false);
     assert_eq!(st["upstreams"]["app"]["maintenance"], false);
     assert_eq!(get(&p.url("/")).await.status, 200);
-    let r = admin(&p, Method::POST, "/maintenance", tok, on).await;
+    let r = admin::request(&p, Method::POST, "/maintenance", tok, on).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&p.url("/")).await.status, 503);
     let off = r#"{"upstream":"app","on":false}"#;
     assert_eq!(
-        admin(&p, Method::POST, "/maintenance", tok, off)
+        admin::request(&p, Method::POST, "/maintenance", tok, off)
             .await
             .status,
         200
@@ -1091,16 +690,21 @@ async fn the_admin_token_guards_every_non_get_request() {
     assert_eq!(get(&p.url("/")).await.status, 200);
 
     // Unknown paths and wrong methods.
-    assert_eq!(get(&admin_url(&p, "/nope")).await.status, 404);
-    assert_eq!(admin(&p, Method::POST, "/nope", tok, "").await.status, 404);
-    let r = admin(&p, Method::DELETE, "/metrics", tok, "").await;
+    assert_eq!(get(&admin::url(&p, "/nope")).await.status, 404);
+    assert_eq!(
+        admin::request(&p, Method::POST, "/nope", tok, "")
+            .await
+            .status,
+        404
+    );
+    let r = admin::request(&p, Method::DELETE, "/metrics", tok, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"), "{:?}", allow(&r));
     assert!(!allow(&r).contains("DELETE"));
-    let r = get(&admin_url(&p, "/reload")).await;
+    let r = get(&admin::url(&p, "/reload")).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
-    let r = get(&admin_url(&p, "/maintenance")).await;
+    let r = get(&admin::url(&p, "/maintenance")).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
 }
@@ -1109,15 +713,20 @@ async fn the_admin_token_guards_every_non_get_request() {
 async fn without_a_token_wrong_methods_get_405_with_allow() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
-    let r = admin(&p, Method::DELETE, "/metrics", None, "").await;
+    let r = admin::request(&p, Method::DELETE, "/metrics", None, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"), "{:?}", allow(&r));
-    let r = admin(&p, Method::PUT, "/status", None, "").await;
+    let r = admin::request(&p, Method::PUT, "/status", None, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"));
-    assert_eq!(admin(&p, Method::POST, "/nope", None, "").await.status, 404);
+    assert_eq!(
+        admin::request(&p, Method::POST, "/nope", None, "")
+            .await
+            .status,
+        404
+    );
     // No token configured: POST /reload is open.
-    assert_eq!(post(&p, "/reload", "").await.status, 200);
+    assert_eq!(admin::post(&p, "/reload", "").await.status, 200);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1136,15 +745,15 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
 
     // Unknown names, and the wrong method.
-    let r = post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
+    let r = admin::post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
-    let r = post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
+    let r = admin::post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
-    let r = get(&admin_url(&p, &drain_path(&aa, "drain"))).await;
+    let r = get(&admin::url(&p, &drain_path(&aa, "drain"))).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
 
@@ -1154,19 +763,19 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
         .map(|_| tokio::spawn(get_owned(p.url("/slow"))))
         .collect();
     eventually(Duration::from_secs(2), "a slow request on a", || async {
-        server_entry(&status(&p).await, "app", &aa)["active_requests"] == 1
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["active_requests"] == 1
     })
     .await;
 
-    let r = post(&p, &drain_path(&aa, "drain"), "").await;
+    let r = admin::post(&p, &drain_path(&aa, "drain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let st = status(&p).await;
-    let sa = server_entry(&st, "app", &aa);
+    let st = admin::status(&p).await;
+    let sa = admin::server_entry(&st, "app", &aa);
     assert_eq!(
         (&sa["draining"], &sa["active_requests"]),
         (&true.into(), &1.into())
     );
-    assert_eq!(server_entry(&st, "app", &ba)["draining"], false);
+    assert_eq!(admin::server_entry(&st, "app", &ba)["draining"], false);
 
     // No new request reaches a.
     let hits_a = a.hits();
@@ -1191,20 +800,22 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     eventually(
         Duration::from_secs(2),
         "a has no request in flight",
-        || async { server_entry(&status(&p).await, "app", &aa)["active_requests"] == 0 },
+        || async {
+            admin::server_entry(&admin::status(&p).await, "app", &aa)["active_requests"] == 0
+        },
     )
     .await;
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         true
     );
 
     // Undrain (percent-encoded address): a gets traffic again.
     a.set_delay(Duration::ZERO);
-    let r = post(&p, &drain_path(&encoded, "undrain"), "").await;
+    let r = admin::post(&p, &drain_path(&encoded, "undrain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
     let mut seen = BTreeMap::new();
@@ -1219,19 +830,24 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     );
 
     // Drain by the percent-encoded address too.
-    let r = post(&p, &drain_path(&encoded, "drain"), "").await;
+    let r = admin::post(&p, &drain_path(&encoded, "drain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         true
     );
     for _ in 0..3 {
         let r = send(&c, Request::get(p.url("/")).body(Full::default()).unwrap()).await;
         assert_eq!(r.upstream(), "b");
     }
-    assert_eq!(post(&p, &drain_path(&aa, "undrain"), "").await.status, 200);
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::post(&p, &drain_path(&aa, "undrain"), "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
 }
@@ -1271,7 +887,10 @@ async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
     let on_a = before.values().filter(|s| *s == "a").count();
     assert!(on_a > 0, "no client hashed to a: {before:?}");
 
-    assert_eq!(post(&p, &drain_path(&aa, "drain"), "").await.status, 200);
+    assert_eq!(
+        admin::post(&p, &drain_path(&aa, "drain"), "").await.status,
+        200
+    );
     for ip in &ips {
         let now = served_as(&c, &p, ip).await;
         if before[ip] == "a" {
@@ -1281,7 +900,12 @@ async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
         }
     }
 
-    assert_eq!(post(&p, &drain_path(&aa, "undrain"), "").await.status, 200);
+    assert_eq!(
+        admin::post(&p, &drain_path(&aa, "undrain"), "")
+            .await
+            .status,
+        200
+    );
     for ip in &ips {
         assert_eq!(
             served_as(&c, &p, ip).await,
@@ -1311,11 +935,12 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     let c = client();
     assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
     assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
-    let maint =
-        |e: &prom::Exposition, u: &str| must(e, "fairway_upstream_maintenance", &[("upstream", u)]);
+    let maint = |e: &prometheus::Exposition, u: &str| {
+        e.must("fairway_upstream_maintenance", &[("upstream", u)])
+    };
 
     // Errors first: unknown upstream, malformed bodies.
-    let r = post(&p, "/maintenance", r#"{"upstream":"nope","on":true}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"nope","on":true}"#).await;
     assert_eq!(r.status, 404, "{}", r.text());
     for bad in [
         "{not json",
@@ -1323,13 +948,16 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         r#"{"upstream":"app","on":"yes"}"#,
         "",
     ] {
-        let r = post(&p, "/maintenance", bad).await;
+        let r = admin::post(&p, "/maintenance", bad).await;
         assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
     }
-    assert_eq!(status(&p).await["upstreams"]["app"]["maintenance"], false);
+    assert_eq!(
+        admin::status(&p).await["upstreams"]["app"]["maintenance"],
+        false
+    );
 
     // app in maintenance for 30 s.
-    let r = post(
+    let r = admin::post(
         &p,
         "/maintenance",
         r#"{"upstream":"app","on":true,"retry_after":"30s"}"#,
@@ -1348,10 +976,10 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         "a request reached the upstream in maintenance"
     );
     assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(st["upstreams"]["app"]["maintenance"], true);
     assert_eq!(st["upstreams"]["api"]["maintenance"], false);
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (1.0, 0.0));
     // Health checks keep running.
     let checks = a.knobs.health_hits.load(Ordering::SeqCst);
@@ -1360,7 +988,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     })
     .await;
     assert_eq!(
-        server_entry(&status(&p).await, "app", &a.addr.to_string())["healthy"],
+        admin::server_entry(&admin::status(&p).await, "app", &a.addr.to_string())["healthy"],
         true
     );
 
@@ -1373,7 +1001,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         base.replace("#PAGE", "maintenance_page = \"page.html\""),
     )
     .unwrap();
-    let r = post(&p, "/reload", "").await;
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = get_host(&c, &p, "app.test", "/").await;
     assert_eq!(r.status, 503);
@@ -1381,17 +1009,20 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     let ct = r.headers["content-type"].to_str().unwrap();
     assert!(ct.starts_with("text/html"), "{ct}");
     assert_eq!(r.text(), page);
-    assert_eq!(maint(&scrape(&p).await, "app"), 1.0);
+    assert_eq!(maint(&admin::metrics(&p).await, "app"), 1.0);
 
     // Off again.
-    let r = post(&p, "/maintenance", r#"{"upstream":"app","on":false}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"app","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
-    assert_eq!(status(&p).await["upstreams"]["app"]["maintenance"], false);
-    assert_eq!(maint(&scrape(&p).await, "app"), 0.0);
+    assert_eq!(
+        admin::status(&p).await["upstreams"]["app"]["maintenance"],
+        false
+    );
+    assert_eq!(maint(&admin::metrics(&p).await, "app"), 0.0);
 
     // Every upstream at once.
-    let r = post(
+    let r = admin::post(
         &p,
         "/maintenance",
         r#"{"upstream":"*","on":true,"retry_after":"2m"}"#,
@@ -1403,17 +1034,17 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         assert_eq!(r.status, 503, "{host}");
         assert_eq!(r.headers["retry-after"], "120", "{host}");
     }
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(st["upstreams"]["app"]["maintenance"], true);
     assert_eq!(st["upstreams"]["api"]["maintenance"], true);
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (1.0, 1.0));
-    let r = post(&p, "/maintenance", r#"{"upstream":"*","on":false}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"*","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
     for host in ["app.test", "api.test"] {
         assert_eq!(get_host(&c, &p, host, "/").await.status, 200, "{host}");
     }
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (0.0, 0.0));
 }
 

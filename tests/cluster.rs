@@ -230,36 +230,9 @@ async fn start_on_aliases(names: [&str; 3]) -> (u16, Vec<TestUpstream>) {
 // ---------------------------------------------------------------------------------------
 // Admin helpers.
 
-fn admin_url(p: &TestProxy, path: &str) -> String {
-    format!("http://{}{}", p.admin.expect("admin listener"), path)
-}
-
-async fn admin_post(p: &TestProxy, path: &str, token: Option<&str>, body: &str) -> Reply {
-    let mut b = Request::builder()
-        .method(Method::POST)
-        .uri(admin_url(p, path));
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    send(
-        &client(),
-        b.body(Full::new(Bytes::from(body.to_owned()))).unwrap(),
-    )
-    .await
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&admin_url(p, "/status")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
 /// The `/status` servers of upstream `app`.
 async fn servers(p: &TestProxy) -> Vec<serde_json::Value> {
-    status(p).await["upstreams"]["app"]["servers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    admin::servers(&admin::status(p).await, "app").to_vec()
 }
 
 async fn server_addrs(p: &TestProxy) -> BTreeSet<String> {
@@ -270,25 +243,12 @@ async fn server_addrs(p: &TestProxy) -> BTreeSet<String> {
         .collect()
 }
 
-/// The `/status` entry of `addr` in upstream `app`.
-async fn server_entry(p: &TestProxy, addr: &str) -> serde_json::Value {
-    servers(p)
-        .await
-        .into_iter()
-        .find(|s| s["addr"] == addr)
-        .unwrap_or_else(|| panic!("no server {addr} in /status"))
-}
-
 /// `fairway_dns_resolutions_total{upstream="app",result=...}` (0 while absent).
 async fn dns_resolutions(p: &TestProxy, result: &str) -> u64 {
-    let text = get(&admin_url(p, "/metrics")).await.text();
-    let want = format!("result=\"{result}\"");
-    text.lines()
-        .filter(|l| l.starts_with("fairway_dns_resolutions_total{"))
-        .filter(|l| l.contains("upstream=\"app\"") && l.contains(&want))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+    admin::metrics(p).await.sum(
+        "fairway_dns_resolutions_total",
+        &[("upstream", "app"), ("result", result)],
+    ) as u64
 }
 
 // ---------------------------------------------------------------------------------------
@@ -860,8 +820,9 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
     for old in nodes.drain(..) {
         let addr = old.addr.to_string();
         // 1. Drain: no new requests; those in flight finish.
-        let r = admin_post(
+        let r = admin::request(
             &p,
+            Method::POST,
             &format!("/upstreams/app/servers/{addr}/drain"),
             Some(TOKEN),
             "",
@@ -875,7 +836,8 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
             || {
                 let (p, addr) = (&p, &addr);
                 async move {
-                    let s = server_entry(p, addr).await;
+                    let st = admin::status(p).await;
+                    let s = admin::server_entry(&st, "app", addr);
                     s["draining"] == true && s["active_requests"] == 0
                 }
             },
@@ -899,7 +861,9 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
             "the stopped node is marked down",
             || {
                 let (p, addr) = (&p, &addr);
-                async move { server_entry(p, addr).await["healthy"] == false }
+                async move {
+                    admin::server_entry(&admin::status(p).await, "app", addr)["healthy"] == false
+                }
             },
         )
         .await;
@@ -911,15 +875,18 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
             "the upgraded node is healthy again",
             || {
                 let (p, addr) = (&p, &addr);
-                async move { server_entry(p, addr).await["healthy"] == true }
+                async move {
+                    admin::server_entry(&admin::status(p).await, "app", addr)["healthy"] == true
+                }
             },
         )
         .await;
         assert!(new.knobs.health_hits.load(Ordering::SeqCst) > 0);
 
         // 4. Undrain, and see it serve.
-        let r = admin_post(
+        let r = admin::request(
             &p,
+            Method::POST,
             &format!("/upstreams/app/servers/{addr}/undrain"),
             Some(TOKEN),
             "",
@@ -944,13 +911,7 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
         ok += t.ok;
         failures.extend(t.failures);
     }
-    let metrics = get(&admin_url(&p, "/metrics")).await.text();
-    let retries = metrics
-        .lines()
-        .find(|l| l.starts_with("fairway_retries_total{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap_or("0")
-        .to_owned();
+    let retries = admin::metrics(&p).await.sum("fairway_retries_total", &[]);
     println!(
         "rolling upgrade: {} requests, {} failed, {retries} retried; per upgraded node: {:?}",
         ok + failures.len(),

@@ -11,19 +11,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::admin::ADMIN;
 use common::process::{BIN, Proc, free_port};
 use common::raw::RawConn;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&format!("http://{}/status", p.admin.unwrap())).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
 
 // ---------------------------------------------------------------------------------------
 // /status: `name` as written beside `addr`
@@ -39,7 +32,7 @@ async fn status_shows_each_entry_as_written_beside_the_address_connected_to() {
          [upstreams.app]\nservers = [\"{by_name}\", \"{by_ip}\"]\n"
     ))
     .await;
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     let servers = st["upstreams"]["app"]["servers"]
         .as_array()
         .unwrap_or_else(|| panic!("no servers: {st}"));

@@ -52,14 +52,6 @@ fn app(servers: &[&TestUpstream]) -> String {
     with_admin(&upstream("app", &weighted))
 }
 
-/// Replaces `path` the way editors and config management do: a temporary file in the same
-/// directory, renamed over it.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// 1-based line of the first occurrence of `needle` in `text`.
 fn line_of(text: &str, needle: &str) -> usize {
     let at = text
@@ -93,35 +85,6 @@ async fn switched_to(c: &HttpClient, url: &str, want: &str, t0: Instant) -> Dura
     t0.elapsed()
 }
 
-fn admin_url(p: &TestProxy, path: &str) -> String {
-    format!("http://{}{path}", p.admin.expect("admin listener"))
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&admin_url(p, "/status")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-async fn config_version(p: &TestProxy) -> u64 {
-    status(p).await["config_version"]
-        .as_u64()
-        .expect("config_version in /status")
-}
-
-/// The `/status` entry of server `addr` in upstream `name`.
-fn server_status(
-    status: &serde_json::Value,
-    name: &str,
-    addr: SocketAddr,
-) -> Option<serde_json::Value> {
-    status["upstreams"][name]["servers"]
-        .as_array()?
-        .iter()
-        .find(|s| s["addr"] == addr.to_string())
-        .cloned()
-}
-
 /// A keep-alive client with a connection to the admin listener already open, so that a
 /// `POST /reload` sent on it right after a file change reaches the proxy well before the
 /// watcher's own look at the file.
@@ -129,7 +92,7 @@ async fn admin_client(p: &TestProxy) -> HttpClient {
     let c = client();
     let r = send(
         &c,
-        Request::get(admin_url(p, "/healthz"))
+        Request::get(admin::url(p, "/healthz"))
             .body(Full::default())
             .unwrap(),
     )
@@ -141,61 +104,11 @@ async fn admin_client(p: &TestProxy) -> HttpClient {
 async fn post_reload(c: &HttpClient, p: &TestProxy) -> Reply {
     send(
         c,
-        Request::post(admin_url(p, "/reload"))
+        Request::post(admin::url(p, "/reload"))
             .body(Full::default())
             .unwrap(),
     )
     .await
-}
-
-// ---------------------------------------------------------------------------------------
-// Metrics: a small parser of the Prometheus text format
-
-/// The value of the sample `name` whose labels are exactly `labels`, if exposed.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("sample line without a value: {line:?}"));
-        let (n, label_text) = match series.split_once('{') {
-            Some((n, rest)) => (
-                n,
-                rest.strip_suffix('}')
-                    .unwrap_or_else(|| panic!("unclosed labels: {line:?}")),
-            ),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let got: BTreeMap<&str, &str> = label_text
-            .split(',')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("bad label {kv:?} in {line:?}"));
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or_else(|| panic!("unquoted label value in {line:?}"));
-                (k, v)
-            })
-            .collect();
-        if got == want {
-            return Some(
-                value
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}")),
-            );
-        }
-    }
-    None
 }
 
 /// `fairway_config_reloads_total` by result and `fairway_config_last_reload_successful`.
@@ -206,19 +119,9 @@ struct Reloads {
     last_ok: u64,
 }
 
-async fn metrics_text(p: &TestProxy) -> String {
-    let r = get(&admin_url(p, "/metrics")).await;
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
 async fn reloads(p: &TestProxy) -> Reloads {
-    let text = metrics_text(p).await;
-    let read = |name: &str, labels: &[(&str, &str)]| -> u64 {
-        let v = sample(&text, name, labels)
-            .unwrap_or_else(|| panic!("{name}{labels:?} not in /metrics:\n{text}"));
-        v as u64
-    };
+    let metrics = admin::metrics(p).await;
+    let read = |name: &str, labels: &[(&str, &str)]| metrics.must(name, labels) as u64;
     Reloads {
         success: read("fairway_config_reloads_total", &[("result", "success")]),
         failure: read("fairway_config_reloads_total", &[("result", "failure")]),
@@ -266,7 +169,7 @@ async fn an_in_place_write_takes_effect_within_2s() {
     println!("reload latency, in-place write: {latency:?}");
 
     // One write, one reload, and it succeeded (no reload of a half-written file).
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let r = reloads(&p).await;
     assert_eq!((r.success, r.failure, r.last_ok), (1, 0, 1), "{r:?}");
 }
@@ -286,7 +189,7 @@ async fn a_rename_over_the_file_takes_effect_within_2s() {
     let latency = switched_to(&c, &url, "b", t0).await;
     println!("reload latency, rename-over: {latency:?}");
 
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let r = reloads(&p).await;
     assert_eq!((r.success, r.failure, r.last_ok), (1, 0, 1), "{r:?}");
 }
@@ -362,7 +265,7 @@ async fn reload_as_sighup_runs_it_bumps_the_version_by_one() {
     // In effect when reload() returns: the very next request, on the same keep-alive
     // connection, goes to b.
     assert_eq!(served_by(&c, &url).await, "b");
-    assert_eq!(config_version(&p).await, v);
+    assert_eq!(admin::config_version(&p).await, v);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +279,7 @@ async fn post_reload_answers_the_new_config_version() {
     } = Switch::start().await;
     let admin = admin_client(&p).await;
 
-    let before = config_version(&p).await;
+    let before = admin::config_version(&p).await;
     replace(&p.config_path, &app(&[&b]));
     let r = post_reload(&admin, &p).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -391,7 +294,7 @@ async fn post_reload_answers_the_new_config_version() {
         r.text()
     );
     assert_eq!(served_by(&c, &url).await, "b");
-    assert_eq!(config_version(&p).await, before + 1);
+    assert_eq!(admin::config_version(&p).await, before + 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -430,7 +333,8 @@ async fn changed_weights_take_effect_within_2s() {
     );
     // Watched on /status, which does not move the balancer.
     eventually(WITHIN, "a has weight 5 in /status", || async {
-        server_status(&status(&p).await, "app", a.addr).map(|s| s["weight"].clone())
+        admin::find_server(&admin::status(&p).await, "app", &a.addr.to_string())
+            .map(|s| s["weight"].clone())
             == Some(serde_json::json!(5))
     })
     .await;
@@ -464,7 +368,7 @@ async fn added_and_removed_servers_take_effect_within_2s() {
     // Removed: a gets nothing more.
     replace(&p.config_path, &app(&[&b, &c]));
     eventually(WITHIN, "a gone from /status", || async {
-        server_status(&status(&p).await, "app", a.addr).is_none()
+        admin::find_server(&admin::status(&p).await, "app", &a.addr.to_string()).is_none()
     })
     .await;
     let a_hits = a.hits();
@@ -546,7 +450,7 @@ async fn an_invalid_file_keeps_the_old_config_and_is_reported() {
             },
             "{what}: before {before:?}"
         );
-        assert_eq!(config_version(&p).await, 1, "{what}");
+        assert_eq!(admin::config_version(&p).await, 1, "{what}");
     }
 
     let before = reloads(&p).await;
@@ -602,7 +506,7 @@ async fn a_deleted_file_fails_the_watcher_reload_and_keeps_serving() {
             last_ok: 1
         }
     );
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,7 +533,7 @@ async fn invalid_toml_written_in_place_is_counted_by_the_watcher() {
     for _ in 0..3 {
         assert_eq!(served_by(&c, &url).await, "a");
     }
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -780,19 +684,20 @@ async fn a_kept_server_keeps_its_health_state() {
         ))
     };
     let p = TestProxy::start(&config(2)).await;
-    let healthy =
-        |s: &serde_json::Value| server_status(s, "app", sick.addr).map(|s| s["healthy"].clone());
+    let healthy = |s: &serde_json::Value| {
+        admin::find_server(s, "app", &sick.addr.to_string()).map(|s| s["healthy"].clone())
+    };
     eventually(
         Duration::from_secs(3),
         "app server down in /status",
-        || async { healthy(&status(&p).await) == Some(serde_json::json!(false)) },
+        || async { healthy(&admin::status(&p).await) == Some(serde_json::json!(false)) },
     )
     .await;
     assert_eq!(get(&p.url("/app")).await.status, 503);
 
     replace(&p.config_path, &config(0));
     p.handle().reload().expect("reload");
-    let s = status(&p).await;
+    let s = admin::status(&p).await;
     assert_eq!(
         s["upstreams"]["other"]["retries"], 0,
         "reload not applied: {s}"
@@ -804,15 +709,14 @@ async fn a_kept_server_keeps_its_health_state() {
     );
     assert_eq!(get(&p.url("/app")).await.status, 503);
     assert_eq!(get(&p.url("/")).await.upstream(), "other");
-    let text = metrics_text(&p).await;
+    let metrics = admin::metrics(&p).await;
     assert_eq!(
-        sample(
-            &text,
+        metrics.get(
             "fairway_upstream_server_healthy",
             &[("upstream", "app"), ("server", &sick.addr.to_string())]
         ),
         Some(0.0),
-        "{text}"
+        "{metrics:?}"
     );
 }
 
@@ -831,7 +735,8 @@ async fn pooled_connections_survive_a_reload() {
     replace(&p.config_path, &with_admin(&upstream("app", &[(&a, 3)])));
     p.handle().reload().expect("reload");
     assert_eq!(
-        server_status(&status(&p).await, "app", a.addr).map(|s| s["weight"].clone()),
+        admin::find_server(&admin::status(&p).await, "app", &a.addr.to_string())
+            .map(|s| s["weight"].clone()),
         Some(serde_json::json!(3))
     );
     for _ in 0..10 {
@@ -983,7 +888,7 @@ async fn a_listen_address_in_use_fails_the_reload_and_keeps_the_old_listener() {
             last_ok: 0
         }
     );
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
     drop(held);
 }
 
@@ -996,17 +901,17 @@ async fn config_version_counts_successful_reloads_only() {
     let b = TestUpstream::start("b").await;
     let p = TestProxy::start(&app(&[&a])).await;
     let admin = admin_client(&p).await;
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
 
     // The file unchanged: POST /reload still reloads (the watcher sees nothing).
     let r = post_reload(&admin, &p).await;
     assert_eq!(r.json()["config_version"].as_u64(), Some(2), "{}", r.text());
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 
     // Failures (by POST and by the watcher) leave it alone.
     replace(&p.config_path, "[server\n");
     assert_eq!(post_reload(&admin, &p).await.status, 400);
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let failures = reloads(&p).await.failure;
     replace(
         &p.config_path,
@@ -1019,15 +924,15 @@ async fn config_version_counts_successful_reloads_only() {
         reloads(&p).await.failure > failures
     })
     .await;
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 
     // A watched change: exactly one more.
     replace(&p.config_path, &app(&[&b]));
     eventually(WITHIN, "the watcher's reload", || async {
-        config_version(&p).await > 2
+        admin::config_version(&p).await > 2
     })
     .await;
-    assert_eq!(config_version(&p).await, 3);
+    assert_eq!(admin::config_version(&p).await, 3);
     assert_eq!(get(&p.url("/")).await.upstream(), "b");
 
     // A bind failure leaves it alone too.
@@ -1041,11 +946,11 @@ async fn config_version_counts_successful_reloads_only() {
         ),
     );
     assert!(p.handle().reload().is_err());
-    assert_eq!(config_version(&p).await, 3);
+    assert_eq!(admin::config_version(&p).await, 3);
 
     replace(&p.config_path, &app(&[&a]));
     assert_eq!(p.handle().reload().expect("reload"), 4);
-    assert_eq!(config_version(&p).await, 4);
+    assert_eq!(admin::config_version(&p).await, 4);
     let r = reloads(&p).await;
     assert_eq!(r.success, 3, "one success per version step: {r:?}");
     assert_eq!(r.last_ok, 1);

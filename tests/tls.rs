@@ -287,129 +287,30 @@ fn app(addr: SocketAddr) -> String {
     format!("[upstreams.app]\nservers = [\"{addr}\"]\n")
 }
 
-/// A running proxy whose config and certificate files live in a temporary directory.
-struct TlsProxy {
-    handle: Option<fairway::AppHandle>,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl TlsProxy {
-    /// Writes `files` (paths relative to the config's directory), then the config, and
-    /// starts the proxy.
-    async fn start(files: &[(String, String)], toml: &str) -> TlsProxy {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, text) in files {
-            let path = dir.path().join(name);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        }
-        let config_path = dir.path().join("fairway.toml");
-        std::fs::write(&config_path, toml).unwrap();
-        let handle = fairway::App::start(&config_path)
-            .await
-            .unwrap_or_else(|e| panic!("proxy failed to start: {e}"));
-        TlsProxy {
-            addr: handle.client_addrs()[0],
-            admin: handle.admin_addr().expect("the test configs turn admin on"),
-            handle: Some(handle),
-            dir,
-        }
-    }
-
-    fn handle(&self) -> &fairway::AppHandle {
-        self.handle.as_ref().unwrap()
-    }
-
-    /// Replaces the file `name` atomically (written beside it, then renamed over it), the
-    /// way certbot and Kubernetes secrets update certificates.
-    fn replace(&self, name: &str, text: &str) {
-        let path = self.dir.path().join(name);
-        let tmp = path.with_extension("tmp-new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
-    }
-
-    async fn metrics(&self) -> String {
-        let r = get(&self.admin_url("/metrics")).await;
-        assert_eq!(r.status, 200);
-        r.text()
-    }
-
-    /// `fairway_tls_certificate_expiry_timestamp_seconds{server_name=NAME}`.
-    async fn expiry(&self, server_name: &str) -> Option<i64> {
-        sample(
-            &self.metrics().await,
+/// `fairway_tls_certificate_expiry_timestamp_seconds{server_name=NAME}`.
+async fn expiry(p: &TestProxy, server_name: &str) -> Option<i64> {
+    admin::metrics(p)
+        .await
+        .get(
             "fairway_tls_certificate_expiry_timestamp_seconds",
             &[("server_name", server_name)],
         )
         .map(|v| v as i64)
-    }
+}
 
-    /// `fairway_config_reloads_total{result="failure"}`.
-    async fn reload_failures(&self) -> u64 {
-        let text = self.metrics().await;
-        sample(
-            &text,
-            "fairway_config_reloads_total",
-            &[("result", "failure")],
-        )
-        .unwrap_or_else(|| panic!("no reload failure counter in:\n{text}")) as u64
-    }
-
-    async fn post_reload(&self) -> Reply {
-        send(
-            &client(),
-            Request::post(self.admin_url("/reload"))
-                .body(Full::default())
-                .unwrap(),
-        )
+/// `fairway_config_reloads_total{result="failure"}`.
+async fn reload_failures(p: &TestProxy) -> u64 {
+    admin::metrics(p)
         .await
-    }
-
-    /// `/status` → `upstreams.app.servers[0].healthy`.
-    async fn healthy(&self) -> bool {
-        let s = get(&self.admin_url("/status")).await.json();
-        s["upstreams"]["app"]["servers"][0]["healthy"]
-            .as_bool()
-            .unwrap_or_else(|| panic!("no healthy flag in /status: {s}"))
-    }
+        .must("fairway_config_reloads_total", &[("result", "failure")]) as u64
 }
 
-impl Drop for TlsProxy {
-    fn drop(&mut self) {
-        if let Some(h) = &self.handle {
-            h.shared().stop.cancel();
-        }
-    }
-}
-
-/// The value of the sample `name` whose labels are exactly `labels` (Prometheus text).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    want.sort();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.trim().rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if n != name {
-                return None;
-            }
-            let mut got: Vec<String> = rest
-                .strip_suffix('}')?
-                .split(',')
-                .filter(|kv| !kv.is_empty())
-                .map(str::to_owned)
-                .collect();
-            got.sort();
-            (got == want).then(|| value.parse().ok())?
-        })
+/// `/status` → `upstreams.app.servers[0].healthy`.
+async fn healthy(p: &TestProxy) -> bool {
+    let s = admin::status(p).await;
+    s["upstreams"]["app"]["servers"][0]["healthy"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no healthy flag in /status: {s}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -660,7 +561,7 @@ async fn https_reaches_a_plain_upstream_as_forwarded_proto_https() {
     let ca = Ca::new("test CA");
     let leaf = ca.leaf(LOCAL);
     let up = TestUpstream::start("plain").await;
-    let p = TlsProxy::start(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
 
     let s = connect(p.addr, "localhost", &trusting(&ca, &["http/1.1"]))
         .await
@@ -704,7 +605,8 @@ async fn https_reaches_a_plain_upstream_as_forwarded_proto_https() {
 async fn alpn_negotiates_h2_or_http11() {
     let ca = Ca::new("test CA");
     let up = TestUpstream::start("alpn").await;
-    let p = TlsProxy::start(&ca.leaf(LOCAL).files(""), &config("", TLS, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&ca.leaf(LOCAL).files(""), &config("", TLS, &app(up.addr)))
+        .await;
 
     // h2 preferred: two requests multiplexed on one connection, HTTP/1.1 to the upstream.
     let s = connect(p.addr, "localhost", &trusting(&ca, &["h2", "http/1.1"]))
@@ -778,7 +680,7 @@ async fn every_usual_key_type_serves() {
             "{kind:?}: {}",
             leaf.key_pem
         );
-        let p = TlsProxy::start(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
+        let p = TestProxy::start_with_files(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
         let s = connect(p.addr, "localhost", &trusting(&ca, &["h2", "http/1.1"]))
             .await
             .unwrap_or_else(|e| panic!("{kind:?}: handshake failed: {e}"));
@@ -795,7 +697,8 @@ async fn every_usual_key_type_serves() {
 async fn websocket_over_tls() {
     let ca = Ca::new("test CA");
     let up = TestUpstream::start("wss").await;
-    let p = TlsProxy::start(&ca.leaf(LOCAL).files(""), &config("", TLS, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&ca.leaf(LOCAL).files(""), &config("", TLS, &app(up.addr)))
+        .await;
 
     let s = connect(p.addr, "localhost", &trusting(&ca, &["http/1.1"]))
         .await
@@ -852,7 +755,7 @@ async fn sni_picks_the_certificate() {
          [[server.tls.certs]]\nserver_names = [\"special.apps.test\", \"*.eu.apps.test\"]\n\
          cert = \"deep.pem\"\nkey = \"deep-key.pem\"\n"
     );
-    let p = TlsProxy::start(&files, &config("", &tls, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&files, &config("", &tls, &app(up.addr))).await;
 
     // Verifying clients: each name gets a certificate valid for it.
     let verify = trusting(&ca, &["http/1.1"]);
@@ -888,23 +791,23 @@ async fn sni_picks_the_certificate() {
     }
 
     // The expiry gauge has one series per name.
-    assert_eq!(p.expiry("default").await, Some(default.not_after));
-    assert_eq!(p.expiry("api.test").await, Some(api.not_after));
-    assert_eq!(p.expiry("*.apps.test").await, Some(api.not_after));
-    assert_eq!(p.expiry("special.apps.test").await, Some(deep.not_after));
-    assert_eq!(p.expiry("*.eu.apps.test").await, Some(deep.not_after));
+    assert_eq!(expiry(&p, "default").await, Some(default.not_after));
+    assert_eq!(expiry(&p, "api.test").await, Some(api.not_after));
+    assert_eq!(expiry(&p, "*.apps.test").await, Some(api.not_after));
+    assert_eq!(expiry(&p, "special.apps.test").await, Some(deep.not_after));
+    assert_eq!(expiry(&p, "*.eu.apps.test").await, Some(deep.not_after));
 
     // A reload without the SNI entries: those names fall back to the default, and their
     // series leave the gauge.
-    p.replace("fairway.toml", &config("", TLS, &app(up.addr)));
+    replace(&p.file("fairway.toml"), &config("", TLS, &app(up.addr)));
     p.handle().reload().expect("reload");
     assert_eq!(
         served_cert(p.addr, "api.test", &any).await,
         Some(default.der.clone())
     );
-    assert_eq!(p.expiry("api.test").await, None);
-    assert_eq!(p.expiry("*.eu.apps.test").await, None);
-    assert_eq!(p.expiry("default").await, Some(default.not_after));
+    assert_eq!(expiry(&p, "api.test").await, None);
+    assert_eq!(expiry(&p, "*.eu.apps.test").await, None);
+    assert_eq!(expiry(&p, "default").await, Some(default.not_after));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -918,8 +821,9 @@ async fn a_renewed_certificate_is_served_within_2s_and_open_connections_live_on(
     let up = TestUpstream::start("rotate").await;
     // The certificates live in a directory of their own, named relative to the config.
     let tls = "[server.tls]\ncert = \"certs/cert.pem\"\nkey = \"certs/key.pem\"\n";
-    let p = TlsProxy::start(&old.files("certs/"), &config("", tls, &app(up.addr))).await;
-    assert_eq!(p.expiry("default").await, Some(old.not_after));
+    let p =
+        TestProxy::start_with_files(&old.files("certs/"), &config("", tls, &app(up.addr))).await;
+    assert_eq!(expiry(&p, "default").await, Some(old.not_after));
 
     let verify = trusting(&ca, &["http/1.1"]);
     let s = connect(p.addr, "localhost", &verify).await.unwrap();
@@ -927,8 +831,8 @@ async fn a_renewed_certificate_is_served_within_2s_and_open_connections_live_on(
     let mut open = http1(s).await;
     assert_eq!(open.get("/before").await.status, 200);
 
-    p.replace("certs/key.pem", &new.key_pem);
-    p.replace("certs/cert.pem", &new.cert_pem);
+    replace(&p.file("certs/key.pem"), &new.key_pem);
+    replace(&p.file("certs/cert.pem"), &new.cert_pem);
     let t0 = Instant::now();
     eventually(
         WITHIN,
@@ -947,7 +851,7 @@ async fn a_renewed_certificate_is_served_within_2s_and_open_connections_live_on(
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["uri"], "/after");
     assert_eq!(https_get(p.addr, &ca, "/fresh").await.status, 200);
-    assert_eq!(p.expiry("default").await, Some(new.not_after));
+    assert_eq!(expiry(&p, "default").await, Some(new.not_after));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -958,22 +862,23 @@ async fn a_bad_certificate_fails_the_reload_and_the_old_one_stays() {
     let ca = Ca::new("test CA");
     let good = ca.leaf(LOCAL);
     let up = TestUpstream::start("bad").await;
-    let p = TlsProxy::start(&good.files(""), &config("", TLS, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&good.files(""), &config("", TLS, &app(up.addr))).await;
     let verify = trusting(&ca, &["http/1.1"]);
     let mut open = http1(connect(p.addr, "localhost", &verify).await.unwrap()).await;
     assert_eq!(open.get("/").await.status, 200);
 
     // Garbage in the certificate file.
-    let failures = p.reload_failures().await;
-    p.replace("cert.pem", "this is not a certificate\n");
-    let r = p.post_reload().await;
+    let failures = reload_failures(&p).await;
+    replace(&p.file("cert.pem"), "this is not a certificate\n");
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("server.tls.cert"), "{}", r.text());
     assert!(r.text().contains("cert.pem"), "{}", r.text());
-    assert!(p.reload_failures().await > failures);
-    let text = p.metrics().await;
+    assert!(reload_failures(&p).await > failures);
     assert_eq!(
-        sample(&text, "fairway_config_last_reload_successful", &[]),
+        admin::metrics(&p)
+            .await
+            .get("fairway_config_last_reload_successful", &[]),
         Some(0.0)
     );
     assert_eq!(
@@ -983,25 +888,25 @@ async fn a_bad_certificate_fails_the_reload_and_the_old_one_stays() {
     assert_eq!(open.get("/still").await.status, 200);
 
     // A valid certificate that does not go with the key.
-    let failures = p.reload_failures().await;
+    let failures = reload_failures(&p).await;
     let stranger = ca.leaf(LOCAL);
-    p.replace("cert.pem", &stranger.cert_pem);
+    replace(&p.file("cert.pem"), &stranger.cert_pem);
     let e = p
         .handle()
         .reload()
         .expect_err("a certificate that does not match its key was accepted");
     assert!(e.to_string().contains("does not belong"), "{e}");
-    assert!(p.reload_failures().await > failures);
+    assert!(reload_failures(&p).await > failures);
     assert_eq!(
         served_cert(p.addr, "localhost", &verify).await,
         Some(good.der.clone())
     );
-    assert_eq!(p.expiry("default").await, Some(good.not_after));
+    assert_eq!(expiry(&p, "default").await, Some(good.not_after));
     assert_eq!(open.get("/still").await.status, 200);
 
     // Putting the good file back is a successful reload.
-    p.replace("cert.pem", &good.cert_pem);
-    let r = p.post_reload().await;
+    replace(&p.file("cert.pem"), &good.cert_pem);
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(https_get(p.addr, &ca, "/").await.status, 200);
 }
@@ -1028,7 +933,7 @@ async fn until_closed(addr: SocketAddr, bytes: &'static [u8]) -> (Option<Vec<u8>
 async fn failed_handshakes_close_only_their_connection() {
     let ca = Ca::new("test CA");
     let up = TestUpstream::start("steady").await;
-    let p = TlsProxy::start(
+    let p = TestProxy::start_with_files(
         &ca.leaf(LOCAL).files(""),
         &config("header_read_timeout = \"300ms\"", TLS, &app(up.addr)),
     )
@@ -1119,7 +1024,7 @@ fn location(answer: &str) -> Option<&str> {
 async fn redirect_http_answers_308_to_https() {
     let ca = Ca::new("test CA");
     let up = TestUpstream::start("redirect").await;
-    let p = TlsProxy::start(
+    let p = TestProxy::start_with_files(
         &ca.leaf(LOCAL).files(""),
         &config("redirect_http = \"127.0.0.1:0\"", TLS, &app(up.addr)),
     )
@@ -1167,13 +1072,13 @@ async fn tls_is_turned_off_and_on_by_a_reload_on_the_same_port() {
     let ca = Ca::new("test CA");
     let leaf = ca.leaf(LOCAL);
     let up = TestUpstream::start("toggle").await;
-    let p = TlsProxy::start(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
+    let p = TestProxy::start_with_files(&leaf.files(""), &config("", TLS, &app(up.addr))).await;
     let verify = trusting(&ca, &["http/1.1"]);
     let mut open = http1(connect(p.addr, "localhost", &verify).await.unwrap()).await;
     assert_eq!(open.get("/").await.status, 200);
 
     // Off: new connections are plain HTTP; the open TLS connection lives on.
-    p.replace("fairway.toml", &config("", "", &app(up.addr)));
+    replace(&p.file("fairway.toml"), &config("", "", &app(up.addr)));
     p.handle().reload().expect("reload without TLS");
     assert_eq!(p.handle().client_addrs(), vec![p.addr]);
     let r = get(&format!("http://{}/plain", p.addr)).await;
@@ -1191,7 +1096,7 @@ async fn tls_is_turned_off_and_on_by_a_reload_on_the_same_port() {
     );
 
     // On again.
-    p.replace("fairway.toml", &config("", TLS, &app(up.addr)));
+    replace(&p.file("fairway.toml"), &config("", TLS, &app(up.addr)));
     p.handle().reload().expect("reload with TLS");
     let r = https_get(p.addr, &ca, "/tls-again").await;
     assert_eq!(r.status, 200);
@@ -1206,16 +1111,16 @@ async fn tls_is_turned_off_and_on_by_a_reload_on_the_same_port() {
 
 /// A plain-HTTP proxy (with admin) in front of the TLS upstream `up`, with `keys` added
 /// under `[upstreams.app]` and the CA file `ca.pem` beside the config.
-async fn proxy_to_tls(ca: &Ca, up: &TlsUpstream, keys: &str) -> TlsProxy {
+async fn proxy_to_tls(ca: &Ca, up: &TlsUpstream, keys: &str) -> TestProxy {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstreams.app]\nservers = [\"{}\"]\n{keys}\n",
         up.addr
     );
-    TlsProxy::start(&[("ca.pem".into(), ca.pem())], &toml).await
+    TestProxy::start_with_files(&[("ca.pem".into(), ca.pem())], &toml).await
 }
 
-async fn plain_get(p: &TlsProxy, path: &str) -> Reply {
+async fn plain_get(p: &TestProxy, path: &str) -> Reply {
     get(&format!("http://{}{path}", p.addr)).await
 }
 
@@ -1246,7 +1151,7 @@ async fn upstream_tls_verifies_against_the_configured_ca() {
          [upstreams.app]\nservers = [\"localhost:{}\"]\ntls = true\nca = \"ca.pem\"\n",
         up.addr.port()
     );
-    let p = TlsProxy::start(&[("ca.pem".into(), ca.pem())], &toml).await;
+    let p = TestProxy::start_with_files(&[("ca.pem".into(), ca.pem())], &toml).await;
     let r = plain_get(&p, "/x").await;
     assert_eq!((r.status, r.text().as_str()), (200, "secure"));
     assert_eq!(up.last_sni(), Some(Some("localhost".into())));
@@ -1305,7 +1210,7 @@ async fn a_replaced_upstream_ca_file_takes_effect_within_2s() {
     let p = proxy_to_tls(&other, &up, keys).await;
     assert_eq!(plain_get(&p, "/").await.status, 502);
 
-    p.replace("ca.pem", &ca.pem());
+    replace(&p.file("ca.pem"), &ca.pem());
     let addr = p.addr;
     eventually(WITHIN, "the new CA file is used", || async move {
         get(&format!("http://{addr}/")).await.status == 200
@@ -1333,7 +1238,7 @@ async fn health_checks_run_over_tls() {
     )
     .await;
     assert!(
-        p.healthy().await,
+        healthy(&p).await,
         "checks over TLS pass: the server stays up"
     );
     let r = plain_get(&p, "/").await;
@@ -1352,7 +1257,7 @@ async fn health_checks_run_over_tls() {
         "an unverifiable server is marked down",
         || {
             let p = &p;
-            async move { !p.healthy().await }
+            async move { !healthy(p).await }
         },
     )
     .await;

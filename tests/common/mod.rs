@@ -2,7 +2,9 @@
 //! ephemeral loopback ports, a small HTTP client, and `eventually` to poll for a condition.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod process;
+pub mod prometheus;
 pub mod raw;
 pub mod steady;
 
@@ -10,7 +12,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -378,7 +380,18 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts the proxy with `toml`; use `127.0.0.1:0` for listen addresses.
     pub async fn start(toml: &str) -> TestProxy {
+        Self::start_with_files(&[], toml).await
+    }
+
+    /// Writes `files` (paths relative to the config's directory, such as certificates),
+    /// then the config `toml`, and starts the proxy.
+    pub async fn start_with_files(files: &[(String, String)], toml: &str) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
         let config_path = dir.path().join("fairway.toml");
         std::fs::write(&config_path, toml).unwrap();
         let handle = fairway::App::start(&config_path)
@@ -406,6 +419,11 @@ impl TestProxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The path of file `name` in the config's directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     pub fn handle(&self) -> &fairway::AppHandle {
         self.handle.as_ref().unwrap()
     }
@@ -421,6 +439,15 @@ impl Drop for TestProxy {
             h.shared().stop.cancel();
         }
     }
+}
+
+/// Replaces the file at `path` the way editors, config management, certbot and Kubernetes
+/// secrets do: the new text written beside it, then renamed over it.
+pub fn replace(path: &Path, text: &str) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A keep-alive HTTP/1.1 client (no pooling limits, plain HTTP).

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::{TestProxy, TestUpstream, client, get};
+use super::{TestProxy, TestUpstream, admin, client};
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -144,21 +144,11 @@ impl Bench {
 
     /// The sum of the samples of metric `name` on the admin listener.
     pub async fn metric(&self, name: &str) -> f64 {
-        self.metric_where(name, "").await
+        self.metric_where(name, &[]).await
     }
 
-    /// The sum of the samples of metric `name` whose labels contain `labels` (a substring
-    /// such as `code="499"`).
-    pub async fn metric_where(&self, name: &str, labels: &str) -> f64 {
-        let admin = self.proxy.admin.expect("admin listener");
-        let r = get(&format!("http://{admin}/metrics")).await;
-        r.text()
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    /// The sum of the samples of metric `name` whose labels include `labels`.
+    pub async fn metric_where(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        admin::metrics(&self.proxy).await.sum(name, labels)
     }
 }
