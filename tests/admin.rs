@@ -75,11 +75,6 @@ fn the_exposition_parser_handles_escapes_types_and_histograms() {
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-fn quoted(list: &[&TestUpstream]) -> String {
-    let v: Vec<String> = list.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    v.join(", ")
-}
-
 /// GET `path` on the proxy with `Host: host`.
 async fn get_host(c: &HttpClient, p: &TestProxy, host: &str, path: &str) -> Reply {
     send(

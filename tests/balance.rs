@@ -23,11 +23,6 @@ fn config(servers: &str, upstream_extra: &str, server_extra: &str) -> String {
     )
 }
 
-fn plain(list: &[&TestUpstream]) -> String {
-    let v: Vec<String> = list.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    v.join(", ")
-}
-
 /// GETs `path` `n` times in sequence on one keep-alive client; the names that answered.
 async fn names(c: &HttpClient, p: &TestProxy, path: &str, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
@@ -195,7 +190,7 @@ async fn mapping(p: &TestProxy, ips: &[String]) -> HashMap<String, String> {
 
 fn ip_hash_config(list: &[&TestUpstream]) -> String {
     config(
-        &plain(list),
+        &quoted(list),
         "balance = \"ip_hash\"",
         "trusted_proxies = [\"127.0.0.0/8\"]",
     )
@@ -267,7 +262,7 @@ async fn ip_hash_without_trusted_proxies_uses_the_peer_address() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let c = TestUpstream::start("c").await;
-    let cfg = config(&plain(&[&a, &b, &c]), "balance = \"ip_hash\"", "");
+    let cfg = config(&quoted(&[&a, &b, &c]), "balance = \"ip_hash\"", "");
     let p = TestProxy::start(&cfg).await;
     let http = client();
     // The peer is untrusted, so the forged X-Forwarded-For changes nothing: every request

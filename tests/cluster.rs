@@ -278,11 +278,6 @@ async fn server_for(c: &HttpClient, p: &TestProxy, ip: Ipv4Addr) -> String {
     r.upstream()
 }
 
-fn addr_list(ups: &[&TestUpstream]) -> String {
-    let v: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    v.join(", ")
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. DNS discovery
 
@@ -496,7 +491,7 @@ fn pp_config(trusted: &str, ups: &[&TestUpstream], upstream_extra: &str) -> Stri
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [{trusted}]\n\n\
          [upstreams.app]\nservers = [{}]\n{upstream_extra}\n",
-        addr_list(ups)
+        quoted(ups)
     )
 }
 
@@ -659,7 +654,7 @@ fn hash_config(ups: &[&TestUpstream], upstream_extra: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n\
          [upstreams.app]\nbalance = \"ip_hash\"\nservers = [{}]\n{upstream_extra}\n",
-        addr_list(ups)
+        quoted(ups)
     )
 }
 
@@ -797,7 +792,7 @@ async fn rolling_upgrade_under_traffic_fails_no_request() {
          [upstreams.app]\nservers = [{}]\n\n\
          [upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\
          healthy_threshold = 2\nunhealthy_threshold = 2\n",
-        addr_list(&nodes.iter().collect::<Vec<_>>())
+        quoted(&nodes.iter().collect::<Vec<_>>())
     );
     let p = TestProxy::start(&cfg).await;
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::raw::*;
 use common::steady::*;
+use common::usage::{HEAVY, MIB, fd_limit, open_fds, rss_bytes};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response};
@@ -25,10 +26,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-/// Tests that move a lot of memory or file descriptors run one at a time, so that RSS
-/// figures are this test's own and the fd limit is not shared.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------
 // Small upstreams
@@ -89,73 +86,6 @@ async fn recorder() -> (SocketAddr, Seen) {
     });
     (addr, seen)
 }
-
-/// Requests in flight at an upstream, and the most seen at once.
-#[derive(Debug, Default)]
-struct Gauge {
-    hits: AtomicUsize,
-    in_flight: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-struct InFlight(Arc<Gauge>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// An upstream that waits `delay` before answering 200 `slow`, counting what is in flight.
-async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Gauge>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let gauge = Arc::new(Gauge::default());
-    let g = Arc::clone(&gauge);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let g = Arc::clone(&g);
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    let g = Arc::clone(&g);
-                    async move {
-                        g.hits.fetch_add(1, Ordering::SeqCst);
-                        let now = g.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                        g.peak.fetch_max(now, Ordering::SeqCst);
-                        let _in_flight = InFlight(Arc::clone(&g));
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"slow"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, gauge)
-}
-
-/// The soft limit on open files of this process.
-fn fd_limit() -> u64 {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
-const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------
 // Hostile clients
@@ -802,17 +732,17 @@ async fn past_max_connections_a_connection_is_closed_without_an_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_per_server_a_request_gets_503_at_once() {
-    let (up, gauge) = slow_upstream(Duration::from_millis(500)).await;
-    let mut b = bench("", &[up], "max_connections_per_server = 2").await;
+    let app = TestUpstream::start("app").await;
+    app.set_delay(Duration::from_millis(500));
+    let mut b = bench("", &[app.addr], "max_connections_per_server = 2").await;
     let in_flight: Vec<_> = (0..2)
         .map(|i| {
             let url = b.url(&format!("/slow/{i}"));
             tokio::spawn(async move { get(&url).await.status })
         })
         .collect();
-    eventually(Duration::from_secs(3), "two requests in flight", || {
-        let g = Arc::clone(&gauge);
-        async move { g.in_flight.load(Ordering::SeqCst) == 2 }
+    eventually(Duration::from_secs(3), "two requests in flight", || async {
+        app.knobs.in_flight.load(Ordering::SeqCst) == 2
     })
     .await;
     let start = Instant::now();
@@ -823,8 +753,8 @@ async fn past_max_connections_per_server_a_request_gets_503_at_once() {
     for t in in_flight {
         assert_eq!(t.await.unwrap(), 200);
     }
-    assert_eq!(gauge.hits.load(Ordering::SeqCst), 2);
-    assert_eq!(gauge.peak.load(Ordering::SeqCst), 2);
+    assert_eq!(app.hits(), 2);
+    assert_eq!(app.knobs.most_in_flight.load(Ordering::SeqCst), 2);
     // With room again, requests pass.
     assert_eq!(get(&b.url("/slow/after")).await.status, 200);
     b.steady_ok().await;
@@ -972,8 +902,9 @@ impl H2Frames {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_streams_past_max_concurrent_streams_wait_or_are_refused() {
     let _heavy = HEAVY.lock().await;
-    let (up, gauge) = slow_upstream(Duration::from_millis(1500)).await;
-    let mut b = bench("", &[up], "").await;
+    let app = TestUpstream::start("app").await;
+    app.set_delay(Duration::from_millis(1500));
+    let mut b = bench("", &[app.addr], "").await;
     let addr = b.addr();
 
     // A client that follows the SETTINGS: 300 at once, the last 44 wait for a free slot.
@@ -1000,7 +931,7 @@ async fn h2_streams_past_max_concurrent_streams_wait_or_are_refused() {
         }
     }
     assert_eq!(ok, 300);
-    let peak = gauge.peak.load(Ordering::SeqCst);
+    let peak = app.knobs.most_in_flight.load(Ordering::SeqCst);
     println!("polite h2 client: 300 served, at most {peak} at once upstream");
     assert!(peak <= 256, "{peak} streams in flight at once");
     assert!(peak >= 200, "only {peak} streams in flight at once");
@@ -1009,7 +940,7 @@ async fn h2_streams_past_max_concurrent_streams_wait_or_are_refused() {
 
     // A client that sends 300 requests before it has read the SETTINGS (raw frames): the
     // server refuses what is past its limit (RST_STREAM REFUSED_STREAM), serving the rest.
-    gauge.peak.store(0, Ordering::SeqCst);
+    app.knobs.most_in_flight.store(0, Ordering::SeqCst);
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut out = H2_PREFACE.to_vec();
     out.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
@@ -1054,15 +985,16 @@ async fn h2_streams_past_max_concurrent_streams_wait_or_are_refused() {
     assert_eq!(refused.len(), 44);
     // The refused ones are the last opened.
     assert_eq!(refused.iter().next().copied(), Some(2 * 256 + 1));
-    let peak = gauge.peak.load(Ordering::SeqCst);
+    let peak = app.knobs.most_in_flight.load(Ordering::SeqCst);
     assert!(peak <= 256, "{peak} streams in flight at once");
     b.steady_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_gets_the_connection_closed() {
-    let (up, gauge) = slow_upstream(Duration::from_millis(100)).await;
-    let mut b = bench("", &[up], "").await;
+    let app = TestUpstream::start("app").await;
+    app.set_delay(Duration::from_millis(100));
+    let mut b = bench("", &[app.addr], "").await;
     let addr = b.addr();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -1108,7 +1040,7 @@ async fn h2_rapid_reset_gets_the_connection_closed() {
     println!(
         "rapid reset: {opened} streams opened and reset; client stopped by {refused:?}; \
          connection ended {ended:?} after {took:?}; {} reached the upstream",
-        gauge.hits.load(Ordering::SeqCst)
+        app.hits()
     );
     let err = refused
         .or(ended.err())
@@ -1119,9 +1051,9 @@ async fn h2_rapid_reset_gets_the_connection_closed() {
     );
     assert!(opened < 10_000, "all 10,000 streams were accepted");
     assert!(
-        gauge.hits.load(Ordering::SeqCst) < 1_000,
+        app.hits() < 1_000,
         "{} reset streams still went upstream",
-        gauge.hits.load(Ordering::SeqCst)
+        app.hits()
     );
 
     // The same on raw frames, to see what the proxy says: HEADERS then RST_STREAM (CANCEL)

@@ -31,12 +31,6 @@ fn seen_one(r: &Reply, name: &str) -> Option<String> {
     v.into_iter().next()
 }
 
-/// An address on which nothing listens.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. Forwarding
 

@@ -9,15 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// One upstream `app` over `servers`, with `server_extra` in `[server]`.
-fn config(servers: &[&TestUpstream], server_extra: &str) -> String {
-    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[upstreams.app]\nservers = [{}]\n",
-        list.join(", ")
-    )
-}
-
 /// Starts a GET to `url` on its own task, and waits until `upstream` has received it.
 async fn in_flight(url: String, upstream: &TestUpstream) -> tokio::task::JoinHandle<Reply> {
     let before = upstream.hits();
@@ -37,7 +28,7 @@ async fn in_flight(url: String, upstream: &TestUpstream) -> tokio::task::JoinHan
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_request_finish() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "")).await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
     let addr = p.addr;
     a.set_delay(Duration::from_millis(800));
     let request = in_flight(p.url("/slow"), &a).await;
@@ -67,7 +58,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 #[tokio::test]
 async fn shutdown_timeout_bounds_the_drain() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "shutdown_timeout = \"300ms\"")).await;
+    let p = TestProxy::start(&proxy_config("shutdown_timeout = \"300ms\"", &[&a])).await;
     a.set_delay(Duration::from_secs(5));
     let request = in_flight(p.url("/stuck"), &a).await;
 
@@ -87,7 +78,7 @@ async fn shutdown_timeout_bounds_the_drain() {
 #[tokio::test]
 async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "")).await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
     let addr = p.addr;
 
     // A connection that never sends anything. Opened first: connections are accepted in

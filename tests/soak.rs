@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::usage::{MIB, fd_targets, open_fds_of, rss_bytes_of};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
@@ -37,7 +38,6 @@ const RSS_UNDER_LOAD: u64 = 24 * MIB;
 /// A request with no answer after this is a hang.
 const HANG: Duration = Duration::from_secs(30);
 const CLIENTS: usize = 6;
-const MIB: u64 = 1024 * 1024;
 
 fn soak_config(ports: (u16, u16), addrs: &[SocketAddr], weights: [u32; 3]) -> String {
     let servers: Vec<String> = addrs
@@ -57,21 +57,9 @@ fn soak_config(ports: (u16, u16), addrs: &[SocketAddr], weights: [u32; 3]) -> St
     )
 }
 
-/// The proxy process: RSS and open descriptors, read from /proc.
+/// The proxy process: RSS and open descriptors.
 fn usage(pid: &str) -> (u64, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (rss_bytes_of(pid), fds)
-}
-
-/// What the proxy's descriptors point at.
-fn open_fds(pid: &str) -> Vec<String> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd"));
-    dir.map(|d| {
-        d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    })
-    .unwrap_or_default()
+    (rss_bytes_of(pid), open_fds_of(pid))
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -518,7 +506,7 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         back((rss_end, fds_end)),
         "not back to baseline after {SETTLE_LIMIT:?}: RSS {rss_base} -> {rss_end} bytes, \
          fds {fds_base} -> {fds_end}: {:?}",
-        open_fds(&pid)
+        fd_targets(&pid)
     );
     // SIGTERM: drains and exits 0.
     proxy.signal("TERM");

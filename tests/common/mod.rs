@@ -7,6 +7,7 @@ pub mod process;
 pub mod prometheus;
 pub mod raw;
 pub mod steady;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -46,6 +47,10 @@ pub struct Knobs {
     pub reset: AtomicBool,
     /// Requests seen (excluding `/health`).
     pub hits: AtomicUsize,
+    /// Requests being answered right now (excluding `/health`).
+    pub in_flight: AtomicUsize,
+    /// The most requests ever answered at once.
+    pub most_in_flight: AtomicUsize,
     /// Health checks seen.
     pub health_hits: AtomicUsize,
     /// `/health` waits this long before answering (milliseconds).
@@ -191,6 +196,9 @@ async fn answer(
         return text(code, name);
     }
     k.hits.fetch_add(1, Ordering::SeqCst);
+    let now = k.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    k.most_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _in_flight = InFlight(&k.in_flight);
     if k.reset.load(Ordering::SeqCst) {
         reset.cancel();
         // Never answered: the connection is dropped by the select in `serve`.
@@ -358,13 +366,18 @@ fn websocket(name: &str, req: &mut Request<Incoming>) -> Response<TestBody> {
     r
 }
 
+/// The addresses of `servers` as the inside of a TOML array: `"127.0.0.1:1", "127.0.0.1:2"`.
+pub fn quoted(servers: &[&TestUpstream]) -> String {
+    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    list.join(", ")
+}
+
 /// A config with `server_extra` keys under `[server]` and one upstream `app` over `servers`
 /// (unlike [`TestProxy::config`], whose extra TOML goes after the upstream).
 pub fn proxy_config(server_extra: &str, servers: &[&TestUpstream]) -> String {
-    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[upstreams.app]\nservers = [{}]\n",
-        list.join(", ")
+        quoted(servers)
     )
 }
 
@@ -408,10 +421,9 @@ impl TestProxy {
 
     /// A config with one upstream `app` over `servers`, plus `extra` TOML appended.
     pub fn config(servers: &[&TestUpstream], extra: &str) -> String {
-        let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [{}]\n{extra}\n",
-            list.join(", ")
+            quoted(servers)
         )
     }
 
@@ -524,6 +536,12 @@ pub async fn send(
     }
 }
 
+/// A loopback address where nothing listens (a port that was bound, then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
 /// Writes raw bytes on a new connection and reads until the peer closes or `limit` passes.
 pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -570,19 +588,4 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-}
-
-/// Resident set size of this process in bytes (tests run the proxy in-process).
-pub fn rss_bytes() -> u64 {
-    rss_bytes_of("self")
-}
-
-/// Resident set size of process `pid` ("self" for this one) in bytes; 0 if unreadable.
-pub fn rss_bytes_of(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
