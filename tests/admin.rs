@@ -5,16 +5,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::admin::ADMIN;
-use common::process::free_port;
+use common::process::{Proc, fairway, log_level};
 use common::prometheus;
 use common::*;
 use http::{Method, Request};
@@ -1046,135 +1042,6 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
 // ---------------------------------------------------------------------------------------
 // 8. The access log, from the real binary's stdout
 
-/// A `fairway run` child process; killed if the test ends without terminating it.
-struct Fairway {
-    child: Option<std::process::Child>,
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-    addr: SocketAddr,
-}
-
-impl Fairway {
-    async fn start(config: &Path, addr: SocketAddr) -> Fairway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fairway"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env_remove("FAIRWAY_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn fairway");
-        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (mut err, sink) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut f = Fairway {
-            child: Some(child),
-            lines,
-            stderr,
-            addr,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            if let Some(st) = f.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("fairway exited with {st} before listening:\n{}", f.stderr());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fairway does not accept on {addr}:\n{}",
-                f.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        f
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// The next `n` stdout lines, waiting at most `limit` in all.
-    async fn read_lines(&mut self, n: usize, limit: Duration) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut out = Vec::new();
-        while out.len() < n {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(l)) => out.push(l),
-                Ok(None) => panic!("stdout closed after {out:?}:\n{}", self.stderr()),
-                Err(_) => panic!(
-                    "only {} of {n} access log lines within {limit:?}: {out:?}\n{}",
-                    out.len(),
-                    self.stderr()
-                ),
-            }
-        }
-        out
-    }
-
-    /// SIGTERM, then the exit status (within 10 s).
-    async fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "fairway did not exit within 10 s of SIGTERM:\n{}",
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Fairway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Starts the binary with `[log] access = format` in front of `up`, and sends its three
 /// requests: two routed 200s and one route miss. Returns the child, the bodies' lengths by
 /// path and the time window of the requests.
@@ -1182,25 +1049,28 @@ async fn access_log_run(
     format: &str,
     up: &TestUpstream,
 ) -> (
-    Fairway,
+    Proc,
     BTreeMap<&'static str, usize>,
     tempfile::TempDir,
     (SystemTime, SystemTime),
 ) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fairway.toml");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"{addr}\"\n\n[log]\naccess = \"{format}\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[log]\naccess = \"{format}\"\n\n\
              [upstreams.app]\nservers = [\"{}\"]\n\n\
              [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n",
             up.addr
         ),
     )
     .unwrap();
-    let f = Fairway::start(&path, addr).await;
+    let mut cmd = fairway(&["run", "--config", path.to_str().unwrap()]);
+    cmd.env("RUST_LOG", log_level("warn"))
+        .stdout(Stdio::piped());
+    let mut f = Proc::spawn(cmd);
+    let addr = f.client_addr().await;
     let t0 = SystemTime::now();
     let c = client();
     let mut sizes = BTreeMap::new();
@@ -1211,7 +1081,7 @@ async fn access_log_run(
     ] {
         let r = send(
             &c,
-            Request::get(f.url(path))
+            Request::get(format!("http://{addr}{path}"))
                 .header("host", host)
                 .body(Full::default())
                 .unwrap(),
@@ -1229,7 +1099,7 @@ async fn access_log_run(
 async fn json_access_log_lines_from_the_binary() {
     let up = TestUpstream::start("a").await;
     let (mut f, sizes, _dir, (t0, t1)) = access_log_run("json", &up).await;
-    let lines = f.read_lines(3, Duration::from_secs(5)).await;
+    let lines = f.stdout_lines(3, Duration::from_secs(5)).await;
     let mut by_path = BTreeMap::new();
     for line in &lines {
         let v: serde_json::Value = serde_json::from_str(line)
@@ -1262,8 +1132,8 @@ async fn json_access_log_lines_from_the_binary() {
         assert!((0.0..10.0).contains(&d), "{v}");
         assert_eq!(v["attempts"], if miss { 0 } else { 1 }, "{v}");
     }
-    let st = f.terminate().await;
-    assert_eq!(st.code(), Some(0), "{st}");
+    f.signal("TERM");
+    f.expect_clean_exit(Duration::from_secs(10)).await;
 }
 
 /// `client - - [time] "METHOD PATH PROTO" status bytes key=value...`.
@@ -1323,7 +1193,7 @@ fn parse_common(line: &str) -> CommonLine {
 async fn common_access_log_lines_from_the_binary() {
     let up = TestUpstream::start("a").await;
     let (mut f, sizes, _dir, _) = access_log_run("common", &up).await;
-    let lines = f.read_lines(3, Duration::from_secs(5)).await;
+    let lines = f.stdout_lines(3, Duration::from_secs(5)).await;
     let server = up.addr.to_string();
     let mut paths = Vec::new();
     for line in &lines {
@@ -1363,6 +1233,6 @@ async fn common_access_log_lines_from_the_binary() {
     }
     paths.sort();
     assert_eq!(paths, ["/bytes/1234", "/hello?x=1&y=two", "/missing?q=1"]);
-    let st = f.terminate().await;
-    assert_eq!(st.code(), Some(0), "{st}");
+    f.signal("TERM");
+    f.expect_clean_exit(Duration::from_secs(10)).await;
 }

@@ -39,20 +39,18 @@ const RSS_UNDER_LOAD: u64 = 24 * MIB;
 const HANG: Duration = Duration::from_secs(30);
 const CLIENTS: usize = 6;
 
-fn soak_config(ports: (u16, u16), addrs: &[SocketAddr], weights: [u32; 3]) -> String {
+fn soak_config(addrs: &[SocketAddr], weights: [u32; 3]) -> String {
     let servers: Vec<String> = addrs
         .iter()
         .zip(weights)
         .map(|(a, w)| format!("{{ addr = \"{a}\", weight = {w} }}"))
         .collect();
     format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"10s\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"10s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstreams.app]\nretries = 2\nservers = [{}]\n\n\
          [upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
          healthy_threshold = 1\nunhealthy_threshold = 2\n",
-        ports.0,
-        ports.1,
         servers.join(", ")
     )
 }
@@ -353,21 +351,14 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         ups.push(Some(TestUpstream::start(name).await));
     }
     let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.as_ref().unwrap().addr).collect();
-    let ports = (process::free_port(), process::free_port());
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("fairway.toml");
-    std::fs::write(&config_path, soak_config(ports, &addrs, [1, 1, 1])).unwrap();
-    let mut command = std::process::Command::new(process::BIN);
-    command
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env_remove("FAIRWAY_CONFIG")
-        .env("RUST_LOG", "error");
+    std::fs::write(&config_path, soak_config(&addrs, [1, 1, 1])).unwrap();
+    let mut command = process::fairway(&["run", "--config", config_path.to_str().unwrap()]);
+    command.env("RUST_LOG", process::log_level("error"));
     let mut proxy = process::Proc::spawn(command);
-    let proxy_addr: SocketAddr = format!("127.0.0.1:{}", ports.0).parse().unwrap();
-    let reload_url = format!("http://127.0.0.1:{}/reload", ports.1);
-    proxy.wait_listening(proxy_addr).await;
+    let proxy_addr = proxy.client_addr().await;
+    let reload_url = format!("http://{}/reload", proxy.admin_addr().await);
     let pid = proxy.child.id().to_string();
     let tally = Arc::new(Mutex::new(Tally::default()));
 
@@ -418,7 +409,7 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         } else {
             [1, 2, 3]
         };
-        std::fs::write(&config_path, soak_config(ports, &addrs, weights)).unwrap();
+        std::fs::write(&config_path, soak_config(&addrs, weights)).unwrap();
         let req = Request::post(&reload_url).body(Full::default()).unwrap();
         let r = send(&admin, req).await;
         assert_eq!(r.status, 200, "reload failed: {}", r.text());

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::process::{Output, fairway, output};
 use common::*;
 use fairway::tls::{NoVerification, provider};
 use futures_util::{SinkExt, StreamExt};
@@ -1267,37 +1268,18 @@ async fn health_checks_run_over_tls() {
 // ---------------------------------------------------------------------------------------
 // 11. `fairway check` on certificates
 
-const BIN: &str = env!("CARGO_BIN_EXE_fairway");
-
-struct Checked {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// `fairway check [extra] -c DIR/fairway.toml` with `toml` and `files` in a new directory.
-fn check(files: &[(String, String)], toml: &str, extra: &[&str]) -> (Checked, tempfile::TempDir) {
+fn check(files: &[(String, String)], toml: &str, extra: &[&str]) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in files {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     let path = dir.path().join("fairway.toml");
     std::fs::write(&path, toml).unwrap();
-    let o = std::process::Command::new(BIN)
-        .arg("check")
-        .args(extra)
-        .arg("-c")
-        .arg(&path)
-        .env_remove("FAIRWAY_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("cannot run fairway");
-    let out = Checked {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    (out, dir)
+    let mut args = vec!["check"];
+    args.extend_from_slice(extra);
+    args.extend(["-c", path.to_str().unwrap()]);
+    (output(fairway(&args)), dir)
 }
 
 /// A config for `check` (nothing is bound) with `tls` as its `[server.tls]` part.
