@@ -11,8 +11,9 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
-use super::{TestProxy, TestUpstream, admin, client};
+use super::{TestProxy, TestUpstream, admin};
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -26,7 +27,12 @@ pub struct Steady {
 impl Steady {
     /// Starts the loop once a first request has been answered (its connection is open).
     pub async fn start(proxy: SocketAddr) -> Steady {
-        let c = client();
+        // At most one idle connection: a request that found the previous connection still
+        // on its way back to the pool (a busy runtime) opens a second one, and whichever comes
+        // back second is then closed, so the proxy soon counts one connection again.
+        let c: Http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .build_http();
         if let Err(e) = steady_get(&c, proxy, 0).await {
             panic!("the well-behaved client failed before the case began: {e}");
         }
