@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use common::admin::ADMIN;
 use common::process::{Proc, fairway, log_level};
 use common::prometheus;
@@ -16,11 +15,6 @@ use common::*;
 use http::{Method, Request};
 use http_body_util::Full;
 use std::sync::atomic::Ordering;
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
 
 #[test]
 fn the_exposition_parser_handles_escapes_types_and_histograms() {
@@ -70,18 +64,6 @@ fn the_exposition_parser_handles_escapes_types_and_histograms() {
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// GET `path` on the proxy with `Host: host`.
-async fn get_host(c: &HttpClient, p: &TestProxy, host: &str, path: &str) -> Reply {
-    send(
-        c,
-        Request::get(p.url(path))
-            .header("host", host)
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await
-}
 
 fn now_secs() -> f64 {
     SystemTime::now()
@@ -158,7 +140,7 @@ async fn metrics_after_known_traffic() {
     let c = client();
     let mut by = BTreeMap::new();
     for i in 0..10 {
-        let r = get_host(&c, &p, "only.test", &format!("/n/{i}")).await;
+        let r = get_with(&c, &p.url(&format!("/n/{i}")), &[("host", "only.test")]).await;
         assert_eq!(r.status, 200, "{}", r.text());
         *by.entry(r.upstream()).or_insert(0) += 1;
     }
@@ -166,7 +148,7 @@ async fn metrics_after_known_traffic() {
         by,
         BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 5)])
     );
-    let miss = get_host(&c, &p, "elsewhere.test", "/n").await;
+    let miss = get_with(&c, &p.url("/n"), &[("host", "elsewhere.test")]).await;
     assert_eq!(miss.status, 404);
 
     let r = get(&admin::url(&p, "/metrics")).await;
@@ -455,7 +437,7 @@ async fn a_request_in_flight_on_a_removed_server_does_not_bring_its_series_back(
     let ba = b.addr.to_string();
     let p = TestProxy::start(&TestProxy::config(&[&b], ADMIN)).await;
     b.set_delay(Duration::from_millis(600));
-    let slow = tokio::spawn(get_owned(p.url("/slow")));
+    let slow = tokio::spawn(get(p.url("/slow")));
     eventually(Duration::from_secs(2), "request in flight on b", || async {
         b.hits() == 1
     })
@@ -571,7 +553,7 @@ async fn readyz_follows_the_health_of_every_upstream() {
         a.addr, b.addr
     );
     let p = TestProxy::start(&cfg).await;
-    let readyz = || get_owned(admin::url(&p, "/readyz"));
+    let readyz = || get(admin::url(&p, "/readyz"));
     let r = readyz().await;
     assert_eq!(r.status, 200, "{}", r.text());
     let h = get(&admin::url(&p, "/healthz")).await;
@@ -593,8 +575,18 @@ async fn readyz_follows_the_health_of_every_upstream() {
     );
     // The proxy answers app's requests itself, counted with server="none".
     let c = client();
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 503);
-    assert_eq!(get_host(&c, &p, "other.test", "/").await.status, 200);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        503
+    );
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "other.test")])
+            .await
+            .status,
+        200
+    );
     let e = admin::metrics(&p).await;
     assert_eq!(
         e.must(
@@ -616,10 +608,6 @@ async fn readyz_follows_the_health_of_every_upstream() {
         readyz().await.status == 200
     })
     .await;
-}
-
-async fn get_owned(url: String) -> Reply {
-    get(&url).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -750,9 +738,7 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
 
     // A slow request in flight on a (round robin sends one of two to each server).
     a.set_delay(Duration::from_millis(3000));
-    let slow: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(get_owned(p.url("/slow"))))
-        .collect();
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(get(p.url("/slow")))).collect();
     eventually(Duration::from_secs(2), "a slow request on a", || async {
         admin::server_entry(&admin::status(&p).await, "app", &aa)["active_requests"] == 1
     })
@@ -843,20 +829,6 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     );
 }
 
-/// The server answering `ip` (sent as `X-Forwarded-For` from a trusted peer).
-async fn served_as(c: &HttpClient, p: &TestProxy, ip: &str) -> String {
-    let r = send(
-        c,
-        Request::get(p.url("/"))
-            .header("x-forwarded-for", ip)
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.upstream()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
     let a = TestUpstream::start("a").await;
@@ -924,8 +896,18 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     );
     let p = TestProxy::start(&base).await;
     let c = client();
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
-    assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "api.test")])
+            .await
+            .status,
+        200
+    );
     let maint = |e: &prometheus::Exposition, u: &str| {
         e.must("fairway_upstream_maintenance", &[("upstream", u)])
     };
@@ -957,7 +939,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     assert_eq!(r.status, 200, "{}", r.text());
     let hits = a.hits();
     for _ in 0..2 {
-        let r = get_host(&c, &p, "app.test", "/x").await;
+        let r = get_with(&c, &p.url("/x"), &[("host", "app.test")]).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.headers["retry-after"], "30");
     }
@@ -966,7 +948,12 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         hits,
         "a request reached the upstream in maintenance"
     );
-    assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "api.test")])
+            .await
+            .status,
+        200
+    );
     let st = admin::status(&p).await;
     assert_eq!(st["upstreams"]["app"]["maintenance"], true);
     assert_eq!(st["upstreams"]["api"]["maintenance"], false);
@@ -994,7 +981,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     .unwrap();
     let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = get_host(&c, &p, "app.test", "/").await;
+    let r = get_with(&c, &p.url("/"), &[("host", "app.test")]).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["retry-after"], "30");
     let ct = r.headers["content-type"].to_str().unwrap();
@@ -1005,7 +992,12 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     // Off again.
     let r = admin::post(&p, "/maintenance", r#"{"upstream":"app","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        200
+    );
     assert_eq!(
         admin::status(&p).await["upstreams"]["app"]["maintenance"],
         false
@@ -1021,7 +1013,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     for host in ["app.test", "api.test"] {
-        let r = get_host(&c, &p, host, "/").await;
+        let r = get_with(&c, &p.url("/"), &[("host", host)]).await;
         assert_eq!(r.status, 503, "{host}");
         assert_eq!(r.headers["retry-after"], "120", "{host}");
     }
@@ -1033,7 +1025,11 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     let r = admin::post(&p, "/maintenance", r#"{"upstream":"*","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
     for host in ["app.test", "api.test"] {
-        assert_eq!(get_host(&c, &p, host, "/").await.status, 200, "{host}");
+        assert_eq!(
+            get_with(&c, &p.url("/"), &[("host", host)]).await.status,
+            200,
+            "{host}"
+        );
     }
     let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (0.0, 0.0));

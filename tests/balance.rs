@@ -10,11 +10,6 @@ use common::*;
 use http::Request;
 use http_body_util::Full;
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 /// `[server]` on port 0 and one upstream `app` whose `servers` array is `servers` (TOML).
 fn config(servers: &str, upstream_extra: &str, server_extra: &str) -> String {
     format!(
@@ -161,22 +156,14 @@ fn client_ips() -> Vec<String> {
         .collect()
 }
 
-async fn get_as(c: &HttpClient, p: &TestProxy, ip: &str) -> Reply {
-    let req = Request::get(p.url("/"))
-        .header("x-forwarded-for", ip)
-        .body(Full::default())
-        .unwrap();
-    send(c, req).await
-}
-
 /// Which server answers each client IP (each asked twice, which must agree).
 async fn mapping(p: &TestProxy, ips: &[String]) -> HashMap<String, String> {
     let http = client();
     let mut out = HashMap::new();
     for ip in ips {
-        let first = get_as(&http, p, ip).await;
+        let first = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(first.status, 200, "{ip}: {}", first.text());
-        let again = get_as(&http, p, ip).await;
+        let again = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(again.status, 200, "{ip}: {}", again.text());
         assert_eq!(
             first.upstream(),
@@ -269,7 +256,7 @@ async fn ip_hash_without_trusted_proxies_uses_the_peer_address() {
     // comes from 127.0.0.1 and lands on one server.
     let mut seen = Vec::new();
     for ip in client_ips().iter().take(60) {
-        let r = get_as(&http, &p, ip).await;
+        let r = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.seen_header("x-forwarded-for").unwrap(), ["127.0.0.1"]);
         seen.push(r.upstream());

@@ -14,18 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::raw::{RawConn, RawResponse};
 use common::*;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
 
 // ---------------------------------------------------------------------------------------
 // A tiny DNS server: A records from a changeable map, AAAA with no answers, NXDOMAIN for
@@ -264,18 +258,6 @@ async fn spread(c: &HttpClient, p: &TestProxy, path: &str, n: usize) -> BTreeMap
         *out.entry(r.upstream()).or_default() += 1;
     }
     out
-}
-
-/// The upstream that serves a client whose address is `ip` (told through X-Forwarded-For
-/// by a trusted peer).
-async fn server_for(c: &HttpClient, p: &TestProxy, ip: Ipv4Addr) -> String {
-    let req = Request::get(p.url("/who"))
-        .header("x-forwarded-for", ip.to_string())
-        .body(Full::default())
-        .unwrap();
-    let r = send(c, req).await;
-    assert_eq!(r.status, 200, "{ip}: {}", r.text());
-    r.upstream()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -675,8 +657,8 @@ async fn hash_prefix_v4_groups_clients_by_network() {
     let mut default_32 = BTreeSet::new();
     for i in 1..=50u8 {
         let ip = Ipv4Addr::new(198, 51, 100, i);
-        one_net.insert(server_for(&cl, &grouped, ip).await);
-        default_32.insert(server_for(&cl, &by_host, ip).await);
+        one_net.insert(served_as(&cl, &grouped, &ip.to_string()).await);
+        default_32.insert(served_as(&cl, &by_host, &ip.to_string()).await);
     }
     assert_eq!(one_net.len(), 1, "one /24, grouped by /24: {one_net:?}");
     assert_eq!(default_32.len(), 3, "one /24, by host: {default_32:?}");
@@ -685,8 +667,18 @@ async fn hash_prefix_v4_groups_clients_by_network() {
     let mut many = BTreeSet::new();
     for i in 0..60u8 {
         let net = [10, i, i.wrapping_mul(7), 0];
-        let low = server_for(&cl, &grouped, Ipv4Addr::new(net[0], net[1], net[2], 9)).await;
-        let high = server_for(&cl, &grouped, Ipv4Addr::new(net[0], net[1], net[2], 200)).await;
+        let low = served_as(
+            &cl,
+            &grouped,
+            &Ipv4Addr::new(net[0], net[1], net[2], 9).to_string(),
+        )
+        .await;
+        let high = served_as(
+            &cl,
+            &grouped,
+            &Ipv4Addr::new(net[0], net[1], net[2], 200).to_string(),
+        )
+        .await;
         assert_eq!(low, high, "10.{i}.{}.0/24", net[2]);
         many.insert(low);
     }
@@ -718,8 +710,8 @@ async fn replicas_with_one_config_map_clients_identically() {
             let cl = client();
             let mut out = Vec::new();
             for ip in chunk {
-                let x = server_for(&cl, &first, ip).await;
-                let y = server_for(&cl, &second, ip).await;
+                let x = served_as(&cl, &first, &ip.to_string()).await;
+                let y = served_as(&cl, &second, &ip.to_string()).await;
                 out.push((ip, x, y));
             }
             out

@@ -15,22 +15,6 @@ use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// GET `url` with extra request headers.
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut b = Request::get(url);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(&client(), b.body(Full::default()).unwrap()).await
-}
-
-/// The single value the upstream saw for header `name`.
-fn seen_one(r: &Reply, name: &str) -> Option<String> {
-    let v = r.seen_header(name)?;
-    assert_eq!(v.len(), 1, "{name} seen more than once: {v:?}");
-    v.into_iter().next()
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. Forwarding
 
@@ -53,8 +37,8 @@ async fn forwards_method_path_query_and_the_host_as_sent() {
         assert_eq!(j["method"], method);
         assert_eq!(j["uri"], "/some/path%20x/?q=1&r=two%2F&q=3");
         assert_eq!(j["version"], "HTTP/1.1");
-        assert_eq!(seen_one(&r, "host").as_deref(), Some("app.example:1234"));
-        assert_eq!(seen_one(&r, "x-custom").as_deref(), Some("v1"));
+        assert_eq!(r.seen_one("host").as_deref(), Some("app.example:1234"));
+        assert_eq!(r.seen_one("x-custom").as_deref(), Some("v1"));
     }
     assert_eq!(a.hits(), 6);
 }
@@ -144,7 +128,7 @@ async fn post_body_arrives_whole() {
     let j = r.json();
     assert_eq!(j["method"], "POST");
     assert_eq!(j["body_len"], 300_000);
-    assert_eq!(seen_one(&r, "content-length").as_deref(), Some("300000"));
+    assert_eq!(r.seen_one("content-length").as_deref(), Some("300000"));
     assert_eq!(r.seen_header("transfer-encoding"), None);
 }
 
@@ -291,17 +275,14 @@ async fn forwarded_headers_forged_by_an_untrusted_client_are_replaced() {
 async fn forwarded_headers_are_set_when_the_client_sent_none() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    let r = get_with(&p.url("/f"), &[("host", "app.example")]).await;
+    let r = get_with(&client(), &p.url("/f"), &[("host", "app.example")]).await;
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
     assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
+        r.seen_one("x-forwarded-host").as_deref(),
         Some("app.example")
     );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
 }
 
 #[tokio::test]
@@ -309,6 +290,7 @@ async fn a_trusted_proxy_keeps_its_forwarded_headers_and_the_peer_is_appended() 
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
     let r = get_with(
+        &client(),
         &p.url("/f"),
         &[
             ("host", "app.example"),
@@ -321,15 +303,15 @@ async fn a_trusted_proxy_keeps_its_forwarded_headers_and_the_peer_is_appended() 
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
+        r.seen_one("x-forwarded-for").as_deref(),
         Some("203.0.113.7, 198.51.100.2, 127.0.0.1")
     );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("https"));
     assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
+        r.seen_one("x-forwarded-host").as_deref(),
         Some("front.example")
     );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("192.0.2.1"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("192.0.2.1"));
 }
 
 #[tokio::test]
@@ -338,6 +320,7 @@ async fn a_trusted_proxy_without_x_real_ip_gets_the_rightmost_untrusted_address(
     let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
     // 127.0.0.9 is trusted, so the client is the address before it.
     let r = get_with(
+        &client(),
         &p.url("/f"),
         &[
             ("host", "app.example"),
@@ -346,24 +329,21 @@ async fn a_trusted_proxy_without_x_real_ip_gets_the_rightmost_untrusted_address(
     )
     .await;
     assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
+        r.seen_one("x-forwarded-for").as_deref(),
         Some("10.1.1.1, 203.0.113.7, 127.0.0.9, 127.0.0.1")
     );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("203.0.113.7"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("203.0.113.7"));
     // Not sent by the trusted peer: set by the proxy.
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
     assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
+        r.seen_one("x-forwarded-host").as_deref(),
         Some("app.example")
     );
 
     // No X-Forwarded-For at all: the trusted peer is the client.
-    let r = get_with(&p.url("/f"), &[("host", "app.example")]).await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
+    let r = get_with(&client(), &p.url("/f"), &[("host", "app.example")]).await;
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
 }
 
 #[tokio::test]
@@ -371,6 +351,7 @@ async fn a_peer_outside_trusted_proxies_is_not_trusted() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("trusted_proxies = [\"10.0.0.0/8\"]", &[&a])).await;
     let r = get_with(
+        &client(),
         &p.url("/f"),
         &[
             ("host", "app.example"),
@@ -380,12 +361,9 @@ async fn a_peer_outside_trusted_proxies_is_not_trusted() {
         ],
     )
     .await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -499,12 +477,12 @@ async fn h2c_request_reaches_the_upstream_as_http11_with_a_host_header() {
     assert_eq!(j["method"], "GET");
     assert_eq!(j["uri"], "/h2?x=1");
     let authority = p.addr.to_string();
-    assert_eq!(seen_one(&r, "host").as_deref(), Some(authority.as_str()));
+    assert_eq!(r.seen_one("host").as_deref(), Some(authority.as_str()));
     assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
+        r.seen_one("x-forwarded-host").as_deref(),
         Some(authority.as_str())
     );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
 }
 
 #[tokio::test]
@@ -551,7 +529,7 @@ fn routed_config(a: &TestUpstream, b: &TestUpstream, routes: &str) -> String {
 
 /// The upstream that answered `host` + `path`, or the status when the proxy answered.
 async fn route_of(p: &TestProxy, host: &str, path: &str) -> String {
-    let r = get_with(&p.url(path), &[("host", host)]).await;
+    let r = get_with(&client(), &p.url(path), &[("host", host)]).await;
     if r.status == 200 {
         r.upstream()
     } else {
@@ -646,7 +624,7 @@ async fn no_matching_route_is_a_plain_text_404() {
     let b = TestUpstream::start("b").await;
     let routes = "[[routes]]\nhost = \"app.example\"\nupstream = \"a\"\n";
     let p = TestProxy::start(&routed_config(&a, &b, routes)).await;
-    let r = get_with(&p.url("/x"), &[("host", "nope.example")]).await;
+    let r = get_with(&client(), &p.url("/x"), &[("host", "nope.example")]).await;
     assert_eq!(r.status, 404);
     let ct = r.headers["content-type"].to_str().unwrap();
     assert!(ct.starts_with("text/plain"), "{ct}");
@@ -698,7 +676,7 @@ async fn with_no_routes_the_only_upstream_gets_everything() {
         ("other", "/deep/path?q"),
         ("1.2.3.4:99", "/x"),
     ] {
-        let r = get_with(&p.url(path), &[("host", host)]).await;
+        let r = get_with(&client(), &p.url(path), &[("host", host)]).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.upstream(), "a");
     }

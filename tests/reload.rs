@@ -24,11 +24,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// CONTRACT §6: "A change takes effect within 2 seconds of the file being written."
 const WITHIN: Duration = Duration::from_secs(2);
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 // ---------------------------------------------------------------------------------------
 // Configs
 
@@ -62,13 +57,6 @@ fn line_of(text: &str, needle: &str) -> usize {
 
 // ---------------------------------------------------------------------------------------
 // Requests
-
-/// GETs `url` on `c`; expects 200 and returns the upstream that answered.
-async fn served_by(c: &HttpClient, url: &str) -> String {
-    let r = send(c, Request::get(url).body(Full::default()).unwrap()).await;
-    assert_eq!(r.status, 200, "GET {url}: {}", r.text());
-    r.upstream()
-}
 
 /// Polls with GETs on `c` until `want` answers (bounded by [`WITHIN`]); the time from `t0`.
 async fn switched_to(c: &HttpClient, url: &str, want: &str, t0: Instant) -> Duration {

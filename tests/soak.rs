@@ -135,8 +135,8 @@ async fn run_op(
     op: Op,
     n: usize,
     proxy: SocketAddr,
-    http: &Http,
-    h2: &Http,
+    http: &HttpClient,
+    h2: &HttpClient,
     payload: &Bytes,
     rng: &mut Rng,
 ) -> Outcome {
@@ -163,11 +163,6 @@ async fn run_op(
     }
 }
 
-type Http = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 enum Check {
     /// The echo JSON.
     Json,
@@ -177,12 +172,12 @@ enum Check {
     Length(usize),
 }
 
-async fn fetch(http: &Http, req: http::request::Builder, download: Option<usize>) -> Outcome {
+async fn fetch(http: &HttpClient, req: http::request::Builder, download: Option<usize>) -> Outcome {
     let check = download.map_or(Check::Json, Check::Length);
     send_checked(http, req.body(Full::default()).unwrap(), check).await
 }
 
-async fn send_checked(http: &Http, req: Request<Full<Bytes>>, check: Check) -> Outcome {
+async fn send_checked(http: &HttpClient, req: Request<Full<Bytes>>, check: Check) -> Outcome {
     let resp = match http.request(req).await {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(format!("no response: {e:?}")),

@@ -25,6 +25,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -462,13 +463,16 @@ pub fn replace(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// The client the tests send requests with (plain HTTP).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
 /// A keep-alive HTTP/1.1 client (no pooling limits, plain HTTP).
-pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
 /// An HTTP/2 prior-knowledge (h2c) client.
-pub fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
@@ -502,21 +506,54 @@ impl Reply {
         })
     }
 
+    /// The single value the upstream received for header `name`.
+    pub fn seen_one(&self, name: &str) -> Option<String> {
+        let v = self.seen_header(name)?;
+        assert_eq!(v.len(), 1, "{name} seen more than once: {v:?}");
+        v.into_iter().next()
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
-/// GET `url` with a fresh default client.
-pub async fn get(url: &str) -> Reply {
-    send(&client(), Request::get(url).body(Full::default()).unwrap()).await
+/// GET `url` with a fresh default client (an owned `url` makes a `'static` future, for
+/// `tokio::spawn`).
+pub async fn get(url: impl AsRef<str>) -> Reply {
+    send(
+        &client(),
+        Request::get(url.as_ref()).body(Full::default()).unwrap(),
+    )
+    .await
+}
+
+/// GET `url` on `c` with extra request headers.
+pub async fn get_with(c: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(c, b.body(Full::default()).unwrap()).await
+}
+
+/// GETs `url` on `c`, which must answer 200; the upstream that answered.
+pub async fn served_by(c: &HttpClient, url: &str) -> String {
+    let r = send(c, Request::get(url).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 200, "GET {url}: {}", r.text());
+    r.upstream()
+}
+
+/// The upstream that serves a client at `ip`, told by `X-Forwarded-For` from a trusted peer
+/// (`GET /` on `c`, which must answer 200).
+pub async fn served_as(c: &HttpClient, p: &TestProxy, ip: &str) -> String {
+    let r = get_with(c, &p.url("/"), &[("x-forwarded-for", ip)]).await;
+    assert_eq!(r.status, 200, "{ip}: {}", r.text());
+    r.upstream()
 }
 
 /// Sends `req` and reads the whole response.
-pub async fn send(
-    c: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    req: Request<Full<Bytes>>,
-) -> Reply {
+pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
     let resp = tokio::time::timeout(Duration::from_secs(30), c.request(req))
         .await
         .expect("request timed out")

@@ -6,16 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::{TestProxy, TestUpstream, admin};
-
-type Http = Client<HttpConnector, Full<Bytes>>;
+use super::{HttpClient, TestProxy, TestUpstream, admin};
 
 /// A well-behaved client: GETs `/steady/N` in a loop on one keep-alive connection, and
 /// notes every answer that is not a 200 from the `steady` upstream.
@@ -30,7 +26,7 @@ impl Steady {
         // At most one idle connection: a request that found the previous connection still
         // on its way back to the pool (a busy runtime) opens a second one, and whichever comes
         // back second is then closed, so the proxy soon counts one connection again.
-        let c: Http = Client::builder(TokioExecutor::new())
+        let c: HttpClient = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
             .build_http();
         if let Err(e) = steady_get(&c, proxy, 0).await {
@@ -70,7 +66,7 @@ impl Steady {
     }
 }
 
-pub async fn steady_get(c: &Http, proxy: SocketAddr, n: usize) -> Result<(), String> {
+pub async fn steady_get(c: &HttpClient, proxy: SocketAddr, n: usize) -> Result<(), String> {
     let req = Request::get(format!("http://{proxy}/steady/{n}"))
         .body(Full::default())
         .unwrap();
