@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod raw;
 pub mod steady;
+pub mod tls;
 pub mod usage;
 
 use std::collections::BTreeMap;
@@ -32,6 +34,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
+
+/// CONTRACT §6: a change (a config file, a renewed certificate) takes effect within 2 seconds.
+pub const WITHIN: Duration = Duration::from_secs(2);
 
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
