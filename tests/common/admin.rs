@@ -11,6 +11,11 @@ use super::{Reply, TestProxy, client, get, send};
 /// The `[admin]` section on port 0: appended to a config, it turns the admin listener on.
 pub const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
 
+/// A config with `[server]` and `[admin]` on port 0, then `rest` (upstreams, routes).
+pub fn config(rest: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\n{ADMIN}\n{rest}")
+}
+
 /// `http://ADMIN_ADDR{path}`.
 pub fn url(p: &TestProxy, path: &str) -> String {
     format!("http://{}{path}", p.admin.expect("admin listener"))

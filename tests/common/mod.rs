@@ -378,6 +378,15 @@ pub fn quoted(servers: &[&TestUpstream]) -> String {
     list.join(", ")
 }
 
+/// `[upstreams.NAME]` over `servers`, each with its weight.
+pub fn weighted(name: &str, servers: &[(&TestUpstream, u32)]) -> String {
+    let list: String = servers
+        .iter()
+        .map(|(u, w)| format!("  {{ addr = \"{}\", weight = {w} }},\n", u.addr))
+        .collect();
+    format!("[upstreams.{name}]\nservers = [\n{list}]\n")
+}
+
 /// A config with `server_extra` keys under `[server]` and one upstream `app` over `servers`
 /// (unlike [`TestProxy::config`], whose extra TOML goes after the upstream).
 pub fn proxy_config(server_extra: &str, servers: &[&TestUpstream]) -> String {
