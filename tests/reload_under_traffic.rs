@@ -13,7 +13,6 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------
@@ -229,8 +228,6 @@ async fn pooled_connections_survive_a_reload() {
     );
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
 /// Sends `text` and returns the next text message.
 async fn exchange(ws: &mut Ws, text: &str) -> String {
     ws.send(Message::text(text)).await.expect("send");
@@ -251,19 +248,7 @@ async fn a_websocket_outlives_a_reload_that_removes_its_server() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
-    let ws_url = format!("ws://{}/ws", p.addr);
-    let open = || async {
-        let (ws, resp) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_tungstenite::connect_async(ws_url.as_str()),
-        )
-        .await
-        .expect("websocket handshake timed out")
-        .expect("websocket handshake failed");
-        assert_eq!(resp.status(), 101);
-        ws
-    };
-    let mut ws = open().await;
+    let mut ws = open_websocket(&p).await;
     assert_eq!(exchange(&mut ws, "before").await, "a: before");
 
     replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
@@ -271,7 +256,7 @@ async fn a_websocket_outlives_a_reload_that_removes_its_server() {
     assert_eq!(exchange(&mut ws, "after").await, "a: after");
     assert_eq!(exchange(&mut ws, "again").await, "a: again");
 
-    let mut fresh = open().await;
+    let mut fresh = open_websocket(&p).await;
     assert_eq!(exchange(&mut fresh, "new").await, "b: new");
     ws.close(None).await.unwrap();
     fresh.close(None).await.unwrap();

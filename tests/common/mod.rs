@@ -1,5 +1,10 @@
-//! Shared helpers for the integration tests: real upstream servers and a real proxy on
-//! ephemeral loopback ports, a small HTTP client, and `eventually` to poll for a condition.
+//! Shared helpers for the integration tests, one per job: real upstream servers
+//! ([`TestUpstream`]) and a real proxy ([`TestProxy`]) on ephemeral loopback ports, config
+//! builders, a small HTTP client, and [`eventually`] to poll for a condition. The modules
+//! hold the rest: `admin` (the admin listener), `prometheus` (the exposition parser),
+//! `process` (the real binary as a child process), `raw` (exact bytes on the wire), `steady`
+//! (a well-behaved client beside a misbehaving case), `pki` and `tls` (certificates, a TLS
+//! client and a TLS upstream) and `usage` (memory and descriptors).
 #![allow(dead_code)]
 
 pub mod admin;
@@ -585,6 +590,24 @@ pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
         headers,
         body,
     }
+}
+
+/// A WebSocket client connection.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket through the proxy to the upstream's `/ws` echo: the handshake must end
+/// in a `101` within 5 s.
+pub async fn open_websocket(p: &TestProxy) -> Ws {
+    let url = format!("ws://{}/ws", p.addr);
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("websocket handshake timed out")
+    .expect("websocket handshake failed");
+    assert_eq!(resp.status(), 101);
+    ws
 }
 
 /// A loopback address where nothing listens (a port that was bound, then released).
