@@ -194,25 +194,25 @@ const ALIASES: [Ipv4Addr; 3] = [
     Ipv4Addr::new(127, 0, 0, 4),
 ];
 
-/// Serializes port picking among the tests of this file (only they bind the aliases).
-static ALIAS_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Starts `names[i]` on `ALIASES[i]:P` for one port P free on all three.
+/// Starts `names[i]` on `ALIASES[i]:P` for one port P free on all three. A DNS entry names
+/// one port for every address it resolves to, so this is the one place where a test picks
+/// a port: the first alias binds port 0, the others try the same port, and the listeners
+/// are kept and handed to the upstreams (nothing is released in between).
 async fn start_on_aliases(names: [&str; 3]) -> (u16, Vec<TestUpstream>) {
-    let _one_at_a_time = ALIAS_PORTS.lock().await;
     for _ in 0..100 {
         let first = std::net::TcpListener::bind((ALIASES[0], 0)).unwrap();
         let port = first.local_addr().unwrap().port();
-        let others: Vec<_> = ALIASES[1..]
+        let others: Result<Vec<_>, _> = ALIASES[1..]
             .iter()
             .map(|ip| std::net::TcpListener::bind((*ip, port)))
             .collect();
-        if others.iter().all(Result::is_ok) {
-            drop((first, others));
-            let mut ups = Vec::new();
-            for (ip, name) in ALIASES.iter().zip(names) {
-                ups.push(TestUpstream::start_at(name, SocketAddr::from((*ip, port))).await);
-            }
+        if let Ok(others) = others {
+            let listeners = std::iter::once(first).chain(others);
+            let ups = names
+                .iter()
+                .zip(listeners)
+                .map(|(name, l)| TestUpstream::start_on(name, l))
+                .collect();
             return (port, ups);
         }
     }

@@ -102,6 +102,12 @@ impl TestUpstream {
         Self::serve(name, listener)
     }
 
+    /// Starts on a listener the test has bound (to choose its address and port).
+    pub fn start_on(name: &str, listener: std::net::TcpListener) -> TestUpstream {
+        listener.set_nonblocking(true).unwrap();
+        Self::serve(name, TcpListener::from_std(listener).unwrap())
+    }
+
     fn serve(name: &str, listener: TcpListener) -> TestUpstream {
         let addr = listener.local_addr().unwrap();
         let knobs = Arc::new(Knobs::default());
