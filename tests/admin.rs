@@ -1,491 +1,19 @@
-//! The admin listener and what operators read from outside (CONTRACT §4, §5 and the admin
-//! rows of §7): `/metrics` parsed as Prometheus text format 0.0.4 after known traffic,
-//! `/status`, `/readyz`, the admin token, drain/undrain, the maintenance switch, and the
-//! access log written by the real binary on its stdout.
+//! The admin listener (CONTRACT §4 and the admin rows of §7): `/status` with the contract's
+//! fields and types, `/readyz` following the health of every upstream, the admin token on
+//! every non-GET request, unknown paths and wrong methods, drain/undrain (also under
+//! `ip_hash`), and the maintenance switch with its page. Metrics are in `metrics.rs`.
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use bytes::Bytes;
-use common::process::free_port;
+use common::admin::ADMIN;
+use common::prometheus;
 use common::*;
 use http::{Method, Request};
 use http_body_util::Full;
-use std::sync::atomic::Ordering;
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
-// ---------------------------------------------------------------------------------------
-// A parser of the Prometheus text exposition format 0.0.4
-
-mod prom {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    /// The kind a `# TYPE` line declares.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Kind {
-        Counter,
-        Gauge,
-        Histogram,
-        Summary,
-        Untyped,
-    }
-
-    impl Kind {
-        fn parse(s: &str) -> Option<Kind> {
-            Some(match s {
-                "counter" => Kind::Counter,
-                "gauge" => Kind::Gauge,
-                "histogram" => Kind::Histogram,
-                "summary" => Kind::Summary,
-                "untyped" => Kind::Untyped,
-                _ => return None,
-            })
-        }
-    }
-
-    /// One sample line.
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct Sample {
-        pub name: String,
-        /// The family the sample belongs to (`x` for `x_bucket` of histogram `x`).
-        pub family: String,
-        pub labels: BTreeMap<String, String>,
-        pub value: f64,
-    }
-
-    /// A parsed scrape.
-    #[derive(Debug, Default)]
-    pub struct Exposition {
-        pub kinds: BTreeMap<String, Kind>,
-        pub samples: Vec<Sample>,
-        /// Comment lines other than `# HELP` and `# TYPE`.
-        pub comments: Vec<String>,
-    }
-
-    /// A histogram series: `(le, cumulative count)` in exposition order, `_sum`, `_count`.
-    #[derive(Debug)]
-    pub struct Histogram {
-        pub buckets: Vec<(f64, f64)>,
-        pub sum: f64,
-        pub count: f64,
-    }
-
-    fn is_name_start(c: char) -> bool {
-        c.is_ascii_alphabetic() || c == '_' || c == ':'
-    }
-
-    fn is_name_char(c: char) -> bool {
-        c.is_ascii_alphanumeric() || c == '_' || c == ':'
-    }
-
-    fn is_metric_name(s: &str) -> bool {
-        let mut chars = s.chars();
-        chars.next().is_some_and(is_name_start) && chars.all(is_name_char)
-    }
-
-    /// A sample value: a float, `+Inf`, `-Inf` or `NaN`.
-    pub fn parse_value(s: &str) -> Result<f64, String> {
-        match s {
-            "+Inf" | "Inf" => Ok(f64::INFINITY),
-            "-Inf" => Ok(f64::NEG_INFINITY),
-            "NaN" => Ok(f64::NAN),
-            _ => s
-                .parse::<f64>()
-                .map_err(|e| format!("bad value {s:?}: {e}")),
-        }
-    }
-
-    /// `name{l="v",...} value [timestamp]` → (name, labels, value).
-    fn parse_sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64), String> {
-        let mut it = line.char_indices().peekable();
-        let name_end = loop {
-            match it.peek() {
-                Some(&(i, c)) if (i == 0 && is_name_start(c)) || (i > 0 && is_name_char(c)) => {
-                    it.next();
-                }
-                Some(&(i, _)) => break i,
-                None => break line.len(),
-            }
-        };
-        if name_end == 0 {
-            return Err("no metric name".into());
-        }
-        let name = line[..name_end].to_owned();
-        let mut labels = BTreeMap::new();
-        if let Some(&(_, '{')) = it.peek() {
-            it.next();
-            loop {
-                while matches!(it.peek(), Some(&(_, ' '))) {
-                    it.next();
-                }
-                match it.peek() {
-                    Some(&(_, '}')) => {
-                        it.next();
-                        break;
-                    }
-                    None => return Err("unclosed label set".into()),
-                    _ => {}
-                }
-                let mut key = String::new();
-                while let Some(&(_, c)) = it.peek() {
-                    if c.is_ascii_alphanumeric() || c == '_' {
-                        key.push(c);
-                        it.next();
-                    } else {
-                        break;
-                    }
-                }
-                if key.is_empty() || key.starts_with(|c: char| c.is_ascii_digit()) {
-                    return Err(format!("bad label name {key:?}"));
-                }
-                if it.next().map(|x| x.1) != Some('=') {
-                    return Err(format!("expected '=' after label {key:?}"));
-                }
-                if it.next().map(|x| x.1) != Some('"') {
-                    return Err(format!("expected '\"' to open the value of {key:?}"));
-                }
-                let mut value = String::new();
-                loop {
-                    match it.next().map(|x| x.1) {
-                        Some('"') => break,
-                        Some('\\') => match it.next().map(|x| x.1) {
-                            Some('\\') => value.push('\\'),
-                            Some('"') => value.push('"'),
-                            Some('n') => value.push('\n'),
-                            other => {
-                                return Err(format!("bad escape \\{other:?} in label {key:?}"));
-                            }
-                        },
-                        Some('\n') => return Err("raw newline in a label value".into()),
-                        Some(c) => value.push(c),
-                        None => return Err(format!("unterminated value of label {key:?}")),
-                    }
-                }
-                if labels.insert(key.clone(), value).is_some() {
-                    return Err(format!("label {key:?} given twice"));
-                }
-                while matches!(it.peek(), Some(&(_, ' '))) {
-                    it.next();
-                }
-                match it.next().map(|x| x.1) {
-                    Some(',') => {}
-                    Some('}') => break,
-                    other => return Err(format!("expected ',' or '}}', found {other:?}")),
-                }
-            }
-        }
-        let rest: String = it.map(|x| x.1).collect();
-        if !rest.starts_with([' ', '\t']) {
-            return Err(format!(
-                "no blank between the series and the value: {rest:?}"
-            ));
-        }
-        let mut fields = rest.split_whitespace();
-        let value = parse_value(fields.next().ok_or("no value")?)?;
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .map_err(|e| format!("bad timestamp {ts:?}: {e}"))?;
-        }
-        if let Some(extra) = fields.next() {
-            return Err(format!("trailing text {extra:?}"));
-        }
-        Ok((name, labels, value))
-    }
-
-    impl Exposition {
-        /// The family a sample name belongs to, given the `# TYPE` lines seen so far.
-        fn family_of(&self, name: &str) -> String {
-            if self.kinds.contains_key(name) {
-                return name.to_owned();
-            }
-            for (suffix, kinds) in [
-                ("_bucket", &[Kind::Histogram][..]),
-                ("_sum", &[Kind::Histogram, Kind::Summary][..]),
-                ("_count", &[Kind::Histogram, Kind::Summary][..]),
-            ] {
-                if let Some(stem) = name.strip_suffix(suffix)
-                    && self.kinds.get(stem).is_some_and(|k| kinds.contains(k))
-                {
-                    return stem.to_owned();
-                }
-            }
-            name.to_owned()
-        }
-
-        /// The declared kind of `family`.
-        pub fn kind(&self, family: &str) -> Option<Kind> {
-            self.kinds.get(family).copied()
-        }
-
-        /// The value of sample `name` whose label set is exactly `labels`.
-        pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-            let want: BTreeMap<String, String> = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            self.samples
-                .iter()
-                .find(|s| s.name == name && s.labels == want)
-                .map(|s| s.value)
-        }
-
-        /// Every sample named `name`.
-        pub fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
-            self.samples.iter().filter(move |s| s.name == name)
-        }
-
-        /// The histogram series of `family` whose labels other than `le` are `labels`.
-        pub fn histogram(&self, family: &str, labels: &[(&str, &str)]) -> Option<Histogram> {
-            let want: BTreeMap<String, String> = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            let bucket_name = format!("{family}_bucket");
-            let mut buckets = Vec::new();
-            for s in self.series(&bucket_name) {
-                let mut rest = s.labels.clone();
-                let le = rest.remove("le")?;
-                if rest == want {
-                    buckets.push((parse_value(&le).ok()?, s.value));
-                }
-            }
-            Some(Histogram {
-                buckets,
-                sum: self.get(&format!("{family}_sum"), labels)?,
-                count: self.get(&format!("{family}_count"), labels)?,
-            })
-        }
-    }
-
-    /// Parses a scrape, checking what the format requires: valid names and label syntax,
-    /// at most one `# TYPE` per family and before its samples, each family's samples in one
-    /// group, no series twice, `le` on every histogram bucket.
-    pub fn parse(text: &str) -> Result<Exposition, String> {
-        let mut e = Exposition::default();
-        let mut current: Option<String> = None;
-        let mut finished: BTreeSet<String> = BTreeSet::new();
-        let mut seen: BTreeSet<(String, Vec<(String, String)>)> = BTreeSet::new();
-        for (n, line) in text.lines().enumerate() {
-            let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
-            if line.trim().is_empty() {
-                continue;
-            }
-            if let Some(comment) = line.strip_prefix('#') {
-                let mut words = comment.trim_start().splitn(3, ' ');
-                match words.next() {
-                    Some("TYPE") => {
-                        let name = words.next().unwrap_or_default();
-                        let kind = words.next().unwrap_or_default().trim();
-                        if !is_metric_name(name) {
-                            return Err(at(format!("bad metric name {name:?}")));
-                        }
-                        let kind = Kind::parse(kind)
-                            .ok_or_else(|| at(format!("unknown type {kind:?}")))?;
-                        if e.kinds.insert(name.to_owned(), kind).is_some() {
-                            return Err(at(format!("second TYPE for {name}")));
-                        }
-                        if finished.contains(name) || current.as_deref() == Some(name) {
-                            return Err(at(format!("TYPE for {name} after its samples")));
-                        }
-                    }
-                    Some("HELP") => {
-                        let name = words.next().unwrap_or_default();
-                        if !is_metric_name(name) {
-                            return Err(at(format!("bad metric name {name:?}")));
-                        }
-                    }
-                    _ => e.comments.push(line.to_owned()),
-                }
-                continue;
-            }
-            let (name, labels, value) = parse_sample(line).map_err(at)?;
-            let family = e.family_of(&name);
-            if current.as_deref() != Some(family.as_str()) {
-                if finished.contains(&family) {
-                    return Err(at(format!("samples of {family} are not grouped together")));
-                }
-                if let Some(prev) = current.replace(family.clone()) {
-                    finished.insert(prev);
-                }
-            }
-            if e.kind(&family) == Some(Kind::Histogram)
-                && name.ends_with("_bucket")
-                && !labels.contains_key("le")
-            {
-                return Err(at("histogram bucket without le".into()));
-            }
-            let key = (
-                name.clone(),
-                labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            );
-            if !seen.insert(key) {
-                return Err(at("the same series twice".into()));
-            }
-            e.samples.push(Sample {
-                name,
-                family,
-                labels,
-                value,
-            });
-        }
-        Ok(e)
-    }
-}
-
-#[test]
-fn the_exposition_parser_handles_escapes_types_and_histograms() {
-    let text = "# HELP x_total Things.\n\
-                # TYPE x_total counter\n\
-                x_total{path=\"/a\\\\b\",q=\"say \\\"hi\\\"\",nl=\"1\\n2\",} 3\n\
-                x_total{path=\"c,d=e\"} 4 1700000000000\n\
-                # TYPE h histogram\n\
-                h_bucket{u=\"a\",le=\"0.5\"} 1\n\
-                h_bucket{u=\"a\",le=\"+Inf\"} 2\n\
-                h_sum{u=\"a\"} 0.75\n\
-                h_count{u=\"a\"} 2\n\
-                # a free comment\n\
-                up NaN\n";
-    let e = prom::parse(text).unwrap();
-    assert_eq!(
-        e.get(
-            "x_total",
-            &[("path", "/a\\b"), ("q", "say \"hi\""), ("nl", "1\n2")]
-        ),
-        Some(3.0)
-    );
-    assert_eq!(e.get("x_total", &[("path", "c,d=e")]), Some(4.0));
-    assert_eq!(e.kind("x_total"), Some(prom::Kind::Counter));
-    assert_eq!(e.kind("h"), Some(prom::Kind::Histogram));
-    let h = e.histogram("h", &[("u", "a")]).unwrap();
-    assert_eq!(h.buckets, vec![(0.5, 1.0), (f64::INFINITY, 2.0)]);
-    assert_eq!((h.sum, h.count), (0.75, 2.0));
-    assert!(e.series("h_count").all(|s| s.family == "h"));
-    assert!(e.get("up", &[]).unwrap().is_nan());
-    assert_eq!(e.comments, vec!["# a free comment".to_owned()]);
-    for bad in [
-        "x{a=\"1\"} 1\ny 2\nx{a=\"2\"} 3\n", // family not grouped
-        "x 1\n# TYPE x gauge\n",             // TYPE after samples
-        "x{a=\"\\t\"} 1\n",                  // bad escape
-        "x{a=\"1\"",                         // unclosed
-        "x{a=\"1\",a=\"2\"} 1\n",            // duplicate label
-        "x 1\nx 2\n",                        // duplicate series
-        "x one\n",                           // bad value
-        "# TYPE h histogram\nh_bucket 1\n",  // bucket without le
-        "# TYPE x gauge\n# TYPE x gauge\n",  // two TYPE lines
-        "# TYPE x widget\n",                 // unknown type
-    ] {
-        assert!(prom::parse(bad).is_err(), "accepted {bad:?}");
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Helpers
-
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
-fn quoted(list: &[&TestUpstream]) -> String {
-    let v: Vec<String> = list.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    v.join(", ")
-}
-
-fn admin_url(p: &TestProxy, path: &str) -> String {
-    format!("http://{}{}", p.admin.expect("admin listener"), path)
-}
-
-/// A request to the admin listener, with a bearer token if given.
-async fn admin(
-    p: &TestProxy,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> Reply {
-    let mut b = Request::builder().method(method).uri(admin_url(p, path));
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    if !body.is_empty() {
-        b = b.header("content-type", "application/json");
-    }
-    send(
-        &client(),
-        b.body(Full::new(Bytes::from(body.to_owned()))).unwrap(),
-    )
-    .await
-}
-
-async fn post(p: &TestProxy, path: &str, body: &str) -> Reply {
-    admin(p, Method::POST, path, None, body).await
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&admin_url(p, "/status")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-/// `/status` entry of server `addr` in upstream `upstream`.
-fn server_entry<'a>(
-    st: &'a serde_json::Value,
-    upstream: &str,
-    addr: &str,
-) -> &'a serde_json::Value {
-    st["upstreams"][upstream]["servers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no servers array for {upstream}: {st}"))
-        .iter()
-        .find(|s| s["addr"] == addr)
-        .unwrap_or_else(|| panic!("no server {addr} in {upstream}: {st}"))
-}
-
-/// Scrapes `/metrics`, checks the answer's head and parses the body.
-async fn scrape(p: &TestProxy) -> prom::Exposition {
-    let r = get(&admin_url(p, "/metrics")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        r.headers.get("content-type").map(|v| v.to_str().unwrap()),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
-    let text = r.text();
-    prom::parse(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"))
-}
-
-/// A sample that must be present.
-fn must(e: &prom::Exposition, name: &str, labels: &[(&str, &str)]) -> f64 {
-    e.get(name, labels).unwrap_or_else(|| {
-        let have: Vec<_> = e.series(name).map(|s| &s.labels).collect();
-        panic!("{name}{labels:?} not exposed; {name} has {have:?}")
-    })
-}
-
-/// GET `path` on the proxy with `Host: host`.
-async fn get_host(c: &HttpClient, p: &TestProxy, host: &str, path: &str) -> Reply {
-    send(
-        c,
-        Request::get(p.url(path))
-            .header("host", host)
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 /// Words of a plain-text body, split on anything but name characters.
 fn words(s: &str) -> BTreeSet<&str> {
@@ -509,380 +37,7 @@ fn allow(r: &Reply) -> BTreeSet<String> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. Metrics after known traffic
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_hyper_cannot_parse_are_counted_with_upstream_none() {
-    let a = TestUpstream::start("a").await;
-    let cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{ADMIN}\n[upstreams.app]\nservers = [{}]\n",
-        quoted(&[&a])
-    );
-    let p = TestProxy::start(&cfg).await;
-    for bytes in [
-        &b"NOT HTTP AT ALL\r\n\r\n"[..],
-        b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
-    ] {
-        let answer = raw(p.addr, bytes, Duration::from_secs(3)).await;
-        assert_eq!(raw_status(&answer), Some(400), "{answer:?}");
-    }
-    let e = scrape(&p).await;
-    let req = "fairway_requests_total";
-    assert_eq!(
-        must(
-            &e,
-            req,
-            &[("upstream", "none"), ("server", "none"), ("code", "400")]
-        ),
-        2.0
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_after_known_traffic() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let (aa, ba) = (a.addr.to_string(), b.addr.to_string());
-    let cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{ADMIN}\n\
-         [upstreams.app]\nservers = [{}]\n\
-         [upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\n\n\
-         [[routes]]\nhost = \"only.test\"\nupstream = \"app\"\n",
-        quoted(&[&a, &b])
-    );
-    let p = TestProxy::start(&cfg).await;
-
-    // Exactly 10 routed GETs on one keep-alive connection, and one route miss.
-    let c = client();
-    let mut by = BTreeMap::new();
-    for i in 0..10 {
-        let r = get_host(&c, &p, "only.test", &format!("/n/{i}")).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        *by.entry(r.upstream()).or_insert(0) += 1;
-    }
-    assert_eq!(
-        by,
-        BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 5)])
-    );
-    let miss = get_host(&c, &p, "elsewhere.test", "/n").await;
-    assert_eq!(miss.status, 404);
-
-    let r = get(&admin_url(&p, "/metrics")).await;
-    assert!(
-        !r.text().lines().any(|l| l.trim() == "# EOF"),
-        "0.0.4 has no # EOF line"
-    );
-    let e = scrape(&p).await;
-
-    // Every §5 name, with the right TYPE (and the §7 names fairway has built).
-    use prom::Kind::*;
-    for (family, kind) in [
-        ("fairway_requests_total", Counter),
-        ("fairway_request_duration_seconds", Histogram),
-        ("fairway_upstream_server_healthy", Gauge),
-        ("fairway_upstream_active_requests", Gauge),
-        ("fairway_health_checks_total", Counter),
-        ("fairway_retries_total", Counter),
-        ("fairway_config_reloads_total", Counter),
-        ("fairway_config_last_reload_successful", Gauge),
-        ("fairway_client_connections_active", Gauge),
-        ("fairway_client_connections_rejected_total", Counter),
-        ("fairway_access_log_dropped_total", Counter),
-        ("fairway_upstream_maintenance", Gauge),
-        ("process_resident_memory_bytes", Gauge),
-        ("process_cpu_seconds_total", Counter),
-        ("process_open_fds", Gauge),
-        ("process_start_time_seconds", Gauge),
-    ] {
-        assert_eq!(e.kind(family), Some(kind), "# TYPE of {family}");
-    }
-    // Every fairway sample belongs to a typed family.
-    for s in &e.samples {
-        if s.name.starts_with("fairway_") {
-            assert!(e.kind(&s.family).is_some(), "untyped sample {s:?}");
-        }
-    }
-
-    let req = "fairway_requests_total";
-    assert_eq!(
-        must(
-            &e,
-            req,
-            &[("upstream", "app"), ("server", &aa), ("code", "200")]
-        ),
-        5.0
-    );
-    assert_eq!(
-        must(
-            &e,
-            req,
-            &[("upstream", "app"), ("server", &ba), ("code", "200")]
-        ),
-        5.0
-    );
-    assert_eq!(
-        must(
-            &e,
-            req,
-            &[("upstream", "none"), ("server", "none"), ("code", "404")]
-        ),
-        1.0
-    );
-    // Nothing else was counted.
-    let total: f64 = e.series(req).map(|s| s.value).sum();
-    assert_eq!(total, 11.0, "{:?}", e.series(req).collect::<Vec<_>>());
-
-    // The duration histogram: 10 routed requests, buckets 0.5 ms .. 30 s and +Inf.
-    let h = e
-        .histogram("fairway_request_duration_seconds", &[("upstream", "app")])
-        .expect("duration histogram of app");
-    assert_eq!(h.count, 10.0);
-    assert!(h.sum > 0.0 && h.sum < 10.0 * 30.0, "sum {}", h.sum);
-    let les: Vec<f64> = h.buckets.iter().map(|b| b.0).collect();
-    assert_eq!(les.first(), Some(&0.0005), "{les:?}");
-    assert_eq!(les.last(), Some(&f64::INFINITY), "{les:?}");
-    assert_eq!(les[les.len() - 2], 30.0, "{les:?}");
-    assert!(
-        les.windows(2).all(|w| w[0] < w[1]),
-        "le not increasing: {les:?}"
-    );
-    let counts: Vec<f64> = h.buckets.iter().map(|b| b.1).collect();
-    assert!(
-        counts.windows(2).all(|w| w[0] <= w[1]),
-        "buckets not cumulative: {counts:?}"
-    );
-    assert_eq!(counts.last(), Some(&h.count), "+Inf bucket is the count");
-    // The route miss has no upstream, hence no duration series of its own.
-    assert!(
-        e.series("fairway_request_duration_seconds_count")
-            .all(|s| s.labels["upstream"] == "app"),
-        "{:?}",
-        e.series("fairway_request_duration_seconds_count")
-            .collect::<Vec<_>>()
-    );
-
-    for addr in [&aa, &ba] {
-        let l = [("upstream", "app"), ("server", addr.as_str())];
-        assert_eq!(must(&e, "fairway_upstream_server_healthy", &l), 1.0);
-        for result in ["success", "failure"] {
-            let v = must(
-                &e,
-                "fairway_health_checks_total",
-                &[l[0], l[1], ("result", result)],
-            );
-            assert!(v >= 0.0 && v.fract() == 0.0, "{result}: {v}");
-        }
-    }
-    assert_eq!(
-        must(&e, "fairway_retries_total", &[("upstream", "app")]),
-        0.0
-    );
-    assert_eq!(
-        must(&e, "fairway_config_reloads_total", &[("result", "success")]),
-        0.0
-    );
-    assert_eq!(
-        must(&e, "fairway_config_reloads_total", &[("result", "failure")]),
-        0.0
-    );
-    assert_eq!(must(&e, "fairway_config_last_reload_successful", &[]), 1.0);
-    // `c` keeps its keep-alive connection open.
-    assert!(must(&e, "fairway_client_connections_active", &[]) >= 1.0);
-
-    // Process metrics, plausible for this (test) process.
-    let rss = must(&e, "process_resident_memory_bytes", &[]);
-    assert!((1e6..64e9).contains(&rss), "rss {rss}");
-    let cpu = must(&e, "process_cpu_seconds_total", &[]);
-    assert!(cpu.is_finite() && cpu >= 0.0, "cpu {cpu}");
-    let fds = must(&e, "process_open_fds", &[]);
-    assert!(fds >= 3.0 && fds.fract() == 0.0, "fds {fds}");
-    if let Some(max) = e.get("process_max_fds", &[]) {
-        assert!(fds <= max, "{fds} > {max}");
-    }
-    let start = must(&e, "process_start_time_seconds", &[]);
-    let now = now_secs();
-    assert!(
-        start <= now + 5.0 && start > now - 3600.0,
-        "start {start}, now {now}"
-    );
-
-    // Health checks run and are counted per server.
-    eventually(Duration::from_secs(3), "health checks counted", || async {
-        let e = scrape(&p).await;
-        [&aa, &ba].iter().all(|addr| {
-            e.get(
-                "fairway_health_checks_total",
-                &[("upstream", "app"), ("server", addr), ("result", "success")],
-            )
-            .is_some_and(|v| v >= 1.0)
-        })
-    })
-    .await;
-
-    // Active requests: 0 after the traffic, 1 while a slow request is in flight.
-    let active = |e: &prom::Exposition| -> Vec<f64> {
-        [&aa, &ba]
-            .iter()
-            .map(|addr| {
-                must(
-                    e,
-                    "fairway_upstream_active_requests",
-                    &[("upstream", "app"), ("server", addr)],
-                )
-            })
-            .collect()
-    };
-    eventually(Duration::from_secs(2), "no request in flight", || async {
-        active(&scrape(&p).await) == [0.0, 0.0]
-    })
-    .await;
-    a.set_delay(Duration::from_millis(1500));
-    b.set_delay(Duration::from_millis(1500));
-    let slow = {
-        let url = p.url("/slow");
-        tokio::spawn(async move {
-            send(
-                &client(),
-                Request::get(url)
-                    .header("host", "only.test")
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await
-        })
-    };
-    eventually(Duration::from_secs(1), "one request in flight", || async {
-        let mut v = active(&scrape(&p).await);
-        v.sort_by(f64::total_cmp);
-        v == [0.0, 1.0]
-    })
-    .await;
-    let r = slow.await.unwrap();
-    assert_eq!(r.status, 200);
-    eventually(Duration::from_secs(2), "the slow request ended", || async {
-        active(&scrape(&p).await) == [0.0, 0.0]
-    })
-    .await;
-
-    // Client connections close with their clients.
-    drop(c);
-    eventually(
-        Duration::from_secs(3),
-        "client connections closed",
-        || async {
-            scrape(&p)
-                .await
-                .get("fairway_client_connections_active", &[])
-                == Some(0.0)
-        },
-    )
-    .await;
-}
-
-// ---------------------------------------------------------------------------------------
-// 2. A server removed by a reload leaves the exposition
-
-fn labels_mention(e: &prom::Exposition, needle: &str) -> Vec<prom::Sample> {
-    e.samples
-        .iter()
-        .filter(|s| s.labels.values().any(|v| v == needle))
-        .cloned()
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_removed_by_a_reload_leaves_the_exposition() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let (aa, ba) = (a.addr.to_string(), b.addr.to_string());
-    let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
-    let c = client();
-    for _ in 0..2 {
-        assert_eq!(
-            send(&c, Request::get(p.url("/")).body(Full::default()).unwrap())
-                .await
-                .status,
-            200
-        );
-    }
-    let e = scrape(&p).await;
-    for addr in [&aa, &ba] {
-        let l = [
-            ("upstream", "app"),
-            ("server", addr.as_str()),
-            ("code", "200"),
-        ];
-        assert_eq!(must(&e, "fairway_requests_total", &l), 1.0);
-    }
-    assert!(!labels_mention(&e, &ba).is_empty());
-
-    std::fs::write(&p.config_path, TestProxy::config(&[&a], ADMIN)).unwrap();
-    let v = p.handle().reload().expect("reload");
-    assert_eq!(v, 2);
-
-    let e = scrape(&p).await;
-    assert_eq!(
-        labels_mention(&e, &ba),
-        Vec::new(),
-        "series of the removed server"
-    );
-    // The server that stays keeps its series and counts.
-    assert_eq!(
-        must(
-            &e,
-            "fairway_requests_total",
-            &[("upstream", "app"), ("server", &aa), ("code", "200")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        must(
-            &e,
-            "fairway_upstream_server_healthy",
-            &[("upstream", "app"), ("server", &aa)]
-        ),
-        1.0
-    );
-    assert!(
-        must(&e, "fairway_config_reloads_total", &[("result", "success")]) >= 1.0,
-        "reload counted"
-    );
-    assert_eq!(must(&e, "fairway_config_last_reload_successful", &[]), 1.0);
-    // Traffic after the reload goes to a only, and b stays out of the exposition.
-    for _ in 0..2 {
-        let r = send(&c, Request::get(p.url("/")).body(Full::default()).unwrap()).await;
-        assert_eq!(r.upstream(), "a");
-    }
-    assert_eq!(labels_mention(&scrape(&p).await, &ba), Vec::new());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_in_flight_on_a_removed_server_does_not_bring_its_series_back() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let ba = b.addr.to_string();
-    let p = TestProxy::start(&TestProxy::config(&[&b], ADMIN)).await;
-    b.set_delay(Duration::from_millis(600));
-    let slow = tokio::spawn(get_owned(p.url("/slow")));
-    eventually(Duration::from_secs(2), "request in flight on b", || async {
-        b.hits() == 1
-    })
-    .await;
-    std::fs::write(&p.config_path, TestProxy::config(&[&a], ADMIN)).unwrap();
-    p.handle().reload().expect("reload");
-    assert_eq!(labels_mention(&scrape(&p).await, &ba), Vec::new());
-    // Requests in flight finish on the config they started with.
-    let r = slow.await.unwrap();
-    assert_eq!((r.status, r.upstream().as_str()), (200, "b"));
-    assert_eq!(
-        labels_mention(&scrape(&p).await, &ba),
-        Vec::new(),
-        "the removed server is back in the exposition"
-    );
-}
-
-// ---------------------------------------------------------------------------------------
-// 3. /status
+// 1. /status
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_document_has_the_contract_fields_and_types() {
@@ -894,7 +49,7 @@ async fn status_document_has_the_contract_fields_and_types() {
          [upstreams.app]\nservers = [{{ addr = \"{aa}\", weight = 3 }}, {{ addr = \"{ba}\", backup = true }}]\n"
     );
     let p = TestProxy::start(&cfg).await;
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert!(st["config_version"].is_u64(), "{st}");
     assert_eq!(st["config_version"], 1);
     let app = &st["upstreams"]["app"];
@@ -910,7 +65,7 @@ async fn status_document_has_the_contract_fields_and_types() {
         assert!(s["active_requests"].is_u64(), "{s}");
         assert!(s["draining"].is_boolean(), "{s}");
     }
-    let sa = server_entry(&st, "app", &aa);
+    let sa = admin::server_entry(&st, "app", &aa);
     assert_eq!(
         (
             &sa["healthy"],
@@ -927,7 +82,7 @@ async fn status_document_has_the_contract_fields_and_types() {
             &false.into()
         )
     );
-    let sb = server_entry(&st, "app", &ba);
+    let sb = admin::server_entry(&st, "app", &ba);
     assert_eq!(
         (
             &sb["healthy"],
@@ -953,16 +108,16 @@ async fn status_document_has_the_contract_fields_and_types() {
         ),
     )
     .unwrap();
-    let r = post(&p, "/reload", "").await;
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["config_version"], 2);
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(st["config_version"], 2);
     assert_eq!(st["upstreams"]["app"]["balance"], "ip_hash");
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. /readyz
+// 2. /readyz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_health_of_every_upstream() {
@@ -979,10 +134,10 @@ async fn readyz_follows_the_health_of_every_upstream() {
         a.addr, b.addr
     );
     let p = TestProxy::start(&cfg).await;
-    let readyz = || get_owned(admin_url(&p, "/readyz"));
+    let readyz = || get(admin::url(&p, "/readyz"));
     let r = readyz().await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let h = get(&admin_url(&p, "/healthz")).await;
+    let h = get(&admin::url(&p, "/healthz")).await;
     assert_eq!((h.status, h.text().trim()), (200, "ok"));
 
     a.set_healthy(false);
@@ -1001,20 +156,28 @@ async fn readyz_follows_the_health_of_every_upstream() {
     );
     // The proxy answers app's requests itself, counted with server="none".
     let c = client();
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 503);
-    assert_eq!(get_host(&c, &p, "other.test", "/").await.status, 200);
-    let e = scrape(&p).await;
     assert_eq!(
-        must(
-            &e,
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        503
+    );
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "other.test")])
+            .await
+            .status,
+        200
+    );
+    let e = admin::metrics(&p).await;
+    assert_eq!(
+        e.must(
             "fairway_requests_total",
             &[("upstream", "app"), ("server", "none"), ("code", "503")]
         ),
         1.0
     );
     assert_eq!(
-        must(
-            &e,
+        e.must(
             "fairway_upstream_server_healthy",
             &[("upstream", "app"), ("server", &a.addr.to_string())]
         ),
@@ -1028,12 +191,8 @@ async fn readyz_follows_the_health_of_every_upstream() {
     .await;
 }
 
-async fn get_owned(url: String) -> Reply {
-    get(&url).await
-}
-
 // ---------------------------------------------------------------------------------------
-// 5. Admin token, unknown paths and methods
+// 3. Admin token, unknown paths and methods
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_token_guards_every_non_get_request() {
@@ -1046,7 +205,7 @@ async fn the_admin_token_guards_every_non_get_request() {
     .await;
     let tok = Some("s3cret");
 
-    let r = admin(&p, Method::POST, "/reload", None, "").await;
+    let r = admin::request(&p, Method::POST, "/reload", None, "").await;
     assert_eq!(r.status, 401, "{}", r.text());
     let challenge = r
         .headers
@@ -1056,34 +215,34 @@ async fn the_admin_token_guards_every_non_get_request() {
         challenge.to_str().unwrap().starts_with("Bearer"),
         "{challenge:?}"
     );
-    let r = admin(&p, Method::POST, "/reload", Some("wrong"), "").await;
+    let r = admin::request(&p, Method::POST, "/reload", Some("wrong"), "").await;
     assert_eq!(r.status, 401);
-    let r = admin(&p, Method::POST, "/reload", Some("s3cret2"), "").await;
+    let r = admin::request(&p, Method::POST, "/reload", Some("s3cret2"), "").await;
     assert_eq!(r.status, 401);
-    let r = admin(&p, Method::POST, "/reload", tok, "").await;
+    let r = admin::request(&p, Method::POST, "/reload", tok, "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["config_version"], 2);
 
     // Reads need no token.
     for path in ["/metrics", "/status", "/healthz", "/readyz"] {
-        assert_eq!(get(&admin_url(&p, path)).await.status, 200, "{path}");
+        assert_eq!(get(&admin::url(&p, path)).await.status, 200, "{path}");
     }
 
     // Drain and maintenance need it too; nothing changes without it.
     let drain = format!("/upstreams/app/servers/{aa}/drain");
-    assert_eq!(post(&p, &drain, "").await.status, 401);
+    assert_eq!(admin::post(&p, &drain, "").await.status, 401);
     let on = r#"{"upstream":"app","on":true}"#;
-    assert_eq!(post(&p, "/maintenance", on).await.status, 401);
-    let st = status(&p).await;
-    assert_eq!(server_entry(&st, "app", &aa)["draining"], false);
+    assert_eq!(admin::post(&p, "/maintenance", on).await.status, 401);
+    let st = admin::status(&p).await;
+    assert_eq!(admin::server_entry(&st, "app", &aa)["draining"], false);
     assert_eq!(st["upstreams"]["app"]["maintenance"], false);
     assert_eq!(get(&p.url("/")).await.status, 200);
-    let r = admin(&p, Method::POST, "/maintenance", tok, on).await;
+    let r = admin::request(&p, Method::POST, "/maintenance", tok, on).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&p.url("/")).await.status, 503);
     let off = r#"{"upstream":"app","on":false}"#;
     assert_eq!(
-        admin(&p, Method::POST, "/maintenance", tok, off)
+        admin::request(&p, Method::POST, "/maintenance", tok, off)
             .await
             .status,
         200
@@ -1091,16 +250,21 @@ async fn the_admin_token_guards_every_non_get_request() {
     assert_eq!(get(&p.url("/")).await.status, 200);
 
     // Unknown paths and wrong methods.
-    assert_eq!(get(&admin_url(&p, "/nope")).await.status, 404);
-    assert_eq!(admin(&p, Method::POST, "/nope", tok, "").await.status, 404);
-    let r = admin(&p, Method::DELETE, "/metrics", tok, "").await;
+    assert_eq!(get(&admin::url(&p, "/nope")).await.status, 404);
+    assert_eq!(
+        admin::request(&p, Method::POST, "/nope", tok, "")
+            .await
+            .status,
+        404
+    );
+    let r = admin::request(&p, Method::DELETE, "/metrics", tok, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"), "{:?}", allow(&r));
     assert!(!allow(&r).contains("DELETE"));
-    let r = get(&admin_url(&p, "/reload")).await;
+    let r = get(&admin::url(&p, "/reload")).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
-    let r = get(&admin_url(&p, "/maintenance")).await;
+    let r = get(&admin::url(&p, "/maintenance")).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
 }
@@ -1109,19 +273,24 @@ async fn the_admin_token_guards_every_non_get_request() {
 async fn without_a_token_wrong_methods_get_405_with_allow() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
-    let r = admin(&p, Method::DELETE, "/metrics", None, "").await;
+    let r = admin::request(&p, Method::DELETE, "/metrics", None, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"), "{:?}", allow(&r));
-    let r = admin(&p, Method::PUT, "/status", None, "").await;
+    let r = admin::request(&p, Method::PUT, "/status", None, "").await;
     assert_eq!(r.status, 405);
     assert!(allow(&r).contains("GET"));
-    assert_eq!(admin(&p, Method::POST, "/nope", None, "").await.status, 404);
+    assert_eq!(
+        admin::request(&p, Method::POST, "/nope", None, "")
+            .await
+            .status,
+        404
+    );
     // No token configured: POST /reload is open.
-    assert_eq!(post(&p, "/reload", "").await.status, 200);
+    assert_eq!(admin::post(&p, "/reload", "").await.status, 200);
 }
 
 // ---------------------------------------------------------------------------------------
-// 6. Drain and undrain
+// 4. Drain and undrain
 
 fn drain_path(addr: &str, action: &str) -> String {
     format!("/upstreams/app/servers/{addr}/{action}")
@@ -1136,42 +305,40 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
 
     // Unknown names, each named in the answer, and the wrong method.
-    let r = post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
+    let r = admin::post(&p, &drain_path("127.0.0.1:1", "drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(
         r.json()["error"],
         r#"no server "127.0.0.1:1" in upstream "app""#
     );
-    let r = post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
+    let r = admin::post(&p, &format!("/upstreams/nope/servers/{aa}/drain"), "").await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["error"], r#"no upstream named "nope""#);
-    let r = get(&admin_url(&p, &drain_path(&aa, "drain"))).await;
+    let r = get(&admin::url(&p, &drain_path(&aa, "drain"))).await;
     assert_eq!(r.status, 405);
     assert_eq!(allow(&r), BTreeSet::from(["POST".to_owned()]));
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
 
     // A slow request in flight on a (round robin sends one of two to each server).
     a.set_delay(Duration::from_millis(3000));
-    let slow: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(get_owned(p.url("/slow"))))
-        .collect();
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(get(p.url("/slow")))).collect();
     eventually(Duration::from_secs(2), "a slow request on a", || async {
-        server_entry(&status(&p).await, "app", &aa)["active_requests"] == 1
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["active_requests"] == 1
     })
     .await;
 
-    let r = post(&p, &drain_path(&aa, "drain"), "").await;
+    let r = admin::post(&p, &drain_path(&aa, "drain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let st = status(&p).await;
-    let sa = server_entry(&st, "app", &aa);
+    let st = admin::status(&p).await;
+    let sa = admin::server_entry(&st, "app", &aa);
     assert_eq!(
         (&sa["draining"], &sa["active_requests"]),
         (&true.into(), &1.into())
     );
-    assert_eq!(server_entry(&st, "app", &ba)["draining"], false);
+    assert_eq!(admin::server_entry(&st, "app", &ba)["draining"], false);
 
     // No new request reaches a.
     let hits_a = a.hits();
@@ -1196,20 +363,22 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     eventually(
         Duration::from_secs(2),
         "a has no request in flight",
-        || async { server_entry(&status(&p).await, "app", &aa)["active_requests"] == 0 },
+        || async {
+            admin::server_entry(&admin::status(&p).await, "app", &aa)["active_requests"] == 0
+        },
     )
     .await;
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         true
     );
 
     // Undrain (percent-encoded address): a gets traffic again.
     a.set_delay(Duration::ZERO);
-    let r = post(&p, &drain_path(&encoded, "undrain"), "").await;
+    let r = admin::post(&p, &drain_path(&encoded, "undrain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
     let mut seen = BTreeMap::new();
@@ -1224,35 +393,26 @@ async fn a_drained_server_gets_no_new_requests_and_finishes_those_in_flight() {
     );
 
     // Drain by the percent-encoded address too.
-    let r = post(&p, &drain_path(&encoded, "drain"), "").await;
+    let r = admin::post(&p, &drain_path(&encoded, "drain"), "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         true
     );
     for _ in 0..3 {
         let r = send(&c, Request::get(p.url("/")).body(Full::default()).unwrap()).await;
         assert_eq!(r.upstream(), "b");
     }
-    assert_eq!(post(&p, &drain_path(&aa, "undrain"), "").await.status, 200);
     assert_eq!(
-        server_entry(&status(&p).await, "app", &aa)["draining"],
+        admin::post(&p, &drain_path(&aa, "undrain"), "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin::server_entry(&admin::status(&p).await, "app", &aa)["draining"],
         false
     );
-}
-
-/// The server answering `ip` (sent as `X-Forwarded-For` from a trusted peer).
-async fn served_as(c: &HttpClient, p: &TestProxy, ip: &str) -> String {
-    let r = send(
-        c,
-        Request::get(p.url("/"))
-            .header("x-forwarded-for", ip)
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.upstream()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1276,7 +436,10 @@ async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
     let on_a = before.values().filter(|s| *s == "a").count();
     assert!(on_a > 0, "no client hashed to a: {before:?}");
 
-    assert_eq!(post(&p, &drain_path(&aa, "drain"), "").await.status, 200);
+    assert_eq!(
+        admin::post(&p, &drain_path(&aa, "drain"), "").await.status,
+        200
+    );
     for ip in &ips {
         let now = served_as(&c, &p, ip).await;
         if before[ip] == "a" {
@@ -1286,7 +449,12 @@ async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
         }
     }
 
-    assert_eq!(post(&p, &drain_path(&aa, "undrain"), "").await.status, 200);
+    assert_eq!(
+        admin::post(&p, &drain_path(&aa, "undrain"), "")
+            .await
+            .status,
+        200
+    );
     for ip in &ips {
         assert_eq!(
             served_as(&c, &p, ip).await,
@@ -1297,7 +465,7 @@ async fn ip_hash_clients_of_a_drained_server_move_and_come_back() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 7. Maintenance
+// 5. Maintenance
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_answers_503_with_retry_after_and_the_page() {
@@ -1314,13 +482,24 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     );
     let p = TestProxy::start(&base).await;
     let c = client();
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
-    assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
-    let maint =
-        |e: &prom::Exposition, u: &str| must(e, "fairway_upstream_maintenance", &[("upstream", u)]);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "api.test")])
+            .await
+            .status,
+        200
+    );
+    let maint = |e: &prometheus::Exposition, u: &str| {
+        e.must("fairway_upstream_maintenance", &[("upstream", u)])
+    };
 
     // Errors first: unknown upstream, malformed bodies.
-    let r = post(&p, "/maintenance", r#"{"upstream":"nope","on":true}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"nope","on":true}"#).await;
     assert_eq!(r.status, 404, "{}", r.text());
     for bad in [
         "{not json",
@@ -1328,13 +507,16 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         r#"{"upstream":"app","on":"yes"}"#,
         "",
     ] {
-        let r = post(&p, "/maintenance", bad).await;
+        let r = admin::post(&p, "/maintenance", bad).await;
         assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
     }
-    assert_eq!(status(&p).await["upstreams"]["app"]["maintenance"], false);
+    assert_eq!(
+        admin::status(&p).await["upstreams"]["app"]["maintenance"],
+        false
+    );
 
     // app in maintenance for 30 s.
-    let r = post(
+    let r = admin::post(
         &p,
         "/maintenance",
         r#"{"upstream":"app","on":true,"retry_after":"30s"}"#,
@@ -1343,7 +525,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     assert_eq!(r.status, 200, "{}", r.text());
     let hits = a.hits();
     for _ in 0..2 {
-        let r = get_host(&c, &p, "app.test", "/x").await;
+        let r = get_with(&c, &p.url("/x"), &[("host", "app.test")]).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.headers["retry-after"], "30");
     }
@@ -1352,11 +534,16 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         hits,
         "a request reached the upstream in maintenance"
     );
-    assert_eq!(get_host(&c, &p, "api.test", "/").await.status, 200);
-    let st = status(&p).await;
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "api.test")])
+            .await
+            .status,
+        200
+    );
+    let st = admin::status(&p).await;
     assert_eq!(st["upstreams"]["app"]["maintenance"], true);
     assert_eq!(st["upstreams"]["api"]["maintenance"], false);
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (1.0, 0.0));
     // Health checks keep running.
     let checks = a.knobs.health_hits.load(Ordering::SeqCst);
@@ -1365,7 +552,7 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     })
     .await;
     assert_eq!(
-        server_entry(&status(&p).await, "app", &a.addr.to_string())["healthy"],
+        admin::server_entry(&admin::status(&p).await, "app", &a.addr.to_string())["healthy"],
         true
     );
 
@@ -1378,25 +565,33 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
         base.replace("#PAGE", "maintenance_page = \"page.html\""),
     )
     .unwrap();
-    let r = post(&p, "/reload", "").await;
+    let r = admin::post(&p, "/reload", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = get_host(&c, &p, "app.test", "/").await;
+    let r = get_with(&c, &p.url("/"), &[("host", "app.test")]).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["retry-after"], "30");
     let ct = r.headers["content-type"].to_str().unwrap();
     assert!(ct.starts_with("text/html"), "{ct}");
     assert_eq!(r.text(), page);
-    assert_eq!(maint(&scrape(&p).await, "app"), 1.0);
+    assert_eq!(maint(&admin::metrics(&p).await, "app"), 1.0);
 
     // Off again.
-    let r = post(&p, "/maintenance", r#"{"upstream":"app","on":false}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"app","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(get_host(&c, &p, "app.test", "/").await.status, 200);
-    assert_eq!(status(&p).await["upstreams"]["app"]["maintenance"], false);
-    assert_eq!(maint(&scrape(&p).await, "app"), 0.0);
+    assert_eq!(
+        get_with(&c, &p.url("/"), &[("host", "app.test")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin::status(&p).await["upstreams"]["app"]["maintenance"],
+        false
+    );
+    assert_eq!(maint(&admin::metrics(&p).await, "app"), 0.0);
 
     // Every upstream at once.
-    let r = post(
+    let r = admin::post(
         &p,
         "/maintenance",
         r#"{"upstream":"*","on":true,"retry_after":"2m"}"#,
@@ -1404,374 +599,24 @@ async fn maintenance_answers_503_with_retry_after_and_the_page() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     for host in ["app.test", "api.test"] {
-        let r = get_host(&c, &p, host, "/").await;
+        let r = get_with(&c, &p.url("/"), &[("host", host)]).await;
         assert_eq!(r.status, 503, "{host}");
         assert_eq!(r.headers["retry-after"], "120", "{host}");
     }
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(st["upstreams"]["app"]["maintenance"], true);
     assert_eq!(st["upstreams"]["api"]["maintenance"], true);
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (1.0, 1.0));
-    let r = post(&p, "/maintenance", r#"{"upstream":"*","on":false}"#).await;
+    let r = admin::post(&p, "/maintenance", r#"{"upstream":"*","on":false}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
     for host in ["app.test", "api.test"] {
-        assert_eq!(get_host(&c, &p, host, "/").await.status, 200, "{host}");
+        assert_eq!(
+            get_with(&c, &p.url("/"), &[("host", host)]).await.status,
+            200,
+            "{host}"
+        );
     }
-    let e = scrape(&p).await;
+    let e = admin::metrics(&p).await;
     assert_eq!((maint(&e, "app"), maint(&e, "api")), (0.0, 0.0));
-}
-
-// ---------------------------------------------------------------------------------------
-// 8. The access log, from the real binary's stdout
-
-/// A `fairway run` child process; killed if the test ends without terminating it.
-struct Fairway {
-    child: Option<std::process::Child>,
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-    addr: SocketAddr,
-}
-
-impl Fairway {
-    async fn start(config: &Path, addr: SocketAddr) -> Fairway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fairway"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env_remove("FAIRWAY_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn fairway");
-        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (mut err, sink) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut f = Fairway {
-            child: Some(child),
-            lines,
-            stderr,
-            addr,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            if let Some(st) = f.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("fairway exited with {st} before listening:\n{}", f.stderr());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fairway does not accept on {addr}:\n{}",
-                f.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        f
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// The next `n` stdout lines, waiting at most `limit` in all.
-    async fn read_lines(&mut self, n: usize, limit: Duration) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut out = Vec::new();
-        while out.len() < n {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(l)) => out.push(l),
-                Ok(None) => panic!("stdout closed after {out:?}:\n{}", self.stderr()),
-                Err(_) => panic!(
-                    "only {} of {n} access log lines within {limit:?}: {out:?}\n{}",
-                    out.len(),
-                    self.stderr()
-                ),
-            }
-        }
-        out
-    }
-
-    /// SIGTERM, then the exit status (within 10 s).
-    async fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "fairway did not exit within 10 s of SIGTERM:\n{}",
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Fairway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts the binary with `[log] access = format` in front of `up`, and sends its three
-/// requests: two routed 200s and one route miss. Returns the child, the bodies' lengths by
-/// path and the time window of the requests.
-async fn access_log_run(
-    format: &str,
-    up: &TestUpstream,
-) -> (
-    Fairway,
-    BTreeMap<&'static str, usize>,
-    tempfile::TempDir,
-    (SystemTime, SystemTime),
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fairway.toml");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"{addr}\"\n\n[log]\naccess = \"{format}\"\n\n\
-             [upstreams.app]\nservers = [\"{}\"]\n\n\
-             [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let f = Fairway::start(&path, addr).await;
-    let t0 = SystemTime::now();
-    let c = client();
-    let mut sizes = BTreeMap::new();
-    for (host, path, code) in [
-        ("app.test", "/hello?x=1&y=two", 200),
-        ("app.test", "/bytes/1234", 200),
-        ("nowhere.test", "/missing?q=1", 404),
-    ] {
-        let r = send(
-            &c,
-            Request::get(f.url(path))
-                .header("host", host)
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(r.status, code, "{path}: {}", r.text());
-        sizes.insert(path, r.body.len());
-    }
-    assert_eq!(sizes["/bytes/1234"], 1234);
-    let t1 = SystemTime::now();
-    (f, sizes, dir, (t0, t1))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_access_log_lines_from_the_binary() {
-    let up = TestUpstream::start("a").await;
-    let (mut f, sizes, _dir, (t0, t1)) = access_log_run("json", &up).await;
-    let lines = f.read_lines(3, Duration::from_secs(5)).await;
-    let mut by_path = BTreeMap::new();
-    for line in &lines {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {line:?}"));
-        by_path.insert(v["path"].as_str().expect("path").to_owned(), v);
-    }
-    let keys: Vec<&str> = by_path.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["/bytes/1234", "/hello?x=1&y=two", "/missing?q=1"]);
-    for (path, v) in &by_path {
-        let miss = path.starts_with("/missing");
-        let time = humantime::parse_rfc3339(v["time"].as_str().expect("time string"))
-            .unwrap_or_else(|e| panic!("time {}: {e}", v["time"]));
-        assert!(
-            time + Duration::from_secs(1) >= t0 && time <= t1 + Duration::from_secs(1),
-            "time {:?} outside the requests",
-            v["time"]
-        );
-        assert_eq!(v["client"], "127.0.0.1", "{v}");
-        assert_eq!(v["method"], "GET", "{v}");
-        assert_eq!(v["status"], if miss { 404 } else { 200 }, "{v}");
-        assert_eq!(
-            v["bytes"].as_u64(),
-            Some(sizes[path.as_str()] as u64),
-            "{v}"
-        );
-        assert_eq!(v["upstream"], if miss { "-" } else { "app" }, "{v}");
-        let server = up.addr.to_string();
-        assert_eq!(v["server"], if miss { "-" } else { server.as_str() }, "{v}");
-        let d = v["duration"].as_f64().expect("duration number");
-        assert!((0.0..10.0).contains(&d), "{v}");
-        assert_eq!(v["attempts"], if miss { 0 } else { 1 }, "{v}");
-    }
-    let st = f.terminate().await;
-    assert_eq!(st.code(), Some(0), "{st}");
-}
-
-/// `client - - [time] "METHOD PATH PROTO" status bytes key=value...`.
-#[derive(Debug)]
-struct CommonLine {
-    client: String,
-    time: String,
-    method: String,
-    path: String,
-    protocol: String,
-    status: u16,
-    bytes: u64,
-    fields: BTreeMap<String, String>,
-}
-
-fn parse_common(line: &str) -> CommonLine {
-    let fail = |what: &str| -> ! { panic!("{what} in common log line {line:?}") };
-    let (client, rest) = line
-        .split_once(" - - [")
-        .unwrap_or_else(|| fail("no ' - - ['"));
-    let (time, rest) = rest.split_once("] \"").unwrap_or_else(|| fail("no time"));
-    let (request, rest) = rest.split_once("\" ").unwrap_or_else(|| fail("no request"));
-    let mut req = request.split(' ');
-    let (Some(method), Some(path), Some(protocol), None) =
-        (req.next(), req.next(), req.next(), req.next())
-    else {
-        fail("bad request line")
-    };
-    let mut rest = rest.split(' ');
-    let status = rest
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fail("bad status"));
-    let bytes = rest
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fail("bad bytes"));
-    let fields = rest
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or_else(|| fail("bad key=value"));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    CommonLine {
-        client: client.to_owned(),
-        time: time.to_owned(),
-        method: method.to_owned(),
-        path: path.to_owned(),
-        protocol: protocol.to_owned(),
-        status,
-        bytes,
-        fields,
-    }
-}
-
-/// `10/Oct/2000:13:55:36 +0000`, the Common Log Format time (always UTC here).
-fn parse_clf(time: &str) -> SystemTime {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let fail = || -> ! { panic!("time {time:?} is not DD/Mon/YYYY:HH:MM:SS +0000") };
-    let Some((date, "+0000")) = time.split_once(' ') else {
-        fail()
-    };
-    let mut parts = date.splitn(3, '/');
-    let (Some(day), Some(month), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
-        fail()
-    };
-    let month = MONTHS
-        .iter()
-        .position(|m| *m == month)
-        .unwrap_or_else(|| fail())
-        + 1;
-    let Some((year, clock)) = rest.split_once(':') else {
-        fail()
-    };
-    humantime::parse_rfc3339(&format!("{year}-{month:02}-{day}T{clock}Z"))
-        .unwrap_or_else(|_| fail())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn common_access_log_lines_from_the_binary() {
-    let up = TestUpstream::start("a").await;
-    let (mut f, sizes, _dir, (t0, t1)) = access_log_run("common", &up).await;
-    let lines = f.read_lines(3, Duration::from_secs(5)).await;
-    let server = up.addr.to_string();
-    let mut paths = Vec::new();
-    for line in &lines {
-        assert!(line.starts_with("127.0.0.1 - - ["), "{line:?}");
-        let l = parse_common(line);
-        let miss = l.path.starts_with("/missing");
-        assert_eq!(l.client, "127.0.0.1");
-        let time = parse_clf(&l.time);
-        assert!(
-            time + Duration::from_secs(1) >= t0 && time <= t1 + Duration::from_secs(1),
-            "time {:?} outside the requests",
-            l.time
-        );
-        assert_eq!(
-            (l.method.as_str(), l.protocol.as_str()),
-            ("GET", "HTTP/1.1"),
-            "{line}"
-        );
-        assert_eq!(l.status, if miss { 404 } else { 200 }, "{line}");
-        assert_eq!(l.bytes, sizes[l.path.as_str()] as u64, "{line}");
-        let field = |k: &str| l.fields.get(k).map(String::as_str);
-        assert_eq!(
-            field("server"),
-            Some(if miss { "-" } else { server.as_str() }),
-            "{line}"
-        );
-        assert_eq!(
-            field("upstream"),
-            Some(if miss { "-" } else { "app" }),
-            "{line}"
-        );
-        assert_eq!(
-            field("attempts"),
-            Some(if miss { "0" } else { "1" }),
-            "{line}"
-        );
-        let d: f64 = field("duration")
-            .and_then(|d| d.parse().ok())
-            .unwrap_or_else(|| panic!("no duration in {line:?}"));
-        assert!((0.0..10.0).contains(&d), "{line}");
-        paths.push(l.path);
-    }
-    paths.sort();
-    assert_eq!(paths, ["/bytes/1234", "/hello?x=1&y=two", "/missing?q=1"]);
-    let st = f.terminate().await;
-    assert_eq!(st.code(), Some(0), "{st}");
 }

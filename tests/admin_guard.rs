@@ -8,6 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::admin::ADMIN;
 use common::raw::{RawConn, RawResponse};
 use common::*;
 
@@ -16,7 +17,7 @@ async fn start(admin_extra: &str) -> (TestUpstream, TestProxy, SocketAddr) {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&TestProxy::config(
         &[&a],
-        &format!("\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}\n"),
+        &format!("{ADMIN}{admin_extra}\n"),
     ))
     .await;
     let admin = p.admin.expect("admin listener");
@@ -47,12 +48,6 @@ fn ip_host(admin: SocketAddr) -> String {
     format!("Host: {admin}\r\n")
 }
 
-async fn config_version(admin: SocketAddr) -> u64 {
-    let r = request(admin, "GET", "/status", &ip_host(admin)).await;
-    assert_eq!(r.status, 200);
-    r.json()["config_version"].as_u64().expect("config_version")
-}
-
 fn text(r: &RawResponse) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
 }
@@ -71,7 +66,7 @@ fn assert_refused(r: &RawResponse, rule: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_reload_by_ip_or_localhost_without_origin() {
-    let (_a, _p, admin) = start("").await;
+    let (_a, p, admin) = start("").await;
     let r = reload(admin, &ip_host(admin)).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(r.json()["config_version"], 2);
@@ -80,7 +75,7 @@ async fn scripts_reload_by_ip_or_localhost_without_origin() {
     assert_eq!(r.status, 200, "{}", text(&r));
     let r = reload(admin, &format!("Host: LocalHost.:{port}\r\n")).await;
     assert_eq!(r.status, 200, "{}", text(&r));
-    assert_eq!(config_version(admin).await, 4);
+    assert_eq!(admin::config_version(&p).await, 4);
 
     // HTTP/1.0 without Host: nothing to rebind.
     let mut c = RawConn::connect(admin).await;
@@ -92,15 +87,15 @@ async fn scripts_reload_by_ip_or_localhost_without_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_host_is_refused_and_changes_nothing() {
-    let (a, _p, admin) = start("").await;
-    let before = config_version(admin).await;
+    let (a, p, admin) = start("").await;
+    let before = admin::config_version(&p).await;
     let r = reload(admin, "Host: evil.example\r\n").await;
     assert_refused(&r, "host not allowed");
     let port = admin.port();
     let r = reload(admin, &format!("Host: evil.example:{port}\r\n")).await;
     assert_refused(&r, "host not allowed");
     assert_eq!(
-        config_version(admin).await,
+        admin::config_version(&p).await,
         before,
         "the refused reload ran"
     );
@@ -142,9 +137,9 @@ async fn allowed_hosts_admits_a_name_and_follows_reloads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_origin_is_refused() {
-    let (_a, _p, admin) = start("").await;
+    let (_a, p, admin) = start("").await;
     let host = ip_host(admin);
-    let before = config_version(admin).await;
+    let before = admin::config_version(&p).await;
     for origin in [
         "http://evil.example".to_owned(),
         "null".to_owned(),
@@ -154,7 +149,11 @@ async fn a_foreign_origin_is_refused() {
         let r = reload(admin, &format!("{host}Origin: {origin}\r\n")).await;
         assert_refused(&r, "foreign origin");
     }
-    assert_eq!(config_version(admin).await, before, "a refused reload ran");
+    assert_eq!(
+        admin::config_version(&p).await,
+        before,
+        "a refused reload ran"
+    );
 
     let r = reload(admin, &format!("{host}Origin: http://{admin}\r\n")).await;
     assert_eq!(r.status, 200, "{}", text(&r));
@@ -194,7 +193,7 @@ async fn reads_are_not_guarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_scheme_is_case_insensitive_and_the_guard_comes_first() {
-    let (_a, _p, admin) = start("token = \"s3cret\"").await;
+    let (_a, p, admin) = start("token = \"s3cret\"").await;
     let host = ip_host(admin);
     for auth in ["bearer s3cret", "BEARER s3cret", "Bearer   s3cret"] {
         let r = reload(admin, &format!("{host}Authorization: {auth}\r\n")).await;
@@ -206,7 +205,7 @@ async fn the_token_scheme_is_case_insensitive_and_the_guard_comes_first() {
     assert_eq!(r.status, 401, "{}", text(&r));
 
     // The right token from a cross-site page is still refused.
-    let before = config_version(admin).await;
+    let before = admin::config_version(&p).await;
     let auth = "Authorization: Bearer s3cret\r\n";
     let r = reload(
         admin,
@@ -225,7 +224,11 @@ async fn the_token_scheme_is_case_insensitive_and_the_guard_comes_first() {
     // Without the token, a cross-site request learns nothing about it: 403, not 401.
     let r = reload(admin, "Host: evil.example\r\n").await;
     assert_refused(&r, "host not allowed");
-    assert_eq!(config_version(admin).await, before, "a refused reload ran");
+    assert_eq!(
+        admin::config_version(&p).await,
+        before,
+        "a refused reload ran"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

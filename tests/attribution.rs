@@ -62,9 +62,8 @@ async fn forwarding(
 
 /// Every server of `app` is healthy in `/status`.
 async fn all_healthy(bench: &Bench) {
-    let admin = bench.proxy.admin.unwrap();
-    let status = get(&format!("http://{admin}/status")).await.json();
-    let servers = status["upstreams"]["app"]["servers"].as_array().unwrap();
+    let status = admin::status(&bench.proxy).await;
+    let servers = admin::servers(&status, "app");
     assert_eq!(servers.len(), 2);
     for s in servers {
         assert_eq!(
@@ -133,7 +132,7 @@ async fn an_abandoned_upload_is_the_clients_and_counted_499() {
         "eight requests counted 499",
         || async move {
             bench_ref
-                .metric_where("fairway_requests_total", "code=\"499\"")
+                .metric_where("fairway_requests_total", &[("code", "499")])
                 .await
                 >= 8.0
         },
@@ -159,7 +158,7 @@ async fn an_upload_reset_mid_body_is_the_clients() {
         "four requests counted 499",
         || async move {
             bench_ref
-                .metric_where("fairway_requests_total", "code=\"499\"")
+                .metric_where("fairway_requests_total", &[("code", "499")])
                 .await
                 >= 4.0
         },

@@ -10,22 +10,12 @@ use common::*;
 use http::Request;
 use http_body_util::Full;
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 /// `[server]` on port 0 and one upstream `app` whose `servers` array is `servers` (TOML).
 fn config(servers: &str, upstream_extra: &str, server_extra: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n\
          [upstreams.app]\nservers = [{servers}]\n{upstream_extra}\n"
     )
-}
-
-fn plain(list: &[&TestUpstream]) -> String {
-    let v: Vec<String> = list.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    v.join(", ")
 }
 
 /// GETs `path` `n` times in sequence on one keep-alive client; the names that answered.
@@ -166,22 +156,14 @@ fn client_ips() -> Vec<String> {
         .collect()
 }
 
-async fn get_as(c: &HttpClient, p: &TestProxy, ip: &str) -> Reply {
-    let req = Request::get(p.url("/"))
-        .header("x-forwarded-for", ip)
-        .body(Full::default())
-        .unwrap();
-    send(c, req).await
-}
-
 /// Which server answers each client IP (each asked twice, which must agree).
 async fn mapping(p: &TestProxy, ips: &[String]) -> HashMap<String, String> {
     let http = client();
     let mut out = HashMap::new();
     for ip in ips {
-        let first = get_as(&http, p, ip).await;
+        let first = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(first.status, 200, "{ip}: {}", first.text());
-        let again = get_as(&http, p, ip).await;
+        let again = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(again.status, 200, "{ip}: {}", again.text());
         assert_eq!(
             first.upstream(),
@@ -195,7 +177,7 @@ async fn mapping(p: &TestProxy, ips: &[String]) -> HashMap<String, String> {
 
 fn ip_hash_config(list: &[&TestUpstream]) -> String {
     config(
-        &plain(list),
+        &quoted(list),
         "balance = \"ip_hash\"",
         "trusted_proxies = [\"127.0.0.0/8\"]",
     )
@@ -267,14 +249,14 @@ async fn ip_hash_without_trusted_proxies_uses_the_peer_address() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let c = TestUpstream::start("c").await;
-    let cfg = config(&plain(&[&a, &b, &c]), "balance = \"ip_hash\"", "");
+    let cfg = config(&quoted(&[&a, &b, &c]), "balance = \"ip_hash\"", "");
     let p = TestProxy::start(&cfg).await;
     let http = client();
     // The peer is untrusted, so the forged X-Forwarded-For changes nothing: every request
     // comes from 127.0.0.1 and lands on one server.
     let mut seen = Vec::new();
     for ip in client_ips().iter().take(60) {
-        let r = get_as(&http, &p, ip).await;
+        let r = get_with(&http, &p.url("/"), &[("x-forwarded-for", ip)]).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.seen_header("x-forwarded-for").unwrap(), ["127.0.0.1"]);
         seen.push(r.upstream());

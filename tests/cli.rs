@@ -3,38 +3,13 @@
 //! process lifecycle: start, serve, SIGHUP reload, SIGTERM/SIGINT drain and exit 0, `demo`.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::process::*;
 use common::*;
 use tokio::time::Instant;
-
-/// `fairway ARGS` with a clean environment for the variables fairway reads.
-fn fairway(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("FAIRWAY_CONFIG")
-        .env_remove("RUST_LOG");
-    c
-}
-
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn output(mut c: Command) -> Output {
-    let o = c.output().expect("cannot run fairway");
-    Output {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -246,11 +221,8 @@ fn demo_offers_no_config_option() {
     }
 }
 
-fn run_config(port: u16, upstream: &TestUpstream) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[upstreams.app]\nservers = [\"{}\"]\n",
-        upstream.addr
-    )
+fn run_config(upstream: &TestUpstream) -> String {
+    proxy_config("", &[upstream])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,20 +251,18 @@ async fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let path = write(dir.path(), "fairway.toml", &run_config(port, &a));
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let url = format!("http://{addr}/hello");
+    let path = write(dir.path(), "fairway.toml", &run_config(&a));
 
     // `fairway -c PATH`: run is the default command.
     let mut proc = Proc::spawn(fairway(&["-c", path.to_str().unwrap()]));
-    proc.wait_listening(addr).await;
+    let addr = proc.client_addr().await;
+    let url = format!("http://{addr}/hello");
     let r = get(&url).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.upstream(), "a");
 
     // SIGHUP re-reads the file: the single server is now b.
-    std::fs::write(&path, run_config(port, &b)).unwrap();
+    std::fs::write(&path, run_config(&b)).unwrap();
     proc.signal("HUP");
     eventually(
         Duration::from_secs(5),
@@ -334,10 +304,9 @@ async fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
 async fn sigint_shuts_down_cleanly() {
     let a = TestUpstream::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let path = write(dir.path(), "fairway.toml", &run_config(port, &a));
+    let path = write(dir.path(), "fairway.toml", &run_config(&a));
     let mut proc = Proc::spawn(fairway(&["run", "-c", path.to_str().unwrap()]));
-    proc.wait_listening(([127, 0, 0, 1], port).into()).await;
+    proc.client_addr().await;
     proc.signal("INT");
     proc.expect_clean_exit(Duration::from_secs(5)).await;
 }
@@ -347,16 +316,6 @@ async fn demo_serves_three_nodes_in_turn() {
     let mut cmd = fairway(&["demo"]);
     cmd.stdout(Stdio::piped());
     let mut proc = Proc::spawn(cmd);
-    let stdout = proc.child.stdout.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
 
     // The URL lines look like `  proxy            http://127.0.0.1:8080/` and
     // `  admin            http://127.0.0.1:9901/healthz`.
@@ -365,11 +324,9 @@ async fn demo_serves_three_nodes_in_turn() {
     let mut printed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while proxy.is_none() || admin.is_none() {
-        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(l)) => l,
-            Ok(None) => panic!("demo closed stdout: {printed:?}; stderr: {}", proc.stderr()),
-            Err(_) => panic!("no proxy and admin URLs within 10 s: {printed:?}"),
-        };
+        let line = proc
+            .stdout_line(deadline.saturating_duration_since(Instant::now()))
+            .await;
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["proxy", url] if url.starts_with("http://") => proxy = Some(url.to_string()),

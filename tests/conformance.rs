@@ -5,25 +5,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::process::{BIN, Proc, free_port};
+use common::admin::ADMIN;
+use common::process::{Proc, fairway, log_level};
 use common::raw::RawConn;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&format!("http://{}/status", p.admin.unwrap())).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
 
 // ---------------------------------------------------------------------------------------
 // /status: `name` as written beside `addr`
@@ -39,7 +31,7 @@ async fn status_shows_each_entry_as_written_beside_the_address_connected_to() {
          [upstreams.app]\nservers = [\"{by_name}\", \"{by_ip}\"]\n"
     ))
     .await;
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     let servers = st["upstreams"]["app"]["servers"]
         .as_array()
         .unwrap_or_else(|| panic!("no servers: {st}"));
@@ -127,35 +119,20 @@ async fn the_common_access_log_escapes_the_request_target() {
     let up = TestUpstream::start("a").await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fairway.toml");
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"{addr}\"\n\n[log]\naccess = \"common\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[log]\naccess = \"common\"\n\n\
              [upstreams.app]\nservers = [\"{}\"]\n",
             up.addr
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("FAIRWAY_CONFIG")
-        .env("RUST_LOG", "warn")
+    let mut cmd = fairway(&["run", "--config", config.to_str().unwrap()]);
+    cmd.env("RUST_LOG", log_level("warn"))
         .stdout(Stdio::piped());
     let mut proc = Proc::spawn(cmd);
-    let stdout = proc.child.stdout.take().expect("piped stdout");
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n') {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    proc.wait_listening(addr).await;
+    let addr = proc.client_addr().await;
 
     // `"` and `\` and UTF-8 in the target pass hyper's parser and go upstream as they are.
     let mut conn = RawConn::connect(addr).await;
@@ -167,11 +144,7 @@ async fn the_common_access_log_escapes_the_request_target() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["uri"], "/a\"b\\c/é?q=\\1");
 
-    let line = tokio::time::timeout(Duration::from_secs(5), lines.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no access log line: {}", proc.stderr()))
-        .expect("stdout closed");
-    let line = String::from_utf8(line).expect("the line is ASCII");
+    let line = proc.stdout_line(Duration::from_secs(5)).await;
     assert!(line.is_ascii(), "{line:?}");
     assert!(
         line.contains(r#" "GET /a\x22b\x5Cc/\xC3\xA9?q=\x5C1 HTTP/1.1" 200 "#),

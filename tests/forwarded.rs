@@ -1,6 +1,7 @@
-//! What the upstream learns about the client (CONTRACT §3) beyond `tests/proxy.rs`: underscore
-//! spellings of the forwarded headers, RFC 7239 `Forwarded`, HTTP/2 cookie crumbs on the way
-//! to an HTTP/1.1 upstream, and an HTTP/2 request without an authority.
+//! What the upstream learns about the client (CONTRACT §3): `X-Forwarded-For`, `-Proto`,
+//! `-Host` and `X-Real-IP` set for an untrusted peer and extended for a trusted proxy,
+//! underscore spellings of the forwarded headers, RFC 7239 `Forwarded`, HTTP/2 cookie crumbs
+//! on the way to an HTTP/1.1 upstream, and an HTTP/2 request without an authority.
 
 mod common;
 
@@ -43,7 +44,129 @@ const UNDERSCORE_HEAD: &str = "GET /u HTTP/1.1\r\nHost: app.example\r\n\
     X_Request_Id: r-1\r\nX_Custom: kept\r\n\r\n";
 
 // ---------------------------------------------------------------------------------------
-// 1. Underscore spellings
+// 1. X-Forwarded-* and X-Real-IP
+
+#[tokio::test]
+async fn forwarded_headers_forged_by_an_untrusted_client_are_replaced() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let mut c = RawConn::connect(p.addr).await;
+    c.send(
+        b"GET /f HTTP/1.1\r\nHost: app.example:1234\r\n\
+          X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7, 8.8.8.8\r\n\
+          X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
+          X-Real-IP: 6.6.6.6\r\n\r\n",
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(
+        h["x-forwarded-host"],
+        serde_json::json!(["app.example:1234"])
+    );
+    assert_eq!(h["x-real-ip"], serde_json::json!(["127.0.0.1"]));
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_set_when_the_client_sent_none() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    let r = get_with(&client(), &p.url("/f"), &[("host", "app.example")]).await;
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        r.seen_one("x-forwarded-host").as_deref(),
+        Some("app.example")
+    );
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_keeps_its_forwarded_headers_and_the_peer_is_appended() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
+    let r = get_with(
+        &client(),
+        &p.url("/f"),
+        &[
+            ("host", "app.example"),
+            ("x-forwarded-for", "203.0.113.7, 198.51.100.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "front.example"),
+            ("x-real-ip", "192.0.2.1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.seen_one("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 198.51.100.2, 127.0.0.1")
+    );
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(
+        r.seen_one("x-forwarded-host").as_deref(),
+        Some("front.example")
+    );
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("192.0.2.1"));
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_without_x_real_ip_gets_the_rightmost_untrusted_address() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
+    // 127.0.0.9 is trusted, so the client is the address before it.
+    let r = get_with(
+        &client(),
+        &p.url("/f"),
+        &[
+            ("host", "app.example"),
+            ("x-forwarded-for", "10.1.1.1, 203.0.113.7, 127.0.0.9"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.seen_one("x-forwarded-for").as_deref(),
+        Some("10.1.1.1, 203.0.113.7, 127.0.0.9, 127.0.0.1")
+    );
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("203.0.113.7"));
+    // Not sent by the trusted peer: set by the proxy.
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        r.seen_one("x-forwarded-host").as_deref(),
+        Some("app.example")
+    );
+
+    // No X-Forwarded-For at all: the trusted peer is the client.
+    let r = get_with(&client(), &p.url("/f"), &[("host", "app.example")]).await;
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn a_peer_outside_trusted_proxies_is_not_trusted() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"10.0.0.0/8\"]", &[&a])).await;
+    let r = get_with(
+        &client(),
+        &p.url("/f"),
+        &[
+            ("host", "app.example"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-real-ip", "203.0.113.7"),
+        ],
+    )
+    .await;
+    assert_eq!(r.seen_one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen_one("x-real-ip").as_deref(), Some("127.0.0.1"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Underscore spellings
 
 #[tokio::test]
 async fn underscore_spellings_are_removed_from_an_untrusted_peer() {
@@ -70,7 +193,7 @@ async fn underscore_spellings_are_removed_from_a_trusted_peer() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 2. RFC 7239 `Forwarded`
+// 3. RFC 7239 `Forwarded`
 
 #[tokio::test]
 async fn forwarded_from_an_untrusted_peer_is_replaced() {
@@ -131,7 +254,7 @@ async fn forwarded_from_a_trusted_peer_gets_the_element_appended() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. HTTP/2 cookie crumbs (RFC 9113 §8.2.3)
+// 4. HTTP/2 cookie crumbs (RFC 9113 §8.2.3)
 
 #[tokio::test]
 async fn http2_cookie_crumbs_reach_an_http11_upstream_as_one_cookie() {
@@ -161,7 +284,7 @@ async fn http11_cookie_lines_pass_as_they_are() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. HTTP/2 without `:authority`
+// 5. HTTP/2 without `:authority`
 
 /// Sends `req` on an h2 connection and reads the whole answer.
 async fn h2_send(h2: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> (u16, Bytes) {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::admin::ADMIN;
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
@@ -27,21 +28,11 @@ unhealthy_threshold = 2
 "#;
 
 fn server_healthy(status: &serde_json::Value, addr: &str) -> Option<bool> {
-    status["upstreams"]["app"]["servers"]
-        .as_array()?
-        .iter()
-        .find(|s| s["addr"] == addr)?["healthy"]
-        .as_bool()
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    get(&format!("http://{}/status", p.admin.unwrap()))
-        .await
-        .json()
+    admin::find_server(status, "app", addr)?["healthy"].as_bool()
 }
 
 fn with_admin(cfg: String) -> String {
-    format!("{cfg}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+    cfg + ADMIN
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +49,7 @@ async fn failing_health_endpoint_takes_a_server_out_and_back() {
     b.set_healthy(false);
     let t0 = Instant::now();
     eventually(Duration::from_secs(3), "b marked down", || async {
-        server_healthy(&status(&p).await, &b_addr) == Some(false)
+        server_healthy(&admin::status(&p).await, &b_addr) == Some(false)
     })
     .await;
     // interval × unhealthy_threshold + one interval, plus jitter and scheduling slack.
@@ -72,21 +63,21 @@ async fn failing_health_endpoint_takes_a_server_out_and_back() {
         assert_eq!(get(&p.url("/")).await.upstream(), "a");
     }
     assert_eq!(b.hits(), before);
-    let ready = get(&format!("http://{}/readyz", p.admin.unwrap())).await;
+    let ready = get(&admin::url(&p, "/readyz")).await;
     assert_eq!(ready.status, 200, "a is still up");
-    let metrics = get(&format!("http://{}/metrics", p.admin.unwrap()))
-        .await
-        .text();
-    assert!(
-        metrics.contains(&format!(
-            "fairway_upstream_server_healthy{{upstream=\"app\",server=\"{b_addr}\"}} 0"
-        )),
-        "{metrics}"
+    let metrics = admin::metrics(&p).await;
+    assert_eq!(
+        metrics.get(
+            "fairway_upstream_server_healthy",
+            &[("upstream", "app"), ("server", &b_addr)]
+        ),
+        Some(0.0),
+        "{metrics:?}"
     );
 
     b.set_healthy(true);
     eventually(Duration::from_secs(3), "b back up", || async {
-        server_healthy(&status(&p).await, &b_addr) == Some(true)
+        server_healthy(&admin::status(&p).await, &b_addr) == Some(true)
     })
     .await;
     let mut seen_b = false;
@@ -100,30 +91,42 @@ async fn failing_health_endpoint_takes_a_server_out_and_back() {
 async fn readyz_is_503_when_an_upstream_has_no_healthy_server() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&with_admin(TestProxy::config(&[&a], FAST_CHECKS))).await;
-    let admin = p.admin.unwrap();
-    assert_eq!(get(&format!("http://{admin}/readyz")).await.status, 200);
+    let readyz = admin::url(&p, "/readyz");
+    assert_eq!(get(&readyz).await.status, 200);
     a.set_healthy(false);
     eventually(Duration::from_secs(3), "readyz 503", || async {
-        get(&format!("http://{admin}/readyz")).await.status == 503
+        get(&readyz).await.status == 503
     })
     .await;
-    let r = get(&format!("http://{admin}/readyz")).await;
+    let r = get(&readyz).await;
     assert!(r.text().contains("app"), "{}", r.text());
     // No healthy server: 503 from the proxy, counted with server="none".
     let r = get(&p.url("/")).await;
     assert_eq!(r.status, 503);
-    let metrics = get(&format!("http://{admin}/metrics")).await.text();
-    assert!(
-        metrics.contains("fairway_requests_total{upstream=\"app\",server=\"none\",code=\"503\"} 1"),
-        "{metrics}"
+    let metrics = admin::metrics(&p).await;
+    assert_eq!(
+        metrics.get(
+            "fairway_requests_total",
+            &[("upstream", "app"), ("server", "none"), ("code", "503")]
+        ),
+        Some(1.0),
+        "{metrics:?}"
     );
-    assert!(metrics.contains(&format!(
-        "fairway_health_checks_total{{upstream=\"app\",server=\"{}\",result=\"failure\"}}",
-        a.addr
-    )));
+    assert!(
+        metrics
+            .get(
+                "fairway_health_checks_total",
+                &[
+                    ("upstream", "app"),
+                    ("server", &a.addr.to_string()),
+                    ("result", "failure")
+                ]
+            )
+            .is_some()
+    );
     a.set_healthy(true);
     eventually(Duration::from_secs(3), "readyz 200", || async {
-        get(&format!("http://{admin}/readyz")).await.status == 200
+        get(&readyz).await.status == 200
     })
     .await;
 }
@@ -165,7 +168,7 @@ async fn a_killed_server_costs_no_failed_gets() {
     let killed = Instant::now();
     let at_kill = done.load(Ordering::SeqCst);
     eventually(Duration::from_secs(5), "b marked down", || async {
-        server_healthy(&status(&p).await, &b_addr) == Some(false)
+        server_healthy(&admin::status(&p).await, &b_addr) == Some(false)
     })
     .await;
     // From then on no request is routed to b: the time from its death to the last
@@ -208,16 +211,9 @@ async fn a_server_that_resets_connections_is_retried_for_gets() {
         assert_eq!(r.status, 200);
         assert_eq!(r.upstream(), "a");
     }
-    let metrics = get(&format!("http://{}/metrics", p.admin.unwrap()))
-        .await
-        .text();
-    let retries: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fairway_retries_total{upstream=\"app\"} "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(retries >= 1.0, "{metrics}");
+    let metrics = admin::metrics(&p).await;
+    let retries = metrics.must("fairway_retries_total", &[("upstream", "app")]);
+    assert!(retries >= 1.0, "{metrics:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +291,7 @@ async fn all_servers_down_is_503_unless_fail_open() {
     let p = TestProxy::start(&with_admin(TestProxy::config(&[&b], &open))).await;
     let addr = b.addr.to_string();
     eventually(Duration::from_secs(3), "b down", || async {
-        server_healthy(&status(&p).await, &addr) == Some(false)
+        server_healthy(&admin::status(&p).await, &addr) == Some(false)
     })
     .await;
     let r = get(&p.url("/")).await;
@@ -341,7 +337,7 @@ async fn ip_hash_clients_of_a_dead_server_move_and_return() {
     ups[1].set_healthy(false);
     let b_addr = ups[1].addr.to_string();
     eventually(Duration::from_secs(3), "b down", || async {
-        server_healthy(&status(&p).await, &b_addr) == Some(false)
+        server_healthy(&admin::status(&p).await, &b_addr) == Some(false)
     })
     .await;
     let mut moved_to = HashMap::<String, usize>::new();
@@ -361,7 +357,7 @@ async fn ip_hash_clients_of_a_dead_server_move_and_return() {
     );
     ups[1].set_healthy(true);
     eventually(Duration::from_secs(3), "b up", || async {
-        server_healthy(&status(&p).await, &b_addr) == Some(true)
+        server_healthy(&admin::status(&p).await, &b_addr) == Some(true)
     })
     .await;
     for ip in &ips {
@@ -385,7 +381,7 @@ async fn passive_failures_mark_a_server_down_and_fail_timeout_brings_it_back() {
     for _ in 0..6 {
         assert_eq!(get(&p.url("/")).await.status, 200);
     }
-    let st = status(&p).await;
+    let st = admin::status(&p).await;
     assert_eq!(
         server_healthy(&st, &b_addr.to_string()),
         Some(false),
@@ -439,8 +435,7 @@ async fn slow_start_ramps_a_server_added_by_reload() {
     .await;
     std::fs::write(
         &p.config_path,
-        TestProxy::config(&[&a, &b], "slow_start = \"2s\"\n")
-            + "\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        with_admin(TestProxy::config(&[&a, &b], "slow_start = \"2s\"\n")),
     )
     .unwrap();
     p.handle().reload().unwrap();
@@ -492,23 +487,17 @@ async fn checks_slower_than_the_interval_never_overlap() {
         "health checks of one server overlapped"
     );
     let addr = a.addr.to_string();
-    assert_eq!(server_healthy(&status(&p).await, &addr), Some(true));
-    let metrics = get(&format!("http://{}/metrics", p.admin.unwrap()))
-        .await
-        .text();
-    let passed = format!(
-        "fairway_health_checks_total{{upstream=\"app\",server=\"{addr}\",result=\"success\"}}"
-    );
-    let failed = format!(
-        "fairway_health_checks_total{{upstream=\"app\",server=\"{addr}\",result=\"failure\"}}"
-    );
-    let count = |series: &str| {
+    assert_eq!(server_healthy(&admin::status(&p).await, &addr), Some(true));
+    let metrics = admin::metrics(&p).await;
+    let count = |result: &str| {
         metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap_or(-1.0))
+            .get(
+                "fairway_health_checks_total",
+                &[("upstream", "app"), ("server", &addr), ("result", result)],
+            )
+            .unwrap_or(0.0)
     };
-    assert!(count(&passed) >= 4.0, "{metrics}");
-    assert_eq!(count(&failed), 0.0, "{metrics}");
+    assert!(count("success") >= 4.0, "{metrics:?}");
+    assert_eq!(count("failure"), 0.0, "{metrics:?}");
     assert_eq!(get(&p.url("/")).await.status, 200);
 }

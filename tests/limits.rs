@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::raw::RawConn;
+use common::usage::{MIB, rss_bytes};
 use common::*;
 use http::Request;
 use http_body_util::combinators::BoxBody;
@@ -81,8 +82,6 @@ impl RssWatch {
         self.max.load(Ordering::Relaxed)
     }
 }
-
-const MIB: u64 = 1024 * 1024;
 
 /// GETs `/` through the proxy and expects 200 from the upstream.
 async fn still_serving(p: &TestProxy) {

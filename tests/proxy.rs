@@ -1,6 +1,7 @@
-//! The client listener's HTTP behaviour (CONTRACT §3): forwarding, forwarded and hop-by-hop
-//! headers, h2c, routing (§2 `[[routes]]`), the proxy's own error codes, upstream
-//! connection pooling and `Connection: close`. Limits and timeouts are in `limits.rs`.
+//! The client listener's HTTP behaviour (CONTRACT §3): forwarding, hop-by-hop headers, h2c,
+//! the proxy's own error codes, upstream connection pooling and `Connection: close`.
+//! Forwarded headers are in `forwarded.rs`, routing in `routing.rs`, limits and timeouts in
+//! `limits.rs`.
 
 mod common;
 
@@ -14,28 +15,6 @@ use http::Request;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// GET `url` with extra request headers.
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut b = Request::get(url);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(&client(), b.body(Full::default()).unwrap()).await
-}
-
-/// The single value the upstream saw for header `name`.
-fn seen_one(r: &Reply, name: &str) -> Option<String> {
-    let v = r.seen_header(name)?;
-    assert_eq!(v.len(), 1, "{name} seen more than once: {v:?}");
-    v.into_iter().next()
-}
-
-/// An address on which nothing listens.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
 
 // ---------------------------------------------------------------------------------------
 // 1. Forwarding
@@ -59,8 +38,8 @@ async fn forwards_method_path_query_and_the_host_as_sent() {
         assert_eq!(j["method"], method);
         assert_eq!(j["uri"], "/some/path%20x/?q=1&r=two%2F&q=3");
         assert_eq!(j["version"], "HTTP/1.1");
-        assert_eq!(seen_one(&r, "host").as_deref(), Some("app.example:1234"));
-        assert_eq!(seen_one(&r, "x-custom").as_deref(), Some("v1"));
+        assert_eq!(r.seen_one("host").as_deref(), Some("app.example:1234"));
+        assert_eq!(r.seen_one("x-custom").as_deref(), Some("v1"));
     }
     assert_eq!(a.hits(), 6);
 }
@@ -150,7 +129,7 @@ async fn post_body_arrives_whole() {
     let j = r.json();
     assert_eq!(j["method"], "POST");
     assert_eq!(j["body_len"], 300_000);
-    assert_eq!(seen_one(&r, "content-length").as_deref(), Some("300000"));
+    assert_eq!(r.seen_one("content-length").as_deref(), Some("300000"));
     assert_eq!(r.seen_header("transfer-encoding"), None);
 }
 
@@ -267,135 +246,7 @@ async fn expect_100_continue_is_answered() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 2. Forwarded headers
-
-#[tokio::test]
-async fn forwarded_headers_forged_by_an_untrusted_client_are_replaced() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    let mut c = RawConn::connect(p.addr).await;
-    c.send(
-        b"GET /f HTTP/1.1\r\nHost: app.example:1234\r\n\
-          X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7, 8.8.8.8\r\n\
-          X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
-          X-Real-IP: 6.6.6.6\r\n\r\n",
-    )
-    .await;
-    let r = c.response().await;
-    assert_eq!(r.status, 200);
-    let h = &r.json()["headers"];
-    assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
-    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
-    assert_eq!(
-        h["x-forwarded-host"],
-        serde_json::json!(["app.example:1234"])
-    );
-    assert_eq!(h["x-real-ip"], serde_json::json!(["127.0.0.1"]));
-}
-
-#[tokio::test]
-async fn forwarded_headers_are_set_when_the_client_sent_none() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    let r = get_with(&p.url("/f"), &[("host", "app.example")]).await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
-        Some("app.example")
-    );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
-}
-
-#[tokio::test]
-async fn a_trusted_proxy_keeps_its_forwarded_headers_and_the_peer_is_appended() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
-    let r = get_with(
-        &p.url("/f"),
-        &[
-            ("host", "app.example"),
-            ("x-forwarded-for", "203.0.113.7, 198.51.100.2"),
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "front.example"),
-            ("x-real-ip", "192.0.2.1"),
-        ],
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("203.0.113.7, 198.51.100.2, 127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("https"));
-    assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
-        Some("front.example")
-    );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("192.0.2.1"));
-}
-
-#[tokio::test]
-async fn a_trusted_proxy_without_x_real_ip_gets_the_rightmost_untrusted_address() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"127.0.0.0/8\"]", &[&a])).await;
-    // 127.0.0.9 is trusted, so the client is the address before it.
-    let r = get_with(
-        &p.url("/f"),
-        &[
-            ("host", "app.example"),
-            ("x-forwarded-for", "10.1.1.1, 203.0.113.7, 127.0.0.9"),
-        ],
-    )
-    .await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("10.1.1.1, 203.0.113.7, 127.0.0.9, 127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("203.0.113.7"));
-    // Not sent by the trusted peer: set by the proxy.
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
-        Some("app.example")
-    );
-
-    // No X-Forwarded-For at all: the trusted peer is the client.
-    let r = get_with(&p.url("/f"), &[("host", "app.example")]).await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
-}
-
-#[tokio::test]
-async fn a_peer_outside_trusted_proxies_is_not_trusted() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("trusted_proxies = [\"10.0.0.0/8\"]", &[&a])).await;
-    let r = get_with(
-        &p.url("/f"),
-        &[
-            ("host", "app.example"),
-            ("x-forwarded-for", "203.0.113.7"),
-            ("x-forwarded-proto", "https"),
-            ("x-real-ip", "203.0.113.7"),
-        ],
-    )
-    .await;
-    assert_eq!(
-        seen_one(&r, "x-forwarded-for").as_deref(),
-        Some("127.0.0.1")
-    );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(seen_one(&r, "x-real-ip").as_deref(), Some("127.0.0.1"));
-}
-
-// ---------------------------------------------------------------------------------------
-// 3. Hop-by-hop headers
+// 2. Hop-by-hop headers
 
 #[tokio::test]
 async fn hop_by_hop_request_headers_are_not_forwarded() {
@@ -485,7 +336,7 @@ async fn hop_by_hop_response_headers_are_not_returned() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. h2c
+// 3. h2c
 
 #[tokio::test]
 async fn h2c_request_reaches_the_upstream_as_http11_with_a_host_header() {
@@ -505,12 +356,12 @@ async fn h2c_request_reaches_the_upstream_as_http11_with_a_host_header() {
     assert_eq!(j["method"], "GET");
     assert_eq!(j["uri"], "/h2?x=1");
     let authority = p.addr.to_string();
-    assert_eq!(seen_one(&r, "host").as_deref(), Some(authority.as_str()));
+    assert_eq!(r.seen_one("host").as_deref(), Some(authority.as_str()));
     assert_eq!(
-        seen_one(&r, "x-forwarded-host").as_deref(),
+        r.seen_one("x-forwarded-host").as_deref(),
         Some(authority.as_str())
     );
-    assert_eq!(seen_one(&r, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen_one("x-forwarded-proto").as_deref(), Some("http"));
 }
 
 #[tokio::test]
@@ -545,174 +396,7 @@ async fn h2c_post_body_arrives() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Routing
-
-fn routed_config(a: &TestUpstream, b: &TestUpstream, routes: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [upstreams.a]\nservers = [\"{}\"]\n\n[upstreams.b]\nservers = [\"{}\"]\n\n{routes}",
-        a.addr, b.addr
-    )
-}
-
-/// The upstream that answered `host` + `path`, or the status when the proxy answered.
-async fn route_of(p: &TestProxy, host: &str, path: &str) -> String {
-    let r = get_with(&p.url(path), &[("host", host)]).await;
-    if r.status == 200 {
-        r.upstream()
-    } else {
-        r.status.to_string()
-    }
-}
-
-#[tokio::test]
-async fn routes_by_host_wildcard_and_path_segments() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let routes = r#"
-[[routes]]
-host = "app.example"
-upstream = "a"
-
-[[routes]]
-host = "app.example"
-path_prefix = "/api"
-upstream = "b"
-
-[[routes]]
-host = "app.example"
-path_prefix = "/api/v2/"
-upstream = "a"
-
-[[routes]]
-host = "*.wild.example"
-upstream = "b"
-
-[[routes]]
-path_prefix = "/static"
-upstream = "a"
-"#;
-    let p = TestProxy::start(&routed_config(&a, &b, routes)).await;
-    let cases = [
-        ("app.example", "/", "a"),
-        ("app.example", "/x", "a"),
-        ("app.example", "/api", "b"),
-        ("app.example", "/api/", "b"),
-        ("app.example", "/api/x?y=1", "b"),
-        ("app.example", "/apix", "a"),
-        ("app.example", "/api/v2", "a"),
-        ("app.example", "/api/v2/users", "a"),
-        ("app.example", "/api/v20", "b"),
-        ("app.example:8080", "/api/x", "b"),
-        ("APP.Example", "/api/x", "b"),
-        ("foo.wild.example", "/anything", "b"),
-        ("a.b.wild.example", "/api", "b"),
-        ("wild.example", "/static/x.js", "a"),
-        ("other.example", "/static", "a"),
-        ("other.example", "/static/app.js", "a"),
-        ("wild.example", "/x", "404"),
-        ("other.example", "/staticx", "404"),
-        ("other.example", "/", "404"),
-    ];
-    for (host, path, want) in cases {
-        assert_eq!(route_of(&p, host, path).await, want, "{host} {path}");
-    }
-}
-
-#[tokio::test]
-async fn the_most_specific_host_wins_before_the_longest_prefix() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let routes = r#"
-[[routes]]
-path_prefix = "/api/deep"
-upstream = "b"
-
-[[routes]]
-host = "x.example"
-upstream = "a"
-
-[[routes]]
-host = "*.example"
-path_prefix = "/long/prefix"
-upstream = "b"
-"#;
-    let p = TestProxy::start(&routed_config(&a, &b, routes)).await;
-    assert_eq!(route_of(&p, "x.example", "/api/deep").await, "a");
-    assert_eq!(route_of(&p, "x.example", "/long/prefix").await, "a");
-    assert_eq!(route_of(&p, "y.example", "/long/prefix/z").await, "b");
-    assert_eq!(route_of(&p, "y.example", "/api/deep").await, "b");
-    assert_eq!(route_of(&p, "other.org", "/api/deep/er").await, "b");
-    assert_eq!(route_of(&p, "y.example", "/other").await, "404");
-}
-
-#[tokio::test]
-async fn no_matching_route_is_a_plain_text_404() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let routes = "[[routes]]\nhost = \"app.example\"\nupstream = \"a\"\n";
-    let p = TestProxy::start(&routed_config(&a, &b, routes)).await;
-    let r = get_with(&p.url("/x"), &[("host", "nope.example")]).await;
-    assert_eq!(r.status, 404);
-    let ct = r.headers["content-type"].to_str().unwrap();
-    assert!(ct.starts_with("text/plain"), "{ct}");
-    assert!(!r.body.is_empty());
-    assert!(r.headers.get("x-upstream").is_none());
-    assert_eq!(a.hits() + b.hits(), 0);
-    // h2c requests are routed by their `:authority`.
-    let (status, body) = h2_get(p.addr, "http://nope.example/h2").await;
-    assert_eq!(status, 404);
-    assert!(!body.is_empty());
-    let (status, body) = h2_get(p.addr, "http://app.example:8443/h2").await;
-    assert_eq!(status, 200);
-    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(j["name"], "a");
-    assert_eq!(
-        j["headers"]["host"],
-        serde_json::json!(["app.example:8443"])
-    );
-}
-
-/// GET `uri` over h2c prior knowledge on a connection to `addr`, whatever the URI's host
-/// (so that `:authority` can name a host that does not resolve).
-async fn h2_get(addr: SocketAddr, uri: &str) -> (u16, Bytes) {
-    use http_body_util::BodyExt;
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get(uri).body(Full::<Bytes>::default()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
-        .await
-        .expect("h2 request timed out")
-        .expect("h2 request failed");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, body)
-}
-
-#[tokio::test]
-async fn with_no_routes_the_only_upstream_gets_everything() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    for (host, path) in [
-        ("anything.example", "/"),
-        ("other", "/deep/path?q"),
-        ("1.2.3.4:99", "/x"),
-    ] {
-        let r = get_with(&p.url(path), &[("host", host)]).await;
-        assert_eq!(r.status, 200);
-        assert_eq!(r.upstream(), "a");
-    }
-    assert_eq!(a.hits(), 3);
-}
-
-// ---------------------------------------------------------------------------------------
-// 6. Errors answered by the proxy
+// 4. Errors answered by the proxy
 
 fn assert_plain(r: &Reply, code: u16) {
     assert_eq!(r.status, code, "{}", r.text());
@@ -878,7 +562,7 @@ async fn two_host_headers_are_400() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 11. Upstream keep-alive pooling
+// 5. Upstream keep-alive pooling
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused() {
@@ -939,7 +623,7 @@ async fn upstream_connection_close_is_honoured() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 12. Client `Connection: close`
+// 6. Client `Connection: close`
 
 #[tokio::test]
 async fn client_connection_close_is_honoured() {

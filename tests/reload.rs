@@ -1,64 +1,26 @@
-//! Hot reload that loses nothing (CONTRACT §4 `POST /reload`, §5 reload metrics, §6): every
-//! trigger — an in-place write, a rename over the file, the Kubernetes ConfigMap symlink swap,
-//! `reload()` (what SIGHUP runs) and `POST /reload` — takes effect within 2 s; an invalid or
-//! missing file changes nothing and is counted; requests in flight, WebSockets, health state
-//! and pooled connections survive a reload; `listen` addresses are bound and released.
+//! Hot reload (CONTRACT §4 `POST /reload`, §5 reload metrics, §6): every trigger — an
+//! in-place write, a rename over the file, the Kubernetes ConfigMap symlink swap, `reload()`
+//! (what SIGHUP runs) and `POST /reload` — takes effect within 2 s; weights and membership
+//! change; an invalid or missing file changes nothing and is counted; `listen` addresses are
+//! bound and released; `config_version` counts successful reloads only. What a reload must
+//! not disturb is in `reload_under_traffic.rs`.
 mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::admin::ADMIN;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-
-/// CONTRACT §6: "A change takes effect within 2 seconds of the file being written."
-const WITHIN: Duration = Duration::from_secs(2);
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
 
 // ---------------------------------------------------------------------------------------
 // Configs
-
-/// `[server]` and `[admin]` on port 0, then `rest`.
-fn with_admin(rest: &str) -> String {
-    format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{rest}")
-}
-
-/// `[upstreams.NAME]` over `servers`, each with its weight.
-fn upstream(name: &str, servers: &[(&TestUpstream, u32)]) -> String {
-    let list: String = servers
-        .iter()
-        .map(|(u, w)| format!("  {{ addr = \"{}\", weight = {w} }},\n", u.addr))
-        .collect();
-    format!("[upstreams.{name}]\nservers = [\n{list}]\n")
-}
-
-/// Admin on, one upstream `app` over `servers` with weight 1 each.
-fn app(servers: &[&TestUpstream]) -> String {
-    let weighted: Vec<(&TestUpstream, u32)> = servers.iter().map(|u| (*u, 1)).collect();
-    with_admin(&upstream("app", &weighted))
-}
-
-/// Replaces `path` the way editors and config management do: a temporary file in the same
-/// directory, renamed over it.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 /// 1-based line of the first occurrence of `needle` in `text`.
 fn line_of(text: &str, needle: &str) -> usize {
@@ -68,21 +30,8 @@ fn line_of(text: &str, needle: &str) -> usize {
     text[..at].matches('\n').count() + 1
 }
 
-/// A port that was free a moment ago.
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 // ---------------------------------------------------------------------------------------
 // Requests
-
-/// GETs `url` on `c`; expects 200 and returns the upstream that answered.
-async fn served_by(c: &HttpClient, url: &str) -> String {
-    let r = send(c, Request::get(url).body(Full::default()).unwrap()).await;
-    assert_eq!(r.status, 200, "GET {url}: {}", r.text());
-    r.upstream()
-}
 
 /// Polls with GETs on `c` until `want` answers (bounded by [`WITHIN`]); the time from `t0`.
 async fn switched_to(c: &HttpClient, url: &str, want: &str, t0: Instant) -> Duration {
@@ -93,35 +42,6 @@ async fn switched_to(c: &HttpClient, url: &str, want: &str, t0: Instant) -> Dura
     t0.elapsed()
 }
 
-fn admin_url(p: &TestProxy, path: &str) -> String {
-    format!("http://{}{path}", p.admin.expect("admin listener"))
-}
-
-async fn status(p: &TestProxy) -> serde_json::Value {
-    let r = get(&admin_url(p, "/status")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-async fn config_version(p: &TestProxy) -> u64 {
-    status(p).await["config_version"]
-        .as_u64()
-        .expect("config_version in /status")
-}
-
-/// The `/status` entry of server `addr` in upstream `name`.
-fn server_status(
-    status: &serde_json::Value,
-    name: &str,
-    addr: SocketAddr,
-) -> Option<serde_json::Value> {
-    status["upstreams"][name]["servers"]
-        .as_array()?
-        .iter()
-        .find(|s| s["addr"] == addr.to_string())
-        .cloned()
-}
-
 /// A keep-alive client with a connection to the admin listener already open, so that a
 /// `POST /reload` sent on it right after a file change reaches the proxy well before the
 /// watcher's own look at the file.
@@ -129,7 +49,7 @@ async fn admin_client(p: &TestProxy) -> HttpClient {
     let c = client();
     let r = send(
         &c,
-        Request::get(admin_url(p, "/healthz"))
+        Request::get(admin::url(p, "/healthz"))
             .body(Full::default())
             .unwrap(),
     )
@@ -141,61 +61,11 @@ async fn admin_client(p: &TestProxy) -> HttpClient {
 async fn post_reload(c: &HttpClient, p: &TestProxy) -> Reply {
     send(
         c,
-        Request::post(admin_url(p, "/reload"))
+        Request::post(admin::url(p, "/reload"))
             .body(Full::default())
             .unwrap(),
     )
     .await
-}
-
-// ---------------------------------------------------------------------------------------
-// Metrics: a small parser of the Prometheus text format
-
-/// The value of the sample `name` whose labels are exactly `labels`, if exposed.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("sample line without a value: {line:?}"));
-        let (n, label_text) = match series.split_once('{') {
-            Some((n, rest)) => (
-                n,
-                rest.strip_suffix('}')
-                    .unwrap_or_else(|| panic!("unclosed labels: {line:?}")),
-            ),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let got: BTreeMap<&str, &str> = label_text
-            .split(',')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("bad label {kv:?} in {line:?}"));
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or_else(|| panic!("unquoted label value in {line:?}"));
-                (k, v)
-            })
-            .collect();
-        if got == want {
-            return Some(
-                value
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}")),
-            );
-        }
-    }
-    None
 }
 
 /// `fairway_config_reloads_total` by result and `fairway_config_last_reload_successful`.
@@ -206,19 +76,9 @@ struct Reloads {
     last_ok: u64,
 }
 
-async fn metrics_text(p: &TestProxy) -> String {
-    let r = get(&admin_url(p, "/metrics")).await;
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
 async fn reloads(p: &TestProxy) -> Reloads {
-    let text = metrics_text(p).await;
-    let read = |name: &str, labels: &[(&str, &str)]| -> u64 {
-        let v = sample(&text, name, labels)
-            .unwrap_or_else(|| panic!("{name}{labels:?} not in /metrics:\n{text}"));
-        v as u64
-    };
+    let metrics = admin::metrics(p).await;
+    let read = |name: &str, labels: &[(&str, &str)]| metrics.must(name, labels) as u64;
     Reloads {
         success: read("fairway_config_reloads_total", &[("result", "success")]),
         failure: read("fairway_config_reloads_total", &[("result", "failure")]),
@@ -242,7 +102,7 @@ impl Switch {
     async fn start() -> Switch {
         let a = TestUpstream::start("a").await;
         let b = TestUpstream::start("b").await;
-        let p = TestProxy::start(&app(&[&a])).await;
+        let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
         let c = client();
         let url = p.url("/");
         assert_eq!(served_by(&c, &url).await, "a");
@@ -261,12 +121,12 @@ async fn an_in_place_write_takes_effect_within_2s() {
     } = Switch::start().await;
 
     let t0 = Instant::now();
-    std::fs::write(&p.config_path, app(&[&b])).unwrap();
+    std::fs::write(&p.config_path, TestProxy::config(&[&b], ADMIN)).unwrap();
     let latency = switched_to(&c, &url, "b", t0).await;
     println!("reload latency, in-place write: {latency:?}");
 
     // One write, one reload, and it succeeded (no reload of a half-written file).
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let r = reloads(&p).await;
     assert_eq!((r.success, r.failure, r.last_ok), (1, 0, 1), "{r:?}");
 }
@@ -282,11 +142,11 @@ async fn a_rename_over_the_file_takes_effect_within_2s() {
     } = Switch::start().await;
 
     let t0 = Instant::now();
-    replace(&p.config_path, &app(&[&b]));
+    replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
     let latency = switched_to(&c, &url, "b", t0).await;
     println!("reload latency, rename-over: {latency:?}");
 
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let r = reloads(&p).await;
     assert_eq!((r.success, r.failure, r.last_ok), (1, 0, 1), "{r:?}");
 }
@@ -318,7 +178,11 @@ async fn a_configmap_symlink_swap_takes_effect_within_2s() {
     let d = dir.path();
     // fairway.toml -> ..data/fairway.toml, ..data -> ..2026_a
     std::fs::create_dir(d.join("..2026_a")).unwrap();
-    std::fs::write(d.join("..2026_a").join("fairway.toml"), app(&[&a])).unwrap();
+    std::fs::write(
+        d.join("..2026_a").join("fairway.toml"),
+        TestProxy::config(&[&a], ADMIN),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("..2026_a", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/fairway.toml", d.join("fairway.toml")).unwrap();
 
@@ -332,14 +196,14 @@ async fn a_configmap_symlink_swap_takes_effect_within_2s() {
     assert_eq!(served_by(&c, &url).await, "a");
 
     let t0 = Instant::now();
-    configmap_update(d, "..2026_a", "..2026_b", &app(&[&b]));
+    configmap_update(d, "..2026_a", "..2026_b", &TestProxy::config(&[&b], ADMIN));
     let latency = switched_to(&c, &url, "b", t0).await;
     println!("reload latency, ConfigMap symlink swap: {latency:?}");
     assert_eq!(proxy.0.runtime().version, 2);
 
     // The watch survives the swap: a second update is seen as well.
     let t0 = Instant::now();
-    configmap_update(d, "..2026_b", "..2026_c", &app(&[&a]));
+    configmap_update(d, "..2026_b", "..2026_c", &TestProxy::config(&[&a], ADMIN));
     let latency = switched_to(&c, &url, "a", t0).await;
     println!("reload latency, second ConfigMap symlink swap: {latency:?}");
     assert_eq!(proxy.0.runtime().version, 3);
@@ -356,13 +220,13 @@ async fn reload_as_sighup_runs_it_bumps_the_version_by_one() {
     } = Switch::start().await;
 
     let before = p.handle().runtime().version;
-    replace(&p.config_path, &app(&[&b]));
+    replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
     let v = p.handle().reload().expect("reload");
     assert_eq!(v, before + 1);
     // In effect when reload() returns: the very next request, on the same keep-alive
     // connection, goes to b.
     assert_eq!(served_by(&c, &url).await, "b");
-    assert_eq!(config_version(&p).await, v);
+    assert_eq!(admin::config_version(&p).await, v);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,8 +240,8 @@ async fn post_reload_answers_the_new_config_version() {
     } = Switch::start().await;
     let admin = admin_client(&p).await;
 
-    let before = config_version(&p).await;
-    replace(&p.config_path, &app(&[&b]));
+    let before = admin::config_version(&p).await;
+    replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
     let r = post_reload(&admin, &p).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
@@ -391,7 +255,7 @@ async fn post_reload_answers_the_new_config_version() {
         r.text()
     );
     assert_eq!(served_by(&c, &url).await, "b");
-    assert_eq!(config_version(&p).await, before + 1);
+    assert_eq!(admin::config_version(&p).await, before + 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -415,7 +279,11 @@ async fn changed_weights_take_effect_within_2s() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let c = TestUpstream::start("c").await;
-    let p = TestProxy::start(&with_admin(&upstream("app", &[(&a, 1), (&b, 1), (&c, 1)]))).await;
+    let p = TestProxy::start(&admin::config(&weighted(
+        "app",
+        &[(&a, 1), (&b, 1), (&c, 1)],
+    )))
+    .await;
     let cl = client();
     let url = p.url("/");
     assert_eq!(
@@ -426,11 +294,12 @@ async fn changed_weights_take_effect_within_2s() {
     let t0 = Instant::now();
     replace(
         &p.config_path,
-        &with_admin(&upstream("app", &[(&a, 5), (&b, 1), (&c, 1)])),
+        &admin::config(&weighted("app", &[(&a, 5), (&b, 1), (&c, 1)])),
     );
     // Watched on /status, which does not move the balancer.
     eventually(WITHIN, "a has weight 5 in /status", || async {
-        server_status(&status(&p).await, "app", a.addr).map(|s| s["weight"].clone())
+        admin::find_server(&admin::status(&p).await, "app", &a.addr.to_string())
+            .map(|s| s["weight"].clone())
             == Some(serde_json::json!(5))
     })
     .await;
@@ -449,22 +318,22 @@ async fn added_and_removed_servers_take_effect_within_2s() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let c = TestUpstream::start("c").await;
-    let p = TestProxy::start(&app(&[&a, &b])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a, &b], ADMIN)).await;
     let cl = client();
     let url = p.url("/");
     assert_eq!(counts(&cl, &url, 4).await, expected(&[("a", 2), ("b", 2)]));
 
     // Added: c gets traffic.
-    replace(&p.config_path, &app(&[&a, &b, &c]));
+    replace(&p.config_path, &TestProxy::config(&[&a, &b, &c], ADMIN));
     eventually(WITHIN, "the added server c gets traffic", || async {
         served_by(&cl, &url).await == "c"
     })
     .await;
 
     // Removed: a gets nothing more.
-    replace(&p.config_path, &app(&[&b, &c]));
+    replace(&p.config_path, &TestProxy::config(&[&b, &c], ADMIN));
     eventually(WITHIN, "a gone from /status", || async {
-        server_status(&status(&p).await, "app", a.addr).is_none()
+        admin::find_server(&admin::status(&p).await, "app", &a.addr.to_string()).is_none()
     })
     .await;
     let a_hits = a.hits();
@@ -482,19 +351,19 @@ async fn added_and_removed_servers_take_effect_within_2s() {
 async fn an_invalid_file_keeps_the_old_config_and_is_reported() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let admin = admin_client(&p).await;
     let path = p.config_path.to_str().unwrap().to_owned();
     let c = client();
     let url = p.url("/");
-    let good = upstream("app", &[(&a, 1)]);
+    let good = weighted("app", &[(&a, 1)]);
 
-    let syntax = with_admin(&good.replace("[upstreams.app]", "[upstreams.app"));
+    let syntax = admin::config(&good.replace("[upstreams.app]", "[upstreams.app"));
     let unknown_key = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nconect_timeout = \"1s\"\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n{good}"
     );
-    let missing_upstream = with_admin(&format!(
+    let missing_upstream = admin::config(&format!(
         "{good}\n[[routes]]\npath_prefix = \"/\"\nupstream = \"nope\"\n"
     ));
     let cases: [(&str, &str, usize, &[&str]); 3] = [
@@ -546,11 +415,11 @@ async fn an_invalid_file_keeps_the_old_config_and_is_reported() {
             },
             "{what}: before {before:?}"
         );
-        assert_eq!(config_version(&p).await, 1, "{what}");
+        assert_eq!(admin::config_version(&p).await, 1, "{what}");
     }
 
     let before = reloads(&p).await;
-    replace(&p.config_path, &app(&[&b]));
+    replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
     let r = post_reload(&admin, &p).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["config_version"].as_u64(), Some(2));
@@ -569,7 +438,7 @@ async fn an_invalid_file_keeps_the_old_config_and_is_reported() {
 async fn a_deleted_file_fails_the_watcher_reload_and_keeps_serving() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let c = client();
     let url = p.url("/");
     let before = reloads(&p).await;
@@ -592,7 +461,7 @@ async fn a_deleted_file_fails_the_watcher_reload_and_keeps_serving() {
         }
     );
 
-    std::fs::write(&p.config_path, app(&[&b])).unwrap();
+    std::fs::write(&p.config_path, TestProxy::config(&[&b], ADMIN)).unwrap();
     switched_to(&c, &url, "b", Instant::now()).await;
     assert_eq!(
         reloads(&p).await,
@@ -602,13 +471,13 @@ async fn a_deleted_file_fails_the_watcher_reload_and_keeps_serving() {
             last_ok: 1
         }
     );
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_toml_written_in_place_is_counted_by_the_watcher() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let c = client();
     let url = p.url("/");
     let before = reloads(&p).await;
@@ -629,271 +498,11 @@ async fn invalid_toml_written_in_place_is_counted_by_the_watcher() {
     for _ in 0..3 {
         assert_eq!(served_by(&c, &url).await, "a");
     }
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. Reloads under traffic
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_reloads_under_traffic_fail_no_request() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    // Alternately a alone (weight 2) and a with b: b is added and removed under traffic.
-    let only_a = with_admin(&upstream("app", &[(&a, 2)]));
-    let a_and_b = with_admin(&upstream("app", &[(&a, 1), (&b, 1)]));
-    let p = TestProxy::start(&a_and_b).await;
-    let url = p.url("/");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, done, failures, url) = (
-                Arc::clone(&stop),
-                Arc::clone(&done),
-                Arc::clone(&failures),
-                url.clone(),
-            );
-            tokio::spawn(async move {
-                let c = client();
-                while !stop.load(Ordering::SeqCst) {
-                    let req = Request::get(&url).body(Full::default()).unwrap();
-                    let outcome =
-                        match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
-                            Err(_) => Err("timed out".to_owned()),
-                            Ok(Err(e)) => Err(format!("request error: {e:?}")),
-                            Ok(Ok(resp)) => {
-                                let code = resp.status();
-                                match resp.into_body().collect().await {
-                                    Err(e) => Err(format!("body error: {e:?}")),
-                                    Ok(_) if code != 200 => Err(format!("status {code}")),
-                                    Ok(_) => Ok(()),
-                                }
-                            }
-                        };
-                    if let Err(e) = outcome {
-                        failures.lock().unwrap().push(e);
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
-
-    eventually(Duration::from_secs(5), "traffic flowing", || async {
-        done.load(Ordering::SeqCst) >= 20
-    })
-    .await;
-    let mut results = Vec::new();
-    for i in 0..50 {
-        // Let some requests pass between two reloads.
-        let at = done.load(Ordering::SeqCst);
-        eventually(WITHIN, "requests between reloads", || async {
-            done.load(Ordering::SeqCst) >= at + 4
-        })
-        .await;
-        replace(&p.config_path, if i % 2 == 0 { &only_a } else { &a_and_b });
-        results.push(p.handle().reload());
-    }
-    let at = done.load(Ordering::SeqCst);
-    eventually(WITHIN, "requests after the last reload", || async {
-        done.load(Ordering::SeqCst) >= at + 20
-    })
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.unwrap();
-    }
-
-    let total = done.load(Ordering::SeqCst);
-    let failed = failures.lock().unwrap().clone();
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    println!(
-        "50 reloads under traffic: {ok} succeeded; {total} requests, {} failed (a {}, b {})",
-        failed.len(),
-        a.hits(),
-        b.hits()
-    );
-    assert_eq!(ok, 50, "{results:?}");
-    let versions: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
-    assert!(
-        versions.windows(2).all(|w| w[1] > w[0]),
-        "versions not increasing: {versions:?}"
-    );
-    assert!(
-        failed.is_empty(),
-        "{} failed requests: {failed:?}",
-        failed.len()
-    );
-    assert!(b.hits() > 0, "b never served");
-}
-
-// ---------------------------------------------------------------------------------------
-// 5.–8. What a reload must not disturb
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_request_to_a_removed_server_completes() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    b.set_delay(Duration::from_secs(1));
-    let p = TestProxy::start(&app(&[&b])).await;
-    let url = p.url("/");
-
-    let in_flight = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url).await }
-    });
-    eventually(WITHIN, "the slow request reached b", || async {
-        b.hits() == 1
-    })
-    .await;
-
-    replace(&p.config_path, &app(&[&a]));
-    p.handle().reload().expect("reload");
-    // New requests go to a while the old one is still waiting on b.
-    assert_eq!(served_by(&client(), &url).await, "a");
-    assert!(!in_flight.is_finished(), "the slow request ended early");
-
-    let r = in_flight.await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.upstream(), "b");
-    assert_eq!(served_by(&client(), &url).await, "a");
-    assert_eq!(b.hits(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kept_server_keeps_its_health_state() {
-    let sick = TestUpstream::start("app").await;
-    sick.set_healthy(false);
-    let other = TestUpstream::start("other").await;
-    let config = |retries: u32| {
-        with_admin(&format!(
-            "[upstreams.app]\nservers = [\"{}\"]\n\n\
-             [upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\n\
-             timeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n\n\
-             [upstreams.other]\nservers = [\"{}\"]\nretries = {retries}\n\n\
-             [[routes]]\npath_prefix = \"/app\"\nupstream = \"app\"\n\n\
-             [[routes]]\npath_prefix = \"/\"\nupstream = \"other\"\n",
-            sick.addr, other.addr
-        ))
-    };
-    let p = TestProxy::start(&config(2)).await;
-    let healthy =
-        |s: &serde_json::Value| server_status(s, "app", sick.addr).map(|s| s["healthy"].clone());
-    eventually(
-        Duration::from_secs(3),
-        "app server down in /status",
-        || async { healthy(&status(&p).await) == Some(serde_json::json!(false)) },
-    )
-    .await;
-    assert_eq!(get(&p.url("/app")).await.status, 503);
-
-    replace(&p.config_path, &config(0));
-    p.handle().reload().expect("reload");
-    let s = status(&p).await;
-    assert_eq!(
-        s["upstreams"]["other"]["retries"], 0,
-        "reload not applied: {s}"
-    );
-    assert_eq!(
-        healthy(&s),
-        Some(serde_json::json!(false)),
-        "health reset by the reload: {s}"
-    );
-    assert_eq!(get(&p.url("/app")).await.status, 503);
-    assert_eq!(get(&p.url("/")).await.upstream(), "other");
-    let text = metrics_text(&p).await;
-    assert_eq!(
-        sample(
-            &text,
-            "fairway_upstream_server_healthy",
-            &[("upstream", "app"), ("server", &sick.addr.to_string())]
-        ),
-        Some(0.0),
-        "{text}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pooled_connections_survive_a_reload() {
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&with_admin(&upstream("app", &[(&a, 1)]))).await;
-    let c = client();
-    let url = p.url("/");
-    for _ in 0..10 {
-        assert_eq!(served_by(&c, &url).await, "a");
-    }
-    let n = a.knobs.connections.load(Ordering::SeqCst);
-    assert!((1..=10).contains(&n), "{n} connections");
-
-    replace(&p.config_path, &with_admin(&upstream("app", &[(&a, 3)])));
-    p.handle().reload().expect("reload");
-    assert_eq!(
-        server_status(&status(&p).await, "app", a.addr).map(|s| s["weight"].clone()),
-        Some(serde_json::json!(3))
-    );
-    for _ in 0..10 {
-        assert_eq!(served_by(&c, &url).await, "a");
-    }
-    assert_eq!(
-        a.knobs.connections.load(Ordering::SeqCst),
-        n,
-        "the reload dropped pooled connections"
-    );
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-/// Sends `text` and returns the next text message.
-async fn exchange(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.expect("send");
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("no answer within 5 s")
-            .expect("websocket ended")
-            .expect("websocket error");
-        if let Message::Text(t) = msg {
-            return t.as_str().to_owned();
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_outlives_a_reload_that_removes_its_server() {
-    let a = TestUpstream::start("a").await;
-    let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
-    let ws_url = format!("ws://{}/ws", p.addr);
-    let open = || async {
-        let (ws, resp) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_tungstenite::connect_async(ws_url.as_str()),
-        )
-        .await
-        .expect("websocket handshake timed out")
-        .expect("websocket handshake failed");
-        assert_eq!(resp.status(), 101);
-        ws
-    };
-    let mut ws = open().await;
-    assert_eq!(exchange(&mut ws, "before").await, "a: before");
-
-    replace(&p.config_path, &app(&[&b]));
-    p.handle().reload().expect("reload");
-    assert_eq!(exchange(&mut ws, "after").await, "a: after");
-    assert_eq!(exchange(&mut ws, "again").await, "a: again");
-
-    let mut fresh = open().await;
-    assert_eq!(exchange(&mut fresh, "new").await, "b: new");
-    ws.close(None).await.unwrap();
-    fresh.close(None).await.unwrap();
-}
-
-// ---------------------------------------------------------------------------------------
-// 9. Listen addresses
+// 4. Listen addresses
 
 /// One HTTP/1.1 connection to `addr`, kept for later requests.
 async fn connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
@@ -928,20 +537,23 @@ async fn get_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_listen_address_is_bound_and_the_old_one_released() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let old = p.addr;
     let mut kept = connection(old).await;
     assert_eq!(get_on(&mut kept, old).await, (200, "a".to_owned()));
 
-    let new = free_addr();
-    let text = app(&[&a]).replacen(
+    // Another loopback address, on port 0 too: a listen address the config did not have.
+    let text = TestProxy::config(&[&a], ADMIN).replacen(
         "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{new}\""),
+        "listen = \"127.0.0.2:0\"",
         1,
     );
     replace(&p.config_path, &text);
     p.handle().reload().expect("reload");
-    assert_eq!(p.handle().client_addrs(), vec![new]);
+    let bound = p.handle().client_addrs();
+    assert_eq!(bound.len(), 1, "{bound:?}");
+    let new = bound[0];
+    assert_eq!(new.ip(), std::net::Ipv4Addr::new(127, 0, 0, 2), "{new}");
     assert_eq!(served_by(&client(), &format!("http://{new}/")).await, "a");
     eventually(WITHIN, "the old port refuses connections", || async {
         TcpStream::connect(old).await.is_err()
@@ -955,12 +567,12 @@ async fn a_changed_listen_address_is_bound_and_the_old_one_released() {
 async fn a_listen_address_in_use_fails_the_reload_and_keeps_the_old_listener() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = held.local_addr().unwrap();
     let before = reloads(&p).await;
 
-    let text = app(&[&b]).replacen(
+    let text = TestProxy::config(&[&b], ADMIN).replacen(
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"{taken}\""),
         1,
@@ -983,69 +595,69 @@ async fn a_listen_address_in_use_fails_the_reload_and_keeps_the_old_listener() {
             last_ok: 0
         }
     );
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
     drop(held);
 }
 
 // ---------------------------------------------------------------------------------------
-// 10. config_version
+// 5. config_version
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_version_counts_successful_reloads_only() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
-    let p = TestProxy::start(&app(&[&a])).await;
+    let p = TestProxy::start(&TestProxy::config(&[&a], ADMIN)).await;
     let admin = admin_client(&p).await;
-    assert_eq!(config_version(&p).await, 1);
+    assert_eq!(admin::config_version(&p).await, 1);
 
     // The file unchanged: POST /reload still reloads (the watcher sees nothing).
     let r = post_reload(&admin, &p).await;
     assert_eq!(r.json()["config_version"].as_u64(), Some(2), "{}", r.text());
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 
     // Failures (by POST and by the watcher) leave it alone.
     replace(&p.config_path, "[server\n");
     assert_eq!(post_reload(&admin, &p).await.status, 400);
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
     let failures = reloads(&p).await.failure;
     replace(
         &p.config_path,
-        &with_admin(&format!(
+        &admin::config(&format!(
             "{}\n[[routes]]\nupstream = \"nope\"\n",
-            upstream("app", &[(&a, 1)])
+            weighted("app", &[(&a, 1)])
         )),
     );
     eventually(WITHIN, "the watcher's failed reload", || async {
         reloads(&p).await.failure > failures
     })
     .await;
-    assert_eq!(config_version(&p).await, 2);
+    assert_eq!(admin::config_version(&p).await, 2);
 
     // A watched change: exactly one more.
-    replace(&p.config_path, &app(&[&b]));
+    replace(&p.config_path, &TestProxy::config(&[&b], ADMIN));
     eventually(WITHIN, "the watcher's reload", || async {
-        config_version(&p).await > 2
+        admin::config_version(&p).await > 2
     })
     .await;
-    assert_eq!(config_version(&p).await, 3);
+    assert_eq!(admin::config_version(&p).await, 3);
     assert_eq!(get(&p.url("/")).await.upstream(), "b");
 
     // A bind failure leaves it alone too.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     replace(
         &p.config_path,
-        &app(&[&b]).replacen(
+        &TestProxy::config(&[&b], ADMIN).replacen(
             "listen = \"127.0.0.1:0\"",
             &format!("listen = \"{}\"", held.local_addr().unwrap()),
             1,
         ),
     );
     assert!(p.handle().reload().is_err());
-    assert_eq!(config_version(&p).await, 3);
+    assert_eq!(admin::config_version(&p).await, 3);
 
-    replace(&p.config_path, &app(&[&a]));
+    replace(&p.config_path, &TestProxy::config(&[&a], ADMIN));
     assert_eq!(p.handle().reload().expect("reload"), 4);
-    assert_eq!(config_version(&p).await, 4);
+    assert_eq!(admin::config_version(&p).await, 4);
     let r = reloads(&p).await;
     assert_eq!(r.success, 3, "one success per version step: {r:?}");
     assert_eq!(r.last_ok, 1);

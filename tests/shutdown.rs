@@ -1,22 +1,20 @@
 //! Graceful shutdown (CONTRACT §1 signals, §2 `shutdown_timeout`): stop accepting, let
-//! in-flight requests finish within the limit, never wait for idle keep-alive connections.
+//! in-flight requests finish within the limit, never wait for idle keep-alive connections,
+//! and end WebSockets with a close frame 1001 (going away) once a message under way is
+//! through.
 mod common;
 
 use std::time::Duration;
 
+use common::steady::*;
+use common::usage::MIB;
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-
-/// One upstream `app` over `servers`, with `server_extra` in `[server]`.
-fn config(servers: &[&TestUpstream], server_extra: &str) -> String {
-    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[upstreams.app]\nservers = [{}]\n",
-        list.join(", ")
-    )
-}
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// Starts a GET to `url` on its own task, and waits until `upstream` has received it.
 async fn in_flight(url: String, upstream: &TestUpstream) -> tokio::task::JoinHandle<Reply> {
@@ -37,7 +35,7 @@ async fn in_flight(url: String, upstream: &TestUpstream) -> tokio::task::JoinHan
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_request_finish() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "")).await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
     let addr = p.addr;
     a.set_delay(Duration::from_millis(800));
     let request = in_flight(p.url("/slow"), &a).await;
@@ -67,7 +65,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 #[tokio::test]
 async fn shutdown_timeout_bounds_the_drain() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "shutdown_timeout = \"300ms\"")).await;
+    let p = TestProxy::start(&proxy_config("shutdown_timeout = \"300ms\"", &[&a])).await;
     a.set_delay(Duration::from_secs(5));
     let request = in_flight(p.url("/stuck"), &a).await;
 
@@ -87,7 +85,7 @@ async fn shutdown_timeout_bounds_the_drain() {
 #[tokio::test]
 async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
     let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&config(&[&a], "")).await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
     let addr = p.addr;
 
     // A connection that never sends anything. Opened first: connections are accepted in
@@ -146,4 +144,106 @@ async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
         || async move { TcpStream::connect(addr).await.is_err() },
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSockets at shutdown
+
+/// The next message that is not a ping or pong, within 5 s.
+async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("no message within 5 s")
+            .expect("the WebSocket ended without a close frame")
+            .expect("WebSocket error");
+        if !msg.is_ping() && !msg.is_pong() {
+            return msg;
+        }
+    }
+}
+
+fn expect_going_away(msg: Message) {
+    match msg {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away, "{frame:?}"),
+        other => panic!("expected a close frame 1001, got {other:?}"),
+    }
+}
+
+/// Shuts the proxy down on its own task; returns whether it drained and how long it took.
+fn shutdown_in_background(p: TestProxy) -> tokio::task::JoinHandle<(bool, Duration)> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let drained = p.shutdown().await;
+        (drained, start.elapsed())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_websocket_clients_going_away() {
+    let app = TestUpstream::start("app").await;
+    let mut b = bench("shutdown_timeout = \"10s\"", &[app.addr], "").await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", b.addr()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    match next_message(&mut ws).await {
+        Message::Text(t) => assert_eq!(t.as_str(), "app: hello"),
+        other => panic!("{other:?}"),
+    }
+    // The well-behaved client stops before shutdown, which ends its service too.
+    b.steady_ok().await;
+    let Bench { proxy, .. } = b;
+    let shutdown = shutdown_in_background(proxy);
+    expect_going_away(next_message(&mut ws).await);
+    // The client answers the close; the connection then ends.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    let (drained, took) = shutdown.await.unwrap();
+    assert!(drained, "shutdown did not drain");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_a_big_websocket_message_before_going_away() {
+    let app = TestUpstream::start("app").await;
+    let mut b = bench("shutdown_timeout = \"10s\"", &[app.addr], "").await;
+    // A small receive window, so that the echo of 1 MiB is still on its way through the
+    // proxy when shutdown begins.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(b.addr()).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", b.addr()), tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let big: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    b.steady_ok().await;
+    // Not reading: let the echo get under way, then shut down.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Bench { proxy, .. } = b;
+    let shutdown = shutdown_in_background(proxy);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match next_message(&mut ws).await {
+        Message::Binary(got) => {
+            assert_eq!(got.len(), big.len(), "echo length");
+            assert!(got[..] == big[..], "the echo arrived corrupted");
+        }
+        other => panic!("expected the 1 MiB echo first, got {other:?}"),
+    }
+    expect_going_away(next_message(&mut ws).await);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    let (drained, took) = shutdown.await.unwrap();
+    assert!(drained, "shutdown did not drain");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
 }

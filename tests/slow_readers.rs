@@ -27,10 +27,7 @@ async fn setup() -> (TestUpstream, TestProxy) {
 }
 
 async fn active_requests(p: &TestProxy) -> u64 {
-    let s = get(&format!("http://{}/status", p.admin.unwrap()))
-        .await
-        .json();
-    s["upstreams"]["app"]["servers"][0]["active_requests"]
+    admin::status(p).await["upstreams"]["app"]["servers"][0]["active_requests"]
         .as_u64()
         .unwrap()
 }

@@ -1,3 +1,5 @@
+//! The shortest path through the proxy: one GET reaches the one upstream with its path and
+//! query, and its answer comes back. If this fails, start here.
 mod common;
 use common::*;
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::usage::{MIB, fd_targets, open_fds_of, rss_bytes_of};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
@@ -37,41 +38,26 @@ const RSS_UNDER_LOAD: u64 = 24 * MIB;
 /// A request with no answer after this is a hang.
 const HANG: Duration = Duration::from_secs(30);
 const CLIENTS: usize = 6;
-const MIB: u64 = 1024 * 1024;
 
-fn soak_config(ports: (u16, u16), addrs: &[SocketAddr], weights: [u32; 3]) -> String {
+fn soak_config(addrs: &[SocketAddr], weights: [u32; 3]) -> String {
     let servers: Vec<String> = addrs
         .iter()
         .zip(weights)
         .map(|(a, w)| format!("{{ addr = \"{a}\", weight = {w} }}"))
         .collect();
     format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"10s\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"10s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstreams.app]\nretries = 2\nservers = [{}]\n\n\
          [upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
          healthy_threshold = 1\nunhealthy_threshold = 2\n",
-        ports.0,
-        ports.1,
         servers.join(", ")
     )
 }
 
-/// The proxy process: RSS and open descriptors, read from /proc.
+/// The proxy process: RSS and open descriptors.
 fn usage(pid: &str) -> (u64, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (rss_bytes_of(pid), fds)
-}
-
-/// What the proxy's descriptors point at.
-fn open_fds(pid: &str) -> Vec<String> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd"));
-    dir.map(|d| {
-        d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    })
-    .unwrap_or_default()
+    (rss_bytes_of(pid), open_fds_of(pid))
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -149,8 +135,8 @@ async fn run_op(
     op: Op,
     n: usize,
     proxy: SocketAddr,
-    http: &Http,
-    h2: &Http,
+    http: &HttpClient,
+    h2: &HttpClient,
     payload: &Bytes,
     rng: &mut Rng,
 ) -> Outcome {
@@ -177,11 +163,6 @@ async fn run_op(
     }
 }
 
-type Http = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 enum Check {
     /// The echo JSON.
     Json,
@@ -191,12 +172,12 @@ enum Check {
     Length(usize),
 }
 
-async fn fetch(http: &Http, req: http::request::Builder, download: Option<usize>) -> Outcome {
+async fn fetch(http: &HttpClient, req: http::request::Builder, download: Option<usize>) -> Outcome {
     let check = download.map_or(Check::Json, Check::Length);
     send_checked(http, req.body(Full::default()).unwrap(), check).await
 }
 
-async fn send_checked(http: &Http, req: Request<Full<Bytes>>, check: Check) -> Outcome {
+async fn send_checked(http: &HttpClient, req: Request<Full<Bytes>>, check: Check) -> Outcome {
     let resp = match http.request(req).await {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(format!("no response: {e:?}")),
@@ -365,21 +346,14 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         ups.push(Some(TestUpstream::start(name).await));
     }
     let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.as_ref().unwrap().addr).collect();
-    let ports = (process::free_port(), process::free_port());
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("fairway.toml");
-    std::fs::write(&config_path, soak_config(ports, &addrs, [1, 1, 1])).unwrap();
-    let mut command = std::process::Command::new(process::BIN);
-    command
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env_remove("FAIRWAY_CONFIG")
-        .env("RUST_LOG", "error");
+    std::fs::write(&config_path, soak_config(&addrs, [1, 1, 1])).unwrap();
+    let mut command = process::fairway(&["run", "--config", config_path.to_str().unwrap()]);
+    command.env("RUST_LOG", process::log_level("error"));
     let mut proxy = process::Proc::spawn(command);
-    let proxy_addr: SocketAddr = format!("127.0.0.1:{}", ports.0).parse().unwrap();
-    let reload_url = format!("http://127.0.0.1:{}/reload", ports.1);
-    proxy.wait_listening(proxy_addr).await;
+    let proxy_addr = proxy.client_addr().await;
+    let reload_url = format!("http://{}/reload", proxy.admin_addr().await);
     let pid = proxy.child.id().to_string();
     let tally = Arc::new(Mutex::new(Tally::default()));
 
@@ -430,7 +404,7 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         } else {
             [1, 2, 3]
         };
-        std::fs::write(&config_path, soak_config(ports, &addrs, weights)).unwrap();
+        std::fs::write(&config_path, soak_config(&addrs, weights)).unwrap();
         let req = Request::post(&reload_url).body(Full::default()).unwrap();
         let r = send(&admin, req).await;
         assert_eq!(r.status, 200, "reload failed: {}", r.text());
@@ -518,7 +492,7 @@ async fn a_minute_of_mixed_traffic_through_kills_restarts_and_reloads() {
         back((rss_end, fds_end)),
         "not back to baseline after {SETTLE_LIMIT:?}: RSS {rss_base} -> {rss_end} bytes, \
          fds {fds_base} -> {fds_end}: {:?}",
-        open_fds(&pid)
+        fd_targets(&pid)
     );
     // SIGTERM: drains and exits 0.
     proxy.signal("TERM");

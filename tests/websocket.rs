@@ -13,19 +13,6 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn open(p: &TestProxy) -> Ws {
-    let url = format!("ws://{}/ws", p.addr);
-    let (ws, resp) = tokio::time::timeout(Duration::from_secs(5), connect_async(url))
-        .await
-        .expect("websocket handshake timed out")
-        .expect("websocket handshake failed");
-    assert_eq!(resp.status(), 101);
-    ws
-}
 
 /// The next data message (pings and pongs skipped), within 5 s.
 async fn next_data(ws: &mut Ws) -> Message {
@@ -70,7 +57,7 @@ async fn ends_within(ws: &mut Ws, limit: Duration) -> bool {
 async fn echo_text_and_binary_through_the_proxy() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    let mut ws = open(&p).await;
+    let mut ws = open_websocket(&p).await;
 
     ws.send(Message::text("hi")).await.unwrap();
     expect_text(&mut ws, "a: hi").await;
@@ -142,7 +129,7 @@ async fn closing_handshake_passes_both_ways() {
     let cfg =
         format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{echo}\"]\n");
     let p = TestProxy::start(&cfg).await;
-    let mut ws = open(&p).await;
+    let mut ws = open_websocket(&p).await;
     ws.send(Message::text("ping")).await.unwrap();
     expect_text(&mut ws, "ping").await;
     ws.close(Some(CloseFrame {
@@ -202,7 +189,7 @@ async fn upgrade_headers_are_forwarded_on_an_upgrade_request() {
 async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("tunnel_idle_timeout = \"500ms\"", &[&a])).await;
-    let mut ws = open(&p).await;
+    let mut ws = open_websocket(&p).await;
     ws.send(Message::text("hi")).await.unwrap();
     expect_text(&mut ws, "a: hi").await;
     let quiet_since = tokio::time::Instant::now();
@@ -222,7 +209,7 @@ async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
 async fn a_busy_tunnel_outlives_tunnel_idle_timeout() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("tunnel_idle_timeout = \"500ms\"", &[&a])).await;
-    let mut ws = open(&p).await;
+    let mut ws = open_websocket(&p).await;
     // Traffic every 100 ms for 1.5 s: three times the idle limit in total, never idle.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for i in 0..15 {
@@ -237,8 +224,8 @@ async fn two_websockets_at_once() {
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let p = TestProxy::start(&proxy_config("", &[&a, &b])).await;
-    let mut one = open(&p).await;
-    let mut two = open(&p).await;
+    let mut one = open_websocket(&p).await;
+    let mut two = open_websocket(&p).await;
     // Round robin: the first goes to a, the second to b; both stay open side by side.
     for i in 0..5 {
         two.send(Message::text(format!("x{i}"))).await.unwrap();

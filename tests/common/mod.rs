@@ -1,16 +1,26 @@
-//! Shared helpers for the integration tests: real upstream servers and a real proxy on
-//! ephemeral loopback ports, a small HTTP client, and `eventually` to poll for a condition.
+//! Shared helpers for the integration tests, one per job: real upstream servers
+//! ([`TestUpstream`]) and a real proxy ([`TestProxy`]) on ephemeral loopback ports, config
+//! builders, a small HTTP client, and [`eventually`] to poll for a condition. The modules
+//! hold the rest: `admin` (the admin listener), `prometheus` (the exposition parser),
+//! `process` (the real binary as a child process), `raw` (exact bytes on the wire), `steady`
+//! (a well-behaved client beside a misbehaving case), `pki` and `tls` (certificates, a TLS
+//! client and a TLS upstream) and `usage` (memory and descriptors).
 #![allow(dead_code)]
 
+pub mod admin;
+pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod raw;
 pub mod steady;
+pub mod tls;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,12 +32,16 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
+
+/// CONTRACT §6: a change (a config file, a renewed certificate) takes effect within 2 seconds.
+pub const WITHIN: Duration = Duration::from_secs(2);
 
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
@@ -44,6 +58,10 @@ pub struct Knobs {
     pub reset: AtomicBool,
     /// Requests seen (excluding `/health`).
     pub hits: AtomicUsize,
+    /// Requests being answered right now (excluding `/health`).
+    pub in_flight: AtomicUsize,
+    /// The most requests ever answered at once.
+    pub most_in_flight: AtomicUsize,
     /// Health checks seen.
     pub health_hits: AtomicUsize,
     /// `/health` waits this long before answering (milliseconds).
@@ -82,6 +100,12 @@ impl TestUpstream {
         })
         .await;
         Self::serve(name, listener)
+    }
+
+    /// Starts on a listener the test has bound (to choose its address and port).
+    pub fn start_on(name: &str, listener: std::net::TcpListener) -> TestUpstream {
+        listener.set_nonblocking(true).unwrap();
+        Self::serve(name, TcpListener::from_std(listener).unwrap())
     }
 
     fn serve(name: &str, listener: TcpListener) -> TestUpstream {
@@ -189,6 +213,9 @@ async fn answer(
         return text(code, name);
     }
     k.hits.fetch_add(1, Ordering::SeqCst);
+    let now = k.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    k.most_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _in_flight = InFlight(&k.in_flight);
     if k.reset.load(Ordering::SeqCst) {
         reset.cancel();
         // Never answered: the connection is dropped by the select in `serve`.
@@ -356,13 +383,27 @@ fn websocket(name: &str, req: &mut Request<Incoming>) -> Response<TestBody> {
     r
 }
 
+/// The addresses of `servers` as the inside of a TOML array: `"127.0.0.1:1", "127.0.0.1:2"`.
+pub fn quoted(servers: &[&TestUpstream]) -> String {
+    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    list.join(", ")
+}
+
+/// `[upstreams.NAME]` over `servers`, each with its weight.
+pub fn weighted(name: &str, servers: &[(&TestUpstream, u32)]) -> String {
+    let list: String = servers
+        .iter()
+        .map(|(u, w)| format!("  {{ addr = \"{}\", weight = {w} }},\n", u.addr))
+        .collect();
+    format!("[upstreams.{name}]\nservers = [\n{list}]\n")
+}
+
 /// A config with `server_extra` keys under `[server]` and one upstream `app` over `servers`
 /// (unlike [`TestProxy::config`], whose extra TOML goes after the upstream).
 pub fn proxy_config(server_extra: &str, servers: &[&TestUpstream]) -> String {
-    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[upstreams.app]\nservers = [{}]\n",
-        list.join(", ")
+        quoted(servers)
     )
 }
 
@@ -378,7 +419,18 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts the proxy with `toml`; use `127.0.0.1:0` for listen addresses.
     pub async fn start(toml: &str) -> TestProxy {
+        Self::start_with_files(&[], toml).await
+    }
+
+    /// Writes `files` (paths relative to the config's directory, such as certificates),
+    /// then the config `toml`, and starts the proxy.
+    pub async fn start_with_files(files: &[(String, String)], toml: &str) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
         let config_path = dir.path().join("fairway.toml");
         std::fs::write(&config_path, toml).unwrap();
         let handle = fairway::App::start(&config_path)
@@ -395,15 +447,19 @@ impl TestProxy {
 
     /// A config with one upstream `app` over `servers`, plus `extra` TOML appended.
     pub fn config(servers: &[&TestUpstream], extra: &str) -> String {
-        let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.addr)).collect();
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [{}]\n{extra}\n",
-            list.join(", ")
+            quoted(servers)
         )
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The path of file `name` in the config's directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     pub fn handle(&self) -> &fairway::AppHandle {
@@ -423,13 +479,25 @@ impl Drop for TestProxy {
     }
 }
 
+/// Replaces the file at `path` the way editors, config management, certbot and Kubernetes
+/// secrets do: the new text written beside it, then renamed over it.
+pub fn replace(path: &Path, text: &str) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The client the tests send requests with (plain HTTP).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
 /// A keep-alive HTTP/1.1 client (no pooling limits, plain HTTP).
-pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
 /// An HTTP/2 prior-knowledge (h2c) client.
-pub fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
@@ -463,21 +531,54 @@ impl Reply {
         })
     }
 
+    /// The single value the upstream received for header `name`.
+    pub fn seen_one(&self, name: &str) -> Option<String> {
+        let v = self.seen_header(name)?;
+        assert_eq!(v.len(), 1, "{name} seen more than once: {v:?}");
+        v.into_iter().next()
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
-/// GET `url` with a fresh default client.
-pub async fn get(url: &str) -> Reply {
-    send(&client(), Request::get(url).body(Full::default()).unwrap()).await
+/// GET `url` with a fresh default client (an owned `url` makes a `'static` future, for
+/// `tokio::spawn`).
+pub async fn get(url: impl AsRef<str>) -> Reply {
+    send(
+        &client(),
+        Request::get(url.as_ref()).body(Full::default()).unwrap(),
+    )
+    .await
+}
+
+/// GET `url` on `c` with extra request headers.
+pub async fn get_with(c: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(c, b.body(Full::default()).unwrap()).await
+}
+
+/// GETs `url` on `c`, which must answer 200; the upstream that answered.
+pub async fn served_by(c: &HttpClient, url: &str) -> String {
+    let r = send(c, Request::get(url).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 200, "GET {url}: {}", r.text());
+    r.upstream()
+}
+
+/// The upstream that serves a client at `ip`, told by `X-Forwarded-For` from a trusted peer
+/// (`GET /` on `c`, which must answer 200).
+pub async fn served_as(c: &HttpClient, p: &TestProxy, ip: &str) -> String {
+    let r = get_with(c, &p.url("/"), &[("x-forwarded-for", ip)]).await;
+    assert_eq!(r.status, 200, "{ip}: {}", r.text());
+    r.upstream()
 }
 
 /// Sends `req` and reads the whole response.
-pub async fn send(
-    c: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    req: Request<Full<Bytes>>,
-) -> Reply {
+pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
     let resp = tokio::time::timeout(Duration::from_secs(30), c.request(req))
         .await
         .expect("request timed out")
@@ -495,6 +596,30 @@ pub async fn send(
         headers,
         body,
     }
+}
+
+/// A WebSocket client connection.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket through the proxy to the upstream's `/ws` echo: the handshake must end
+/// in a `101` within 5 s.
+pub async fn open_websocket(p: &TestProxy) -> Ws {
+    let url = format!("ws://{}/ws", p.addr);
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("websocket handshake timed out")
+    .expect("websocket handshake failed");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// A loopback address where nothing listens (a port that was bound, then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
 }
 
 /// Writes raw bytes on a new connection and reads until the peer closes or `limit` passes.
@@ -543,19 +668,4 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-}
-
-/// Resident set size of this process in bytes (tests run the proxy in-process).
-pub fn rss_bytes() -> u64 {
-    rss_bytes_of("self")
-}
-
-/// Resident set size of process `pid` ("self" for this one) in bytes; 0 if unreadable.
-pub fn rss_bytes_of(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }

@@ -207,12 +207,6 @@ pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-/// A loopback address where nothing listens.
-pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Reads until the peer closes (EOF or reset) or `limit` passes; returns the bytes and
 /// whether the peer closed.
 pub async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {

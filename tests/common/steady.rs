@@ -6,15 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
-use super::{TestProxy, TestUpstream, client, get};
-
-type Http = Client<HttpConnector, Full<Bytes>>;
+use super::{HttpClient, TestProxy, TestUpstream, admin};
 
 /// A well-behaved client: GETs `/steady/N` in a loop on one keep-alive connection, and
 /// notes every answer that is not a 200 from the `steady` upstream.
@@ -26,7 +23,12 @@ pub struct Steady {
 impl Steady {
     /// Starts the loop once a first request has been answered (its connection is open).
     pub async fn start(proxy: SocketAddr) -> Steady {
-        let c = client();
+        // At most one idle connection: a request that found the previous connection still
+        // on its way back to the pool (a busy runtime) opens a second one, and whichever comes
+        // back second is then closed, so the proxy soon counts one connection again.
+        let c: HttpClient = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .build_http();
         if let Err(e) = steady_get(&c, proxy, 0).await {
             panic!("the well-behaved client failed before the case began: {e}");
         }
@@ -64,7 +66,7 @@ impl Steady {
     }
 }
 
-pub async fn steady_get(c: &Http, proxy: SocketAddr, n: usize) -> Result<(), String> {
+pub async fn steady_get(c: &HttpClient, proxy: SocketAddr, n: usize) -> Result<(), String> {
     let req = Request::get(format!("http://{proxy}/steady/{n}"))
         .body(Full::default())
         .unwrap();
@@ -144,21 +146,11 @@ impl Bench {
 
     /// The sum of the samples of metric `name` on the admin listener.
     pub async fn metric(&self, name: &str) -> f64 {
-        self.metric_where(name, "").await
+        self.metric_where(name, &[]).await
     }
 
-    /// The sum of the samples of metric `name` whose labels contain `labels` (a substring
-    /// such as `code="499"`).
-    pub async fn metric_where(&self, name: &str, labels: &str) -> f64 {
-        let admin = self.proxy.admin.expect("admin listener");
-        let r = get(&format!("http://{admin}/metrics")).await;
-        r.text()
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    /// The sum of the samples of metric `name` whose labels include `labels`.
+    pub async fn metric_where(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        admin::metrics(&self.proxy).await.sum(name, labels)
     }
 }
