@@ -177,7 +177,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
 
@@ -210,7 +210,8 @@ mod tests {
         assert!(h["authorization"].is_sensitive());
     }
 
-    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+    /// A header map from name-value pairs, in order (the forwarded tests use it too).
+    pub(crate) fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
             m.append(

@@ -237,3 +237,32 @@ async fn common_access_log_lines_from_the_binary() {
     f.signal("TERM");
     f.expect_clean_exit(Duration::from_secs(10)).await;
 }
+
+/// A client that goes away before its answer is logged with status 499 (as Nginx logs it),
+/// with the upstream and server its request was going to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_went_away_is_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let up = TestUpstream::start("a").await;
+    let (mut f, _, _dir, _) = access_log_run("json", &up).await;
+    let _routed = f.stdout_lines(3, Duration::from_secs(5)).await;
+    let addr = f.client_addr().await;
+    let hits = up.hits();
+    // An upload abandoned half-way, once the server has the request.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000\r\n\r\nhalf")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the server has the request", || {
+        let n = up.hits();
+        async move { n > hits }
+    })
+    .await;
+    drop(s);
+    let line = &f.stdout_lines(1, Duration::from_secs(5)).await[0];
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["status"], 499, "{line}");
+    assert_eq!(v["path"], "/upload", "{line}");
+    assert_eq!(v["upstream"], "app", "{line}");
+    assert_eq!(v["server"], up.addr.to_string(), "{line}");
+}

@@ -71,10 +71,7 @@ async fn early_answering_upstream() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_response_never_hands_a_smuggled_answer_to_another_client() {
     let up = early_answering_upstream().await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
-    ))
-    .await;
+    let p = proxy_to(up, "").await;
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n";
     for round in 0..3 {
         // Client one: the head, then (once the 413 is back) a body that reads as a request.
@@ -126,10 +123,7 @@ async fn an_early_response_never_hands_a_smuggled_answer_to_another_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_still_uploading_when_the_early_answer_comes_gets_it_without_a_reset() {
     let up = early_answering_upstream().await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
-    ))
-    .await;
+    let p = proxy_to(up, "").await;
     const LEN: usize = 16 * 1024 * 1024;
     let s = TcpStream::connect(p.addr).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
@@ -186,19 +180,10 @@ async fn a_response_with_both_framings_is_relayed_by_chunks_and_its_connection_c
          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
     .await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
-    ))
-    .await;
+    let p = proxy_to(up, "").await;
     let c = client();
     for n in 1..=3 {
-        let r = send(
-            &c,
-            http::Request::get(p.url("/"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await;
+        let r = get_with(&c, &p.url("/"), &[]).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), "hello world");
         assert!(
@@ -221,19 +206,10 @@ async fn a_response_with_a_broken_content_length_is_502_and_its_connection_close
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ] {
         let (up, accepted, _) = answering_upstream(answer).await;
-        let p = TestProxy::start(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 0\n"
-        ))
-        .await;
+        let p = proxy_to(up, "retries = 0").await;
         let c = client();
         for n in 1..=2 {
-            let r = send(
-                &c,
-                http::Request::get(p.url("/"))
-                    .body(Default::default())
-                    .unwrap(),
-            )
-            .await;
+            let r = get_with(&c, &p.url("/"), &[]).await;
             assert_eq!(r.status, 502, "{answer:?}: {}", r.text());
             assert_eq!(
                 accepted.load(Ordering::SeqCst),
@@ -276,20 +252,11 @@ async fn breaking_after_first_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_that_may_have_reached_the_server_is_never_sent_twice() {
     let (up, requests) = breaking_after_first_upstream().await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 2\n"
-    ))
-    .await;
+    let p = proxy_to(up, "retries = 2").await;
     let c = client();
     for method in ["POST", "PATCH"] {
         // A pooled connection first, so that the request goes out on a reused one.
-        let r = send(
-            &c,
-            http::Request::get(p.url("/warm"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await;
+        let r = get_with(&c, &p.url("/warm"), &[]).await;
         assert_eq!(r.status, 200);
         let before = requests.load(Ordering::SeqCst);
         let req = http::Request::builder()
@@ -307,22 +274,10 @@ async fn a_post_that_may_have_reached_the_server_is_never_sent_twice() {
     }
     // An idempotent request on a reused connection is tried again on a fresh one (CONTRACT
     // §2 pool_idle_timeout), which breaks too.
-    let r = send(
-        &c,
-        http::Request::get(p.url("/warm"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = get_with(&c, &p.url("/warm"), &[]).await;
     assert_eq!(r.status, 200);
     let before = requests.load(Ordering::SeqCst);
-    let r = send(
-        &c,
-        http::Request::get(p.url("/again"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = get_with(&c, &p.url("/again"), &[]).await;
     assert_eq!(r.status, 502);
     assert!(
         requests.load(Ordering::SeqCst) - before >= 2,

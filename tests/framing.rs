@@ -174,10 +174,7 @@ async fn chunk_counter(
 async fn tiny_chunks_are_gathered_before_they_go_upstream() {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let up = chunk_counter(tx).await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
-    ))
-    .await;
+    let p = proxy_to(up, "").await;
     const N: usize = 64 * 1024;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     let mut req =
@@ -206,10 +203,7 @@ async fn tiny_chunks_are_gathered_before_they_go_upstream() {
 async fn a_trickling_upload_is_forwarded_as_it_comes() {
     let (tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
     let up = chunk_counter(tx).await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\n"
-    ))
-    .await;
+    let p = proxy_to(up, "").await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(
         b"POST /up HTTP/1.1\r\nHost: app\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",

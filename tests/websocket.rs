@@ -301,10 +301,7 @@ async fn upgrade_status(p: &TestProxy, head: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_single_websocket_upgrade_opens_a_tunnel() {
     let (up, seen) = always_switching_upstream("websocket").await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 0\n"
-    ))
-    .await;
+    let p = proxy_to(up, "retries = 0").await;
     for (offer, what) in [
         (
             "Upgrade: websocket, h2c\r\nConnection: Upgrade",
@@ -341,10 +338,7 @@ async fn only_a_single_websocket_upgrade_opens_a_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_101_to_another_protocol_than_websocket_is_502() {
     let (up, _) = always_switching_upstream("h2c").await;
-    let p = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{up}\"]\nretries = 0\n"
-    ))
-    .await;
+    let p = proxy_to(up, "retries = 0").await;
     let head = "GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
     assert_eq!(upgrade_status(&p, head).await, 502);
 }

@@ -407,6 +407,15 @@ pub fn proxy_config(server_extra: &str, servers: &[&TestUpstream]) -> String {
     )
 }
 
+/// A proxy in front of one upstream `app` at `addr` (a raw upstream of the test's own),
+/// with `upstream_extra` keys under `[upstreams.app]`.
+pub async fn proxy_to(addr: SocketAddr, upstream_extra: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.app]\nservers = [\"{addr}\"]\n{upstream_extra}\n"
+    ))
+    .await
+}
+
 /// A running proxy with its config in a temporary directory.
 pub struct TestProxy {
     pub handle: Option<fairway::AppHandle>,
