@@ -166,17 +166,23 @@ def proc_tree(root):
     return out
 
 
-def cpu_seconds(pids):
-    """utime + stime of the given processes (all threads), in seconds."""
-    total = 0
+def cpu_split(pids):
+    """(utime, stime) of the given processes (all threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             f = read_file("/proc/%d/stat" % pid)
         except OSError:
             continue
         fields = f[f.rfind(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
+        user += int(fields[11])  # utime (field 14)
+        system += int(fields[12])  # stime (field 15)
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids):
+    """utime + stime of the given processes (all threads), in seconds."""
+    return sum(cpu_split(pids))
 
 
 def proc_kib(pids, name, key):
@@ -439,13 +445,24 @@ events {{ worker_connections 16384; }}
 """
 
 
-def backend_conf(run_dir, ports, big):
+def backend_conf(run_dir, ports, big, buffered_upload=False):
+    """buffered_upload adds /buffered/upload: the backend reads the whole request body
+    (any framing), then passes it to the sink with a Content-Length (see profile.py)."""
     main, http = nginx_common(run_dir, "backend")
     servers = []
     for i, p in enumerate(ports.backends, 1):
         extra = ""
+        if buffered_upload:
+            extra += f"""
+        location = /buffered/upload {{
+            client_max_body_size 0;
+            client_body_buffer_size 2m;
+            proxy_request_buffering on;
+            proxy_http_version 1.1;
+            proxy_pass http://{HOST}:{ports.sink};
+        }}"""
         if big:
-            extra = f"""
+            extra += f"""
         location = /big/download {{ alias {run_dir}/big.bin; }}
         location = /big/upload {{
             client_max_body_size 0;
@@ -898,15 +915,19 @@ class Bench:
     def backend_pids(self):
         return proc_tree(self.backend.pid)
 
-    def measure(self, target, scen, rnd):
-        """One run of one scenario against one target (a Proxy, or None = direct)."""
+    def measure(self, target, scen, rnd, probes=()):
+        """One run of one scenario against one target (a Proxy, or None = direct).
+        `probes` (used by profile.py) are started on the proxy's processes just before the
+        load and finished just after it; each adds its own numbers to the result."""
         sc = SCENARIOS[scen]
         port = self.ports.backends[0] if target is None else (
             target.h2_port if sc["tool"] == "h2load" else target.port)
         ppids = target.pids() if target else []
         bpids = self.backend_pids()
+        for probe in probes:
+            probe.start(ppids)
         stub0 = stub_status(self.ports.stub)
-        cpu0, bcpu0 = cpu_seconds(ppids), cpu_seconds(bpids)
+        (user0, sys0), bcpu0 = cpu_split(ppids), cpu_seconds(bpids)
         ch0, self0, busy0, t0 = (children_cpu_seconds(), self_cpu_seconds(),
                                  machine_busy_seconds(), time.monotonic())
         sampler = RssSampler(ppids)
@@ -921,17 +942,21 @@ class Bench:
         finally:
             mem = sampler.finish()
         wall = time.monotonic() - t0
-        cpu1, bcpu1 = cpu_seconds(ppids), cpu_seconds(bpids)
+        (user1, sys1), bcpu1 = cpu_split(ppids), cpu_seconds(bpids)
         ch1, self1, busy1 = children_cpu_seconds(), self_cpu_seconds(), machine_busy_seconds()
         stub1 = stub_status(self.ports.stub)
         res.update({"round": rnd, "proxy": target.name if target else "direct",
                     "scenario": scen, "wall_s": wall, **mem})
         res.setdefault("errors", {})
         res.setdefault("error_count", 0)
-        proxy_cpu, backend_cpu, loadgen_cpu = cpu1 - cpu0, bcpu1 - bcpu0, ch1 - ch0
+        for probe in probes:
+            probe.finish(res)
+        proxy_cpu = (user1 - user0) + (sys1 - sys0)
+        backend_cpu, loadgen_cpu = bcpu1 - bcpu0, ch1 - ch0
         busy = busy1 - busy0
         other = busy - proxy_cpu - backend_cpu - loadgen_cpu - (self1 - self0)
-        res.update({"proxy_cpu_s": proxy_cpu, "backend_cpu_s": backend_cpu,
+        res.update({"proxy_cpu_s": proxy_cpu, "proxy_user_s": user1 - user0,
+                    "proxy_sys_s": sys1 - sys0, "backend_cpu_s": backend_cpu,
                     "loadgen_cpu_s": loadgen_cpu, "harness_cpu_s": self1 - self0,
                     "machine_busy_s": busy, "other_cpu_s": other,
                     "machine_busy_pct": 100.0 * busy / (wall * (os.cpu_count() or 1))})
@@ -945,7 +970,7 @@ class Bench:
             res["upstream_conns"] = stub1[0] - stub0[0] - 1
             res["upstream_requests"] = stub1[1] - stub0[1] - 1
         if target is None:
-            res["proxy_cpu_s"] = None
+            res["proxy_cpu_s"] = res["proxy_user_s"] = res["proxy_sys_s"] = None
             res.pop("proxy_cpu_per_100k", None)
         res["contaminated"] = other > 0.15 * wall
         return res
@@ -1193,6 +1218,109 @@ class Interrupted(BaseException):
     pass
 
 
+# --------------------------------------------------------------------------- setup
+# Shared with profile.py: the same run directory, backend, proxies and cleanup.
+
+def catch_signals():
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted, so that the caller's `finally` runs."""
+    def on_signal(signum, frame):
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+
+def ignore_signals():
+    """From here on (cleanup), a second signal does not cut the cleanup short."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def raise_fd_limit():
+    """1000+ connections need file descriptors: the soft limit goes up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+
+
+def make_run_dir(big_size=None):
+    """The run directory: nginx temp dirs, the 16 KiB file and (with big_size) the sparse
+    big file. Returns (run_dir, the 16 KiB body)."""
+    run_dir = tempfile.mkdtemp(prefix="fairway-load-")
+    os.chmod(run_dir, 0o755)  # nginx workers may run as another user (root -> nobody)
+    for name in ("backend", "nginx-proxy"):
+        t = os.path.join(run_dir, "tmp-" + name)
+        for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(t, sub), exist_ok=True)
+            os.chmod(os.path.join(t, sub), 0o777)
+    pattern = bytes((48 + i % 75) for i in range(97))
+    body16k = (pattern * (BODY_16K // len(pattern) + 1))[:BODY_16K]
+    with open(os.path.join(run_dir, "16k.bin"), "wb") as f:
+        f.write(body16k)
+    if big_size:
+        with open(os.path.join(run_dir, "big.bin"), "wb") as f:
+            f.truncate(big_size)  # sparse: no disk used, reads as zeros
+    for fn in ("16k.bin", "big.bin"):
+        if os.path.exists(os.path.join(run_dir, fn)):
+            os.chmod(os.path.join(run_dir, fn), 0o644)
+    return run_dir, body16k
+
+
+def check_ports_free(ports):
+    busy = [p for p in ports if port_busy(p)]
+    if busy:
+        raise SetupError("port(s) already in use on %s: %s. Stop whatever holds them or "
+                         "pick another range with --base-port." % (HOST, busy))
+
+
+def start_backend(children, tools, run_dir, ports, body16k, big=False, sink=False,
+                  buffered_upload=False):
+    """One nginx as the three static upstreams (+ stub_status), and the upload sink when
+    `sink`. Returns (backend process, backend config path)."""
+    bconf = os.path.join(run_dir, "backend.conf")
+    with open(bconf, "w") as f:
+        f.write(backend_conf(run_dir, ports, big, buffered_upload))
+    bargv = [tools["nginx"], "-p", run_dir + "/", "-e",
+             os.path.join(run_dir, "backend-error.log"), "-c", bconf]
+    r = subprocess.run(bargv + ["-t"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SetupError("backend nginx config rejected:\n" + r.stdout.decode())
+    backend = children.start("backend", bargv, os.path.join(run_dir, "backend.log"))
+    for p in ports.backends + [ports.stub]:
+        if not wait_listening(p, backend):
+            raise SetupError("backend nginx did not start (port %d):\n%s" % (
+                p, log_tail(os.path.join(run_dir, "backend-error.log"))))
+    if stub_status(ports.stub) is None:
+        raise SetupError("backend stub_status on port %d does not answer" % ports.stub)
+    if sink:
+        sink_proc = children.start("sink", [sys.executable, os.path.abspath(__file__),
+                                            "--_sink", str(ports.sink)],
+                                   os.path.join(run_dir, "sink.log"))
+        if not wait_listening(ports.sink, sink_proc):
+            raise SetupError("upload sink did not start:\n" +
+                             log_tail(os.path.join(run_dir, "sink.log")))
+    preflight(ports.backends[0], body16k, "backend", spread=False)
+    return backend, bconf
+
+
+def start_proxy(children, px, run_dir, log_name, body16k, h2=False):
+    """Starts a proxy fresh, waits for its port(s) and runs the preflight."""
+    px.proc = children.start(px.name, px.argv, os.path.join(run_dir, log_name), env=px.env)
+    if not wait_listening(px.port, px.proc):
+        errlog = px.proc.log_path
+        if px.name == "nginx":
+            errlog = os.path.join(run_dir, "nginx-proxy-error.log")
+        raise SetupError("%s did not start listening on %d:\n%s" % (
+            px.name, px.port, log_tail(errlog)))
+    preflight(px.port, body16k, px.name)
+    if h2 and px.h2_port != px.port:
+        if not wait_listening(px.h2_port, px.proc):
+            raise SetupError("%s h2c port %d not listening" % (px.name, px.h2_port))
+
+
 def main(argv):
     args = parse_args(argv)
     if args._sink is not None:
@@ -1201,21 +1329,10 @@ def main(argv):
     started = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     out_path = args.out or "/tmp/fairway-load-%s.json" % stamp
-
-    def on_signal(signum, frame):
-        raise Interrupted(signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-
+    catch_signals()
     children = Children()
     run_dir = None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:  # 1000+ connections need fds
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
-        except (ValueError, OSError):
-            pass
+    raise_fd_limit()
     status = 0
     try:
         shape = machine_shape()
@@ -1225,8 +1342,7 @@ def main(argv):
             shape["memory"], " ".join(shape["loadavg"])))
         scenarios = list(args.scenario_list)
         tools, versions, notes = check_tools(args, args.proxies, scenarios)
-        run_dir = tempfile.mkdtemp(prefix="fairway-load-")
-        os.chmod(run_dir, 0o755)  # nginx workers may run as another user (root -> nobody)
+        run_dir, body16k = make_run_dir(args.big_size if args.big else None)
         fairway_bin = None
         if "fairway" in args.proxies:
             fairway_bin, fairway_src, fv = prepare_fairway(args.fairway, run_dir)
@@ -1235,55 +1351,15 @@ def main(argv):
         for n in notes:
             print("note: " + n)
         ports = Ports(args.base_port)
-        busy = [p for p in ports.all(args.proxies, args.big) if port_busy(p)]
-        if busy:
-            raise SetupError("port(s) already in use on %s: %s. Stop whatever holds them or "
-                             "pick another range with --base-port." % (HOST, busy))
+        check_ports_free(ports.all(args.proxies, args.big))
         bg = background_busy()
         print("background CPU before start: %.0f%% of the machine" % bg)
         if bg > 10:
             print("warning: the machine is not quiet; numbers will be noisy")
 
-        for name in ("backend", "nginx-proxy"):
-            t = os.path.join(run_dir, "tmp-" + name)
-            for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
-                os.makedirs(os.path.join(t, sub), exist_ok=True)
-                os.chmod(os.path.join(t, sub), 0o777)
-        pattern = bytes((48 + i % 75) for i in range(97))
-        body16k = (pattern * (BODY_16K // len(pattern) + 1))[:BODY_16K]
-        with open(os.path.join(run_dir, "16k.bin"), "wb") as f:
-            f.write(body16k)
-        if args.big:
-            with open(os.path.join(run_dir, "big.bin"), "wb") as f:
-                f.truncate(args.big_size)  # sparse: no disk used, reads as zeros
-        for fn in ("16k.bin", "big.bin"):
-            if os.path.exists(os.path.join(run_dir, fn)):
-                os.chmod(os.path.join(run_dir, fn), 0o644)
-
         # Backend: one nginx, three static upstreams + stub_status.
-        bconf = os.path.join(run_dir, "backend.conf")
-        with open(bconf, "w") as f:
-            f.write(backend_conf(run_dir, ports, args.big))
-        bargv = [tools["nginx"], "-p", run_dir + "/", "-e",
-                 os.path.join(run_dir, "backend-error.log"), "-c", bconf]
-        r = subprocess.run(bargv + ["-t"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if r.returncode != 0:
-            raise SetupError("backend nginx config rejected:\n" + r.stdout.decode())
-        backend = children.start("backend", bargv, os.path.join(run_dir, "backend.log"))
-        for p in ports.backends + [ports.stub]:
-            if not wait_listening(p, backend):
-                raise SetupError("backend nginx did not start (port %d):\n%s" % (
-                    p, log_tail(os.path.join(run_dir, "backend-error.log"))))
-        if stub_status(ports.stub) is None:
-            raise SetupError("backend stub_status on port %d does not answer" % ports.stub)
-        if args.big:
-            sink = children.start("sink", [sys.executable, os.path.abspath(__file__),
-                                           "--_sink", str(ports.sink)],
-                                  os.path.join(run_dir, "sink.log"))
-            if not wait_listening(ports.sink, sink):
-                raise SetupError("upload sink did not start:\n" +
-                                 log_tail(os.path.join(run_dir, "sink.log")))
-        preflight(ports.backends[0], body16k, "backend", spread=False)
+        backend, bconf = start_backend(children, tools, run_dir, ports, body16k,
+                                       big=args.big, sink=args.big)
 
         proxies = make_proxies(args.proxies, run_dir, ports, tools, fairway_bin,
                                "h2-c8x8" in scenarios)
@@ -1310,19 +1386,8 @@ def main(argv):
                     print("  direct   %-13s %s" % (kind, big_line(res)))
             for name in rorder:
                 px = proxies[name]
-                px.proc = children.start(name, px.argv,
-                                         os.path.join(run_dir, "%s-r%d.log" % (name, rnd)),
-                                         env=px.env)
-                if not wait_listening(px.port, px.proc):
-                    errlog = px.proc.log_path
-                    if name == "nginx":
-                        errlog = os.path.join(run_dir, "nginx-proxy-error.log")
-                    raise SetupError("%s did not start listening on %d:\n%s" % (
-                        name, px.port, log_tail(errlog)))
-                preflight(px.port, body16k, name)
-                if px.h2_port != px.port and "h2-c8x8" in scenarios:
-                    if not wait_listening(px.h2_port, px.proc):
-                        raise SetupError("%s h2c port %d not listening" % (name, px.h2_port))
+                start_proxy(children, px, run_dir, "%s-r%d.log" % (name, rnd), body16k,
+                            h2="h2-c8x8" in scenarios)
                 idle.append({"round": rnd, "proxy": name, "rss_kib": rss_kib(px.pids()),
                              "pids": len(px.pids())})
                 # Warm-up (not recorded): pools filled, caches and allocators warm.
@@ -1381,8 +1446,7 @@ def main(argv):
         print("\ninterrupted (%s); cleaning up" % e, file=sys.stderr)
         status = 130
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
+        ignore_signals()
         children.stop_all()
         if run_dir:
             if args.keep:
