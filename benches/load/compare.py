@@ -730,7 +730,7 @@ def percentile(sorted_vals, p):
 
 
 def run_h2load(tools, port, sc, duration, run_dir):
-    log = os.path.join(run_dir, "h2load-requests.log")
+    log = os.path.join(run_dir, "scratch", "h2load-requests.log")
     if os.path.exists(log):
         os.unlink(log)
     argv = [tools["h2load"], "-t1", "-c", str(sc["conns"]), "-m", str(sc["streams"]),
@@ -1248,9 +1248,14 @@ def raise_fd_limit():
 
 def make_run_dir(big_size=None):
     """The run directory: nginx temp dirs, the 16 KiB file and (with big_size) the sparse
-    big file. Returns (run_dir, the 16 KiB body)."""
+    big file. Returns (run_dir, the 16 KiB body).
+
+    Files written while a proxy runs (h2load's request log, profile.py's perf and strace
+    output) go to its `scratch` subdirectory: fairway watches the directory of its config,
+    the run directory, and would wake up for every write there."""
     run_dir = tempfile.mkdtemp(prefix="fairway-load-")
     os.chmod(run_dir, 0o755)  # nginx workers may run as another user (root -> nobody)
+    os.mkdir(os.path.join(run_dir, "scratch"))
     for name in ("backend", "nginx-proxy"):
         t = os.path.join(run_dir, "tmp-" + name)
         for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
