@@ -171,7 +171,8 @@ fn set_rfc7239(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderVal
     let mut value = if origin.trusted {
         joined_values(headers, &header::FORWARDED)
     } else {
-        Vec::new()
+        // Room for the whole element at once: `for="[v6]";proto=https;host="…"`.
+        Vec::with_capacity(64 + host.map_or(0, |h| h.len()))
     };
     if !value.is_empty() {
         value.extend_from_slice(b", ");

@@ -204,6 +204,9 @@ async fn forward(
         trusted,
         proto: conn.proto,
     };
+    // X-Forwarded-For, -Proto, -Host, X-Real-IP, Forwarded and Host: one growth of the map
+    // at most, not one per header.
+    hdrs.reserve(6);
     headers::set_forwarded(&mut hdrs, &origin, host_value.as_ref());
     if !hdrs.contains_key(header::HOST)
         && let Some(h) = host_value
