@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::h2raw::*;
 use common::raw::*;
 use common::steady::*;
 use common::*;
@@ -48,6 +49,12 @@ async fn forwarding(
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
+    reached(a, b, before).await;
+    s
+}
+
+/// Waits until the servers have seen more requests than `before` (a request reached one).
+async fn reached(a: &TestUpstream, b: &TestUpstream, before: usize) {
     eventually(
         Duration::from_secs(5),
         "the request reaches a server",
@@ -57,7 +64,6 @@ async fn forwarding(
         },
     )
     .await;
-    s
 }
 
 /// Every server of `app` is healthy in `/status`.
@@ -235,15 +241,7 @@ async fn an_http2_stream_reset_mid_upload_is_the_clients() {
         let (_resp, mut body) = send.send_request(req, false).unwrap();
         body.send_data(Bytes::from(vec![b'x'; 1000]), false)
             .unwrap();
-        eventually(
-            Duration::from_secs(5),
-            "the request reaches a server",
-            || {
-                let n = hits(&a, &b);
-                async move { n > before }
-            },
-        )
-        .await;
+        reached(&a, &b, before).await;
         body.send_reset(h2::Reason::CANCEL);
     }
     // The connection itself keeps serving.
@@ -253,6 +251,37 @@ async fn an_http2_stream_reset_mid_upload_is_the_clients() {
         .unwrap();
     let (resp, _) = send.send_request(req, true).unwrap();
     assert_eq!(resp.await.unwrap().status(), 200);
+    all_healthy(&bench).await;
+    bench.steady_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_protocol_violation_mid_upload_is_the_clients() {
+    let (mut bench, a, b) = setup().await;
+    let authority = bench.addr().to_string();
+    for _ in 0..4 {
+        let before = hits(&a, &b);
+        let mut s = TcpStream::connect(bench.addr()).await.unwrap();
+        s.write_all(H2_PREFACE).await.unwrap();
+        s.write_all(&h2_frame(FRAME_SETTINGS, 0, 0, &[]))
+            .await
+            .unwrap();
+        let head = hpack_post(&authority, "/upload");
+        s.write_all(&h2_frame(FRAME_HEADERS, END_HEADERS, 1, &head))
+            .await
+            .unwrap();
+        s.write_all(&h2_frame(FRAME_DATA, 0, 1, &[b'x'; 1000]))
+            .await
+            .unwrap();
+        reached(&a, &b, before).await;
+        // A DATA frame past the 16 KiB frame size the client may send: a connection error
+        // (RFC 9113 §4.2), the client's own, like a flow-control violation.
+        let _ = s
+            .write_all(&h2_frame(FRAME_DATA, 0, 1, &vec![b'x'; 20_000]))
+            .await;
+        let (_, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
+        assert!(closed, "the connection survived a protocol error");
+    }
     all_healthy(&bench).await;
     bench.steady_ok().await;
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::h2raw::*;
 use common::steady::*;
 use common::usage::HEAVY;
 use common::*;
@@ -32,41 +33,6 @@ async fn h2_status(send: h2::client::SendRequest<Bytes>, uri: String) -> Result<
         let _ = body.flow_control().release_capacity(chunk.len());
     }
     Ok(status)
-}
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_RST_STREAM: u8 = 0x3;
-const FRAME_SETTINGS: u8 = 0x4;
-const FRAME_GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const REFUSED_STREAM: u32 = 0x7;
-const CANCEL: u32 = 0x8;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-/// One HTTP/2 frame on the wire.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK header block for `GET http://authority/path` (literals, no Huffman, no
-/// dynamic table).
-fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
-    // :method GET and :scheme http from the static table.
-    let mut block = vec![0x82, 0x86];
-    // :authority (index 1) and :path (index 4), literal without indexing.
-    for (index, value) in [(0x01u8, authority), (0x04, path)] {
-        assert!(value.len() < 127);
-        block.push(index);
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    block
 }
 
 #[derive(Debug)]

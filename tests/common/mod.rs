@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod h2raw;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
