@@ -1326,6 +1326,40 @@ def start_proxy(children, px, run_dir, log_name, body16k, h2=False):
             raise SetupError("%s h2c port %d not listening" % (px.name, px.h2_port))
 
 
+class Session:
+    """What a run must clean up: its child processes, and its run directory once made."""
+
+    def __init__(self):
+        self.children = Children()
+        self.run_dir = None
+
+
+def run_session(args, run):
+    """The frame of every run (this script's and profile.py's): signals caught, the fd limit
+    raised, and whatever happens the children stopped and the run directory removed (kept
+    with --keep). `run(session)` returns the exit status; a SetupError gives 2, an
+    interruption 130."""
+    catch_signals()
+    raise_fd_limit()
+    session = Session()
+    try:
+        return run(session)
+    except SetupError as e:
+        print("\nsetup failed: %s" % e, file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print("\ninterrupted (%s); cleaning up" % e, file=sys.stderr)
+        return 130
+    finally:
+        ignore_signals()
+        session.children.stop_all()
+        if session.run_dir:
+            if args.keep:
+                print("run directory kept: %s" % session.run_dir, file=sys.stderr)
+            else:
+                shutil.rmtree(session.run_dir, ignore_errors=True)
+
+
 def main(argv):
     args = parse_args(argv)
     if args._sink is not None:
@@ -1334,12 +1368,10 @@ def main(argv):
     started = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     out_path = args.out or "/tmp/fairway-load-%s.json" % stamp
-    catch_signals()
-    children = Children()
-    run_dir = None
-    raise_fd_limit()
-    status = 0
-    try:
+
+    def body(session):
+        children = session.children
+        status = 0
         shape = machine_shape()
         print("# fairway load comparison\n")
         print("machine: %d CPUs usable (%d online), %s, %s, %s RAM, loadavg %s" % (
@@ -1348,6 +1380,7 @@ def main(argv):
         scenarios = list(args.scenario_list)
         tools, versions, notes = check_tools(args, args.proxies, scenarios)
         run_dir, body16k = make_run_dir(args.big_size if args.big else None)
+        session.run_dir = run_dir
         fairway_bin = None
         if "fairway" in args.proxies:
             fairway_bin, fairway_src, fv = prepare_fairway(args.fairway, run_dir)
@@ -1444,21 +1477,9 @@ def main(argv):
             json.dump(result, f, indent=1)
         print("\nraw results: %s\nwall time: %.0f s (%dm%02ds)" % (
             out_path, wall, wall // 60, wall % 60))
-    except SetupError as e:
-        print("\nsetup failed: %s" % e, file=sys.stderr)
-        status = 2
-    except (Interrupted, KeyboardInterrupt) as e:
-        print("\ninterrupted (%s); cleaning up" % e, file=sys.stderr)
-        status = 130
-    finally:
-        ignore_signals()
-        children.stop_all()
-        if run_dir:
-            if args.keep:
-                print("run directory kept: %s" % run_dir, file=sys.stderr)
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
-    return status
+        return status
+
+    return run_session(args, body)
 
 
 def run_line(r):

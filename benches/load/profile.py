@@ -20,7 +20,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -1024,12 +1023,10 @@ def main(argv):
     started = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     out_path = args.out or "/tmp/fairway-profile-%s.json" % stamp
-    lc.catch_signals()
-    children = lc.Children()
-    run_dir = None
-    lc.raise_fd_limit()
-    status = 0
-    try:
+
+    def body(session):
+        children = session.children
+        status = 0
         shape = lc.machine_shape()
         print("# fairway profile: where the time goes\n")
         print("date: %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)))
@@ -1061,6 +1058,7 @@ def main(argv):
         if tools["strace"]:
             versions["strace"] = lc.tool_version([tools["strace"], "-V"])
         run_dir, body16k = lc.make_run_dir()
+        session.run_dir = run_dir
         fairway_bin = None
         if "fairway" in args.proxies:
             fairway_bin, fairway_src, fv = lc.prepare_fairway(args.fairway, run_dir)
@@ -1181,21 +1179,9 @@ def main(argv):
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
         print("\nraw results: %s\nwall time: %.0f s" % (out_path, wall))
-    except SetupError as e:
-        print("\nsetup failed: %s" % e, file=sys.stderr)
-        status = 2
-    except (lc.Interrupted, KeyboardInterrupt) as e:
-        print("\ninterrupted (%s); cleaning up" % e, file=sys.stderr)
-        status = 130
-    finally:
-        lc.ignore_signals()
-        children.stop_all()
-        if run_dir:
-            if args.keep:
-                print("run directory kept: %s" % run_dir, file=sys.stderr)
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
-    return status
+        return status
+
+    return lc.run_session(args, body)
 
 
 def upload_line(u):
