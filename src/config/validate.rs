@@ -432,15 +432,18 @@ fn validate_server_addr(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_host_pattern(h: &str) -> Result<(), String> {
-    let name = h.strip_prefix("*.").unwrap_or(h);
-    let ok = !name.is_empty()
+/// Dot-separated labels of letters, digits, `-` and `_`, none empty.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
         && name.split('.').all(|l| {
             !l.is_empty()
                 && l.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
+        })
+}
+
+fn validate_host_pattern(h: &str) -> Result<(), String> {
+    if is_host_name(h.strip_prefix("*.").unwrap_or(h)) {
         Ok(())
     } else {
         Err(format!(
@@ -452,14 +455,7 @@ fn validate_host_pattern(h: &str) -> Result<(), String> {
 /// An `admin.allowed_hosts` entry: a bare host name, as the `Host` header carries it
 /// without its port. A trailing dot is allowed, as the guard ignores it.
 fn validate_allowed_host(h: &str) -> Result<(), String> {
-    let name = h.strip_suffix('.').unwrap_or(h);
-    let ok = !name.is_empty()
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
+    if is_host_name(h.strip_suffix('.').unwrap_or(h)) {
         Ok(())
     } else {
         Err(format!(
