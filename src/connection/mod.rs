@@ -238,7 +238,8 @@ where
         ..info
     };
     let service = service_fn(move |req: Request<Incoming>| {
-        let guard = svc_state.begin_request(wire_size(&req));
+        let head = proxy::head_size(&req);
+        let guard = svc_state.begin_request(wire_size(&req, head));
         let info = info.clone();
         let ctx = Arc::clone(&svc_ctx);
         async move {
@@ -259,6 +260,7 @@ where
             let resp = Box::pin(proxy::handle(
                 &pending.rt,
                 req,
+                head,
                 &info,
                 &pending.ctx,
                 pending.start,

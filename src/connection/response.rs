@@ -19,10 +19,10 @@ use crate::body::{Body, BoxError};
 use crate::context::Context;
 use crate::proxy;
 
-/// The size of an HTTP/1.x request on the wire, head and body, as a client writes it
-/// (`Name: value` lines); `None` for HTTP/2 and for a chunked body, whose framing is not
-/// known in advance.
-pub(super) fn wire_size<B>(req: &Request<B>) -> Option<u64> {
+/// The size of an HTTP/1.x request on the wire, its head (`head` bytes, as
+/// `proxy::head_size` counts `Name: value` lines) and its body; `None` for HTTP/2 and for a
+/// chunked body, whose framing is not known in advance.
+pub(super) fn wire_size<B>(req: &Request<B>, head: usize) -> Option<u64> {
     if req.version() == http::Version::HTTP_2
         || req.headers().contains_key(http::header::TRANSFER_ENCODING)
     {
@@ -32,7 +32,7 @@ pub(super) fn wire_size<B>(req: &Request<B>) -> Option<u64> {
         Some(v) => v.to_str().ok()?.trim().parse::<u64>().ok()?,
         None => 0,
     };
-    Some(proxy::head_size(req) as u64 + body)
+    Some(head as u64 + body)
 }
 
 /// A request being answered. If hyper drops it before the answer is ready (the client

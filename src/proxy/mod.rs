@@ -42,18 +42,20 @@ pub struct Trace {
     pub answered: bool,
 }
 
-/// Answers one client request (its head arrived at `start`). Never fails: errors become the
-/// contract's status codes. Counts the response in the metrics.
+/// Answers one client request (its head, `head_bytes` long as [`head_size`] counts it,
+/// arrived at `start`). Never fails: errors become the contract's status codes. Counts the
+/// response in the metrics.
 pub async fn handle(
     rt: &Runtime,
     req: Request<Incoming>,
+    head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
     start: Instant,
     trace: &mut Trace,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let resp = match forward(rt, req, conn, ctx, trace).await {
+    let resp = match forward(rt, req, head_bytes, conn, ctx, trace).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.status() {
@@ -112,11 +114,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 async fn forward(
     rt: &Runtime,
     mut req: Request<Incoming>,
+    head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
-    if head_size(&req) > rt.settings.max_header_bytes {
+    if head_bytes > rt.settings.max_header_bytes {
         return Err(ProxyError::HeadTooLarge);
     }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two could make the route
@@ -215,22 +218,21 @@ async fn forward(
     }
     let uri = origin_form(&parts.uri, routed_path.as_deref())?;
 
-    let progress = Arc::new(BodyProgress::new());
-    let (body, replayable) = if http_body::Body::is_end_stream(&body) {
-        (RequestBody::Empty, true)
-    } else {
-        (
-            RequestBody::Client(Box::new(ClientBody::new(
-                body,
-                rt.settings.max_body_bytes,
-                rt.settings.body_read_timeout,
-                Arc::clone(&progress),
-                chunked
-                    .then(|| conn.bytes_read.clone().map(WireCount::new))
-                    .flatten(),
-            ))),
-            false,
-        )
+    // A body's progress is followed (request_timeout, early responses, the client's
+    // faults); an empty body can be sent again instead.
+    let progress = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(BodyProgress::new()));
+    let replayable = progress.is_none();
+    let body = match &progress {
+        None => RequestBody::Empty,
+        Some(p) => RequestBody::Client(Box::new(ClientBody::new(
+            body,
+            rt.settings.max_body_bytes,
+            rt.settings.body_read_timeout,
+            Arc::clone(p),
+            chunked
+                .then(|| conn.bytes_read.clone().map(WireCount::new))
+                .flatten(),
+        ))),
     };
     let head = Head {
         method: parts.method,
@@ -243,7 +245,7 @@ async fn forward(
         upstream,
         head: &head,
         replayable,
-        progress: (!replayable).then_some(&*progress),
+        progress: progress.as_deref(),
     };
     let (mut resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
     if parts.version == Version::HTTP_2 {
@@ -260,7 +262,7 @@ async fn forward(
         client_upgrade,
         rt,
         ctx,
-        (!replayable).then_some(progress),
+        progress,
     )
 }
 
