@@ -7,15 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::client::ResponseBody;
+use crate::error::ProxyError;
+use crate::server::{ActiveGuard, PassivePolicy};
+pub use crate::upload::BoxError;
+use crate::upload::{BodyProgress, IdleTimer, RequestBody, fault_behind};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
-
-use crate::error::ProxyError;
-use crate::server::{ActiveGuard, PassivePolicy, PoolReturn};
-pub use crate::upload::BoxError;
-use crate::upload::{BodyProgress, IdleTimer, fault_behind};
 
 /// A response with a short `text/plain` body.
 pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -80,7 +79,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Upstream(u) => u.inner.is_end_stream(),
+            Body::Upstream(u) => u.inner.is_end(),
         }
     }
 
@@ -88,7 +87,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Upstream(u) => u.inner.size_hint(),
+            Body::Upstream(u) => u.size_hint(),
         }
     }
 }
@@ -98,12 +97,16 @@ impl http_body::Body for Body {
 /// `response_body_idle_timeout` between reads cuts it off. A body the upstream breaks off or
 /// stalls is a passive failure of its server, unless the client's own body caused it.
 pub struct UpstreamBody {
-    inner: Incoming,
-    pool: Option<PoolReturn>,
+    inner: ResponseBody,
+    /// Idle connections kept for the server; 0 when this connection must not be reused.
+    max_idle: usize,
     idle: IdleTimer,
     passive: PassivePolicy,
     /// The client's body on the same exchange, if it had one.
     request: Option<Arc<BodyProgress>>,
+    /// The client's body itself, kept until the response has been relayed (after an early
+    /// response, dropping it starts reading and discarding what the client still sends).
+    _upload: RequestBody,
     active: ActiveGuard,
 }
 
@@ -112,45 +115,66 @@ pub struct UpstreamBody {
 #[error("upstream response body stalled longer than response_body_idle_timeout")]
 pub struct ResponseBodyTimeout;
 
+/// What an upstream body needs besides the body itself.
+pub struct Exchange {
+    /// Idle connections to keep for the server; 0 when the connection must not be reused.
+    pub max_idle: usize,
+    /// `response_body_idle_timeout`.
+    pub idle_timeout: Duration,
+    /// Counts the request as active on its server.
+    pub active: ActiveGuard,
+    /// How a failure counts against the server.
+    pub passive: PassivePolicy,
+    /// The progress of the client's body sent on the same connection.
+    pub request: Option<Arc<BodyProgress>>,
+    /// The client's body.
+    pub upload: RequestBody,
+}
+
 impl UpstreamBody {
-    /// Wraps `inner`; `pool` is the connection to return once the body has been read,
-    /// `request` the progress of the client's body sent on the same connection.
-    pub fn new(
-        inner: Incoming,
-        pool: Option<PoolReturn>,
-        idle_timeout: Duration,
-        active: ActiveGuard,
-        passive: PassivePolicy,
-        request: Option<Arc<BodyProgress>>,
-    ) -> UpstreamBody {
+    /// Streams `inner` to the client.
+    pub fn new(inner: ResponseBody, x: Exchange) -> UpstreamBody {
         let mut b = UpstreamBody {
             inner,
-            pool,
-            idle: IdleTimer::new(idle_timeout),
-            passive,
-            request,
-            active,
+            max_idle: x.max_idle,
+            idle: IdleTimer::new(x.idle_timeout),
+            passive: x.passive,
+            request: x.request,
+            _upload: x.upload,
+            active: x.active,
         };
-        if http_body::Body::is_end_stream(&b.inner) {
+        if b.inner.is_end() {
             b.finish();
         }
         b
     }
 
+    /// The body has been read to its end: the connection goes back to the pool if its
+    /// exchange ended cleanly both ways.
     fn finish(&mut self) {
-        if let Some(p) = self.pool.take() {
-            p.checkin();
+        if self.max_idle == 0 {
+            return;
+        }
+        if let Some(conn) = self.inner.take_reusable() {
+            self.active.server().pool.put(conn, self.max_idle);
         }
     }
 
     /// The body broke off: the connection is never reused, and unless the client caused
     /// it, the server gets a passive failure.
     fn broke(&mut self, err: &(dyn std::error::Error + 'static), reason: &str) {
-        self.pool = None;
+        self.max_idle = 0;
         if fault_behind(err, self.request.as_deref()).is_none() {
             let server = self.active.server();
             tracing::warn!(upstream = %server.upstream, server = %server.addr, error = %err, "{reason}");
             server.record_passive_failure(self.passive, reason);
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.inner.exact_left() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }
@@ -164,13 +188,13 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+        match this.inner.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
                 this.idle.moved();
-                if this.inner.is_end_stream() {
+                if this.inner.is_end() {
                     this.finish();
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.broke(&e, "upstream broke off the response body");
@@ -195,11 +219,11 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        UpstreamBody::size_hint(self)
     }
 }
 

@@ -6,11 +6,10 @@ use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Request, header};
-use http_body_util::BodyExt;
+use http::{HeaderMap, HeaderValue, Method, header};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{self, Target};
+use crate::client::{self, Outgoing, Target};
 use crate::config::HealthCheckSection;
 use crate::health::{HealthCheck, Transition};
 use crate::server::Server;
@@ -24,8 +23,8 @@ pub enum ProbeError {
     Connect(std::io::Error),
     /// No complete answer within the timeout.
     Timeout,
-    /// The connection broke.
-    Http(hyper::Error),
+    /// The connection broke, or the answer was not HTTP.
+    Http(client::Failed),
     /// The status is outside `expect_status`.
     Status(u16),
 }
@@ -62,33 +61,41 @@ pub async fn probe(
             .await
             .map_err(ProbeError::Connect)?;
         let host = hc.host.as_deref().unwrap_or(addr);
-        let mut req = Request::new(RequestBody::Empty);
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = hc
-            .path
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        let mut fields = HeaderMap::with_capacity(3);
         if let Ok(h) = HeaderValue::from_str(host) {
-            req.headers_mut().insert(header::HOST, h);
+            fields.insert(header::HOST, h);
         }
-        req.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        req.headers_mut().insert(
+        fields.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        fields.insert(
             header::USER_AGENT,
             HeaderValue::from_static("fairway-health-check"),
         );
-        let resp = conn
-            .sender
-            .send_request(req)
+        let path = if hc.path.parse::<http::uri::PathAndQuery>().is_ok() {
+            hc.path.as_str()
+        } else {
+            "/"
+        };
+        let mut head = bytes::BytesMut::new();
+        crate::h1::write_request_head(&mut head, &Method::GET, path, &fields, false);
+        let head = head.freeze();
+        let mut none = RequestBody::Empty;
+        let sent = conn
+            .send(Outgoing {
+                method: &Method::GET,
+                head: &head,
+                body: &mut none,
+                chunked: false,
+                progress: None,
+            })
             .await
             .map_err(ProbeError::Http)?;
-        let status = resp.status().as_u16();
+        let status = sent.head.status.as_u16();
         // Read (a bounded part of) the body so the server sees a complete exchange.
-        let mut body = resp.into_body();
+        let mut body = conn.into_body(sent.length);
         let mut read = 0usize;
         while read < MAX_PROBE_BODY {
-            match body.frame().await {
-                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+            match std::future::poll_fn(|cx| body.poll_data(cx)).await {
+                Some(Ok(d)) => read += d.len(),
                 _ => break,
             }
         }

@@ -78,7 +78,7 @@ pub enum ProxyError {
     },
     /// The upstream broke off before a complete response head.
     #[error("upstream broke off: {0}")]
-    UpstreamBroke(#[source] hyper::Error),
+    UpstreamBroke(#[source] std::io::Error),
     /// The upstream answered something the proxy cannot pass on (a `101` nobody asked for,
     /// a response head with conflicting framing).
     #[error("unusable upstream response: {0}")]

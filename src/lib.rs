@@ -13,6 +13,8 @@
 //! - [`headers`]: hop-by-hop stripping, upgrades, response framing, HTTP/2 cookie crumbs; in
 //!   `headers/forwarded.rs`, `X-Forwarded-*`, `Forwarded`, their underscore spellings and the
 //!   client IP.
+//! - [`h1`]: the HTTP/1.1 wire format towards upstreams: request heads written, response
+//!   heads parsed with `httparse`, body lengths, the chunked coding.
 //! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`balance`]: smooth weighted round robin, `least_request` and the `ip_hash` ring.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
@@ -24,7 +26,8 @@
 //! - [`health`]: a server's health state and the active check's settings.
 //! - [`upload`]: the client's request body on its way upstream; the client's faults.
 //! - [`resolve`]: name resolution for servers given by host name.
-//! - [`client`]: upstream connections and the per-server idle pool.
+//! - [`client`]: upstream connections, each exchange driven by its request's own task, and
+//!   the per-server idle pool.
 //! - [`server`]: one long-lived server (health, draining, in-flight count, pool).
 //!
 //! The snapshot:
@@ -71,6 +74,7 @@ pub mod control;
 pub mod demo;
 pub mod dns;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod maintenance;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::DropGuard;
 
-use crate::client::{Conn, Pool, Target};
+use crate::client::{Pool, Target};
 use crate::health::{HealthCheck, HealthState, Transition};
 use crate::metrics::{Metrics, ServerMetrics};
 use crate::tls::UpstreamTls;
@@ -167,45 +167,5 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.metrics.active.dec();
-    }
-}
-
-/// A connection to put back into its server's pool once its response has been read.
-pub struct PoolReturn {
-    server: Arc<Server>,
-    conn: Conn,
-    max_idle: usize,
-}
-
-impl PoolReturn {
-    /// Remembers where `conn` goes back to.
-    pub fn new(server: Arc<Server>, conn: Conn, max_idle: usize) -> PoolReturn {
-        PoolReturn {
-            server,
-            conn,
-            max_idle,
-        }
-    }
-
-    /// Puts the connection back as soon as it can take another request.
-    pub fn checkin(self) {
-        if self.max_idle == 0 {
-            return;
-        }
-        if self.conn.sender.is_ready() {
-            self.server.pool.put(self.conn, self.max_idle);
-            return;
-        }
-        // The connection task has not yet seen the end of the message: wait for it.
-        let PoolReturn {
-            server,
-            mut conn,
-            max_idle,
-        } = self;
-        tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() {
-                server.pool.put(conn, max_idle);
-            }
-        });
     }
 }

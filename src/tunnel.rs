@@ -21,17 +21,14 @@ use crate::server::ActiveGuard;
 pub struct Tunnel {
     /// The client's side, once upgraded.
     pub client: OnUpgrade,
-    /// The upstream's side, once upgraded.
-    pub upstream: OnUpgrade,
+    /// The upstream's side.
+    pub upstream: crate::client::Upgraded,
     /// `tunnel_idle_timeout`.
     pub idle: Duration,
     /// Fires at shutdown.
     pub stop: CancellationToken,
     /// Keeps the request counted as active on its server.
     pub guard: ActiveGuard,
-    /// Keeps the upstream connection (and its driver task) alive until the upgrade
-    /// completes.
-    pub sender: crate::client::Conn,
 }
 
 /// The close frame sent to WebSocket clients at shutdown: status 1001, "going away".
@@ -44,21 +41,20 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// shutdown a WebSocket client gets a close frame (1001) at a frame boundary, so that it
 /// reconnects at once instead of waiting on a dead connection.
 pub async fn run(t: Tunnel) {
-    let (client, upstream) = match tokio::try_join!(t.client, t.upstream) {
-        Ok(pair) => pair,
+    let client = match t.client.await {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
-    drop(t.sender);
     let activity = Arc::new(Activity::new());
     let c = Watched {
         inner: TokioIo::new(client),
         activity: Arc::clone(&activity),
     };
     let u = Watched {
-        inner: TokioIo::new(upstream),
+        inner: t.upstream,
         activity: Arc::clone(&activity),
     };
     let server = Arc::clone(t.guard.server());

@@ -7,13 +7,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Method, Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
+use bytes::Bytes;
+use http::Method;
 use tokio::time::Instant;
 
 use super::Trace;
-use crate::client;
+use crate::client::{self, Failed, Outgoing, Sent};
 use crate::error::ProxyError;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, Server};
@@ -28,22 +27,14 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// The head of the request as it goes upstream, kept to send it again when its body is
-/// empty and a try fails.
+/// The head of the request as it goes upstream, written once and sent again as it is
+/// when a try fails before its body was touched.
 pub(super) struct Head {
     pub(super) method: Method,
-    pub(super) uri: Uri,
-    pub(super) headers: HeaderMap,
-}
-
-impl Head {
-    pub(super) fn request(&self, body: RequestBody) -> Request<RequestBody> {
-        let mut r = Request::new(body);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
+    /// The request line and fields, serialized.
+    pub(super) bytes: Bytes,
+    /// Whether the body goes out in the chunked coding.
+    pub(super) chunked: bool,
 }
 
 /// The tries of one request against one upstream.
@@ -60,20 +51,20 @@ pub(super) struct Attempt<'a> {
 pub(super) type Sender = client::Conn;
 
 /// What a failed try allows next: the retry decision travels with the failure, decided
-/// once where the facts are known (pingora carries it on the error the same way).
+/// once where the facts are known (pingora carries it on the error the same way). The
+/// request goes again only when its body is untouched (or empty).
 enum Next {
     /// Nothing: the client is answered with the error (the client's own fault, a timeout,
     /// or a request that may have reached the server and cannot be sent twice).
     Stop,
     /// The request never reached the server over a pooled connection that had gone
     /// stale: sent as it is on a fresh connection, counting neither a try nor a failure.
-    Stale(Request<RequestBody>),
+    Stale,
     /// An idempotent request with an empty body broke on a reused connection: once more
     /// on a fresh one, whatever `retries` says (CONTRACT §2 `pool_idle_timeout`).
-    Again(Request<RequestBody>),
-    /// Another server, as a further try within `retries`; with the request to send when
-    /// it was not consumed, else it is built again from the head (its body is empty).
-    Another(Option<Request<RequestBody>>),
+    Again,
+    /// Another server, as a further try within `retries`.
+    Another,
 }
 
 /// One failed try.
@@ -99,9 +90,9 @@ impl Attempt<'_> {
     pub(super) async fn run(
         &self,
         client_ip: IpAddr,
-        first: &mut Option<RequestBody>,
+        body: &mut RequestBody,
         trace: &mut Trace,
-    ) -> Result<(Response<Incoming>, ActiveGuard, Sender), ProxyError> {
+    ) -> Result<(Sent, ActiveGuard, Sender), ProxyError> {
         let upstream = self.upstream;
         let max_tries = 1 + upstream.retries as usize;
         let mut tried: Vec<usize> = Vec::new();
@@ -109,7 +100,6 @@ impl Attempt<'_> {
         let mut fresh_retry_left = true;
         let mut fresh = false;
         let mut retry = false;
-        let mut pending: Option<Request<RequestBody>> = None;
         loop {
             let Some(mi) = upstream.select(client_ip, &tried) else {
                 if last_err.is_none() && upstream.has_healthy_server() && upstream.is_saturated() {
@@ -126,15 +116,9 @@ impl Attempt<'_> {
             let server = &upstream.members[mi].server;
             trace.server = Some(Arc::clone(server));
             let guard = server.begin();
-            let req = match pending.take() {
-                Some(r) => r,
-                None => self
-                    .head
-                    .request(first.take().unwrap_or(RequestBody::Empty)),
-            };
             let fresh_now = std::mem::take(&mut fresh);
             let failure = match self
-                .try_server(server, fresh_now, req, fresh_retry_left)
+                .try_server(server, fresh_now, body, fresh_retry_left)
                 .await
             {
                 Ok((resp, conn)) => return Ok((resp, guard, conn)),
@@ -142,19 +126,14 @@ impl Attempt<'_> {
             };
             match failure.next {
                 Next::Stop => return Err(failure.error),
-                Next::Stale(req) => {
-                    pending = Some(req);
-                    fresh = true;
-                }
-                Next::Again(req) => {
-                    pending = Some(req);
+                Next::Stale => fresh = true,
+                Next::Again => {
                     fresh = true;
                     fresh_retry_left = false;
                     retry = true;
                     last_err = Some(failure.error);
                 }
-                Next::Another(req) => {
-                    pending = req;
+                Next::Another => {
                     tried.push(mi);
                     last_err = Some(failure.error);
                     if tried.len() >= max_tries {
@@ -180,9 +159,9 @@ impl Attempt<'_> {
         &self,
         server: &Arc<Server>,
         fresh: bool,
-        req: Request<RequestBody>,
+        body: &mut RequestBody,
         fresh_retry_left: bool,
-    ) -> Result<(Response<Incoming>, Sender), Failure> {
+    ) -> Result<(Sent, Sender), Failure> {
         let upstream = self.upstream;
         let pooled = if fresh {
             None
@@ -213,16 +192,23 @@ impl Attempt<'_> {
                         server: server.addr.to_string(),
                         source,
                     },
-                    next: Next::Another(Some(req)),
+                    next: Next::Another,
                 });
             }
         };
         let written = conn.bytes_written();
-        let fut = conn.sender.try_send_request(req);
-        let mut e = match self.await_head(fut).await {
-            Ok(Ok(resp)) => {
+        let head = self.head;
+        let fut = conn.send(Outgoing {
+            method: &head.method,
+            head: &head.bytes,
+            body,
+            chunked: head.chunked,
+            progress: self.progress,
+        });
+        let err = match self.await_head(fut).await {
+            Ok(Ok(sent)) => {
                 server.health.record_passive_success();
-                return Ok((resp, conn));
+                return Ok((sent, conn));
             }
             Err(()) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.addr, "no response head within request_timeout");
@@ -231,33 +217,27 @@ impl Attempt<'_> {
             }
             Ok(Err(e)) => e,
         };
-        let given_back = e.take_message();
-        let err = e.into_error();
         if let Some(fault) = fault_behind(&err, self.progress) {
             return Err(Failure::stop(fault.error()));
         }
-        // The upstream's doing from here on. The request never reached the server when
-        // hyper gave it back unsent, or when not one byte was written.
-        let reached = given_back.is_none() && conn.bytes_written() > written;
-        let again = match given_back {
-            Some(r) => Some(r),
-            None if !reached && self.replayable => Some(self.head.request(RequestBody::Empty)),
-            None => None,
-        };
+        // The upstream's doing from here on. The request never reached the server when not
+        // one byte was written; it goes again as it is, whatever its method, while its body
+        // is untouched (it is read only once the head is out) or empty.
+        let reached = conn.bytes_written() > written;
         let error = upstream_error(err);
-        if let Some(req) = again {
+        if !reached && (!conn.body_touched() || self.replayable) {
             if conn.reused {
                 // A pooled connection the server had closed.
                 return Err(Failure {
                     error,
-                    next: Next::Stale(req),
+                    next: Next::Stale,
                 });
             }
             tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %error, "connection closed before the request was sent");
             server.record_passive_failure(upstream.passive, "connection closed before the request");
             return Err(Failure {
                 error,
-                next: Next::Another(Some(req)),
+                next: Next::Another,
             });
         }
         tracing::warn!(upstream = %upstream.name, server = %server.addr, error = %error, "upstream broke off before the response head");
@@ -275,23 +255,18 @@ impl Attempt<'_> {
         } else if conn.reused && fresh_retry_left {
             // CONTRACT §2 pool_idle_timeout: once more on a fresh connection, whatever
             // `retries` says; the balancer may choose the same server or another.
-            Next::Again(self.head.request(RequestBody::Empty))
+            Next::Again
         } else {
-            Next::Another(None)
+            Next::Another
         };
         Err(Failure { error, next })
     }
 
     /// Waits for the response head under `request_timeout`, which starts once the request
     /// body has been sent (CONTRACT §2). `Err(())` is a timeout.
-    async fn await_head<F>(
-        &self,
-        fut: F,
-    ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, ()>
+    async fn await_head<F>(&self, fut: F) -> Result<Result<Sent, Failed>, ()>
     where
-        F: std::future::Future<
-                Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>,
-            >,
+        F: std::future::Future<Output = Result<Sent, Failed>>,
     {
         let limit = self.rt.settings.request_timeout;
         let Some(progress) = self.progress else {
@@ -359,10 +334,10 @@ impl Drop for PendingGuard<'_> {
 
 /// An upstream connection's error before the response head, as the proxy answers it: an
 /// unparsable response head is an invalid response, anything else a broken connection.
-fn upstream_error(err: hyper::Error) -> ProxyError {
-    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-        ProxyError::BadUpstreamResponse("malformed response head")
-    } else {
-        ProxyError::UpstreamBroke(err)
+fn upstream_error(err: Failed) -> ProxyError {
+    match err {
+        Failed::Head(_) => ProxyError::BadUpstreamResponse("malformed response head"),
+        Failed::Io(e) => ProxyError::UpstreamBroke(e),
+        Failed::Client(e) => ProxyError::UpstreamBroke(std::io::Error::other(e)),
     }
 }

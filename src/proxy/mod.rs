@@ -15,13 +15,14 @@ mod attempt;
 
 use attempt::{Attempt, Head, Sender};
 
-use crate::body::{Body, UpstreamBody};
+use crate::body::{Body, Exchange, UpstreamBody};
+use crate::client::Sent;
 use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
 use crate::headers::{self, Origin};
 use crate::route;
 use crate::runtime::Runtime;
-use crate::server::{ActiveGuard, PoolReturn, Server};
+use crate::server::{ActiveGuard, Server};
 use crate::tunnel;
 use crate::upload::{BodyProgress, ClientBody, RequestBody, WireCount};
 use crate::upstream::Upstream;
@@ -234,12 +235,17 @@ async fn forward(
                 .flatten(),
         ))),
     };
+    // Framed by its length when the client gave one (or there is no body), else chunked.
+    let chunked = !hdrs.contains_key(header::CONTENT_LENGTH) && progress.is_some();
+    let mut bytes = bytes::BytesMut::new();
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    crate::h1::write_request_head(&mut bytes, &parts.method, target, &hdrs, chunked);
     let head = Head {
         method: parts.method,
-        uri,
-        headers: hdrs,
+        bytes: bytes.freeze(),
+        chunked,
     };
-    let mut first = Some(body);
+    let mut body = body;
     let attempt = Attempt {
         rt,
         upstream,
@@ -247,23 +253,18 @@ async fn forward(
         replayable,
         progress: progress.as_deref(),
     };
-    let (mut resp, guard, sender) = attempt.run(client_ip, &mut first, trace).await?;
-    if parts.version == Version::HTTP_2 {
-        // HPACK keeps header values in its table for the connection's life; values parsed
-        // by hyper are slices of the upstream connection's read buffer, which would pin
-        // that whole buffer (up to hundreds of KiB) per table entry.
-        headers::detach_values(resp.headers_mut());
-    }
-    respond(
-        resp,
+    let (sent, guard, conn) = attempt.run(client_ip, &mut body, trace).await?;
+    respond(Answer {
+        sent,
         guard,
-        sender,
+        conn,
         upstream,
         client_upgrade,
         rt,
         ctx,
         progress,
-    )
+        upload: body,
+    })
 }
 
 /// `/path?query` only: what an HTTP/1.1 origin server expects; with `path` (the routed
@@ -289,26 +290,32 @@ fn origin_form(uri: &Uri, path: Option<&str>) -> Result<Uri, ProxyError> {
     Ok(Uri::from(pq))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn respond(
-    mut resp: Response<Incoming>,
+/// A response head received, and all that relaying it needs.
+struct Answer<'a> {
+    sent: Sent,
     guard: ActiveGuard,
-    sender: Sender,
-    upstream: &Upstream,
+    conn: Sender,
+    upstream: &'a Upstream,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    rt: &Runtime,
-    ctx: &Arc<Context>,
+    rt: &'a Runtime,
+    ctx: &'a Arc<Context>,
     progress: Option<Arc<BodyProgress>>,
-) -> Result<Response<Body>, ProxyError> {
+    upload: RequestBody,
+}
+
+fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
+    let (guard, conn, upstream, rt, progress) = (a.guard, a.conn, a.upstream, a.rt, a.progress);
+    let Sent { head, length } = a.sent;
     // An early response: the head arrived before the client's body was all sent. No
-    // further byte of the body goes out, and the connection is not reused: the server may
-    // take what it did not read for a next request, and answer it to another client.
+    // further byte of the body has gone out (the exchange stopped it), and the connection
+    // is not reused: the server may take what it did not read for a next request, and
+    // answer it to another client.
     let early = progress.as_ref().is_some_and(|p| p.ended().is_none());
-    if early && let Some(p) = &progress {
-        p.stop();
-    }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
+    let mut resp = Response::new(());
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = a.client_upgrade else {
             return Err(invalid_response(
                 &guard,
                 upstream,
@@ -323,51 +330,48 @@ fn respond(
                 "101 to another protocol than websocket",
             ));
         }
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let (mut parts, _) = resp.into_parts();
+        let Some(upstream_side) = conn.into_body(length).into_upgraded() else {
+            return Err(ProxyError::BadUpstreamResponse("upgrade failed"));
+        };
+        let (mut parts, ()) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         let idle = rt.settings.tunnel_idle_timeout;
-        ctx.tracker.spawn(tunnel::run(tunnel::Tunnel {
+        a.ctx.tracker.spawn(tunnel::run(tunnel::Tunnel {
             client: client_upgrade,
-            upstream: upstream_upgrade,
+            upstream: upstream_side,
             idle,
-            stop: ctx.stop.clone(),
+            stop: a.ctx.stop.clone(),
             guard,
-            sender,
         }));
         return Ok(Response::from_parts(parts, Body::Empty));
     }
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, ()) = resp.into_parts();
     let framing = match headers::response_framing(&parts.headers) {
         Ok(f) => f,
         Err(what) => return Err(invalid_response(&guard, upstream, what)),
     };
     let keep = !early
         && framing == headers::Framing::Clean
+        && head.version == Version::HTTP_11
         && !headers::has_connection_token(&parts.headers, "close");
     if framing == headers::Framing::ChunkedOverLength {
         // RFC 9112 §6.3: chunked wins, the length goes, the connection is not reused.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    // The connection stays with the body either way (dropping it would end its driver
-    // mid-body); only one whose exchange ended cleanly both ways goes back to the pool.
-    let pool = Some(PoolReturn::new(
-        Arc::clone(guard.server()),
-        sender,
-        if keep { upstream.pool.max_idle } else { 0 },
-    ));
-    Ok(Response::from_parts(
-        parts,
-        Body::Upstream(UpstreamBody::new(
-            body,
-            pool,
-            rt.settings.response_body_idle_timeout,
-            guard,
-            upstream.passive,
-            progress,
-        )),
-    ))
+    // Only a connection whose exchange ended cleanly both ways goes back to the pool.
+    let body = UpstreamBody::new(
+        conn.into_body(length),
+        Exchange {
+            max_idle: if keep { upstream.pool.max_idle } else { 0 },
+            idle_timeout: rt.settings.response_body_idle_timeout,
+            active: guard,
+            passive: upstream.passive,
+            request: progress,
+            upload: a.upload,
+        },
+    );
+    Ok(Response::from_parts(parts, Body::Upstream(body)))
 }
 
 /// A response head the proxy cannot pass on: a 502 for the client, a passive failure for

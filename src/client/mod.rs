@@ -1,6 +1,15 @@
-//! Connections to upstream servers: dial (under `connect_timeout`), HTTP/1.1 handshake, and
-//! the per-server pool of idle keep-alive connections (`max_idle_per_server`,
-//! `pool_idle_timeout`). A failed [`dial`] is a connect failure: nothing was sent.
+//! Connections to upstream servers: dial (under `connect_timeout`), one HTTP/1.1 exchange
+//! at a time driven by the task of the request it carries ([`exchange`]), the response body
+//! read from the same connection ([`ResponseBody`]), and the per-server pool of idle
+//! keep-alive connections (`max_idle_per_server`, `pool_idle_timeout`). No connection has a
+//! task of its own: an idle one is a socket in the pool and nothing else. A failed [`dial`]
+//! is a connect failure: nothing was sent.
+
+mod body;
+mod exchange;
+
+pub use body::{ResponseBody, Upgraded};
+pub use exchange::{Failed, Outgoing, Sent};
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -12,14 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::tls::UpstreamTls;
-use crate::upload::RequestBody;
 
 /// Where a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +95,7 @@ impl Pool {
                 q.clear();
                 return None;
             }
-            if !idle.conn.sender.is_closed() && idle.conn.sender.is_ready() {
+            if !idle.conn.peer_closed() {
                 let mut conn = idle.conn;
                 conn.reused = true;
                 return Some(conn);
@@ -99,10 +106,13 @@ impl Pool {
 
     /// Keeps `conn` as the most recently used idle connection (dropping the oldest past
     /// `max_idle`).
-    pub fn put(&self, conn: Conn, max_idle: usize) {
-        if max_idle == 0 || conn.sender.is_closed() {
+    pub fn put(&self, mut conn: Conn, max_idle: usize) {
+        if max_idle == 0 {
             return;
         }
+        // Nothing is buffered on a connection that ended its exchange cleanly: its read
+        // buffer goes while it is idle.
+        conn.buf = BytesMut::new();
         if let Ok(mut q) = self.idle.lock() {
             while q.len() >= max_idle {
                 q.pop_front();
@@ -114,56 +124,96 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections older than `idle_timeout` (dropping the sender ends the
-    /// connection task).
+    /// Closes idle connections older than `idle_timeout`.
     pub fn evict_expired(&self, idle_timeout: Duration) {
         let now = Instant::now();
         if let Ok(mut q) = self.idle.lock() {
-            while q.front().is_some_and(|i| {
-                i.conn.sender.is_closed() || now.duration_since(i.since) >= idle_timeout
-            }) {
+            while q
+                .front()
+                .is_some_and(|i| now.duration_since(i.since) >= idle_timeout)
+            {
                 q.pop_front();
             }
         }
     }
 }
 
-/// A connection ready to send one request. Dropping it (anywhere but back in the pool)
-/// ends its driver task at once, so a request given up on (a timeout, a client gone) never
-/// leaves a connection, or the request body it still holds, behind.
+/// A connection to one server, ready for one exchange at a time. It has no task: the
+/// request's own task writes the request, reads the response head and then the body.
 pub struct Conn {
-    /// The sending half.
-    pub sender: SendRequest<RequestBody>,
+    io: Stream,
+    /// Read but not yet used: the start of a response head or body.
+    buf: BytesMut,
     /// Whether it came from the pool (a failure before any response byte is then retried
     /// on a fresh connection, CONTRACT §2 `pool_idle_timeout`).
     pub reused: bool,
     /// Bytes written to the server's socket so far: a try that wrote none provably never
     /// reached the server (RFC 9110 §9.2.2), whatever its method.
     written: Arc<AtomicU64>,
-    /// Aborts the driver task when dropped.
-    _task: AbortOnDrop,
+    /// Set once a request has been written in full; cleared when one starts. Only a
+    /// connection whose request went out whole can carry another.
+    request_complete: bool,
+    /// Set once the current request's body has been polled: from then on the request
+    /// cannot be sent again as it is.
+    body_touched: bool,
+    /// How much the next read asks for: grows while reads fill it, up to [`MAX_READ`].
+    read_size: usize,
 }
+
+/// The first read of an exchange asks for this much.
+const MIN_READ: usize = 8 * 1024;
+
+/// The most one read asks for.
+const MAX_READ: usize = 128 * 1024;
 
 impl Conn {
     /// Bytes written on this connection so far (TLS records included).
     pub fn bytes_written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
-}
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
+    /// Whether the last request's body was read from (and so cannot be sent again).
+    pub fn body_touched(&self) -> bool {
+        self.body_touched
+    }
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    /// Whether the server has closed the connection, or sent something unasked, while it
+    /// was idle: either way it cannot carry a request. Costs at most one non-blocking peek.
+    fn peer_closed(&self) -> bool {
+        let tcp = match &self.io {
+            Either::Left(c) => &c.inner,
+            Either::Right(t) => &t.get_ref().0.inner,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut peek = ReadBuf::new(&mut byte);
+        tcp.poll_peek(&mut cx, &mut peek).is_ready()
+    }
+
+    /// Reads more into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
-/// Opens a new HTTP/1.1 connection to `target` (`addr`: the entry as written, whose host is
-/// the TLS name); its
-/// driver runs on its own task and ends when the sender is dropped or the server closes.
-/// With `tls`, the TLS handshake is part of the connect and shares its timeout.
+/// The socket of a connection: plain, or TLS (boxed: the TLS state is large, and most
+/// connections are plain).
+type Stream = Either<Counted, Box<tokio_rustls::client::TlsStream<Counted>>>;
+
+/// Opens a new connection to `target` (`addr`: the entry as written, whose host is the TLS
+/// name). With `tls`, the TLS handshake is part of the connect and shares its timeout.
 pub async fn dial(
     target: &Target,
     addr: &str,
@@ -193,11 +243,11 @@ pub async fn dial(
                     )
                 })?;
                 let s = tls.connector.connect(name, stream).await?;
-                Ok(Either::Right(s))
+                Ok(Either::Right(Box::new(s)))
             }
         }
     };
-    let stream = match tokio::time::timeout(connect_timeout, connect).await {
+    let io = match tokio::time::timeout(connect_timeout, connect).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(io::Error::new(
@@ -206,20 +256,14 @@ pub async fn dial(
             ));
         }
     };
-    let (sender, conn) = http1::Builder::new()
-        .handshake::<_, RequestBody>(TokioIo::new(stream))
-        .await
-        .map_err(io::Error::other)?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
     Ok(Conn {
-        sender,
+        io,
+        buf: BytesMut::new(),
         reused: false,
         written,
-        _task: AbortOnDrop(task.abort_handle()),
+        request_complete: false,
+        body_touched: false,
+        read_size: MIN_READ,
     })
 }
 

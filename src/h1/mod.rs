@@ -1,0 +1,292 @@
+//! HTTP/1.1 wire format towards upstream servers (RFC 9112): request heads written from a
+//! header map, response heads parsed with `httparse` straight from the connection's
+//! buffer, the body length a response head implies, and the chunked coding ([`chunked`]).
+
+pub mod chunked;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// The most header fields in a response head.
+pub const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// The largest response head (status line, fields, final CRLF).
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status code.
+    pub status: StatusCode,
+    /// `HTTP/1.0` or `HTTP/1.1`.
+    pub version: Version,
+    /// The fields, in order; values share one copy of the head.
+    pub headers: HeaderMap,
+}
+
+/// Why a response head cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Over [`MAX_RESPONSE_HEAD`] bytes or [`MAX_RESPONSE_HEADERS`] fields.
+    #[error("response head too large")]
+    TooLarge,
+    /// Not a valid HTTP/1.x response head.
+    #[error("malformed response head: {0}")]
+    Malformed(&'static str),
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete, then
+/// the head and its length in bytes. Obs-fold, bare CR, a malformed status line or field
+/// are errors (RFC 9112 §2.2, §4, §5).
+pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > MAX_RESPONSE_HEAD {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Malformed(describe(e))),
+    };
+    if len > MAX_RESPONSE_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(HeadError::Malformed("invalid status code"))?;
+    let version = match resp.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // One copy of the head for all values: they outlive the read buffer, and keeping one
+    // (HTTP/2 keeps values in its header table) pins only the head, not the buffer.
+    let copy = Bytes::copy_from_slice(&buf[..len]);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for f in resp.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| HeadError::Malformed("invalid field name"))?;
+        // httparse's values are slices of `buf`: the same offsets in the copy.
+        let start = (f.value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+        let value = match copy.get(start..start.saturating_add(f.value.len())) {
+            _ if f.value.is_empty() => HeaderValue::from_static(""),
+            Some(_) => HeaderValue::from_maybe_shared(copy.slice(start..start + f.value.len()))
+                .map_err(|_| HeadError::Malformed("invalid field value"))?,
+            None => return Err(HeadError::Malformed("invalid field value")),
+        };
+        headers.append(name, value);
+    }
+    Ok(Some((
+        ResponseHead {
+            status,
+            version,
+            headers,
+        },
+        len,
+    )))
+}
+
+fn describe(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid field name",
+        httparse::Error::HeaderValue => "invalid field value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Status => "invalid status line",
+        httparse::Error::Version => "invalid HTTP version",
+        _ => "malformed head",
+    }
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body: a response to HEAD, 1xx, 204, 304.
+    Empty,
+    /// Exactly this many bytes.
+    Known(u64),
+    /// The chunked coding.
+    Chunked,
+    /// Until the server closes the connection.
+    UntilClose,
+}
+
+/// The body length the response to a `method` request with this head has. An invalid or
+/// conflicting framing is read until close here; the proxy refuses such a head before it
+/// reads any body (`headers::response_framing`).
+pub fn body_length(method: &Method, head: &ResponseHead) -> BodyLength {
+    let s = head.status.as_u16();
+    if *method == Method::HEAD || (100..200).contains(&s) || s == 204 || s == 304 {
+        return BodyLength::Empty;
+    }
+    let h = &head.headers;
+    if let Some(te) = h.get(header::TRANSFER_ENCODING) {
+        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+        return if h.get_all(header::TRANSFER_ENCODING).iter().count() == 1
+            && last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+        {
+            BodyLength::Chunked
+        } else {
+            BodyLength::UntilClose
+        };
+    }
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => BodyLength::UntilClose,
+        (Some(v), None) => match parse_length(v.as_bytes()) {
+            Some(0) => BodyLength::Empty,
+            Some(n) => BodyLength::Known(n),
+            None => BodyLength::UntilClose,
+        },
+        _ => BodyLength::UntilClose,
+    }
+}
+
+/// A `Content-Length` value: 1 to 19 digits, nothing else.
+pub fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Writes a request head: `METHOD target HTTP/1.1`, the fields as they are in `headers`
+/// (names in lower case), `Transfer-Encoding: chunked` when `chunked`, and the final
+/// CRLF.
+pub fn write_request_head(
+    out: &mut BytesMut,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    chunked: bool,
+) {
+    let size = headers
+        .iter()
+        .fold(method.as_str().len() + target.len() + 16, |n, (k, v)| {
+            n + k.as_str().len() + v.len() + 4
+        })
+        + if chunked { 28 } else { 0 };
+    out.reserve(size);
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (k, v) in headers {
+        out.put_slice(k.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(v.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if chunked {
+        out.put_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+        parse_response(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_head_and_keeps_field_order() {
+        let raw = "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-Dup: one\r\nset-cookie: b=2\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, len) = parse(raw).unwrap().unwrap();
+        assert_eq!(len, raw.len() - 5);
+        assert_eq!(head.status, 200);
+        assert_eq!(head.version, Version::HTTP_11);
+        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(body_length(&Method::GET, &head), BodyLength::Known(5));
+        assert_eq!(body_length(&Method::HEAD, &head), BodyLength::Empty);
+    }
+
+    #[test]
+    fn waits_for_a_complete_head_and_bounds_it() {
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let mut big = String::from("HTTP/1.1 200 OK\r\n");
+        while big.len() <= MAX_RESPONSE_HEAD {
+            big.push_str("X-Pad: 0123456789012345678901234567890123456789\r\n");
+        }
+        assert_eq!(parse(&big).err(), Some(HeadError::TooLarge));
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_RESPONSE_HEADERS {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(parse(&many).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn refuses_malformed_heads() {
+        for bad in [
+            "HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX : a\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/2.0 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX: a\0b\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(HeadError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_lengths_follow_rfc_9112() {
+        let len = |status: &str, fields: &str| {
+            let raw = format!("HTTP/1.1 {status} X\r\n{fields}\r\n");
+            body_length(&Method::GET, &parse(&raw).unwrap().unwrap().0)
+        };
+        assert_eq!(len("204", "Content-Length: 5\r\n"), BodyLength::Empty);
+        assert_eq!(len("304", "Content-Length: 5\r\n"), BodyLength::Empty);
+        assert_eq!(len("200", "Content-Length: 0\r\n"), BodyLength::Empty);
+        assert_eq!(
+            len("200", "Transfer-Encoding: chunked\r\n"),
+            BodyLength::Chunked
+        );
+        assert_eq!(
+            len("200", "Transfer-Encoding: gzip, chunked\r\n"),
+            BodyLength::Chunked
+        );
+        assert_eq!(
+            len("200", "Transfer-Encoding: chunked, gzip\r\n"),
+            BodyLength::UntilClose
+        );
+        assert_eq!(
+            len("200", "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
+            BodyLength::Chunked
+        );
+        assert_eq!(len("200", ""), BodyLength::UntilClose);
+        assert_eq!(len("200", "Content-Length: +3\r\n"), BodyLength::UntilClose);
+        assert_eq!(
+            len("200", "Content-Length: 3\r\nContent-Length: 3\r\n"),
+            BodyLength::UntilClose
+        );
+    }
+
+    #[test]
+    fn request_heads_are_written_in_order() {
+        let mut h = HeaderMap::new();
+        h.append(header::HOST, HeaderValue::from_static("example.com"));
+        h.append("x-dup", HeaderValue::from_static("one"));
+        h.append("x-dup", HeaderValue::from_static("two"));
+        let mut out = BytesMut::new();
+        write_request_head(&mut out, &Method::POST, "/a?b=1", &h, true);
+        assert_eq!(
+            &out[..],
+            b"POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nx-dup: one\r\nx-dup: two\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+}
