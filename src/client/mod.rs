@@ -110,9 +110,13 @@ impl Pool {
         if max_idle == 0 {
             return;
         }
-        // Nothing is buffered on a connection that ended its exchange cleanly: its read
-        // buffer goes while it is idle.
-        conn.buf = BytesMut::new();
+        // Nothing is buffered on a connection that ended its exchange cleanly. A read
+        // buffer grown for a large body goes while the connection is idle; a small one is
+        // kept, and reused whole by the next exchange once its body bytes are released.
+        if conn.read_size > MIN_READ || conn.buf.capacity() > MIN_READ {
+            conn.buf = BytesMut::new();
+            conn.read_size = MIN_READ;
+        }
         if let Ok(mut q) = self.idle.lock() {
             while q.len() >= max_idle {
                 q.pop_front();
