@@ -168,7 +168,7 @@ pub struct Conn {
 const MIN_READ: usize = 8 * 1024;
 
 /// The most one read asks for.
-const MAX_READ: usize = 128 * 1024;
+const MAX_READ: usize = 512 * 1024;
 
 impl Conn {
     /// Bytes written on this connection so far (TLS records included).
