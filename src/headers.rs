@@ -1,16 +1,18 @@
 //! Request and response head rewriting, as pure functions (CONTRACT §3): hop-by-hop
-//! stripping, upgrade detection and HTTP/2 cookie crumbs here; forwarded information (and
-//! the underscore spellings of its header names) and the client IP in
-//! `headers/forwarded.rs`, re-exported from here.
+//! stripping of response heads, upgrade detection and response framing here; the request
+//! head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
+//! forwarded information (and the underscore spellings of its header names) and the client
+//! IP in `headers/forwarded.rs`; re-exported from here.
 
 mod forwarded;
+mod upstream;
 
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
-    remove_underscore_spellings, set_forwarded,
 };
+pub use upstream::{UpstreamRequest, write_upstream_head};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -103,30 +105,35 @@ pub fn detach_values(headers: &mut HeaderMap) {
     }
 }
 
-/// Joins the `cookie` fields of an HTTP/2 request into one, crumbs separated by `; `: RFC
-/// 9113 §8.2.3 requires it before the request goes on in a non-HTTP/2 context, and an
-/// HTTP/1.1 request carries at most one `Cookie` line (RFC 6265 §5.4).
-pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
-    let mut crumbs = headers.get_all(header::COOKIE).iter();
-    if crumbs.next().is_none() || crumbs.next().is_none() {
-        return;
-    }
-    let mut joined = Vec::new();
-    let mut sensitive = false;
-    for v in headers.get_all(header::COOKIE) {
-        sensitive |= v.is_sensitive();
-        if v.is_empty() {
-            continue;
+/// The names a `Connection` field lists (`close` among them, which also takes out a field
+/// named `close`), besides `keep-alive` and `upgrade`, which are dealt with on their own.
+pub(crate) struct Listed<'a> {
+    pub(crate) names: Vec<&'a [u8]>,
+}
+
+impl<'a> Listed<'a> {
+    pub(crate) fn of(headers: &'a HeaderMap) -> Listed<'a> {
+        let mut names = Vec::new();
+        // Bytes, not strings: a list with obs-text must still have every name it lists
+        // left out (RFC 9110 §7.6.1).
+        for v in headers.get_all(header::CONNECTION) {
+            for t in v.as_bytes().split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+                {
+                    names.push(t);
+                }
+            }
         }
-        if !joined.is_empty() {
-            joined.extend_from_slice(b"; ");
-        }
-        joined.extend_from_slice(v.as_bytes());
+        Listed { names }
     }
-    // Valid: header values joined by "; ".
-    if let Ok(mut v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
-        v.set_sensitive(sensitive);
-        headers.insert(header::COOKIE, v);
+
+    /// Whether `name` is listed.
+    pub(crate) fn lists(&self, name: &HeaderName) -> bool {
+        let n = name.as_str().as_bytes();
+        self.names.iter().any(|t| t.eq_ignore_ascii_case(n))
     }
 }
 
@@ -135,32 +142,13 @@ pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
-        // Work on bytes: a token list with obs-text must still have every name it lists
-        // removed (RFC 9110 §7.6.1), even if the value is not valid UTF-8.
-        let mut named: Vec<HeaderName> = Vec::new();
-        let mut close = false;
-        for v in headers.get_all(header::CONNECTION) {
-            for t in v.as_bytes().split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if t.is_empty()
-                    // Removed below in any case.
-                    || t.eq_ignore_ascii_case(b"keep-alive")
-                    || t.eq_ignore_ascii_case(b"upgrade")
-                {
-                    continue;
-                }
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if let Ok(name) = HeaderName::from_bytes(t) {
-                    named.push(name);
-                }
-            }
-        }
+        let named: Vec<HeaderName> = Listed::of(headers)
+            .names
+            .iter()
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
         for name in named {
             headers.remove(name);
-        }
-        if close {
-            headers.remove("close");
         }
         headers.remove(header::CONNECTION);
     }
@@ -222,37 +210,25 @@ pub(crate) mod tests {
         m
     }
 
-    #[test]
-    fn cookie_crumbs_are_joined_into_one_field() {
-        let mut m = h(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
-        join_cookie_crumbs(&mut m);
-        let v: Vec<&str> = m
-            .get_all("cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .collect();
-        assert_eq!(v, ["a=1; b=2; c=3"]);
-        let mut m = h(&[("cookie", "a=1; b=2")]);
-        join_cookie_crumbs(&mut m);
-        assert_eq!(m["cookie"], "a=1; b=2");
-        let mut m = HeaderMap::new();
-        join_cookie_crumbs(&mut m);
-        assert!(m.is_empty());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_stripped() {
-        let mut m = h(&[
-            ("connection", "keep-alive, x-secret"),
+    /// Every kind of hop-by-hop field, and one (`x-kept`) that is not.
+    pub(crate) fn hop_by_hop_fields() -> HeaderMap {
+        h(&[
+            ("connection", "keep-alive, x-secret, close"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
+            ("close", "1"),
             ("proxy-connection", "keep-alive"),
             ("te", "trailers"),
             ("trailer", "x-t"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("x-kept", "1"),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut m = hop_by_hop_fields();
         strip_hop_by_hop(&mut m, false);
         let names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);

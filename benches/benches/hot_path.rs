@@ -77,12 +77,24 @@ fn rewrite(c: &mut Criterion) {
         proto: "http",
     };
     let host = HeaderValue::from_static("app.example.com");
+    let method = http::Method::GET;
     c.bench_function("headers/rewrite", |b| {
         b.iter(|| {
-            let mut h = base.clone();
-            headers::strip_hop_by_hop(&mut h, false);
-            headers::set_forwarded(&mut h, &origin, Some(&host));
-            black_box(h)
+            let mut out = bytes::BytesMut::new();
+            headers::write_upstream_head(
+                &mut out,
+                &headers::UpstreamRequest {
+                    method: &method,
+                    target: "/api/items?page=2",
+                    headers: &base,
+                    origin: &origin,
+                    host: Some(&host),
+                    upgrade: false,
+                    http2: false,
+                    has_body: false,
+                },
+            );
+            black_box(out)
         })
     });
 }

@@ -1,6 +1,7 @@
 //! The request head as the proxy rewrites it: client IP, hop-by-hop stripping (with and
-//! without an upgrade), `X-Forwarded-*`, upgrade detection, the host part of `Host` and a
-//! route lookup. Besides "no panic", checks the security invariants of CONTRACT §3.
+//! without an upgrade, as responses get it), the head written upstream
+//! (`headers::write_upstream_head`, parsed back with httparse), `X-Forwarded-*`, upgrade
+//! detection, the host part of `Host` and a route lookup. Besides "no panic", checks the security invariants of CONTRACT §3.
 //!
 //! Input layout (everything is optional; short input uses defaults):
 //! - byte 0: flags. bit 0: peer is IPv6 (16 bytes follow) else IPv4 (4 bytes);
@@ -16,9 +17,8 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use fairway::config::RouteSection;
 use fairway::headers::{self, Origin};
-use fairway::route::{RouteTable, host_only};
+use fairway::route::{RouteSpec, RouteTable, host_only};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::{IpNet, Ipv4Net};
 use libfuzzer_sys::fuzz_target;
@@ -128,24 +128,22 @@ fn connection_named(headers: &HeaderMap) -> HashSet<HeaderName> {
 }
 
 fn routes() -> (RouteTable, RouteTable) {
-    let r = |host: Option<&str>, prefix: &str, upstream: &str| RouteSection {
-        host: host.map(str::to_owned),
-        path_prefix: prefix.to_owned(),
-        upstream: upstream.to_owned(),
+    let r = |host: Option<&'static str>, path_prefix: &'static str, upstream: usize| RouteSpec {
+        host,
+        path_prefix,
+        upstream,
     };
-    let names = ["a", "b", "c", "d"];
-    let index = |n: &str| names.iter().position(|&x| x == n);
     let specific = [
-        r(Some("app.example.com"), "/api/", "a"),
-        r(Some("*.example.com"), "/", "b"),
-        r(Some("[::1]"), "/", "c"),
-        r(None, "/static", "d"),
+        r(Some("app.example.com"), "/api/", 0),
+        r(Some("*.example.com"), "/", 1),
+        r(Some("[::1]"), "/", 2),
+        r(None, "/static", 3),
     ];
     let mut with_default = specific.to_vec();
-    with_default.push(r(None, "/", "a"));
+    with_default.push(r(None, "/", 0));
     (
-        RouteTable::build(&specific, names.len(), index),
-        RouteTable::build(&with_default, names.len(), index),
+        RouteTable::build(&specific, 4),
+        RouteTable::build(&with_default, 4),
     )
 }
 
@@ -216,8 +214,77 @@ fuzz_target!(|data: &[u8]| {
         trusted,
         proto: input.proto,
     };
-    let mut fwd = plain;
-    headers::set_forwarded(&mut fwd, &origin, host_value.as_ref());
+    // The head as it goes upstream, parsed back.
+    let written = |upgrade: bool| -> HeaderMap {
+        let mut out = bytes::BytesMut::new();
+        headers::write_upstream_head(
+            &mut out,
+            &headers::UpstreamRequest {
+                method: &http::Method::GET,
+                target: "/",
+                headers: &original,
+                origin: &origin,
+                host: host_value.as_ref(),
+                upgrade,
+                http2: false,
+                has_body: false,
+            },
+        );
+        let mut fields = vec![httparse::EMPTY_HEADER; original.len() + 16];
+        let mut req = httparse::Request::new(&mut fields);
+        let len = match req.parse(&out) {
+            Ok(httparse::Status::Complete(len)) => len,
+            other => panic!("the written head does not parse: {other:?}"),
+        };
+        assert_eq!(len, out.len(), "one head, nothing after it");
+        let mut m = HeaderMap::new();
+        for f in req.headers.iter() {
+            m.append(
+                HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        m
+    };
+    let fwd = written(false);
+    // What goes upstream: nothing hop-by-hop, nothing Connection named (fairway's own
+    // fields aside), every other field as sent.
+    let ours = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "forwarded",
+        "host",
+    ];
+    for h in HOP_BY_HOP {
+        assert!(!fwd.contains_key(h), "{h} went upstream");
+    }
+    for n in named.iter().filter(|n| !ours.contains(&n.as_str())) {
+        assert!(!fwd.contains_key(n), "{n}, named in Connection, went upstream");
+    }
+    for (k, v) in &original {
+        let underscore = k.as_str().contains('_')
+            && ours.contains(&k.as_str().replace('_', "-").as_str());
+        if HOP_BY_HOP.contains(&k.as_str())
+            || named.contains(k)
+            || ours.contains(&k.as_str())
+            || underscore
+        {
+            continue;
+        }
+        let v = v.as_bytes().trim_ascii();
+        assert!(
+            fwd.get_all(k).iter().any(|x| x.as_bytes() == v),
+            "{k} was lost on the way upstream"
+        );
+    }
+    if upgrade {
+        let up = written(true);
+        let conn: Vec<_> = up.get_all(header::CONNECTION).iter().collect();
+        assert_eq!(conn, [&HeaderValue::from_static("upgrade")]);
+        assert_eq!(up.get_all(header::UPGRADE).iter().count(), 1);
+    }
     let peer_text = canon.to_string();
     let xff: Vec<_> = fwd.get_all(&headers::X_FORWARDED_FOR).iter().collect();
     assert_eq!(xff.len(), 1, "exactly one X-Forwarded-For");
@@ -236,13 +303,19 @@ fuzz_target!(|data: &[u8]| {
         );
     } else {
         assert_eq!(xff[0], peer_text.as_str(), "XFF from an untrusted peer");
+        let fwd_7239: Vec<_> = fwd.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(fwd_7239.len(), 1, "exactly one Forwarded");
         assert_eq!(real.len(), 1, "exactly one X-Real-IP");
         assert_eq!(proto.len(), 1, "exactly one X-Forwarded-Proto");
         assert_eq!(real[0], peer_text.as_str(), "X-Real-IP from an untrusted peer");
         assert_eq!(proto[0], input.proto, "X-Forwarded-Proto from an untrusted peer");
         let fh: Vec<_> = fwd.get_all(&headers::X_FORWARDED_HOST).iter().collect();
         match &host_value {
-            Some(h) => assert_eq!(fh, [h], "X-Forwarded-Host from an untrusted peer"),
+            Some(h) => assert_eq!(
+                fh[0].as_bytes(),
+                h.as_bytes().trim_ascii(),
+                "X-Forwarded-Host from an untrusted peer"
+            ),
             None => assert!(fh.is_empty(), "a forged X-Forwarded-Host survived"),
         }
     }

@@ -5,8 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::{BufMut, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -24,7 +24,7 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|n| n.contains(&ip))
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(super) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -85,121 +85,16 @@ pub struct Origin {
     pub proto: &'static str,
 }
 
-/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP` and
-/// `Forwarded`: kept (and, for `X-Forwarded-For` and `Forwarded`, appended to) from a trusted
-/// peer, overwritten otherwise. `host` is the `Host` the client asked for.
-pub fn set_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
-    let peer = canonical(origin.peer);
-    let peer_value = ip_value(peer);
-    set_rfc7239(headers, origin, host);
-    if origin.trusted {
-        let mut joined = joined_values(headers, &X_FORWARDED_FOR);
-        let value = if joined.is_empty() {
-            peer_value
-        } else {
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(peer_value.as_bytes());
-            // Valid: trimmed header values joined by ", ".
-            HeaderValue::from_maybe_shared(Bytes::from(joined)).unwrap_or(peer_value)
-        };
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(
-                X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(origin.proto),
-            );
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST)
-            && let Some(h) = host
-        {
-            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
-        }
-        if !headers.contains_key(&X_REAL_IP) {
-            headers.insert(X_REAL_IP.clone(), ip_value(origin.client));
-        }
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), peer_value.clone());
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(origin.proto),
-        );
-        match host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
-        }
-        headers.insert(X_REAL_IP.clone(), peer_value);
-    }
-}
-
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    let mut buf = [0u8; 64];
-    let len = {
-        use std::io::Write;
-        let mut w = &mut buf[..];
-        let _ = write!(w, "{ip}");
-        64 - w.len()
-    };
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-/// Every value of `name` in order, trimmed, empty ones skipped, joined with `, `: several
-/// field lines of a list-based field are one list (RFC 9110 §5.3). Empty when there is none.
-fn joined_values(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
-    let mut joined = Vec::new();
-    for v in headers.get_all(name) {
-        let v = v.as_bytes().trim_ascii();
-        if v.is_empty() {
-            continue;
-        }
-        if !joined.is_empty() {
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(v);
-    }
-    joined
-}
-
-/// Sets `Forwarded` (RFC 7239) to fairway's own element for this hop, appended to what a
-/// trusted peer sent (§4: each proxy adds its element to the list) and replacing what any
-/// other peer sent, as CONTRACT §3 does for `X-Forwarded-For`. Set even when the client sent
-/// none, so an upstream that reads only RFC 7239 learns the same as from `X-Forwarded-*`.
-fn set_rfc7239(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
-    let mut value = if origin.trusted {
-        joined_values(headers, &header::FORWARDED)
-    } else {
-        // Room for the whole element at once: `for="[v6]";proto=https;host="…"`.
-        Vec::with_capacity(64 + host.map_or(0, |h| h.len()))
-    };
-    if !value.is_empty() {
-        value.extend_from_slice(b", ");
-    }
-    push_forwarded_element(&mut value, origin.peer, origin.proto, host);
-    match HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        Ok(v) => {
-            headers.insert(header::FORWARDED, v);
-        }
-        // Not reached (every byte comes from a valid header value or is ASCII), but a
-        // forged value must not pass on if it were.
-        Err(_) => {
-            headers.remove(header::FORWARDED);
-        }
-    }
-}
-
 /// Appends the RFC 7239 forwarded-element `for=<peer>;proto=<proto>;host=<host>` to `buf`;
 /// `host` is left out when the request has none.
-fn push_forwarded_element(
-    buf: &mut Vec<u8>,
+pub(super) fn push_forwarded_element(
+    buf: &mut BytesMut,
     peer: IpAddr,
     proto: &str,
     host: Option<&HeaderValue>,
 ) {
-    use std::io::Write;
-    // Writing to a Vec cannot fail.
+    use std::fmt::Write;
+    // Writing to a BytesMut cannot fail.
     let _ = match canonical(peer) {
         IpAddr::V4(v4) => write!(buf, "for={v4}"),
         // RFC 7239 §6: an IPv6 node is bracketed, and since `[` and `:` are not token
@@ -216,19 +111,19 @@ fn push_forwarded_element(
 
 /// Appends `v` as a token when it is one, else as a quoted-string (RFC 7239 §4, RFC 9110
 /// §5.6.4): a `Host` with a port (`:`) or an IPv6 literal (`[`, `]`) is quoted.
-fn push_token_or_quoted(buf: &mut Vec<u8>, v: &[u8]) {
+fn push_token_or_quoted(buf: &mut BytesMut, v: &[u8]) {
     if v.iter().all(|&b| is_tchar(b)) {
         buf.extend_from_slice(v);
         return;
     }
-    buf.push(b'"');
+    buf.put_u8(b'"');
     for &b in v {
         if b == b'"' || b == b'\\' {
-            buf.push(b'\\');
+            buf.put_u8(b'\\');
         }
-        buf.push(b);
+        buf.put_u8(b);
     }
-    buf.push(b'"');
+    buf.put_u8(b'"');
 }
 
 /// RFC 9110 §5.6.2 `tchar`.
@@ -236,7 +131,7 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// The forwarded headers whose underscore spellings [`remove_underscore_spellings`] removes.
+/// The forwarded headers whose underscore spellings never go upstream.
 const FORWARDED_NAMES: [&str; 7] = [
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -248,8 +143,13 @@ const FORWARDED_NAMES: [&str; 7] = [
 ];
 
 /// Whether `name` (lowercase, as in a `HeaderMap`) is one of [`FORWARDED_NAMES`] spelled with
-/// at least one `_` in place of a `-`.
-fn is_underscore_spelling(name: &[u8]) -> bool {
+/// at least one `_` in place of a `-`. Such a field never goes upstream, whoever the peer
+/// is: WSGI and CGI servers turn `-` into `_` when they name headers
+/// (`HTTP_X_FORWARDED_FOR`), so to them such a spelling is the real header, with a value
+/// fairway never rewrote. fairway's own values travel in the canonical names only, and a
+/// trusted proxy in front passes the client's underscore headers through unchanged, so none
+/// of them is worth keeping.
+pub(super) fn is_underscore_spelling(name: &[u8]) -> bool {
     name.contains(&b'_')
         && FORWARDED_NAMES.iter().any(|f| {
             f.len() == name.len()
@@ -259,28 +159,16 @@ fn is_underscore_spelling(name: &[u8]) -> bool {
         })
 }
 
-/// Removes `X_Forwarded_For`, `X-Real_IP` and every other underscore spelling of a forwarded
-/// header, whoever the peer is. WSGI and CGI servers turn `-` into `_` when they name headers
-/// (`HTTP_X_FORWARDED_FOR`), so to them such a spelling is the real header, with a value
-/// fairway never rewrote. fairway's own values travel in the canonical names only, and a
-/// trusted proxy in front passes the client's underscore headers through unchanged, so none
-/// of them is worth keeping.
-pub fn remove_underscore_spellings(headers: &mut HeaderMap) {
-    // Most requests have no name with `_`: then nothing matches and nothing is allocated.
-    let found: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_underscore_spelling(k.as_str().as_bytes()))
-        .cloned()
-        .collect();
-    for name in found {
-        headers.remove(name);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::headers::tests::h;
+    use crate::headers::upstream::tests::written;
+
+    /// The forwarded fields as they go upstream, in place of the client's.
+    fn set_forwarded(m: &mut HeaderMap, o: &Origin, host: Option<&HeaderValue>) {
+        *m = written(m, o, host, false, false).0;
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
@@ -373,7 +261,7 @@ mod tests {
     }
 
     fn forwarded_of(m: &HeaderMap) -> Vec<&str> {
-        m.get_all(header::FORWARDED)
+        m.get_all(http::header::FORWARDED)
             .iter()
             .map(|v| v.to_str().unwrap())
             .collect()
@@ -485,18 +373,22 @@ mod tests {
             ("x_custom", "kept"),
             ("forwarded", "for=1.1.1.1"),
         ]);
-        remove_underscore_spellings(&mut m);
+        set_forwarded(&mut m, &origin("10.0.0.1", true), None);
         let mut names: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(
             names,
             [
                 "forwarded",
+                "transfer-encoding",
                 "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-real-ip",
                 "x_custom",
                 "x_forwarded_for_x",
                 "x_request_id",
             ]
         );
+        assert_eq!(m["x-forwarded-for"], "1.1.1.1, 10.0.0.1");
     }
 }

@@ -195,28 +195,12 @@ async fn forward(
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
     let chunked =
         parts.version != Version::HTTP_2 && parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let mut hdrs = parts.headers;
-    headers::strip_hop_by_hop(&mut hdrs, upgrade);
-    headers::remove_underscore_spellings(&mut hdrs);
-    if parts.version == Version::HTTP_2 {
-        // The upstream connection is HTTP/1.1 (RFC 9113 §8.2.3).
-        headers::join_cookie_crumbs(&mut hdrs);
-    }
     let origin = Origin {
         peer,
         client: client_ip,
         trusted,
         proto: conn.proto,
     };
-    // X-Forwarded-For, -Proto, -Host, X-Real-IP, Forwarded and Host: one growth of the map
-    // at most, not one per header.
-    hdrs.reserve(6);
-    headers::set_forwarded(&mut hdrs, &origin, host_value.as_ref());
-    if !hdrs.contains_key(header::HOST)
-        && let Some(h) = host_value
-    {
-        hdrs.insert(header::HOST, h);
-    }
     let uri = origin_form(&parts.uri, routed_path.as_deref())?;
 
     // A body's progress is followed (request_timeout, early responses, the client's
@@ -235,11 +219,23 @@ async fn forward(
                 .flatten(),
         ))),
     };
-    // Framed by its length when the client gave one (or there is no body), else chunked.
-    let chunked = !hdrs.contains_key(header::CONTENT_LENGTH) && progress.is_some();
+    // The head upstream, rewritten as it is written (hop-by-hop fields left out, forwarded
+    // fields set, HTTP/2 cookie crumbs joined); the body framed by its length when the
+    // client gave one, else chunked.
     let mut bytes = bytes::BytesMut::new();
-    let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    crate::h1::write_request_head(&mut bytes, &parts.method, target, &hdrs, chunked);
+    let chunked = headers::write_upstream_head(
+        &mut bytes,
+        &headers::UpstreamRequest {
+            method: &parts.method,
+            target: uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
+            origin: &origin,
+            host: host_value.as_ref(),
+            upgrade,
+            http2: parts.version == Version::HTTP_2,
+            has_body: progress.is_some(),
+        },
+    );
     let head = Head {
         method: parts.method,
         bytes: bytes.freeze(),

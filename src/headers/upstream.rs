@@ -1,0 +1,343 @@
+//! The request head as it goes upstream, rewritten while it is written (CONTRACT §3): one
+//! pass over the client's fields that leaves out the hop-by-hop ones (`Connection` and every
+//! name it lists, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
+//! `Upgrade` unless a WebSocket upgrade goes through), the underscore spellings of forwarded
+//! fields and the forwarded fields fairway replaces; then fairway's own fields. The client's
+//! header map is read, never changed: no field is removed from it or inserted into it.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use bytes::{BufMut, BytesMut};
+use http::Method;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::forwarded::{
+    Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
+    is_underscore_spelling, push_forwarded_element,
+};
+use super::{KEEP_ALIVE, Listed, PROXY_CONNECTION};
+
+/// A request head to write upstream.
+pub struct UpstreamRequest<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The request target in origin form.
+    pub target: &'a str,
+    /// The client's fields.
+    pub headers: &'a HeaderMap,
+    /// Who asked, through what.
+    pub origin: &'a Origin,
+    /// The `Host` the client asked for (its `Host`, or HTTP/2's `:authority`).
+    pub host: Option<&'a HeaderValue>,
+    /// A WebSocket upgrade goes through: `Upgrade` is kept and `Connection: upgrade` set.
+    pub upgrade: bool,
+    /// The request came over HTTP/2: its `cookie` crumbs are joined into one field (RFC
+    /// 9113 §8.2.3).
+    pub http2: bool,
+    /// The request has a body.
+    pub has_body: bool,
+}
+
+/// Whether `name` is hop-by-hop by definition.
+fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
+    *name == header::CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || (*name == header::UPGRADE && !upgrade)
+}
+
+/// Writes the head of `r` to `out`, in origin form, for HTTP/1.1; returns whether the body
+/// goes out chunked (it has one, and no `Content-Length` to frame it).
+pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool {
+    let h = r.headers;
+    let listed = Listed::of(h);
+    // A field the client sent that goes on (before fairway's own are considered).
+    let passes = |name: &HeaderName| {
+        !is_hop_by_hop(name, r.upgrade)
+            && !listed.lists(name)
+            && !is_underscore_spelling(name.as_str().as_bytes())
+    };
+    let present = |name: &HeaderName| h.contains_key(name) && !listed.lists(name);
+    let o = r.origin;
+    // From a trusted peer, the forwarded fields it set are kept (X-Forwarded-For and
+    // Forwarded get this hop appended); from any other, all are replaced.
+    let keep = |name: &HeaderName| o.trusted && present(name);
+    let keep_proto = keep(&X_FORWARDED_PROTO);
+    let keep_host = keep(&X_FORWARDED_HOST);
+    let keep_real_ip = keep(&X_REAL_IP);
+    let join_cookies =
+        r.http2 && present(&header::COOKIE) && h.get_all(header::COOKIE).iter().nth(1).is_some();
+    let has_host = present(&header::HOST);
+    let chunked = r.has_body && !present(&header::CONTENT_LENGTH);
+
+    let size = h.iter().fold(
+        r.method.as_str().len() + r.target.len() + 256,
+        |n, (k, v)| n + k.as_str().len() + v.len() + 4,
+    ) + r.host.map_or(0, |v| 3 * v.len());
+    out.reserve(size);
+    out.put_slice(r.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(r.target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in h {
+        let replaced = *name == X_FORWARDED_FOR
+            || *name == header::FORWARDED
+            || (*name == X_FORWARDED_PROTO && !keep_proto)
+            || (*name == X_FORWARDED_HOST && !keep_host)
+            || (*name == X_REAL_IP && !keep_real_ip)
+            || (join_cookies && *name == header::COOKIE);
+        if replaced || !passes(name) {
+            continue;
+        }
+        field(out, name.as_str(), value.as_bytes());
+    }
+    if !has_host && let Some(host) = r.host {
+        field(out, "host", host.as_bytes());
+    }
+    if r.upgrade {
+        field(out, "connection", b"upgrade");
+    }
+    if join_cookies {
+        out.put_slice(b"cookie: ");
+        let mut first = true;
+        for v in h.get_all(header::COOKIE).iter().filter(|v| !v.is_empty()) {
+            if !first {
+                out.put_slice(b"; ");
+            }
+            first = false;
+            out.put_slice(v.as_bytes());
+        }
+        out.put_slice(b"\r\n");
+    }
+
+    // X-Forwarded-For: what a trusted peer sent, then this hop's peer.
+    out.put_slice(b"x-forwarded-for: ");
+    if o.trusted && present(&X_FORWARDED_FOR) && join_values(out, h, &X_FORWARDED_FOR) {
+        out.put_slice(b", ");
+    }
+    put_ip(out, canonical(o.peer));
+    out.put_slice(b"\r\n");
+    if !keep_proto {
+        field(out, "x-forwarded-proto", o.proto.as_bytes());
+    }
+    if !keep_host && let Some(host) = r.host {
+        field(out, "x-forwarded-host", host.as_bytes());
+    }
+    if !keep_real_ip {
+        out.put_slice(b"x-real-ip: ");
+        put_ip(
+            out,
+            if o.trusted {
+                o.client
+            } else {
+                canonical(o.peer)
+            },
+        );
+        out.put_slice(b"\r\n");
+    }
+    // Forwarded (RFC 7239): the same, as one list of elements.
+    out.put_slice(b"forwarded: ");
+    if o.trusted && present(&header::FORWARDED) && join_values(out, h, &header::FORWARDED) {
+        out.put_slice(b", ");
+    }
+    push_forwarded_element(out, o.peer, o.proto, r.host);
+    out.put_slice(b"\r\n");
+
+    if chunked {
+        out.put_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.put_slice(b"\r\n");
+    chunked
+}
+
+fn field(out: &mut BytesMut, name: &str, value: &[u8]) {
+    out.put_slice(name.as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+fn put_ip(out: &mut BytesMut, ip: IpAddr) {
+    // Writing to a BytesMut cannot fail.
+    let _ = write!(out, "{ip}");
+}
+
+/// Writes every value of `name`, trimmed, empty ones skipped, joined with `, ` (several field
+/// lines of a list-based field are one list, RFC 9110 §5.3); whether any was written.
+fn join_values(out: &mut BytesMut, h: &HeaderMap, name: &HeaderName) -> bool {
+    let mut any = false;
+    for v in h.get_all(name) {
+        let v = v.as_bytes().trim_ascii();
+        if v.is_empty() {
+            continue;
+        }
+        if any {
+            out.put_slice(b", ");
+        }
+        out.put_slice(v);
+        any = true;
+    }
+    any
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::headers::tests::h;
+
+    pub(in crate::headers) fn origin(peer: &str, trusted: bool) -> Origin {
+        Origin {
+            peer: peer.parse().unwrap(),
+            client: peer.parse().unwrap(),
+            trusted,
+            proto: "http",
+        }
+    }
+
+    /// The head written for `headers`, parsed back: its fields, and whether the body goes
+    /// chunked.
+    pub(in crate::headers) fn written(
+        headers: &HeaderMap,
+        origin: &Origin,
+        host: Option<&HeaderValue>,
+        upgrade: bool,
+        http2: bool,
+    ) -> (HeaderMap, bool) {
+        let mut out = BytesMut::new();
+        let chunked = write_upstream_head(
+            &mut out,
+            &UpstreamRequest {
+                method: &Method::POST,
+                target: "/t?q=1",
+                headers,
+                origin,
+                host,
+                upgrade,
+                http2,
+                has_body: true,
+            },
+        );
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut fields);
+        let len = req.parse(&out).unwrap().unwrap();
+        assert_eq!(len, out.len(), "one head, nothing after it");
+        assert_eq!(
+            (req.method, req.path, req.version),
+            (Some("POST"), Some("/t?q=1"), Some(1))
+        );
+        let mut m = HeaderMap::new();
+        for f in req.headers.iter() {
+            m.append(
+                HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        (m, chunked)
+    }
+
+    fn names(m: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = m.keys().map(HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    const OURS: [&str; 5] = [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "transfer-encoding",
+    ];
+
+    #[test]
+    fn hop_by_hop_fields_and_the_names_connection_lists_are_left_out() {
+        let m = crate::headers::tests::hop_by_hop_fields();
+        let (w, chunked) = written(&m, &origin("1.2.3.4", false), None, false, false);
+        assert!(chunked);
+        let mut want: Vec<&str> = OURS.to_vec();
+        want.push("x-kept");
+        want.sort_unstable();
+        assert_eq!(names(&w), want);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_says_connection_upgrade() {
+        let m = h(&[
+            ("connection", "Upgrade, x-secret"),
+            ("x-secret", "1"),
+            ("upgrade", "websocket"),
+            ("host", "app"),
+        ]);
+        let host = HeaderValue::from_static("app");
+        let (w, _) = written(&m, &origin("1.2.3.4", false), Some(&host), true, false);
+        assert_eq!(w["connection"], "upgrade");
+        assert_eq!(w["upgrade"], "websocket");
+        assert_eq!(w["host"], "app");
+        assert!(!w.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn obs_text_in_connection_still_leaves_out_what_it_lists() {
+        let mut m = h(&[("x-secret", "1"), ("x-kept", "1")]);
+        m.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, caf\xe9").unwrap(),
+        );
+        let (w, _) = written(&m, &origin("1.2.3.4", false), None, false, false);
+        assert!(!w.contains_key("x-secret"));
+        assert!(w.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn a_length_frames_the_body_unless_connection_lists_it() {
+        let m = h(&[("content-length", "5")]);
+        let (w, chunked) = written(&m, &origin("1.2.3.4", false), None, false, false);
+        assert!(!chunked);
+        assert_eq!(w["content-length"], "5");
+        assert!(!w.contains_key("transfer-encoding"));
+        let m = h(&[("content-length", "5"), ("connection", "content-length")]);
+        let (w, chunked) = written(&m, &origin("1.2.3.4", false), None, false, false);
+        assert!(chunked);
+        assert!(!w.contains_key("content-length"));
+        assert_eq!(w["transfer-encoding"], "chunked");
+    }
+
+    #[test]
+    fn the_host_asked_for_is_sent_when_the_client_sent_none() {
+        let host = HeaderValue::from_static("app.example");
+        let (w, _) = written(
+            &HeaderMap::new(),
+            &origin("1.2.3.4", false),
+            Some(&host),
+            false,
+            true,
+        );
+        assert_eq!(w["host"], "app.example");
+        assert_eq!(w["x-forwarded-host"], "app.example");
+    }
+
+    #[test]
+    fn http2_cookie_crumbs_are_joined_into_one_field() {
+        let o = origin("1.2.3.4", false);
+        let m = h(&[
+            ("cookie", "a=1"),
+            ("cookie", ""),
+            ("cookie", "b=2"),
+            ("cookie", "c=3"),
+        ]);
+        let (w, _) = written(&m, &o, None, false, true);
+        let v: Vec<_> = w.get_all("cookie").iter().collect();
+        assert_eq!(v, ["a=1; b=2; c=3"]);
+        let m = h(&[("cookie", "a=1; b=2")]);
+        let (w, _) = written(&m, &o, None, false, true);
+        assert_eq!(w["cookie"], "a=1; b=2");
+        // HTTP/1.1 cookies are passed as they came.
+        let m = h(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        let (w, _) = written(&m, &o, None, false, false);
+        assert_eq!(w.get_all("cookie").iter().count(), 2);
+    }
+}
