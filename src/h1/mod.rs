@@ -1,8 +1,10 @@
-//! HTTP/1.1 wire format towards upstream servers (RFC 9112): request heads written from a
-//! header map, response heads parsed with `httparse` straight from the connection's
-//! buffer, the body length a response head implies, and the chunked coding ([`chunked`]).
+//! The HTTP/1.1 wire format (RFC 9112): towards upstream servers, request heads written
+//! from a header map, response heads parsed with `httparse` straight from the connection's
+//! buffer and the body length a response head implies; from clients, request heads and
+//! their body length ([`request`]); the chunked coding both ways ([`chunked`]).
 
 pub mod chunked;
+pub mod request;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -44,25 +46,17 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
         buf,
         &mut fields,
-    ) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            return if buf.len() > MAX_RESPONSE_HEAD {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(None)
-            };
-        }
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(e) => return Err(HeadError::Malformed(describe(e))),
+    );
+    let len = match complete(parsed, buf.len(), MAX_RESPONSE_HEAD) {
+        Ok(Some(len)) => len,
+        Ok(None) => return Ok(None),
+        Err(None) => return Err(HeadError::TooLarge),
+        Err(Some(why)) => return Err(HeadError::Malformed(why)),
     };
-    if len > MAX_RESPONSE_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let status = resp
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -96,6 +90,22 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         },
         len,
     )))
+}
+
+/// What parsing a head of `buffered` bytes came to, against a limit of `max`: `Ok(Some(len))`
+/// when complete, `Ok(None)` while more may come, `Err(None)` over the limits (size or field
+/// count), `Err(Some(why))` when malformed.
+fn complete(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max: usize,
+) -> Result<Option<usize>, Option<&'static str>> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= max => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered <= max => Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(None),
+        Err(e) => Err(Some(describe(e))),
+    }
 }
 
 fn describe(e: httparse::Error) -> &'static str {

@@ -1,0 +1,307 @@
+//! Client request heads (RFC 9112 §3, §5, §6.3), parsed with `httparse` straight from the
+//! connection's buffer, with every framing rule of HTTP1-RULES "reading a request from a
+//! client" checked: the request line and fields, the head size and field count, and how
+//! long the body is (`Transfer-Encoding` against `Content-Length`, folded lengths, HTTP/1.0).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri, Version};
+
+use super::parse_length;
+
+/// The most fields in a request head.
+pub const MAX_REQUEST_FIELDS: usize = 128;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The request target, as sent (origin, absolute, authority or asterisk form).
+    pub uri: Uri,
+    /// `HTTP/1.0` or `HTTP/1.1`.
+    pub version: Version,
+    /// The fields, in order.
+    pub headers: HeaderMap,
+    /// How long the body is.
+    pub length: RequestLength,
+    /// The connection closes after the response: the client asked (`Connection: close`, or
+    /// HTTP/1.0 without `keep-alive`), or the head framed its body by `Transfer-Encoding`
+    /// beside a `Content-Length` (RFC 9112 §6.3).
+    pub close: bool,
+    /// The head's length in bytes.
+    pub len: usize,
+}
+
+/// How a request body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestLength {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Known(u64),
+    /// The chunked coding.
+    Chunked,
+}
+
+/// Why a request head is refused, and with which status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Over the head size limit or [`MAX_REQUEST_FIELDS`] fields: 431.
+    #[error("request head too large")]
+    TooLarge,
+    /// Not a valid HTTP/1.x request head, or a body whose length cannot be known: 400.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+}
+
+impl RequestError {
+    /// The status of the answer.
+    pub fn status(self) -> u16 {
+        match self {
+            RequestError::TooLarge => 431,
+            RequestError::Malformed(_) => 400,
+        }
+    }
+}
+
+/// Parses a request head at the start of `buf`, at most `max_len` bytes long: `Ok(None)`
+/// until it is complete. Bare CR, obs-fold, whitespace before a colon, a control byte or
+/// raw space in the target, and versions other than 1.0 and 1.1 are errors; a bare LF may
+/// end a line (RFC 9112 §2.2).
+pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, RequestError> {
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut fields,
+    );
+    let len = match super::complete(parsed, buf.len(), max_len) {
+        Ok(Some(len)) => len,
+        Ok(None) => return Ok(None),
+        Err(None) => return Err(RequestError::TooLarge),
+        Err(Some(why)) => return Err(RequestError::Malformed(why)),
+    };
+    let bad = RequestError::Malformed;
+    let method = req
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(bad("invalid method"))?;
+    let uri = req
+        .path
+        .and_then(|p| p.parse::<Uri>().ok())
+        .ok_or(bad("invalid request target"))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for f in req.headers.iter() {
+        let name =
+            HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| bad("invalid field name"))?;
+        let value = HeaderValue::from_bytes(f.value).map_err(|_| bad("invalid field value"))?;
+        headers.append(name, value);
+    }
+    let (length, by_coding) = request_length(&headers, version)?;
+    let close = by_coding || wants_close(&headers, version);
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        length,
+        close,
+        len,
+    }))
+}
+
+/// The body length of a request (RFC 9112 §6.3), and whether it was framed by
+/// `Transfer-Encoding` beside a `Content-Length`.
+fn request_length(h: &HeaderMap, version: Version) -> Result<(RequestLength, bool), RequestError> {
+    let bad = RequestError::Malformed;
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        // The codings of every line, in order: chunked must be the last, and only once.
+        let mut codings = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii);
+        let last = codings.next_back();
+        let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
+        if !last.is_some_and(chunked) {
+            return Err(bad("a request body whose last coding is not chunked"));
+        }
+        if codings.any(|c| chunked(c) || c.is_empty()) {
+            return Err(bad("invalid Transfer-Encoding"));
+        }
+        return Ok((
+            RequestLength::Chunked,
+            h.contains_key(header::CONTENT_LENGTH),
+        ));
+    }
+    // Content-Length: one decimal value; a list (or lines) of identical values folds to one.
+    let mut length: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for member in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(member.trim_ascii()).ok_or(bad("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad("differing Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        None | Some(0) => (RequestLength::Empty, false),
+        Some(n) => (RequestLength::Known(n), false),
+    })
+}
+
+/// Whether the client asks for the connection to close after this exchange.
+fn wants_close(h: &HeaderMap, version: Version) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for v in h.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            close |= t.eq_ignore_ascii_case(b"close");
+            keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    close || (version == Version::HTTP_10 && !keep_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<RequestHead>, RequestError> {
+        parse_request(s.as_bytes(), 64 * 1024)
+    }
+
+    fn head(s: &str) -> RequestHead {
+        parse(s).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_a_head_and_waits_for_a_complete_one() {
+        let raw = "POST /a?b=1 HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nx-dup: 2\r\nContent-Length: 3\r\n\r\nabc";
+        let h = head(raw);
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.uri, "/a?b=1");
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.len, raw.len() - 3);
+        assert_eq!(h.length, RequestLength::Known(3));
+        assert_eq!(h.headers.get_all("x-dup").iter().count(), 2);
+        assert!(!h.close);
+        assert!(parse("GET / HTTP/1.1\r\nHost: h\r\n").unwrap().is_none());
+        assert_eq!(
+            head("GET http://h/x HTTP/1.1\r\nHost: h\r\n\r\n").uri,
+            "http://h/x"
+        );
+    }
+
+    #[test]
+    fn refuses_what_rfc_9112_refuses() {
+        for bad in [
+            "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : h\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\rX: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nX: a\0b\r\n\r\n",
+            "G@T / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(bad)
+                    .map(|h| h.is_some())
+                    .map_err(RequestError::status),
+                Err(400),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bounds_the_head() {
+        let mut big = String::from("GET / HTTP/1.1\r\n");
+        while big.len() < 2000 {
+            big.push_str("X-Pad: 0123456789\r\n");
+        }
+        assert_eq!(
+            parse_request(big.as_bytes(), 1000).err(),
+            Some(RequestError::TooLarge)
+        );
+        big.push_str("\r\n");
+        assert_eq!(
+            parse_request(big.as_bytes(), 1000).err(),
+            Some(RequestError::TooLarge)
+        );
+        assert!(parse_request(big.as_bytes(), 4000).is_ok());
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_REQUEST_FIELDS {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(parse(&many).err().map(RequestError::status), Some(431));
+    }
+
+    #[test]
+    fn body_lengths_follow_rfc_9112() {
+        let len = |fields: &str| {
+            parse(&format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n"))
+                .map(|h| h.map(|h| (h.length, h.close)))
+        };
+        assert_eq!(len(""), Ok(Some((RequestLength::Empty, false))));
+        assert_eq!(
+            len("Content-Length: 0\r\n"),
+            Ok(Some((RequestLength::Empty, false)))
+        );
+        assert_eq!(
+            len("Content-Length: 5, 5\r\nContent-Length: 5\r\n"),
+            Ok(Some((RequestLength::Known(5), false)))
+        );
+        assert_eq!(
+            len("Transfer-Encoding: gzip, chunked\r\n"),
+            Ok(Some((RequestLength::Chunked, false)))
+        );
+        // Both: chunked wins, and the connection closes after the response.
+        assert_eq!(
+            len("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
+            Ok(Some((RequestLength::Chunked, true)))
+        );
+        for bad in [
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: 0x5\r\n",
+            "Content-Length:\r\n",
+            "Content-Length: 99999999999999999999\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: ,chunked\r\n",
+        ] {
+            assert_eq!(len(bad).map_err(RequestError::status), Err(400), "{bad:?}");
+        }
+        assert_eq!(
+            parse("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .map_err(RequestError::status)
+                .map(|_| ()),
+            Err(400)
+        );
+    }
+
+    #[test]
+    fn close_follows_the_version_and_connection() {
+        assert!(head("GET / HTTP/1.0\r\n\r\n").close);
+        assert!(!head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
+        assert!(head("GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Close\r\n\r\n").close);
+        assert!(!head("GET / HTTP/1.1\r\nHost: h\r\n\r\n").close);
+    }
+}
