@@ -100,14 +100,27 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
             }
         }
     }
-    let Some(tls) = tls else {
-        return serve_connection(stream, info, ctx, &settings).await;
-    };
-    // Completed within header_read_timeout; a failure closes this connection only.
+    match tls {
+        None => serve_connection(stream, info, ctx, &settings).await,
+        // Boxed: the TLS state is large, and every connection's task would otherwise keep
+        // room for it (and be copied whole when spawned), plain or not.
+        Some(tls) => Box::pin(serve_tls(stream, tls, info, ctx, &settings)).await,
+    }
+}
+
+/// The TLS handshake, completed within `header_read_timeout` (a failure closes this
+/// connection only), then the connection.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    mut info: ConnInfo,
+    ctx: Arc<Context>,
+    settings: &Settings,
+) {
     info.proto = "https";
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_connection(stream, info, ctx, &settings).await,
+        Ok(Ok(stream)) => serve_connection(stream, info, ctx, settings).await,
         Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
     }
