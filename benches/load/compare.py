@@ -50,6 +50,9 @@ SCENARIOS = {
                             "coordinated omission (needs oha)"},
     "conns-1000": {"tool": "wrk", "conns": 1000, "path": "/",
                    "what": "GET /, 1000 keep-alive connections; peak RSS is the number to read"},
+    "idle-10k": {"tool": "idle", "conns": 10000, "hold": 2, "path": "/",
+                 "what": "10,000 keep-alive connections, one GET each, then held idle; "
+                         "peak RSS is the number to read"},
 }
 BIG_SCENARIOS = ["upload-big", "download-big"]
 
@@ -687,6 +690,42 @@ def run_wrk(tools, lua, port, sc, duration):
             "argv": argv}
 
 
+def run_idle(port, sc):
+    """Opens sc["conns"] connections, sends one GET on each and reads its answer, then holds
+    them all idle for sc["hold"] seconds (the RSS sampler runs meanwhile) and closes them."""
+    n, socks, answered, t0 = sc["conns"], [], 0, time.monotonic()
+    request = ("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (sc["path"], HOST)).encode()
+    try:
+        for _ in range(n):
+            try:
+                s = socket.create_connection((HOST, port), timeout=5)
+                s.sendall(request)
+                socks.append(s)
+            except OSError:
+                break
+        for s in socks:
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            answered += data.startswith(b"HTTP/1.1 200")
+        time.sleep(sc["hold"])
+    finally:
+        for s in socks:
+            s.close()
+    dur = time.monotonic() - t0
+    return {"ok": answered == n, "requests": answered, "duration_s": dur,
+            "errors": {"unanswered": n - answered} if answered < n else {},
+            "error_count": n - answered,
+            **({} if answered == n else
+               {"error": "%d of %d connections got no 200" % (n - answered, n)})}
+
+
 def run_oha(tools, port, sc, duration):
     argv = [tools["oha"], "-z", "%ds" % duration, "-c", str(sc["conns"]), "-q", str(sc["rate"]),
             "--latency-correction", "--no-tui"] + tools["oha_json"] + \
@@ -937,6 +976,8 @@ class Bench:
                 res = run_wrk(self.tools, self.lua, port, sc, self.args.duration)
             elif sc["tool"] == "oha":
                 res = run_oha(self.tools, port, sc, self.args.duration)
+            elif sc["tool"] == "idle":
+                res = run_idle(port, sc)
             else:
                 res = run_h2load(self.tools, port, sc, self.args.duration, self.run_dir)
         finally:
@@ -1056,6 +1097,8 @@ def summarize(runs, proxies, scenarios):
             metrics = metrics[1:]
         if scen == "conns-1000":
             metrics.append(("rss_peak_kib", "peak RSS"))
+        if SCENARIOS[scen]["tool"] == "idle":
+            metrics = [("rss_peak_kib", "peak RSS")]
         for key, label in metrics:
             row = {"scenario": scen, "metric": label, "key": key}
             for ref in ("nginx", "haproxy"):
