@@ -83,6 +83,7 @@ impl Conn {
             body_done: false,
             sent: false,
             write_failed: None,
+            parsed_at: 0,
         };
         let head = std::future::poll_fn(|cx| x.poll(cx)).await?;
         let sent = x.sent;
@@ -111,6 +112,8 @@ struct Exchange<'a> {
     sent: bool,
     /// Writing failed; the response may still come (a server that answered and closed).
     write_failed: Option<io::Error>,
+    /// The buffer's length when a head was last parsed and found incomplete.
+    parsed_at: usize,
 }
 
 impl Exchange<'_> {
@@ -172,19 +175,27 @@ impl Exchange<'_> {
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped) is complete.
+    /// A head that trickles in is parsed again only when it may have ended, or has doubled
+    /// since the last try (which still finds garbage at once): linear work however small
+    /// the reads, where parsing after every read would be quadratic.
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, Failed>> {
         let conn = &mut *self.conn;
         loop {
-            if !conn.buf.is_empty() {
-                match h1::parse_response(&conn.buf) {
+            let buf = &conn.buf;
+            let worth = !buf.is_empty()
+                && (buf.len() >= 2 * self.parsed_at
+                    || h1::has_empty_line(buf, self.parsed_at.saturating_sub(2)));
+            if worth {
+                match h1::parse_response(buf) {
                     Ok(Some((head, len))) => {
                         conn.buf.advance(len);
+                        self.parsed_at = 0;
                         if head.status.is_informational() && head.status.as_u16() != 101 {
                             continue;
                         }
                         return Poll::Ready(Ok(head));
                     }
-                    Ok(None) => {}
+                    Ok(None) => self.parsed_at = buf.len(),
                     Err(e) => return Poll::Ready(Err(Failed::Head(e))),
                 }
             }

@@ -119,6 +119,23 @@ fn describe(e: httparse::Error) -> &'static str {
     }
 }
 
+/// Whether `buf` holds an empty line (the end of a head: LF, then LF or CRLF) ending at or
+/// after `from`.
+pub fn has_empty_line(buf: &[u8], from: usize) -> bool {
+    let mut i = from;
+    while let Some(at) = buf
+        .get(i..)
+        .and_then(|b| b.iter().position(|&c| c == b'\n'))
+    {
+        let lf = i + at;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..] | [b'\r', b'\n', ..]) => return true,
+            _ => i = lf + 1,
+        }
+    }
+    false
+}
+
 /// How a response body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyLength {
@@ -223,6 +240,23 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(body_length(&Method::GET, &head), BodyLength::Known(5));
         assert_eq!(body_length(&Method::HEAD, &head), BodyLength::Empty);
+    }
+
+    #[test]
+    fn finds_the_empty_line_that_ends_a_head() {
+        let head = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n";
+        assert!(has_empty_line(head, 0));
+        assert!(has_empty_line(head, head.len() - 4));
+        assert!(!has_empty_line(head, head.len() - 2));
+        assert!(has_empty_line(b"HTTP/1.1 200 OK\nA: b\n\n", 0));
+        for partial in [
+            &b"HTTP/1.1 200 OK\r\nA: b\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nA: b\r\n\r",
+            b"",
+        ] {
+            assert!(!has_empty_line(partial, 0));
+        }
+        assert!(!has_empty_line(b"x", 5));
     }
 
     #[test]
