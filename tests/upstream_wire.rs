@@ -240,3 +240,36 @@ async fn a_broken_chunk_in_a_response_cuts_the_client_off() {
         "a broken body must not be completed: {text:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_breaks_off_mid_upload_leaves_the_client_connection_usable() {
+    // The POST's connection is dropped after a little of its body; a GET is answered.
+    let (up, _) = raw_upstream(|mut s| async move {
+        while let Some(head) = read_head(&mut s).await {
+            if head.starts_with(b"POST") {
+                let mut some = [0u8; 1024];
+                let _ = s.read(&mut some).await;
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    let p = TestProxy::start(&config(up)).await;
+    let mut c = RawConn::connect(p.addr).await;
+    const LEN: usize = 256 * 1024;
+    c.send(format!("POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: {LEN}\r\n\r\n").as_bytes())
+        .await;
+    c.send(&[b'x'; 16 * 1024]).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("connection"), None, "the connection is kept");
+    // The rest of the body is read and discarded; the connection then serves a next request.
+    c.send(&vec![b'x'; LEN - 16 * 1024]).await;
+    c.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ok");
+}

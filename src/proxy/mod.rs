@@ -249,7 +249,22 @@ async fn forward(
         replayable,
         progress: progress.as_deref(),
     };
-    let (sent, guard, conn) = attempt.run(client_ip, &mut body, trace).await?;
+    let (sent, guard, conn) = match attempt.run(client_ip, &mut body, trace).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Answered while the client is still sending a body it did nothing wrong with
+            // (an upstream that broke off mid-upload): the rest is read and discarded when
+            // the body is dropped, as after an early response, so that the client gets the
+            // answer instead of a reset and its connection stays usable.
+            if let Some(p) = &progress
+                && p.ended().is_none()
+                && p.fault().is_none()
+            {
+                p.stop();
+            }
+            return Err(e);
+        }
+    };
     respond(Answer {
         sent,
         guard,
