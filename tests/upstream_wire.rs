@@ -37,6 +37,13 @@ async fn answering(
     .await
 }
 
+/// `GET path` on `c`, and its response.
+async fn get(c: &mut RawConn, path: &str) -> RawResponse {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+        .await;
+    c.response().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn informational_answers_before_the_final_one_are_skipped() {
     let (up, conns) = answering(|_| {
@@ -48,8 +55,7 @@ async fn informational_answers_before_the_final_one_are_skipped() {
     let p = TestProxy::start(&config(up)).await;
     let mut c = RawConn::connect(p.addr).await;
     for _ in 0..2 {
-        c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
-        let r = c.response().await;
+        let r = get(&mut c, "/").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, b"ok");
     }
@@ -72,10 +78,8 @@ async fn bytes_after_a_complete_response_keep_its_connection_out_of_the_pool() {
     .await;
     let p = TestProxy::start(&config(up)).await;
     let mut c = RawConn::connect(p.addr).await;
-    c.send(b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    assert_eq!(c.response().await.body, b"first");
-    c.send(b"GET /second HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    assert_eq!(c.response().await.body, b"second");
+    assert_eq!(get(&mut c, "/first").await.body, b"first");
+    assert_eq!(get(&mut c, "/second").await.body, b"second");
     assert_eq!(conns.load(Ordering::SeqCst), 2, "a fresh connection");
 }
 
@@ -92,8 +96,7 @@ async fn a_body_delimited_by_close_is_relayed_whole_and_its_connection_not_reuse
     let p = TestProxy::start(&config(up)).await;
     let mut c = RawConn::connect(p.addr).await;
     for _ in 0..2 {
-        c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
-        let r = c.response().await;
+        let r = get(&mut c, "/").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, b"until the end");
     }
@@ -115,8 +118,7 @@ async fn a_response_to_head_has_no_body_and_keeps_its_connection() {
     c.send(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n").await;
     let status = c.read_head_only().await;
     assert_eq!(status, 200);
-    c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    assert_eq!(c.response().await.body, b"get");
+    assert_eq!(get(&mut c, "/").await.body, b"get");
     assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
 
@@ -150,8 +152,7 @@ async fn an_idle_connection_the_server_closed_is_not_used_even_for_a_post() {
     .await;
     let p = TestProxy::start(&config(up)).await;
     let mut c = RawConn::connect(p.addr).await;
-    c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    assert_eq!(c.response().await.status, 200);
+    assert_eq!(get(&mut c, "/").await.status, 200);
     until_set(Duration::from_secs(5), "the upstream closed", &closed).await;
     c.send(b"POST /once HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody")
         .await;
@@ -213,8 +214,7 @@ async fn a_chunked_response_in_one_byte_pieces_arrives_whole() {
     let p = TestProxy::start(&config(up)).await;
     let mut c = RawConn::connect(p.addr).await;
     for _ in 0..2 {
-        c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
-        let r = c.response().await;
+        let r = get(&mut c, "/").await;
         assert_eq!(r.body, b"abcde");
     }
     assert_eq!(conns.load(Ordering::SeqCst), 1);
@@ -268,8 +268,7 @@ async fn an_upstream_that_breaks_off_mid_upload_leaves_the_client_connection_usa
     assert_eq!(r.header("connection"), None, "the connection is kept");
     // The rest of the body is read and discarded; the connection then serves a next request.
     c.send(&vec![b'x'; LEN - 16 * 1024]).await;
-    c.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    let r = c.response().await;
+    let r = get(&mut c, "/after").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"ok");
 }
