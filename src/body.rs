@@ -46,6 +46,9 @@ pub enum Body {
     Full(Option<Bytes>),
     /// An upstream's response body, streamed through.
     Upstream(UpstreamBody),
+    /// No body: after this `101`, the client's connection becomes a tunnel to the
+    /// upstream's (HTTP/1.1 only).
+    Upgrade(Box<crate::tunnel::Tunnel>),
 }
 
 impl Body {
@@ -69,7 +72,7 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Body::Empty => Poll::Ready(None),
+            Body::Empty | Body::Upgrade(_) => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(u) => Pin::new(u).poll_frame(cx),
         }
@@ -77,7 +80,7 @@ impl http_body::Body for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Empty => true,
+            Body::Empty | Body::Upgrade(_) => true,
             Body::Full(b) => b.is_none(),
             Body::Upstream(u) => u.inner.is_end(),
         }
@@ -85,7 +88,7 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Body::Empty => SizeHint::with_exact(0),
+            Body::Empty | Body::Upgrade(_) => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(u) => u.size_hint(),
         }

@@ -13,8 +13,11 @@
 //! - [`headers`]: hop-by-hop stripping, upgrades, response framing, HTTP/2 cookie crumbs; in
 //!   `headers/forwarded.rs`, `X-Forwarded-*`, `Forwarded`, their underscore spellings and the
 //!   client IP.
-//! - [`h1`]: the HTTP/1.1 wire format towards upstreams: request heads written, response
-//!   heads parsed with `httparse`, body lengths, the chunked coding.
+//! - [`h1`]: the HTTP/1.1 wire format: request heads parsed from clients and written to
+//!   upstreams, response heads parsed from upstreams and written to clients, body lengths,
+//!   the chunked coding.
+//! - [`stream`]: growing reads and a stream with bytes put back in front.
+//! - [`wire`]: a client's HTTP/1.1 connection as its loop and the body being read share it.
 //! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`balance`]: smooth weighted round robin, `least_request` and the `ip_hash` ring.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
@@ -35,15 +38,15 @@
 //! - [`runtime`]: the immutable snapshot built from a config.
 //!
 //! The data path:
+//! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`body`]: the response body types; the proxy's own short answers.
 //! - [`maintenance`]: the maintenance switch.
 //! - [`access`]: the access log and its writer task.
 //! - [`context`]: what the data path shares (the snapshot, among others) and `ConnInfo`.
-//! - [`tunnel`]: upgraded (WebSocket) connections after a `101`.
 //! - [`proxy`]: route → select → forward with retries → response.
-//! - [`connection`]: accept loop, PROXY protocol, TLS, hyper-util auto server (HTTP/1.1 +
-//!   h2c), the per-connection watchdog (`header_read_timeout`, `idle_timeout`,
-//!   `send_timeout`).
+//! - [`connection`]: accept loop, PROXY protocol, TLS, fairway's own HTTP/1.1 server loop
+//!   and its limits (`header_read_timeout`, `idle_timeout`, `send_timeout`); hyper's HTTP/2
+//!   server (h2c and ALPN) with its watchdog.
 //!
 //! The control plane and background tasks:
 //! - [`sockets`]: the bound listeners, reconciled by diff on reload.
@@ -87,11 +90,13 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod sockets;
+pub mod stream;
 pub mod timing;
 pub mod tls;
 pub mod tunnel;
 pub mod upload;
 pub mod upstream;
+pub mod wire;
 
 pub use app::{App, AppHandle};
 pub use body::Body;

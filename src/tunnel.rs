@@ -9,18 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::ActiveGuard;
 
-/// One upgraded connection to run.
+/// The upstream's side of an upgraded connection, with what running it needs; the client
+/// connection that got the `101` runs it.
 pub struct Tunnel {
-    /// The client's side, once upgraded.
-    pub client: OnUpgrade,
     /// The upstream's side.
     pub upstream: crate::client::Upgraded,
     /// `tunnel_idle_timeout`.
@@ -40,17 +37,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Runs one tunnel until either side closes, it idles past `idle`, or shutdown. At
 /// shutdown a WebSocket client gets a close frame (1001) at a frame boundary, so that it
 /// reconnects at once instead of waiting on a dead connection.
-pub async fn run(t: Tunnel) {
-    let client = match t.client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
+pub async fn run<C>(client: C, t: Tunnel)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Arc::new(Activity::new());
     let c = Watched {
-        inner: TokioIo::new(client),
+        inner: client,
         activity: Arc::clone(&activity),
     };
     let u = Watched {

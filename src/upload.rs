@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ClientFault;
+use crate::wire::WireBody;
 
 /// Boxed error of the body types.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,6 +27,52 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[error("client request body failed: {0:?}")]
 pub struct ClientBodyError(pub ClientFault);
+
+/// A client's request body as its connection delivers it.
+pub enum Inbound {
+    /// No body.
+    Empty,
+    /// An HTTP/2 stream's body, read through hyper.
+    H2(Incoming),
+    /// An HTTP/1.1 body, read from the connection's buffer.
+    H1(WireBody),
+}
+
+impl Inbound {
+    /// Whether nothing (more) is to come.
+    pub fn is_end(&self) -> bool {
+        match self {
+            Inbound::Empty => true,
+            Inbound::H2(b) => b.is_end_stream(),
+            Inbound::H1(b) => b.is_end(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::Empty => SizeHint::with_exact(0),
+            Inbound::H2(b) => b.size_hint(),
+            Inbound::H1(b) => match b.length() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+        }
+    }
+
+    /// The next frame, and a failure as the client's fault.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientFault>>> {
+        match self {
+            Inbound::Empty => Poll::Ready(None),
+            Inbound::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| client_fault(&e)))),
+            Inbound::H1(b) => b.poll_data(cx).map(|d| d.map(|r| r.map(Frame::data))),
+        }
+    }
+}
 
 /// A body sent upstream.
 pub enum RequestBody {
@@ -153,8 +200,9 @@ pub fn client_fault(e: &hyper::Error) -> ClientFault {
 /// enforces `body_read_timeout` between reads, bounds the framing overhead of a chunked
 /// body, and records its progress and its fault.
 pub struct ClientBody {
-    /// Taken by [`Drop`] to drain what the client still sends after an early response.
-    inner: Option<Incoming>,
+    /// Taken by [`Drop`] to drain what an HTTP/2 client still sends after an early
+    /// response (an HTTP/1.1 connection drains its own).
+    inner: Option<Inbound>,
     seen: u64,
     limit: u64,
     idle: IdleTimer,
@@ -199,7 +247,7 @@ impl ClientBody {
     /// Wraps a client's body; `progress` follows it; `framing` bounds the overhead of a
     /// chunked HTTP/1.1 body.
     pub fn new(
-        inner: Incoming,
+        inner: Inbound,
         limit: Option<u64>,
         read_timeout: Duration,
         progress: Arc<BodyProgress>,
@@ -233,7 +281,8 @@ impl Drop for ClientBody {
         {
             return;
         }
-        let (Some(inner), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        let (Some(Inbound::H2(inner)), Ok(rt)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
@@ -311,11 +360,11 @@ impl ClientBody {
             return Poll::Pending;
         };
         loop {
-            match Pin::new(&mut *inner).poll_frame(cx) {
+            match inner.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     progress.waiting.store(false, Ordering::Relaxed);
                     self.idle.moved();
-                    let end = inner.is_end_stream();
+                    let end = inner.is_end();
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             self.seen += data.len() as u64;
@@ -363,8 +412,8 @@ impl ClientBody {
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    return Poll::Ready(Some(Err(progress.fail(client_fault(&e)))));
+                Poll::Ready(Some(Err(fault))) => {
+                    return Poll::Ready(Some(Err(progress.fail(fault))));
                 }
                 Poll::Ready(None) => {
                     progress.end();
@@ -411,7 +460,7 @@ impl http_body::Body for RequestBody {
             RequestBody::Client(b) => {
                 b.held.data.is_empty()
                     && b.held.trailers.is_none()
-                    && b.inner.as_ref().is_none_or(|i| i.is_end_stream())
+                    && b.inner.as_ref().is_none_or(Inbound::is_end)
             }
         }
     }
@@ -420,7 +469,7 @@ impl http_body::Body for RequestBody {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Client(b) => {
-                let mut hint = b.inner.as_ref().map(|i| i.size_hint()).unwrap_or_default();
+                let mut hint = b.inner.as_ref().map(Inbound::size_hint).unwrap_or_default();
                 let held = b.held.data.len() as u64;
                 hint.set_lower(hint.lower() + held);
                 if let Some(upper) = hint.upper() {

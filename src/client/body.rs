@@ -3,12 +3,12 @@
 //! back only when the exchange ended cleanly both ways; or, after a `101`, the connection
 //! as a plain byte stream ([`Upgraded`]).
 
+use crate::stream::Rewind;
 use std::io;
-use std::pin::Pin;
+
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::Bytes;
 
 use super::{Conn, Stream};
 use crate::h1::BodyLength;
@@ -82,10 +82,7 @@ impl ResponseBody {
     /// head is read first).
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
         let conn = self.conn.take()?;
-        Some(Upgraded {
-            io: conn.io,
-            read: conn.buf.freeze(),
-        })
+        Some(Rewind::new(conn.buf.freeze(), conn.io))
     }
 
     /// The next payload bytes; `None` at the end; an error when the server breaks the
@@ -163,51 +160,4 @@ impl ResponseBody {
 }
 
 /// An upstream connection after `101 Switching Protocols`.
-pub struct Upgraded {
-    io: Stream,
-    /// Bytes the server sent right after the `101` head.
-    read: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read[..n]);
-            this.read.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = Rewind<Stream>;

@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::stream::ReadSize;
 use crate::tls::UpstreamTls;
 
 /// Where a server is reached.
@@ -113,9 +114,9 @@ impl Pool {
         // Nothing is buffered on a connection that ended its exchange cleanly. A read
         // buffer grown for a large body goes while the connection is idle; a small one is
         // kept, and reused whole by the next exchange once its body bytes are released.
-        if conn.read_size > MIN_READ || conn.buf.capacity() > MIN_READ {
+        if conn.read_size.is_grown() || conn.buf.capacity() > ReadSize::MIN {
             conn.buf = BytesMut::new();
-            conn.read_size = MIN_READ;
+            conn.read_size = ReadSize::default();
         }
         if let Ok(mut q) = self.idle.lock() {
             while q.len() >= max_idle {
@@ -160,15 +161,9 @@ pub struct Conn {
     /// Set once the current request's body has been polled: from then on the request
     /// cannot be sent again as it is.
     body_touched: bool,
-    /// How much the next read asks for: grows while reads fill it, up to [`MAX_READ`].
-    read_size: usize,
+    /// How much the next read asks for.
+    read_size: ReadSize,
 }
-
-/// The first read of an exchange asks for this much.
-const MIN_READ: usize = 8 * 1024;
-
-/// The most one read asks for.
-const MAX_READ: usize = 512 * 1024;
 
 impl Conn {
     /// Bytes written on this connection so far (TLS records included).
@@ -196,25 +191,13 @@ impl Conn {
 
     /// Reads more into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-            self.buf.reserve(self.read_size);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        self.read_size.poll_fill(&mut self.io, &mut self.buf, cx)
     }
 }
 
 /// The socket of a connection: plain, or TLS (boxed: the TLS state is large, and most
 /// connections are plain).
-type Stream = Either<Counted, Box<tokio_rustls::client::TlsStream<Counted>>>;
+pub type Stream = Either<Counted, Box<tokio_rustls::client::TlsStream<Counted>>>;
 
 /// Opens a new connection to `target` (`addr`: the entry as written, whose host is the TLS
 /// name). With `tls`, the TLS handshake is part of the connect and shares its timeout.
@@ -267,7 +250,7 @@ pub async fn dial(
         written,
         request_complete: false,
         body_touched: false,
-        read_size: MIN_READ,
+        read_size: ReadSize::default(),
     })
 }
 
@@ -295,7 +278,7 @@ async fn connect_name(name: &str, resolver: Option<std::net::SocketAddr>) -> io:
 }
 
 /// A socket that counts the bytes written to it.
-struct Counted {
+pub struct Counted {
     inner: TcpStream,
     written: Arc<AtomicU64>,
 }

@@ -1,8 +1,9 @@
 //! One client connection from accept to close: the accept loop, the PROXY protocol and TLS,
-//! then hyper-util's auto server (HTTP/1.1 keep-alive and h2c) calling `proxy::handle` per
-//! request, with a watchdog beside it (`watchdog.rs`) for `header_read_timeout`,
-//! `idle_timeout` and `send_timeout`, the IO hyper sees (`watched.rs`), and the answers as the
-//! connection holds them (`response.rs`).
+//! then fairway's own HTTP/1.1 server (`h1.rs`) calling `proxy::handle` per request. A client
+//! that opens with the HTTP/2 preface, or picks `h2` by ALPN, is served by hyper's HTTP/2
+//! server instead, with a watchdog beside it (`watchdog.rs`) for `header_read_timeout`,
+//! `idle_timeout` and `send_timeout`, the IO hyper sees (`watched.rs`), and the answers as
+//! the connection holds them (`response.rs`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,11 +21,12 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod h1;
 mod response;
 mod watchdog;
 mod watched;
 
-use response::{ConnBody, Pending, Sent, wire_size};
+use response::{ConnBody, Pending, Sent};
 use watchdog::{ConnState, Timeouts, Verdict};
 use watched::WatchedIo;
 
@@ -35,6 +37,9 @@ use crate::context::{ConnInfo, Context};
 use crate::proxy;
 use crate::proxy_protocol;
 use crate::runtime::Settings;
+use crate::upload::Inbound;
+use crate::wire::Wire;
+use bytes::BytesMut;
 
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
@@ -101,7 +106,10 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
         }
     }
     match tls {
-        None => serve_connection(stream, info, ctx, &settings).await,
+        None => {
+            let wire = Wire::new(tokio_util::either::Either::Left(stream), BytesMut::new());
+            serve_http1(wire, info, ctx, &settings).await;
+        }
         // Boxed: the TLS state is large, and every connection's task would otherwise keep
         // room for it (and be copied whole when spawned), plain or not.
         Some(tls) => Box::pin(serve_tls(stream, tls, info, ctx, &settings)).await,
@@ -120,7 +128,16 @@ async fn serve_tls(
     info.proto = "https";
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_connection(stream, info, ctx, settings).await,
+        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+            serve_connection(stream, info, ctx, settings).await;
+        }
+        Ok(Ok(stream)) => {
+            let wire = Wire::new(
+                tokio_util::either::Either::Right(Box::new(stream)),
+                BytesMut::new(),
+            );
+            serve_http1(wire, info, ctx, settings).await;
+        }
         Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
     }
@@ -200,18 +217,16 @@ pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
     r
 }
 
+/// Serves HTTP/1.1 on `wire`, and HTTP/2 if the client opens with its preface.
+async fn serve_http1(wire: Wire, info: ConnInfo, ctx: Arc<Context>, settings: &Settings) {
+    if let h1::Ended::Http2(io) = h1::serve(wire, info.clone(), &ctx, settings).await {
+        // Boxed: hyper's HTTP/2 connection state is large, and only h2c clients need it.
+        Box::pin(serve_connection(io, info, ctx, settings)).await;
+    }
+}
+
 fn builder(s: &Settings) -> (auto::Builder<TokioExecutor>, Timeouts) {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // The watchdog below enforces header_read_timeout; hyper's would also cut idle
-        // keep-alive connections at the same limit.
-        .header_read_timeout(None)
-        .keep_alive(true)
-        // Room for twice max_header_bytes, so that the proxy itself sees an oversized head
-        // and answers 431 with a body (CONTRACT §3); only heads past twice the limit get
-        // hyper's bare 431.
-        .max_buf_size(s.max_header_bytes.saturating_mul(2).max(8192));
+    let mut b = auto::Builder::new(TokioExecutor::new()).http2_only();
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(
@@ -230,7 +245,7 @@ fn builder(s: &Settings) -> (auto::Builder<TokioExecutor>, Timeouts) {
     (b, t)
 }
 
-/// Serves one client connection until it closes, times out or the proxy shuts down.
+/// Serves one HTTP/2 client connection until it closes, times out or the proxy shuts down.
 pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>, settings: &Settings)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -240,8 +255,6 @@ where
     let io = WatchedIo {
         inner: stream,
         state: Arc::clone(&state),
-        ctx: Arc::clone(&ctx),
-        answer: None,
     };
     let svc_state = Arc::clone(&state);
     let svc_ctx = Arc::clone(&ctx);
@@ -252,7 +265,8 @@ where
     };
     let service = service_fn(move |req: Request<Incoming>| {
         let head = proxy::head_size(&req);
-        let guard = svc_state.begin_request(wire_size(&req, head));
+        let guard = svc_state.begin_request(None);
+        let req = req.map(Inbound::H2);
         let info = info.clone();
         let ctx = Arc::clone(&svc_ctx);
         async move {

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::task::{self, Poll};
 
 use bytes::Bytes;
-use http::Request;
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -18,22 +17,6 @@ use crate::access::Entry;
 use crate::body::{Body, BoxError};
 use crate::context::Context;
 use crate::proxy;
-
-/// The size of an HTTP/1.x request on the wire, its head (`head` bytes, as
-/// `proxy::head_size` counts `Name: value` lines) and its body; `None` for HTTP/2 and for a
-/// chunked body, whose framing is not known in advance.
-pub(super) fn wire_size<B>(req: &Request<B>, head: usize) -> Option<u64> {
-    if req.version() == http::Version::HTTP_2
-        || req.headers().contains_key(http::header::TRANSFER_ENCODING)
-    {
-        return None;
-    }
-    let body = match req.headers().get(http::header::CONTENT_LENGTH) {
-        Some(v) => v.to_str().ok()?.trim().parse::<u64>().ok()?,
-        None => 0,
-    };
-    Some(head as u64 + body)
-}
 
 /// A request being answered. If hyper drops it before the answer is ready (the client
 /// closed its connection, or reset its HTTP/2 stream), it is counted and logged as the

@@ -1,10 +1,12 @@
 //! The HTTP/1.1 wire format (RFC 9112): towards upstream servers, request heads written
 //! from a header map, response heads parsed with `httparse` straight from the connection's
 //! buffer and the body length a response head implies; from clients, request heads and
-//! their body length ([`request`]); the chunked coding both ways ([`chunked`]).
+//! their body length ([`request`]), and the response heads written to them ([`response`]);
+//! the chunked coding both ways ([`chunked`]).
 
 pub mod chunked;
 pub mod request;
+pub mod response;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

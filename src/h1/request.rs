@@ -104,6 +104,10 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
         headers.append(name, value);
     }
     let (length, by_coding) = request_length(&headers, version)?;
+    if by_coding {
+        // RFC 9112 §6.3: the chunked coding frames the body, and the length goes.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let close = by_coding || wants_close(&headers, version);
     Ok(Some(RequestHead {
         method,
@@ -274,6 +278,10 @@ mod tests {
             len("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
             Ok(Some((RequestLength::Chunked, true)))
         );
+        let both = head(
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert!(!both.headers.contains_key(header::CONTENT_LENGTH));
         for bad in [
             "Content-Length: 5, 6\r\n",
             "Content-Length: 5\r\nContent-Length: 6\r\n",

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 mod attempt;
@@ -24,7 +23,7 @@ use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, Server};
 use crate::tunnel;
-use crate::upload::{BodyProgress, ClientBody, RequestBody, WireCount};
+use crate::upload::{BodyProgress, ClientBody, Inbound, RequestBody, WireCount};
 use crate::upstream::Upstream;
 
 /// Where a request went: filled in as it is routed and tried, read for metrics and the
@@ -48,7 +47,7 @@ pub struct Trace {
 /// response in the metrics.
 pub async fn handle(
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
@@ -114,7 +113,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 async fn forward(
     rt: &Runtime,
-    mut req: Request<Incoming>,
+    req: Request<Inbound>,
     head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
@@ -189,7 +188,6 @@ async fn forward(
     };
     trace.client_ip = Some(client_ip);
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
@@ -205,7 +203,7 @@ async fn forward(
 
     // A body's progress is followed (request_timeout, early responses, the client's
     // faults); an empty body can be sent again instead.
-    let progress = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(BodyProgress::new()));
+    let progress = (!body.is_end()).then(|| Arc::new(BodyProgress::new()));
     let replayable = progress.is_none();
     let body = match &progress {
         None => RequestBody::Empty,
@@ -270,7 +268,7 @@ async fn forward(
         guard,
         conn,
         upstream,
-        client_upgrade,
+        upgrade,
         rt,
         ctx,
         progress,
@@ -307,7 +305,8 @@ struct Answer<'a> {
     guard: ActiveGuard,
     conn: Sender,
     upstream: &'a Upstream,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The client asked for an upgrade (an HTTP/1.1 connection that can become a tunnel).
+    upgrade: bool,
     rt: &'a Runtime,
     ctx: &'a Arc<Context>,
     progress: Option<Arc<BodyProgress>>,
@@ -326,13 +325,13 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = a.client_upgrade else {
+        if !a.upgrade {
             return Err(invalid_response(
                 &guard,
                 upstream,
                 "101 without an upgrade request",
             ));
-        };
+        }
         // Only the protocol asked for is tunnelled (headers::is_upgrade_request).
         if !headers::is_websocket_upgrade(resp.headers()) {
             return Err(invalid_response(
@@ -346,15 +345,13 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         };
         let (mut parts, ()) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
-        let idle = rt.settings.tunnel_idle_timeout;
-        a.ctx.tracker.spawn(tunnel::run(tunnel::Tunnel {
-            client: client_upgrade,
+        let tunnel = tunnel::Tunnel {
             upstream: upstream_side,
-            idle,
+            idle: rt.settings.tunnel_idle_timeout,
             stop: a.ctx.stop.clone(),
             guard,
-        }));
-        return Ok(Response::from_parts(parts, Body::Empty));
+        };
+        return Ok(Response::from_parts(parts, Body::Upgrade(Box::new(tunnel))));
     }
     let (mut parts, ()) = resp.into_parts();
     let framing = match headers::response_framing(&parts.headers) {

@@ -1,0 +1,734 @@
+//! fairway's own HTTP/1.1 server side. One loop per client connection reads a request head
+//! straight from the connection's buffer (`h1::request`, every RFC 9112 rule of
+//! HTTP1-RULES), hands the request to `proxy::handle` with its body read from the same
+//! connection as the upstream takes it (`wire`), writes the response head and streams the
+//! body, then reads the next request, or becomes a tunnel after a `101`. Its limits live in
+//! the loop: `header_read_timeout` from a head's first byte, `idle_timeout` between
+//! requests, `send_timeout` while a write waits. The read buffer is given back whenever the
+//! connection waits with nothing read, so an idle connection is a socket and a small task.
+
+use std::future::{Future, poll_fn};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body::Body as _;
+use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::response::Pending;
+use crate::access::Entry;
+use crate::body::Body;
+use crate::config::AccessFormat;
+use crate::context::{ConnInfo, Context};
+use crate::error::ProxyError;
+use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request};
+use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
+use crate::proxy;
+use crate::runtime::Settings;
+use crate::upload::Inbound;
+use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a client that starts with it speaks h2c.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The longest a request body left unread by its answer is read and discarded so that the
+/// connection can serve a next request.
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// The longest a closing connection keeps reading (and discarding) what the client still
+/// sends, so that the client reads its answer instead of a reset.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// How a connection's HTTP/1.1 service ended.
+pub(super) enum Ended {
+    /// Closed.
+    Closed,
+    /// The client sent the HTTP/2 preface: serve it as h2c, the bytes read put back.
+    Http2(Prefixed),
+}
+
+/// The connection's limits, from the snapshot it was accepted under.
+struct Limits {
+    header: Duration,
+    idle: Duration,
+    send: Duration,
+    body_pause: Duration,
+    max_head: usize,
+}
+
+/// One lazily armed timer per connection: it is reset only when a deadline comes earlier
+/// than the one it is set to, or after it fired, so a busy keep-alive connection does not
+/// touch the timer wheel per request.
+struct Timer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    at: Instant,
+}
+
+impl Timer {
+    /// Ready once `deadline` has passed; registers the wake-up otherwise.
+    fn poll_until(&mut self, cx: &mut TaskContext<'_>, deadline: Instant) -> Poll<()> {
+        loop {
+            let now = Instant::now();
+            if deadline <= now {
+                return Poll::Ready(());
+            }
+            match self.sleep.as_mut() {
+                None => {
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                    self.at = deadline;
+                }
+                Some(s) => {
+                    if self.at > deadline || self.at <= now {
+                        s.as_mut().reset(deadline);
+                        self.at = deadline;
+                    }
+                }
+            }
+            let s = self.sleep.as_mut().expect("armed above");
+            if s.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// What reading a request head came to.
+enum Read {
+    Head(Box<RequestHead>),
+    Bad(RequestError),
+    Http2,
+    /// Closed, reset, timed out or shut down: nothing to answer.
+    Gone,
+}
+
+/// A write to the client failed or waited past `send_timeout`: the connection is done.
+struct WriteFailed;
+
+/// The parts of the request the response and what follows it depend on.
+struct Facts {
+    head: bool,
+    version: Version,
+    close: bool,
+}
+
+struct Conn<'a> {
+    wire: SharedWire,
+    info: ConnInfo,
+    ctx: &'a Arc<Context>,
+    limits: Limits,
+    timer: Timer,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    start: Instant,
+    served: u64,
+    /// Response heads are written here; its memory is kept only while it is small.
+    out: BytesMut,
+}
+
+/// Serves HTTP/1.1 on `wire` until the connection closes, or hands it back when the client
+/// speaks HTTP/2.
+pub(super) async fn serve(
+    wire: Wire,
+    info: ConnInfo,
+    ctx: &Arc<Context>,
+    settings: &Settings,
+) -> Ended {
+    let wire = Arc::new(Mutex::new(wire));
+    let info = ConnInfo {
+        bytes_read: Some(Arc::clone(&lock(&wire).read_total)),
+        ..info
+    };
+    let start = Instant::now();
+    let mut c = Conn {
+        wire,
+        info,
+        ctx,
+        limits: Limits {
+            header: settings.header_read_timeout,
+            idle: settings.idle_timeout,
+            send: settings.send_timeout,
+            body_pause: settings.body_read_timeout,
+            max_head: settings.max_header_bytes,
+        },
+        timer: Timer {
+            sleep: None,
+            at: start,
+        },
+        stop: Box::pin(ctx.stop.clone().cancelled_owned()),
+        start,
+        served: 0,
+        out: BytesMut::new(),
+    };
+    let h2 = c.run().await;
+    if h2 {
+        let Conn { wire, .. } = c;
+        if let Ok(m) = Arc::try_unwrap(wire) {
+            let w = m.into_inner().unwrap_or_else(|e| e.into_inner());
+            return Ended::Http2(Prefixed::from(w));
+        }
+    }
+    Ended::Closed
+}
+
+impl Conn<'_> {
+    /// Serves requests until the connection is done; `true` when the client speaks HTTP/2.
+    async fn run(&mut self) -> bool {
+        loop {
+            let head = match self.read_head().await {
+                Read::Head(h) => h,
+                Read::Http2 => return true,
+                Read::Gone => return false,
+                Read::Bad(e) => {
+                    self.refuse(e).await;
+                    return false;
+                }
+            };
+            self.served += 1;
+            match self.exchange(*head).await {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    self.linger().await;
+                    return false;
+                }
+                Next::Done => return false,
+            }
+        }
+    }
+
+    /// Reads the next request head: `idle_timeout` while nothing has come, then
+    /// `header_read_timeout` from its first byte (from the connection's start for its first
+    /// request: a silent client is a slow-loris too). Shutdown closes a connection waiting
+    /// with nothing begun.
+    async fn read_head(&mut self) -> Read {
+        let first = self.served == 0;
+        let idle_since = Instant::now();
+        let mut head_since = if first {
+            Some(self.start)
+        } else if !lock(&self.wire).buf.is_empty() {
+            Some(idle_since)
+        } else {
+            None
+        };
+        // The buffer's length when a head was last found incomplete: a head trickling in
+        // is parsed again only once it may have ended or has doubled.
+        let mut parsed_at = 0usize;
+        let limits = &self.limits;
+        let (wire, timer, stop) = (&self.wire, &mut self.timer, &mut self.stop);
+        poll_fn(|cx| {
+            let mut w = lock(wire);
+            loop {
+                if !w.buf.is_empty() {
+                    if head_since.is_none() {
+                        head_since = Some(Instant::now());
+                    }
+                    let n = w.buf.len().min(PREFACE.len());
+                    let preface = first && w.buf[..n] == PREFACE[..n];
+                    if preface && n == PREFACE.len() {
+                        return Poll::Ready(Read::Http2);
+                    }
+                    let worth = w.buf.len() >= 2 * parsed_at
+                        || crate::h1::has_empty_line(&w.buf, parsed_at.saturating_sub(3));
+                    if worth && !preface {
+                        match parse_request(&w.buf, limits.max_head) {
+                            Ok(Some(h)) => {
+                                w.buf.advance(h.len);
+                                return Poll::Ready(Read::Head(Box::new(h)));
+                            }
+                            Ok(None) => parsed_at = w.buf.len(),
+                            Err(e) => return Poll::Ready(Read::Bad(e)),
+                        }
+                    }
+                }
+                // Nothing buffered: the buffer is allocated only once bytes are there.
+                if w.buf.is_empty() && w.buf.capacity() == 0 {
+                    match w.poll_readable(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => return Poll::Ready(Read::Gone),
+                        Poll::Pending => break,
+                    }
+                }
+                match w.poll_fill(cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Read::Gone),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => {
+                        w.release();
+                        break;
+                    }
+                }
+            }
+            let begun = !w.buf.is_empty();
+            drop(w);
+            let deadline = match head_since {
+                Some(t) => t + limits.header,
+                None => idle_since + limits.idle,
+            };
+            if timer.poll_until(cx, deadline).is_ready() {
+                return Poll::Ready(Read::Gone);
+            }
+            if !begun && stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Read::Gone);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Answers a head that cannot be served (400, 431) and closes (CONTRACT §3): counted
+    /// like a request no route matched.
+    async fn refuse(&mut self, e: RequestError) {
+        let err = match e {
+            RequestError::TooLarge => ProxyError::HeadTooLarge,
+            RequestError::Malformed(why) => ProxyError::BadRequest(why),
+        };
+        tracing::debug!(peer = %self.info.peer, error = %e, "refused a request head");
+        self.ctx.runtime.load().no_route.inc(err.status().as_u16());
+        let resp = crate::body::error_response(&err);
+        let (parts, body) = resp.into_parts();
+        let text = match body {
+            Body::Full(Some(b)) => b,
+            _ => Bytes::new(),
+        };
+        self.out.clear();
+        write_head(
+            &mut self.out,
+            parts.status,
+            &parts.headers,
+            Framing::Length(text.len() as u64),
+            Persist::Close,
+        );
+        let head = self.out.split().freeze();
+        if self
+            .write_all(&mut [IoSlice::new(&head), IoSlice::new(&text)])
+            .await
+            .is_ok()
+        {
+            self.linger().await;
+        }
+    }
+
+    /// Serves one request: the proxy answers it, the answer is written, and what is left
+    /// of the request body decides whether the connection goes on.
+    async fn exchange(&mut self, head: RequestHead) -> Next {
+        let RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+            length,
+            close,
+            len,
+        } = head;
+        let facts = Facts {
+            head: method == Method::HEAD,
+            version,
+            close,
+        };
+        let body = {
+            let mut w = lock(&self.wire);
+            w.body = match length {
+                RequestLength::Empty => Remaining::None,
+                RequestLength::Known(n) => Remaining::Known(n),
+                RequestLength::Chunked => Remaining::Chunked(Box::default()),
+            };
+            if length != RequestLength::Empty
+                && version == Version::HTTP_11
+                && expects_continue(&headers)
+            {
+                w.owe_continue = Some(0);
+            }
+            let has_body = !matches!(w.body, Remaining::None);
+            drop(w);
+            if has_body {
+                Inbound::H1(WireBody::new(Arc::clone(&self.wire)))
+            } else {
+                Inbound::Empty
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+
+        let rt = self.ctx.runtime.load_full();
+        let format = rt.settings.access_log;
+        let mut pending = Pending {
+            entry: (format != AccessFormat::Off)
+                .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
+            trace: proxy::Trace::default(),
+            start: Instant::now(),
+            rt,
+            ctx: Arc::clone(self.ctx),
+        };
+        // Boxed: the request's state lives only while it is served, not in every idle
+        // connection's task.
+        let resp = Box::pin(proxy::handle(
+            &pending.rt,
+            req,
+            len,
+            &self.info,
+            &pending.ctx,
+            pending.start,
+            &mut pending.trace,
+        ))
+        .await;
+        let mut access = pending.finish(resp.status().as_u16());
+        let (next, bytes) = self.respond(resp, &facts).await;
+        if let Some((entry, ctx)) = access.as_mut() {
+            entry.bytes = bytes;
+            ctx.access_log.send(entry, &ctx.metrics);
+        }
+        match next {
+            Next::KeepAlive => self.finish_body().await,
+            other => other,
+        }
+    }
+
+    /// Writes the response; returns what follows and the body bytes sent.
+    async fn respond(&mut self, resp: Response<Body>, req: &Facts) -> (Next, u64) {
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        // A `100 Continue` owed and not begun is not sent now: the client may then never
+        // send its body, so the connection closes unless the body has ended. One begun is
+        // finished before the answer.
+        let (continue_rest, skipped) = {
+            let mut w = lock(&self.wire);
+            match w.owe_continue.take() {
+                Some(0) => (0, true),
+                Some(done) => (CONTINUE.len() - done, false),
+                None => (0, false),
+            }
+        };
+        let continue_rest = &CONTINUE[CONTINUE.len() - continue_rest..];
+        if let Body::Upgrade(tunnel) = body {
+            self.out.clear();
+            write_head(
+                &mut self.out,
+                status,
+                &parts.headers,
+                Framing::NoBody,
+                Persist::Upgrade,
+            );
+            let head = self.out.split().freeze();
+            if self
+                .write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
+                .await
+                .is_err()
+            {
+                return (Next::Done, 0);
+            }
+            self.tunnel(*tunnel).await;
+            return (Next::Done, 0);
+        }
+        let no_body = req.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = if no_body {
+            Framing::NoBody
+        } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+            Framing::Declared
+        } else if let Some(n) = body.size_hint().exact() {
+            Framing::Length(n)
+        } else if req.version == Version::HTTP_11 {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        };
+        let unread = skipped && !matches!(lock(&self.wire).body, Remaining::None);
+        let keep = !req.close
+            && !unread
+            && framing != Framing::Close
+            && !crate::headers::has_connection_token(&parts.headers, "close")
+            && !self.ctx.stop.is_cancelled();
+        let persist = match (keep, req.version) {
+            (false, _) => Persist::Close,
+            (true, Version::HTTP_10) => Persist::KeepAlive,
+            (true, _) => Persist::Default,
+        };
+        self.out.clear();
+        write_head(&mut self.out, status, &parts.headers, framing, persist);
+        let head = self.out.split().freeze();
+        let r = if no_body {
+            drop(body);
+            self.write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
+                .await
+                .map(|()| 0)
+                .map_err(|_| 0)
+        } else {
+            let mut start = BytesMut::with_capacity(continue_rest.len() + head.len());
+            start.extend_from_slice(continue_rest);
+            start.extend_from_slice(&head);
+            self.stream_body(body, start.freeze(), framing == Framing::Chunked)
+                .await
+        };
+        if self.out.capacity() > 4096 {
+            self.out = BytesMut::new();
+        }
+        match r {
+            Ok(bytes) if keep => (Next::KeepAlive, bytes),
+            Ok(bytes) => (Next::Close, bytes),
+            Err(bytes) => (Next::Done, bytes),
+        }
+    }
+
+    /// Streams `body` after `head`, in chunks when `chunked`. What is ready is gathered and
+    /// written at once: the head with the first data, and every piece the upstream has
+    /// ready, until it has to be waited for (or [`QUEUE_MAX`] bytes are held). `Err` with
+    /// the bytes sent when the body broke off or the client stopped taking it.
+    async fn stream_body(
+        &mut self,
+        mut body: Body,
+        head: Bytes,
+        chunked: bool,
+    ) -> Result<u64, u64> {
+        let mut q = Queue::default();
+        q.push(head);
+        let mut sent = 0u64;
+        let mut size = [0u8; 18];
+        loop {
+            let next = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    // Nothing more ready: what is held goes out while the upstream sends
+                    // more.
+                    self.send(&mut q).await.map_err(|_| sent)?;
+                    self.flush().await.map_err(|_| sent)?;
+                    poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    // Trailers are not relayed to HTTP/1.1 clients.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let end = body.is_end_stream();
+                    sent += data.len() as u64;
+                    if chunked {
+                        q.framing(chunk_size_line(&mut size, data.len()));
+                        q.push(data);
+                        q.framing(if end { b"\r\n0\r\n\r\n" } else { b"\r\n" });
+                    } else {
+                        q.push(data);
+                    }
+                    if end {
+                        break;
+                    }
+                    if q.is_full() {
+                        self.send(&mut q).await.map_err(|_| sent)?;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %self.info.peer, error = %e, "response body broke off");
+                    // What came before the break still goes out; the connection closes.
+                    let _ = self.send(&mut q).await;
+                    let _ = self.flush().await;
+                    return Err(sent);
+                }
+                None => {
+                    if chunked {
+                        q.framing(b"0\r\n\r\n");
+                    }
+                    break;
+                }
+            }
+        }
+        self.send(&mut q).await.map_err(|_| sent)?;
+        self.flush().await.map_err(|_| sent)?;
+        Ok(sent)
+    }
+
+    /// Writes everything `q` holds.
+    async fn send(&mut self, q: &mut Queue) -> Result<(), WriteFailed> {
+        if q.parts.is_empty() {
+            return Ok(());
+        }
+        let mut slices: Vec<IoSlice<'_>> = q.parts.iter().map(|b| IoSlice::new(b)).collect();
+        let r = self.write_all(&mut slices).await;
+        drop(slices);
+        q.parts.clear();
+        q.len = 0;
+        r
+    }
+
+    /// After the response: a request body left unread (an early answer) is read and
+    /// discarded so that the connection can go on; a broken one closes it.
+    async fn finish_body(&mut self) -> Next {
+        match lock(&self.wire).body {
+            Remaining::None => {}
+            Remaining::Broken => return Next::Done,
+            Remaining::Known(_) | Remaining::Chunked(_) => {}
+        }
+        let deadline = Instant::now() + DRAIN_TIME;
+        let pause = self.limits.body_pause;
+        let (wire, timer) = (&self.wire, &mut self.timer);
+        let mut last = Instant::now();
+        poll_fn(|cx| {
+            loop {
+                let r = lock(wire).poll_body(cx);
+                match r {
+                    Poll::Ready(None) => return Poll::Ready(Next::KeepAlive),
+                    Poll::Ready(Some(Ok(_))) => last = Instant::now(),
+                    Poll::Ready(Some(Err(_))) => return Poll::Ready(Next::Done),
+                    Poll::Pending => break,
+                }
+            }
+            if timer.poll_until(cx, deadline.min(last + pause)).is_ready() {
+                return Poll::Ready(Next::Done);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Runs the tunnel after a `101`: the client's side is this connection, with whatever
+    /// it sent after the upgrade request.
+    async fn tunnel(&mut self, t: crate::tunnel::Tunnel) {
+        crate::tunnel::run(WireIo(Arc::clone(&self.wire)), t).await;
+    }
+
+    /// Closes the connection gently: our side first, then what the client still sends is
+    /// read and discarded for a while, so that it reads its answer instead of a reset.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER_TIME;
+        let (wire, timer) = (&self.wire, &mut self.timer);
+        let mut shut = false;
+        poll_fn(|cx| {
+            let mut w = lock(wire);
+            if !shut {
+                match Pin::new(&mut w.io).poll_shutdown(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => shut = true,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                }
+            }
+            if shut {
+                loop {
+                    w.buf.clear();
+                    match w.poll_fill(cx) {
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            drop(w);
+            timer.poll_until(cx, deadline)
+        })
+        .await;
+    }
+
+    /// Writes all of `bufs`; a write the client's socket leaves waiting longer than
+    /// `send_timeout` fails (CONTRACT §7).
+    async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), WriteFailed> {
+        let (wire, timer, send) = (&self.wire, &mut self.timer, self.limits.send);
+        let mut blocked: Option<Instant> = None;
+        poll_fn(|cx| {
+            loop {
+                while bufs.first().is_some_and(|b| b.is_empty()) {
+                    bufs = &mut std::mem::take(&mut bufs)[1..];
+                }
+                if bufs.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let r = Pin::new(&mut lock(wire).io).poll_write_vectored(cx, bufs);
+                match r {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed)),
+                    Poll::Ready(Ok(n)) => {
+                        blocked = None;
+                        IoSlice::advance_slices(&mut bufs, n);
+                    }
+                    Poll::Pending => {
+                        let since = *blocked.get_or_insert_with(Instant::now);
+                        if timer.poll_until(cx, since + send).is_ready() {
+                            return Poll::Ready(Err(WriteFailed));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Pushes out what the socket holds back (TLS records), under `send_timeout`.
+    async fn flush(&mut self) -> Result<(), WriteFailed> {
+        let (wire, timer, send) = (&self.wire, &mut self.timer, self.limits.send);
+        let since = Instant::now();
+        poll_fn(|cx| {
+            let r = Pin::new(&mut lock(wire).io).poll_flush(cx);
+            match r {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed)),
+                Poll::Pending => {
+                    if timer.poll_until(cx, since + send).is_ready() {
+                        return Poll::Ready(Err(WriteFailed));
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// The most response bytes held before they are written.
+const QUEUE_MAX: usize = 64 * 1024;
+
+/// Response pieces ready to be written together.
+#[derive(Default)]
+struct Queue {
+    parts: Vec<Bytes>,
+    len: usize,
+    /// Chunk framing, split off as it is queued.
+    frame: BytesMut,
+}
+
+impl Queue {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push(b);
+        }
+    }
+
+    fn framing(&mut self, bytes: &[u8]) {
+        if self.frame.capacity() - self.frame.len() < bytes.len() {
+            self.frame.reserve(256);
+        }
+        self.frame.extend_from_slice(bytes);
+        let b = self.frame.split().freeze();
+        self.push(b);
+    }
+
+    /// Whether it holds enough to be written now (bytes, or more pieces than one write
+    /// takes).
+    fn is_full(&self) -> bool {
+        self.len >= QUEUE_MAX || self.parts.len() >= 64
+    }
+}
+
+/// What follows an exchange.
+enum Next {
+    /// The next request.
+    KeepAlive,
+    /// Close, gently ([`Conn::linger`]).
+    Close,
+    /// Close at once (the client is gone, or the framing is lost).
+    Done,
+}
+
+/// Whether the request carries `Expect: 100-continue` (RFC 9110 §10.1.1).
+fn expects_continue(h: &http::HeaderMap) -> bool {
+    h.get(header::EXPECT)
+        .is_some_and(|v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}

@@ -1,0 +1,224 @@
+//! Response heads written to clients (RFC 9112 §4, §6): the status line, the fields as the
+//! response holds them, a `date` unless it has one, and the framing and connection fields
+//! the client connection needs.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use http::StatusCode;
+use http::header::{self, HeaderMap};
+
+/// How the body of a response is delimited on the client's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body may follow (a response to HEAD; 1xx, 204, 304): the fields go as they are.
+    NoBody,
+    /// The response's own `Content-Length` frames it.
+    Declared,
+    /// A `content-length` of this value is added.
+    Length(u64),
+    /// `transfer-encoding: chunked` is added, and the body is sent in chunks.
+    Chunked,
+    /// The body ends when the connection closes (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// What the `connection` field says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// Nothing: an HTTP/1.1 connection stays open.
+    Default,
+    /// `connection: keep-alive` (to an HTTP/1.0 client that asked for it).
+    KeepAlive,
+    /// `connection: close`.
+    Close,
+    /// `connection: upgrade` (a `101`; the response's own `upgrade` field goes with it).
+    Upgrade,
+}
+
+/// Writes a response head for a client. The response's `connection` field is replaced by
+/// `persist`; `framing` adds the field that delimits the body.
+pub fn write_head(
+    out: &mut BytesMut,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    persist: Persist,
+) {
+    out.reserve(256);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        put_date(out);
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.put_slice(b"content-length: ");
+            let mut digits = [0u8; 20];
+            out.put_slice(decimal(&mut digits, n));
+            out.put_slice(b"\r\n");
+        }
+        Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::NoBody | Framing::Declared | Framing::Close => {}
+    }
+    match persist {
+        Persist::Default => {}
+        Persist::KeepAlive => out.put_slice(b"connection: keep-alive\r\n"),
+        Persist::Close => out.put_slice(b"connection: close\r\n"),
+        Persist::Upgrade => out.put_slice(b"connection: upgrade\r\n"),
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The decimal digits of `n`, in `out`.
+fn decimal(out: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &out[i..]
+}
+
+/// The size line of a chunk of `len` bytes (`len` in hex, CRLF), into `out`.
+pub fn chunk_size_line(out: &mut [u8; 18], len: usize) -> &[u8] {
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        out[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out[16] = b'\r';
+    out[17] = b'\n';
+    &out[i..]
+}
+
+thread_local! {
+    /// The `date` line of the current second, formatted once per second per thread.
+    static DATE: RefCell<(u64, [u8; 37])> = const { RefCell::new((u64::MAX, [0; 37])) };
+}
+
+/// Puts a `date: <IMF-fixdate>` line.
+fn put_date(out: &mut BytesMut) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            let line = format!("date: {text}\r\n");
+            if line.len() == d.1.len() {
+                d.1.copy_from_slice(line.as_bytes());
+                d.0 = secs;
+            } else {
+                out.put_slice(line.as_bytes());
+                return;
+            }
+        }
+        out.put_slice(&d.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn head(status: u16, fields: &[(&str, &str)], framing: Framing, persist: Persist) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut out = BytesMut::new();
+        write_head(
+            &mut out,
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            framing,
+            persist,
+        );
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn writes_status_fields_date_framing_and_connection() {
+        let s = head(
+            200,
+            &[("x-a", "1"), ("connection", "keep-alive"), ("x-a", "2")],
+            Framing::Length(1234),
+            Persist::Close,
+        );
+        assert!(
+            s.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\nx-a: 2\r\ndate: "),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(" GMT\r\ncontent-length: 1234\r\nconnection: close\r\n\r\n"),
+            "{s}"
+        );
+        let s = head(
+            299,
+            &[("date", "Thu, 01 Jan 1970 00:00:00 GMT")],
+            Framing::Chunked,
+            Persist::Default,
+        );
+        assert_eq!(
+            s,
+            "HTTP/1.1 299 \r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+        let s = head(
+            101,
+            &[("upgrade", "websocket")],
+            Framing::NoBody,
+            Persist::Upgrade,
+        );
+        assert!(s.ends_with("\r\nconnection: upgrade\r\n\r\n"), "{s}");
+    }
+
+    #[test]
+    fn the_date_is_an_imf_fixdate() {
+        let mut out = BytesMut::new();
+        put_date(&mut out);
+        put_date(&mut out);
+        let s = String::from_utf8(out.to_vec()).unwrap();
+        let lines: Vec<&str> = s.split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            httpdate::parse_http_date(&lines[1]["date: ".len()..]).is_ok(),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size_line(&mut b, 0), b"0\r\n");
+        assert_eq!(chunk_size_line(&mut b, 255), b"ff\r\n");
+        assert_eq!(chunk_size_line(&mut b, 0x10000), b"10000\r\n");
+    }
+}
