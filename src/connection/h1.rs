@@ -21,6 +21,7 @@ use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::Limits;
 use super::response::Pending;
 use crate::access::Entry;
 use crate::body::Body;
@@ -30,7 +31,6 @@ use crate::error::ProxyError;
 use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request};
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
 use crate::proxy;
-use crate::runtime::Settings;
 use crate::upload::Inbound;
 use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
 
@@ -44,23 +44,6 @@ const DRAIN_TIME: Duration = Duration::from_secs(30);
 /// The longest a closing connection keeps reading (and discarding) what the client still
 /// sends, so that the client reads its answer instead of a reset.
 const LINGER_TIME: Duration = Duration::from_secs(5);
-
-/// How a connection's HTTP/1.1 service ended.
-pub(super) enum Ended {
-    /// Closed.
-    Closed,
-    /// The client sent the HTTP/2 preface: serve it as h2c, the bytes read put back.
-    Http2(Prefixed),
-}
-
-/// The connection's limits, from the snapshot it was accepted under.
-struct Limits {
-    header: Duration,
-    idle: Duration,
-    send: Duration,
-    body_pause: Duration,
-    max_head: usize,
-}
 
 /// One lazily armed timer per connection: it is reset only when a deadline comes earlier
 /// than the one it is set to, or after it fired, so a busy keep-alive connection does not
@@ -117,65 +100,63 @@ struct Facts {
     close: bool,
 }
 
-struct Conn<'a> {
+struct Conn {
     wire: SharedWire,
     info: ConnInfo,
-    ctx: &'a Arc<Context>,
+    ctx: Arc<Context>,
     limits: Limits,
     timer: Timer,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     start: Instant,
     served: u64,
-    /// Response heads are written here; its memory is kept only while it is small.
-    out: BytesMut,
 }
 
-/// Serves HTTP/1.1 on `wire` until the connection closes, or hands it back when the client
-/// speaks HTTP/2.
-pub(super) async fn serve(
+/// Serves HTTP/1.1 on `wire` until the connection closes; a client that opens with the
+/// HTTP/2 preface is served by hyper's HTTP/2 server, the bytes read put back. The
+/// connection's state is built before the future, so that its task holds it once.
+pub(super) fn serve(
     wire: Wire,
     info: ConnInfo,
-    ctx: &Arc<Context>,
-    settings: &Settings,
-) -> Ended {
+    ctx: Arc<Context>,
+    limits: Limits,
+) -> impl Future<Output = ()> + Send {
     let wire = Arc::new(Mutex::new(wire));
     let info = ConnInfo {
         bytes_read: Some(Arc::clone(&lock(&wire).read_total)),
         ..info
     };
     let start = Instant::now();
+    let stop = Box::pin(ctx.stop.clone().cancelled_owned());
     let mut c = Conn {
         wire,
         info,
         ctx,
-        limits: Limits {
-            header: settings.header_read_timeout,
-            idle: settings.idle_timeout,
-            send: settings.send_timeout,
-            body_pause: settings.body_read_timeout,
-            max_head: settings.max_header_bytes,
-        },
+        limits,
         timer: Timer {
             sleep: None,
             at: start,
         },
-        stop: Box::pin(ctx.stop.clone().cancelled_owned()),
+        stop,
         start,
         served: 0,
-        out: BytesMut::new(),
     };
-    let h2 = c.run().await;
-    if h2 {
-        let Conn { wire, .. } = c;
+    async move {
+        if !c.run().await {
+            return;
+        }
+        let Conn {
+            wire, info, ctx, ..
+        } = c;
         if let Ok(m) = Arc::try_unwrap(wire) {
             let w = m.into_inner().unwrap_or_else(|e| e.into_inner());
-            return Ended::Http2(Prefixed::from(w));
+            // Boxed: hyper's HTTP/2 connection state is large, and only h2c clients
+            // need it.
+            Box::pin(super::serve_h2(Prefixed::from(w), info, ctx, limits)).await;
         }
     }
-    Ended::Closed
 }
 
-impl Conn<'_> {
+impl Conn {
     /// Serves requests until the connection is done; `true` when the client speaks HTTP/2.
     async fn run(&mut self) -> bool {
         loop {
@@ -184,12 +165,15 @@ impl Conn<'_> {
                 Read::Http2 => return true,
                 Read::Gone => return false,
                 Read::Bad(e) => {
-                    self.refuse(e).await;
+                    // Boxed: rare, and its state would otherwise sit in every connection.
+                    Box::pin(self.refuse(e)).await;
                     return false;
                 }
             };
             self.served += 1;
-            match self.exchange(*head).await {
+            // Boxed: a request's state (its head, the response being relayed) lives only
+            // while it is served, not in the task of every idle connection.
+            match Box::pin(self.exchange(*head)).await {
                 Next::KeepAlive => {}
                 Next::Close => {
                     self.linger().await;
@@ -217,7 +201,7 @@ impl Conn<'_> {
         // The buffer's length when a head was last found incomplete: a head trickling in
         // is parsed again only once it may have ended or has doubled.
         let mut parsed_at = 0usize;
-        let limits = &self.limits;
+        let limits = self.limits;
         let (wire, timer, stop) = (&self.wire, &mut self.timer, &mut self.stop);
         poll_fn(|cx| {
             let mut w = lock(wire);
@@ -293,15 +277,15 @@ impl Conn<'_> {
             Body::Full(Some(b)) => b,
             _ => Bytes::new(),
         };
-        self.out.clear();
+        let mut out = BytesMut::new();
         write_head(
-            &mut self.out,
+            &mut out,
             parts.status,
             &parts.headers,
             Framing::Length(text.len() as u64),
             Persist::Close,
         );
-        let head = self.out.split().freeze();
+        let head = out.freeze();
         if self
             .write_all(&mut [IoSlice::new(&head), IoSlice::new(&text)])
             .await
@@ -363,10 +347,8 @@ impl Conn<'_> {
             trace: proxy::Trace::default(),
             start: Instant::now(),
             rt,
-            ctx: Arc::clone(self.ctx),
+            ctx: Arc::clone(&self.ctx),
         };
-        // Boxed: the request's state lives only while it is served, not in every idle
-        // connection's task.
         let resp = Box::pin(proxy::handle(
             &pending.rt,
             req,
@@ -406,15 +388,15 @@ impl Conn<'_> {
         };
         let continue_rest = &CONTINUE[CONTINUE.len() - continue_rest..];
         if let Body::Upgrade(tunnel) = body {
-            self.out.clear();
+            let mut out = BytesMut::new();
             write_head(
-                &mut self.out,
+                &mut out,
                 status,
                 &parts.headers,
                 Framing::NoBody,
                 Persist::Upgrade,
             );
-            let head = self.out.split().freeze();
+            let head = out.freeze();
             if self
                 .write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
                 .await
@@ -451,9 +433,9 @@ impl Conn<'_> {
             (true, Version::HTTP_10) => Persist::KeepAlive,
             (true, _) => Persist::Default,
         };
-        self.out.clear();
-        write_head(&mut self.out, status, &parts.headers, framing, persist);
-        let head = self.out.split().freeze();
+        let mut out = BytesMut::new();
+        write_head(&mut out, status, &parts.headers, framing, persist);
+        let head = out.freeze();
         let r = if no_body {
             drop(body);
             self.write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
@@ -467,9 +449,6 @@ impl Conn<'_> {
             self.stream_body(body, start.freeze(), framing == Framing::Chunked)
                 .await
         };
-        if self.out.capacity() > 4096 {
-            self.out = BytesMut::new();
-        }
         match r {
             Ok(bytes) if keep => (Next::KeepAlive, bytes),
             Ok(bytes) => (Next::Close, bytes),

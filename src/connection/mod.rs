@@ -77,22 +77,48 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
     tracing::debug!(listen = %local, "stopped accepting");
 }
 
+/// The limits a client connection holds, taken from the snapshot it was accepted under
+/// (a long connection must not pin an old config).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) header: Duration,
+    pub(super) idle: Duration,
+    pub(super) send: Duration,
+    pub(super) body_pause: Duration,
+    pub(super) max_head: usize,
+}
+
+impl Limits {
+    fn of(s: &Settings) -> Limits {
+        Limits {
+            header: s.header_read_timeout,
+            idle: s.idle_timeout,
+            send: s.send_timeout,
+            body_pause: s.body_read_timeout,
+            max_head: s.max_header_bytes,
+        }
+    }
+}
+
 /// Reads the PROXY protocol header if the listener expects one, then serves the connection,
-/// over TLS when `[server.tls]` is set. The connection takes its settings and certificates
-/// from one load of the current snapshot, and keeps a copy of the settings rather than the
-/// snapshot itself (a long connection must not pin an old config).
+/// over TLS when `[server.tls]` is set. The connection takes its limits and certificates
+/// from one load of the current snapshot.
 async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
-    let (settings, tls) = {
+    let (limits, proxy_protocol, tls) = {
         let rt = ctx.runtime.load();
         if rt.settings.proxy_protocol && !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
             tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
             return;
         }
-        (rt.settings.clone(), rt.tls.clone())
+        (
+            Limits::of(&rt.settings),
+            rt.settings.proxy_protocol,
+            rt.tls.clone(),
+        )
     };
-    if settings.proxy_protocol {
-        let limit = settings.header_read_timeout;
-        match tokio::time::timeout(limit, proxy_protocol::read_header(&mut stream)).await {
+    if proxy_protocol {
+        let read = proxy_protocol::read_header(&mut stream);
+        match tokio::time::timeout(limits.header, read).await {
             Ok(Ok(proxy_protocol::Header::Proxied(client))) => info.peer = client,
             Ok(Ok(proxy_protocol::Header::Local)) => {}
             Ok(Err(e)) => {
@@ -108,35 +134,35 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
     match tls {
         None => {
             let wire = Wire::new(tokio_util::either::Either::Left(stream), BytesMut::new());
-            serve_http1(wire, info, ctx, &settings).await;
+            h1::serve(wire, info, ctx, limits).await;
         }
         // Boxed: the TLS state is large, and every connection's task would otherwise keep
         // room for it (and be copied whole when spawned), plain or not.
-        Some(tls) => Box::pin(serve_tls(stream, tls, info, ctx, &settings)).await,
+        Some(tls) => Box::pin(serve_tls(stream, tls, info, ctx, limits)).await,
     }
 }
 
 /// The TLS handshake, completed within `header_read_timeout` (a failure closes this
-/// connection only), then the connection.
+/// connection only), then the connection: HTTP/2 when the client chose it by ALPN.
 async fn serve_tls(
     stream: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
     mut info: ConnInfo,
     ctx: Arc<Context>,
-    settings: &Settings,
+    limits: Limits,
 ) {
     info.proto = "https";
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout(limits.header, acceptor.accept(stream)).await {
         Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-            serve_connection(stream, info, ctx, settings).await;
+            serve_h2(stream, info, ctx, limits).await;
         }
         Ok(Ok(stream)) => {
             let wire = Wire::new(
                 tokio_util::either::Either::Right(Box::new(stream)),
                 BytesMut::new(),
             );
-            serve_http1(wire, info, ctx, settings).await;
+            h1::serve(wire, info, ctx, limits).await;
         }
         Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
@@ -217,40 +243,30 @@ pub fn redirect_response<B>(req: &Request<B>) -> http::Response<Body> {
     r
 }
 
-/// Serves HTTP/1.1 on `wire`, and HTTP/2 if the client opens with its preface.
-async fn serve_http1(wire: Wire, info: ConnInfo, ctx: Arc<Context>, settings: &Settings) {
-    if let h1::Ended::Http2(io) = h1::serve(wire, info.clone(), &ctx, settings).await {
-        // Boxed: hyper's HTTP/2 connection state is large, and only h2c clients need it.
-        Box::pin(serve_connection(io, info, ctx, settings)).await;
-    }
-}
-
-fn builder(s: &Settings) -> (auto::Builder<TokioExecutor>, Timeouts) {
+fn builder(s: &Limits) -> (auto::Builder<TokioExecutor>, Timeouts) {
     let mut b = auto::Builder::new(TokioExecutor::new()).http2_only();
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(
-            u32::try_from(s.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
-        )
+        .max_header_list_size(u32::try_from(s.max_head.saturating_mul(2)).unwrap_or(u32::MAX))
         // Bounded per connection; a client that opens and resets streams faster than
         // they can be served is cut off (the rapid-reset guard).
         .max_concurrent_streams(256)
         .max_pending_accept_reset_streams(Some(64))
         .max_local_error_reset_streams(Some(256));
     let t = Timeouts {
-        header: s.header_read_timeout,
-        idle: s.idle_timeout,
-        send: s.send_timeout,
+        header: s.header,
+        idle: s.idle,
+        send: s.send,
     };
     (b, t)
 }
 
 /// Serves one HTTP/2 client connection until it closes, times out or the proxy shuts down.
-pub async fn serve_connection<S>(stream: S, info: ConnInfo, ctx: Arc<Context>, settings: &Settings)
+async fn serve_h2<S>(stream: S, info: ConnInfo, ctx: Arc<Context>, limits: Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (builder, timeouts) = builder(settings);
+    let (builder, timeouts) = builder(&limits);
     let state = Arc::new(ConnState::new());
     let io = WatchedIo {
         inner: stream,
