@@ -3,12 +3,46 @@
 //! put back in front ([`Rewind`]: what a connection read before it knew it would become
 //! something else, an upstream's bytes right after its `101`, a client's HTTP/2 preface).
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The most spare buffers a thread keeps.
+const SPARES: usize = 32;
+
+thread_local! {
+    /// Buffers of connections that went idle, kept for the next connection on this thread
+    /// that has bytes to read: a busy keep-alive connection gives its buffer back whenever it
+    /// waits, and takes one again when bytes arrive, without a trip through the allocator.
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least [`ReadSize::MIN`] bytes: a spare one of this thread's, or a new one.
+pub fn take_buffer() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(ReadSize::MIN))
+}
+
+/// Gives a buffer no longer needed back to this thread's spares (or frees it). Only an
+/// empty buffer of the usual size is kept; a grown one is freed.
+pub fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    let cap = buf.capacity();
+    if !(ReadSize::MIN / 2..=ReadSize::MIN).contains(&cap) {
+        return;
+    }
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARES {
+            s.push(buf);
+        }
+    });
+}
 
 /// How much a connection's next read asks for: [`ReadSize::MIN`] at first, doubled each
 /// time a read fills all it asked for, up to [`ReadSize::MAX`] (a large body's reads grow

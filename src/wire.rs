@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ClientFault;
 use crate::h1::chunked::{Decoder, Step};
-use crate::stream::{ReadSize, Rewind};
+use crate::stream::{ReadSize, Rewind, give_back, take_buffer};
 
 /// A client's socket: plain, or TLS (boxed: the TLS state is large, and most connections
 /// are plain).
@@ -95,6 +95,9 @@ impl Wire {
 
     /// Reads more into the buffer; `Ok(0)` at end of stream.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            self.buf = take_buffer();
+        }
         let n = ready!(self.read_size.poll_fill(&mut self.io, &mut self.buf, cx))?;
         self.read_total.fetch_add(n as u64, Ordering::Relaxed);
         Poll::Ready(Ok(n))
@@ -102,8 +105,8 @@ impl Wire {
 
     /// Gives back the read buffer's memory when it holds nothing (between requests).
     pub fn release(&mut self) {
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            give_back(std::mem::take(&mut self.buf));
             self.read_size = ReadSize::default();
         }
     }

@@ -31,6 +31,7 @@ use crate::error::ProxyError;
 use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request};
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
 use crate::proxy;
+use crate::stream::{give_back, take_buffer};
 use crate::upload::Inbound;
 use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
 
@@ -433,22 +434,21 @@ impl Conn {
             (true, Version::HTTP_10) => Persist::KeepAlive,
             (true, _) => Persist::Default,
         };
-        let mut out = BytesMut::new();
+        // The head (after the rest of a `100 Continue` begun) goes in a spare read buffer,
+        // given back once the response is out.
+        let mut out = take_buffer();
+        out.extend_from_slice(continue_rest);
         write_head(&mut out, status, &parts.headers, framing, persist);
-        let head = out.freeze();
+        let head = out.split().freeze();
         let r = if no_body {
             drop(body);
-            self.write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
-                .await
-                .map(|()| 0)
-                .map_err(|_| 0)
+            let r = self.write_all(&mut [IoSlice::new(&head)]).await;
+            r.map(|()| 0).map_err(|_| 0)
         } else {
-            let mut start = BytesMut::with_capacity(continue_rest.len() + head.len());
-            start.extend_from_slice(continue_rest);
-            start.extend_from_slice(&head);
-            self.stream_body(body, start.freeze(), framing == Framing::Chunked)
+            self.stream_body(body, head, framing == Framing::Chunked)
                 .await
         };
+        give_back(out);
         match r {
             Ok(bytes) if keep => (Next::KeepAlive, bytes),
             Ok(bytes) => (Next::Close, bytes),
@@ -528,14 +528,15 @@ impl Conn {
 
     /// Writes everything `q` holds.
     async fn send(&mut self, q: &mut Queue) -> Result<(), WriteFailed> {
-        if q.parts.is_empty() {
+        if q.n == 0 {
             return Ok(());
         }
-        let mut slices: Vec<IoSlice<'_>> = q.parts.iter().map(|b| IoSlice::new(b)).collect();
-        let r = self.write_all(&mut slices).await;
-        drop(slices);
-        q.parts.clear();
-        q.len = 0;
+        let mut slices = [IoSlice::new(&[]); QUEUE_PARTS];
+        for (slice, part) in slices.iter_mut().zip(&q.parts[..q.n]) {
+            *slice = IoSlice::new(part);
+        }
+        let r = self.write_all(&mut slices[..q.n]).await;
+        q.clear();
         r
     }
 
@@ -663,10 +664,15 @@ impl Conn {
 /// The most response bytes held before they are written.
 const QUEUE_MAX: usize = 64 * 1024;
 
-/// Response pieces ready to be written together.
+/// The most pieces a queue holds (a data frame adds up to three).
+const QUEUE_PARTS: usize = 8;
+
+/// Response pieces ready to be written together, held inline (no allocation per
+/// response).
 #[derive(Default)]
 struct Queue {
-    parts: Vec<Bytes>,
+    parts: [Bytes; QUEUE_PARTS],
+    n: usize,
     len: usize,
     /// Chunk framing, split off as it is queued.
     frame: BytesMut,
@@ -676,7 +682,8 @@ impl Queue {
     fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.len += b.len();
-            self.parts.push(b);
+            self.parts[self.n] = b;
+            self.n += 1;
         }
     }
 
@@ -689,10 +696,18 @@ impl Queue {
         self.push(b);
     }
 
-    /// Whether it holds enough to be written now (bytes, or more pieces than one write
-    /// takes).
+    /// Whether it must be written before another data frame is queued (bytes, or no room
+    /// for the frame's pieces).
     fn is_full(&self) -> bool {
-        self.len >= QUEUE_MAX || self.parts.len() >= 64
+        self.len >= QUEUE_MAX || self.n + 3 > QUEUE_PARTS
+    }
+
+    fn clear(&mut self) {
+        for p in &mut self.parts[..self.n] {
+            *p = Bytes::new();
+        }
+        self.n = 0;
+        self.len = 0;
     }
 }
 

@@ -67,23 +67,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // One copy of the head for all values: they outlive the read buffer, and keeping one
-    // (HTTP/2 keeps values in its header table) pins only the head, not the buffer.
-    let copy = Bytes::copy_from_slice(&buf[..len]);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| HeadError::Malformed("invalid field name"))?;
-        // httparse's values are slices of `buf`: the same offsets in the copy.
-        let start = (f.value.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-        let value = match copy.get(start..start.saturating_add(f.value.len())) {
-            _ if f.value.is_empty() => HeaderValue::from_static(""),
-            Some(_) => HeaderValue::from_maybe_shared(copy.slice(start..start + f.value.len()))
-                .map_err(|_| HeadError::Malformed("invalid field value"))?,
-            None => return Err(HeadError::Malformed("invalid field value")),
-        };
-        headers.append(name, value);
-    }
+    let (headers, _) = self::fields(buf, len, resp.headers).map_err(HeadError::Malformed)?;
     Ok(Some((
         ResponseHead {
             status,
@@ -92,6 +76,36 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         },
         len,
     )))
+}
+
+/// The fields of a head of `len` bytes at the start of `buf`, as `httparse` found them,
+/// and the one copy of the head that every value is a slice of: values outlive the read
+/// buffer, and keeping one (HTTP/2 keeps values in its header table) pins only the head,
+/// not the buffer.
+pub(crate) fn fields(
+    buf: &[u8],
+    len: usize,
+    found: &[httparse::Header<'_>],
+) -> Result<(HeaderMap, Bytes), &'static str> {
+    let copy = Bytes::copy_from_slice(&buf[..len]);
+    let mut headers = HeaderMap::with_capacity(found.len());
+    for f in found {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid field name")?;
+        let value = match slice_of(&copy, buf, f.value) {
+            _ if f.value.is_empty() => HeaderValue::from_static(""),
+            Some(v) => HeaderValue::from_maybe_shared(v).map_err(|_| "invalid field value")?,
+            None => return Err("invalid field value"),
+        };
+        headers.append(name, value);
+    }
+    Ok((headers, copy))
+}
+
+/// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
+pub(crate) fn slice_of(copy: &Bytes, buf: &[u8], part: &[u8]) -> Option<Bytes> {
+    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    copy.get(start..start.checked_add(part.len())?)?;
+    Some(copy.slice(start..start + part.len()))
 }
 
 /// What parsing a head of `buffered` bytes came to, against a limit of `max`: `Ok(Some(len))`

@@ -3,7 +3,7 @@
 //! client" checked: the request line and fields, the head size and field count, and how
 //! long the body is (`Transfer-Encoding` against `Content-Length`, folded lengths, HTTP/1.0).
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Uri, Version};
 
 use super::parse_length;
@@ -88,21 +88,16 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .ok_or(bad("invalid method"))?;
-    let uri = req
-        .path
-        .and_then(|p| p.parse::<Uri>().ok())
-        .ok_or(bad("invalid request target"))?;
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for f in req.headers.iter() {
-        let name =
-            HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| bad("invalid field name"))?;
-        let value = HeaderValue::from_bytes(f.value).map_err(|_| bad("invalid field value"))?;
-        headers.append(name, value);
-    }
+    let (mut headers, copy) = super::fields(buf, len, req.headers).map_err(bad)?;
+    let uri = req
+        .path
+        .and_then(|p| super::slice_of(&copy, buf, p.as_bytes()))
+        .and_then(|p| Uri::from_maybe_shared(p).ok())
+        .ok_or(bad("invalid request target"))?;
     let (length, by_coding) = request_length(&headers, version)?;
     if by_coding {
         // RFC 9112 §6.3: the chunked coding frames the body, and the length goes.
