@@ -120,6 +120,8 @@ pub struct Entry {
     pub server: Option<std::sync::Arc<str>>,
     /// Tries made.
     pub attempts: u32,
+    /// The head was refused unread: no method or target to log.
+    refused: bool,
 }
 
 impl Entry {
@@ -138,6 +140,7 @@ impl Entry {
             upstream: None,
             server: None,
             attempts: 0,
+            refused: false,
         }
     }
 
@@ -148,8 +151,31 @@ impl Entry {
         s
     }
 
+    /// An entry for a request head refused before it could be read (400, 431): its method
+    /// and target are logged as `-`, as Nginx logs a request line it could not parse.
+    pub fn refused(format: AccessFormat, peer: IpAddr, status: u16) -> Entry {
+        Entry {
+            format,
+            time: SystemTime::now(),
+            start: Instant::now(),
+            method: Method::from_bytes(b"-").unwrap_or_default(),
+            uri: http::Uri::from_static("/"),
+            version: Version::HTTP_11,
+            refused: true,
+            status,
+            bytes: 0,
+            client: peer,
+            upstream: None,
+            server: None,
+            attempts: 0,
+        }
+    }
+
     /// The request target as received (path and query).
     fn path(&self) -> &str {
+        if self.refused {
+            return "-";
+        }
         self.uri
             .path_and_query()
             .map_or_else(|| self.uri.path(), |p| p.as_str())

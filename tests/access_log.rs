@@ -266,3 +266,28 @@ async fn a_client_that_went_away_is_logged_499() {
     assert_eq!(v["upstream"], "app", "{line}");
     assert_eq!(v["server"], up.addr.to_string(), "{line}");
 }
+
+/// A request head refused before it could be read is logged like every other answer: its
+/// status and body size, with `-` for the method and target it never had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_is_logged_with_its_status() {
+    let up = TestUpstream::start("a").await;
+    let (mut f, _, _dir, _) = access_log_run("json", &up).await;
+    let _routed = f.stdout_lines(3, Duration::from_secs(5)).await;
+    let addr = f.client_addr().await;
+    let answer = raw(
+        addr,
+        b"GET  / HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let line = &f.stdout_lines(1, Duration::from_secs(5)).await[0];
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["status"], 400, "{line}");
+    assert_eq!(v["method"], "-", "{line}");
+    assert_eq!(v["path"], "-", "{line}");
+    assert_eq!(v["bytes"], body.len(), "{line}");
+    assert_eq!(v["upstream"], "-", "{line}");
+}

@@ -271,13 +271,23 @@ impl Conn {
             RequestError::Malformed(why) => ProxyError::BadRequest(why),
         };
         tracing::debug!(peer = %self.info.peer, error = %e, "refused a request head");
-        self.ctx.runtime.load().no_route.inc(err.status().as_u16());
+        let status = err.status().as_u16();
         let resp = crate::body::error_response(&err);
         let (parts, body) = resp.into_parts();
         let text = match body {
             Body::Full(Some(b)) => b,
             _ => Bytes::new(),
         };
+        {
+            let rt = self.ctx.runtime.load();
+            rt.no_route.inc(status);
+            let format = rt.settings.access_log;
+            if format != AccessFormat::Off {
+                let mut entry = Entry::refused(format, self.info.peer.ip(), status);
+                entry.bytes = text.len() as u64;
+                self.ctx.access_log.send(&entry, &self.ctx.metrics);
+            }
+        }
         let mut out = BytesMut::new();
         write_head(
             &mut out,
