@@ -141,6 +141,20 @@ impl<'a> Listed<'a> {
 /// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`,
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names first: most responses carry none of these, and each removal
+    // below is a lookup of its own.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+            || n == header::TE
+            || n == header::TRAILER
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+    };
+    if !upgrade && !headers.keys().any(hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = Listed::of(headers)
             .names
