@@ -95,6 +95,10 @@ pub enum ProxyError {
     /// The request head is larger than `max_header_bytes`.
     #[error("request head too large")]
     HeadTooLarge,
+    /// The request uses something the proxy does not implement: a transfer coding other
+    /// than chunked (RFC 9112 §6.1).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// The request body is larger than `max_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -120,6 +124,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ClientGone => client_closed_request(),
@@ -139,6 +144,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::BadBody(_)
             | ProxyError::HeadTooLarge
+            | ProxyError::NotImplemented(_)
             | ProxyError::BodyTooLarge
             | ProxyError::BodyTimeout
             | ProxyError::ClientGone => Side::Client,
@@ -158,6 +164,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "400 bad request\n",
             ProxyError::BadBody(_) => "400 bad request: malformed request body\n",
             ProxyError::HeadTooLarge => "431 request header fields too large\n",
+            ProxyError::NotImplemented(_) => "501 not implemented: unsupported transfer coding\n",
             ProxyError::BodyTooLarge => "413 payload too large\n",
             ProxyError::BodyTimeout => "408 request timeout: request body stalled\n",
             ProxyError::ClientGone => "499 client closed request\n",
@@ -379,6 +386,7 @@ mod tests {
             (ProxyError::Timeout, 504),
             (ProxyError::BadRequest("x"), 400),
             (ProxyError::HeadTooLarge, 431),
+            (ProxyError::NotImplemented("x"), 501),
             (ProxyError::BodyTooLarge, 413),
             (ProxyError::BodyTimeout, 408),
             (ProxyError::BadBody("x"), 400),

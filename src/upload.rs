@@ -159,10 +159,11 @@ impl BodyProgress {
     }
 }
 
-/// What a failed read of the client's body says about the client: a closed or reset
-/// connection or stream is the client going away, anything else is a malformed body
-/// (hyper's chunked decoder reports bad framing, and extensions or trailers over its limits,
-/// as `InvalidData`/`InvalidInput`; h2 reports protocol and flow-control violations).
+/// What a failed read of an HTTP/2 client's body says about the client: a closed or reset
+/// connection or stream is the client going away, anything else is a malformed body (h2
+/// reports protocol and flow-control violations; an I/O error that says the data was
+/// invalid counts as malformed too). HTTP/1.1 bodies report their faults themselves
+/// (`wire::Wire::poll_body`).
 pub fn client_fault(e: &hyper::Error) -> ClientFault {
     const MALFORMED: ClientFault = ClientFault::Malformed("malformed chunked body");
     if e.is_incomplete_message() || e.is_canceled() {
@@ -240,7 +241,7 @@ impl WireCount {
 pub const MAX_FRAMING_RATIO: u64 = 10;
 
 /// Read bytes that are not the body's: the head read with it, and the start of a next
-/// request that hyper reads into its buffer (at most twice `max_header_bytes`).
+/// request read together with the body's end.
 const FRAMING_SLACK: u64 = 256 * 1024;
 
 impl ClientBody {

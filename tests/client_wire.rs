@@ -496,6 +496,32 @@ async fn a_malformed_request_line_is_400_with_a_body_then_closed() {
     assert_eq!(a.hits(), 0);
 }
 
+/// A body in a transfer coding fairway does not implement (anything before the final
+/// `chunked`) is refused with 501 (RFC 9112 §6.1), never decoded and passed on as if plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_501_then_closed() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("", &[&a])).await;
+    for te in ["gzip, chunked", "deflate,chunked"] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let req = format!(
+            "POST /coded HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (bytes, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
+        assert!(closed, "{te}: the connection stays open after the 501");
+        assert_eq!(
+            statuses(&bytes),
+            [501],
+            "{te}: {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let (head, _) = split_at_body(&bytes);
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    }
+    assert_eq!(a.hits(), 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Early answers, responses cut short
 

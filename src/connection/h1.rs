@@ -269,6 +269,7 @@ impl Conn {
         let err = match e {
             RequestError::TooLarge => ProxyError::HeadTooLarge,
             RequestError::Malformed(why) => ProxyError::BadRequest(why),
+            RequestError::Unsupported(what) => ProxyError::NotImplemented(what),
         };
         tracing::debug!(peer = %self.info.peer, error = %e, "refused a request head");
         let status = err.status().as_u16();

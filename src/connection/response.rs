@@ -1,7 +1,7 @@
 //! A request as the client connection answers it: [`Pending`] until the answer is ready
-//! (counted and logged as 499 when hyper drops it first), then [`ConnBody`], the response
-//! body with the request's place on the connection, its access log line, and, for HTTP/2,
-//! its stream's watch.
+//! (counted and logged as 499 when it is dropped first), then, on HTTP/2, [`ConnBody`]: the
+//! response body with the request's place on the connection, its access log line, and its
+//! stream's watch.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -78,8 +78,7 @@ pub struct ConnBody {
 /// one, and held inline: boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Sent {
-    /// Held here (HTTP/1.1, where a client that reads nothing blocks the whole connection
-    /// and the connection is cut off for it; and the proxy's own short answers).
+    /// Held here: the proxy's own short answers.
     Own(Body),
     /// Context with the connection's watchdog, which cuts this stream alone off when the
     /// client leaves it unread (HTTP/2).

@@ -1,8 +1,8 @@
-//! The watchdog beside each client connection: what the connection is doing
-//! ([`ConnState`]: requests in flight, a head begun, a write the client does not take) and the
-//! limits it enforces as separate deadlines (`header_read_timeout`, `idle_timeout`,
-//! `send_timeout`, per HTTP/2 stream too). hyper alone conflates the first two and has none
-//! while it sniffs the protocol.
+//! The watchdog beside each HTTP/2 client connection (hyper's server): what the connection
+//! is doing ([`ConnState`]: requests in flight, a head begun, a write the client does not
+//! take) and the limits it enforces as separate deadlines (`header_read_timeout`,
+//! `idle_timeout`, `send_timeout`, per stream too). HTTP/1.1 connections keep their limits
+//! in their own loop (`h1.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -52,6 +52,11 @@ pub enum RequestError {
     /// Not a valid HTTP/1.x request head, or a body whose length cannot be known: 400.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// A body in a transfer coding other than chunked (before the final chunked): 501, as
+    /// RFC 9112 §6.1 asks of a coding the server does not understand. Decoding the chunks
+    /// and forwarding the rest as it is would hand the upstream coded bytes as plain.
+    #[error("unsupported request: {0}")]
+    Unsupported(&'static str),
 }
 
 impl RequestError {
@@ -60,6 +65,7 @@ impl RequestError {
         match self {
             RequestError::TooLarge => 431,
             RequestError::Malformed(_) => 400,
+            RequestError::Unsupported(_) => 501,
         }
     }
 }
@@ -134,8 +140,17 @@ fn request_length(h: &HeaderMap, version: Version) -> Result<(RequestLength, boo
         if !last.is_some_and(chunked) {
             return Err(bad("a request body whose last coding is not chunked"));
         }
-        if codings.any(|c| chunked(c) || c.is_empty()) {
-            return Err(bad("invalid Transfer-Encoding"));
+        let mut others = false;
+        for c in codings {
+            if chunked(c) || c.is_empty() {
+                return Err(bad("invalid Transfer-Encoding"));
+            }
+            others = true;
+        }
+        if others {
+            return Err(RequestError::Unsupported(
+                "a transfer coding other than chunked",
+            ));
         }
         return Ok((
             RequestLength::Chunked,
@@ -265,8 +280,8 @@ mod tests {
             Ok(Some((RequestLength::Known(5), false)))
         );
         assert_eq!(
-            len("Transfer-Encoding: gzip, chunked\r\n"),
-            Ok(Some((RequestLength::Chunked, false)))
+            len("Transfer-Encoding: gzip, chunked\r\n").map_err(RequestError::status),
+            Err(501)
         );
         // Both: chunked wins, and the connection closes after the response.
         assert_eq!(
