@@ -400,8 +400,8 @@ def check_fairway(where, c, pod, template_meta, volumes, configmaps, tmpdir):
         ok(where, f"listen {', '.join(listen)}, admin {admin}; probes /healthz and /readyz on {admin_port}; "
                   f"grace {grace}s > preStop {sleep:g}s + shutdown_timeout {shutdown:g}s; security context locked down")
 
-    # Memory: about 7 MiB idle and 60 KiB per busy client connection (65-70 MiB measured with
-    # 1,000), so the limit must hold server.max_connections of them, or the container is
+    # Memory: about 7 MiB idle and 30 KiB per busy client connection (about 36 MiB measured
+    # with 1,000; 64 KiB each leaves room for large transfers and socket buffers), so the limit must hold server.max_connections of them, or the container is
     # OOM-killed long before fairway refuses a connection.
     max_conns = cfg["server"].get("max_connections", 10000)
     limit = parse_quantity(((c.get("resources") or {}).get("limits") or {}).get("memory"))
