@@ -55,29 +55,32 @@ struct Timer {
 }
 
 impl Timer {
-    /// Ready once `deadline` has passed; registers the wake-up otherwise.
+    /// Ready once `deadline` has passed; registers the wake-up otherwise. The clock is read
+    /// only when the timer has fired.
     fn poll_until(&mut self, cx: &mut TaskContext<'_>, deadline: Instant) -> Poll<()> {
         loop {
-            let now = Instant::now();
-            if deadline <= now {
-                return Poll::Ready(());
-            }
             match self.sleep.as_mut() {
                 None => {
                     self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
                     self.at = deadline;
                 }
-                Some(s) => {
-                    if self.at > deadline || self.at <= now {
-                        s.as_mut().reset(deadline);
-                        self.at = deadline;
-                    }
+                Some(s) if self.at > deadline => {
+                    s.as_mut().reset(deadline);
+                    self.at = deadline;
                 }
+                Some(_) => {}
             }
             let s = self.sleep.as_mut().expect("armed above");
             if s.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            // It fired at `self.at`: the deadline has passed if it is no later; else the
+            // timer is set again for the deadline.
+            if self.at >= deadline || deadline <= Instant::now() {
+                return Poll::Ready(());
+            }
+            s.as_mut().reset(deadline);
+            self.at = deadline;
         }
     }
 }
@@ -302,6 +305,7 @@ impl Conn {
             .write_all(&mut [IoSlice::new(&head), IoSlice::new(&text)])
             .await
             .is_ok()
+            && self.flush().await.is_ok()
         {
             self.linger().await;
         }
@@ -413,6 +417,7 @@ impl Conn {
                 .write_all(&mut [IoSlice::new(continue_rest), IoSlice::new(&head)])
                 .await
                 .is_err()
+                || self.flush().await.is_err()
             {
                 return (Next::Done, 0);
             }
@@ -453,7 +458,10 @@ impl Conn {
         let head = out.split().freeze();
         let r = if no_body {
             drop(body);
-            let r = self.write_all(&mut [IoSlice::new(&head)]).await;
+            let mut r = self.write_all(&mut [IoSlice::new(&head)]).await;
+            if r.is_ok() {
+                r = self.flush().await;
+            }
             r.map(|()| 0).map_err(|_| 0)
         } else {
             self.stream_body(body, head, framing == Framing::Chunked)
