@@ -219,7 +219,9 @@ impl Conn {
                     if preface && n == PREFACE.len() {
                         return Poll::Ready(Read::Http2);
                     }
+                    // Past the limit it is parsed at once: refused (431) without reading on.
                     let worth = w.buf.len() >= 2 * parsed_at
+                        || w.buf.len() > limits.max_head
                         || crate::h1::has_empty_line(&w.buf, parsed_at.saturating_sub(3));
                     if worth && !preface {
                         match parse_request(&w.buf, limits.max_head) {
