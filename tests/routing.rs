@@ -39,6 +39,30 @@ async fn route_of(p: &TestProxy, host: &str, path: &str) -> String {
     }
 }
 
+/// An absolute-form target's authority wins over `Host` (RFC 9112 §3.2.2): the request is
+/// routed by it and the upstream gets it as `Host`, so the route and the application cannot
+/// disagree about the host.
+#[tokio::test]
+async fn an_absolute_form_target_wins_over_host() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let routes = "[[routes]]\nhost = \"a.example\"\nupstream = \"a\"\n\n\
+                  [[routes]]\nhost = \"b.example\"\nupstream = \"b\"\n";
+    let p = TestProxy::start(&routed_config(&a, &b, routes)).await;
+    let mut c = RawConn::connect(p.addr).await;
+    c.send(b"GET http://a.example:8080/x?y=1 HTTP/1.1\r\nHost: b.example\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-upstream"), Some("a"));
+    let j = r.json();
+    assert_eq!(j["uri"], "/x?y=1");
+    assert_eq!(j["headers"]["host"], serde_json::json!(["a.example:8080"]));
+    // Origin form: Host decides, as before.
+    c.send(b"GET /x HTTP/1.1\r\nHost: b.example\r\n\r\n").await;
+    assert_eq!(c.response().await.header("x-upstream"), Some("b"));
+}
+
 #[tokio::test]
 async fn routes_by_host_wildcard_and_path_segments() {
     let a = TestUpstream::start("a").await;

@@ -28,8 +28,12 @@ pub struct UpstreamRequest<'a> {
     pub headers: &'a HeaderMap,
     /// Who asked, through what.
     pub origin: &'a Origin,
-    /// The `Host` the client asked for (its `Host`, or HTTP/2's `:authority`).
+    /// The `Host` the client asked for (its `Host`, or HTTP/2's `:authority`, or the
+    /// authority of an absolute-form target).
     pub host: Option<&'a HeaderValue>,
+    /// `host` is an absolute-form target's authority: it replaces the client's `Host`
+    /// (RFC 9112 §3.2.2).
+    pub host_from_target: bool,
     /// A WebSocket upgrade goes through: `Upgrade` is kept and `Connection: upgrade` set.
     pub upgrade: bool,
     /// The request came over HTTP/2: its `cookie` crumbs are joined into one field (RFC
@@ -71,7 +75,7 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     let keep_real_ip = keep(&X_REAL_IP);
     let join_cookies =
         r.http2 && present(&header::COOKIE) && h.get_all(header::COOKIE).iter().nth(1).is_some();
-    let has_host = present(&header::HOST);
+    let has_host = present(&header::HOST) && !r.host_from_target;
     let chunked = r.has_body && !present(&header::CONTENT_LENGTH);
 
     let size = h.iter().fold(
@@ -89,7 +93,8 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
             || (*name == X_FORWARDED_PROTO && !keep_proto)
             || (*name == X_FORWARDED_HOST && !keep_host)
             || (*name == X_REAL_IP && !keep_real_ip)
-            || (join_cookies && *name == header::COOKIE);
+            || (join_cookies && *name == header::COOKIE)
+            || (r.host_from_target && *name == header::HOST);
         if replaced || !passes(name) {
             continue;
         }
@@ -235,6 +240,7 @@ pub(super) mod tests {
                 headers,
                 origin,
                 host,
+                host_from_target: false,
                 upgrade,
                 http2,
                 has_body: true,

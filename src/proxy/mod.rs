@@ -140,9 +140,18 @@ async fn forward(
         _ => {}
     }
     // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
-    let host_value: Option<HeaderValue> = match req.headers().get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => req
+    // An HTTP/1.x absolute-form target's authority wins over Host (RFC 9112 §3.2.2): it is
+    // what is routed and what the upstream gets, so the two cannot disagree.
+    let target_authority = (req.version() != Version::HTTP_2)
+        .then(|| req.uri().authority())
+        .flatten()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let host_from_target = target_authority.is_some();
+    let host_value: Option<HeaderValue> = match (target_authority, req.headers().get(header::HOST))
+    {
+        (Some(a), _) => Some(a),
+        (None, Some(h)) => Some(h.clone()),
+        (None, None) => req
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
@@ -229,6 +238,7 @@ async fn forward(
             headers: &parts.headers,
             origin: &origin,
             host: host_value.as_ref(),
+            host_from_target,
             upgrade,
             http2: parts.version == Version::HTTP_2,
             has_body: progress.is_some(),
