@@ -89,6 +89,7 @@ fn rewrite(c: &mut Criterion) {
                     headers: &base,
                     origin: &origin,
                     host: Some(&host),
+                    host_from_target: false,
                     upgrade: false,
                     http2: false,
                     has_body: false,
