@@ -275,20 +275,15 @@ where
     let svc_state = Arc::clone(&state);
     let svc_ctx = Arc::clone(&ctx);
     let peer = info.peer;
-    let info = ConnInfo {
-        bytes_read: Some(Arc::clone(&state.read_total)),
-        ..info
-    };
     let service = service_fn(move |req: Request<Incoming>| {
         let head = proxy::head_size(&req);
-        let guard = svc_state.begin_request(None);
+        let guard = svc_state.begin_request();
         let req = req.map(Inbound::H2);
         let info = info.clone();
         let ctx = Arc::clone(&svc_ctx);
         async move {
             let rt = ctx.runtime.load_full();
             let format = rt.settings.access_log;
-            let h2 = req.version() == http::Version::HTTP_2;
             let mut pending = Pending {
                 entry: (format != AccessFormat::Off)
                     .then(|| Box::new(Entry::begin(format, &req, info.peer.ip()))),
@@ -313,7 +308,7 @@ where
             let access = pending.finish(resp.status().as_u16());
             Ok::<_, Infallible>(resp.map(|inner| {
                 let inner = match inner {
-                    Body::Upstream(_) if h2 => Sent::Watched(guard.state.watch_stream(inner)),
+                    Body::Upstream(_) => Sent::Watched(guard.state.watch_stream(inner)),
                     inner => Sent::Own(inner),
                 };
                 ConnBody {

@@ -74,14 +74,14 @@ pub struct ConnBody {
     pub(super) guard: RequestGuard,
 }
 
-/// A response body as the client connection holds it. The HTTP/1.1 variant is the common
-/// one, and held inline: boxing it would cost an allocation per request.
+/// A response body as the HTTP/2 connection holds it. `Own` is as large as `Body`'s upstream
+/// variant though only short answers reach it; boxing it would cost an allocation per answer.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Sent {
     /// Held here: the proxy's own short answers.
     Own(Body),
-    /// Context with the connection's watchdog, which cuts this stream alone off when the
-    /// client leaves it unread (HTTP/2).
+    /// An upstream's body, shared with the connection's watchdog, which cuts this stream
+    /// alone off when the client leaves it unread.
     Watched(Arc<StreamWatch>),
 }
 

@@ -26,8 +26,6 @@ pub(super) struct ConnState {
     /// Milliseconds since `start` at which bytes arrived on an idle connection (a request
     /// head has begun), or `NONE`.
     pub(super) head_since: AtomicU64,
-    pub(super) is_h2: AtomicBool,
-    pub(super) first_read: AtomicBool,
     /// Set while the watchdog sleeps towards the idle deadline: only then does a head
     /// that starts need to wake it (otherwise it looks again within `header_read_timeout`
     /// anyway), so a busy keep-alive connection costs no wake-up per request.
@@ -42,10 +40,6 @@ pub(super) struct ConnState {
     /// Set while the watchdog looks again within `send_timeout` anyway (a request is in
     /// flight), so that a new stream to watch need not wake it.
     pub(super) watching: AtomicBool,
-    /// Bytes read from the client so far.
-    pub(super) read_total: Arc<AtomicU64>,
-    /// `read_total` where the current request head began.
-    pub(super) head_start: AtomicU64,
 }
 
 impl ConnState {
@@ -58,15 +52,11 @@ impl ConnState {
             // A new connection owes a request head from its first moment (a silent client
             // is a slow-loris too).
             head_since: AtomicU64::new(0),
-            is_h2: AtomicBool::new(false),
-            first_read: AtomicBool::new(true),
             armed: AtomicBool::new(false),
             wake: Notify::new(),
             write_blocked_since: AtomicU64::new(NONE),
             streams: std::sync::Mutex::new(Vec::new()),
             watching: AtomicBool::new(false),
-            read_total: Arc::new(AtomicU64::new(0)),
-            head_start: AtomicU64::new(0),
         }
     }
 
@@ -163,17 +153,11 @@ impl ConnState {
         self.start + Duration::from_millis(ms)
     }
 
-    pub(super) fn on_read(&self, bytes: &[u8]) {
-        if self.first_read.swap(false, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
-            self.is_h2.store(true, Ordering::Relaxed);
-        }
-        let before = self
-            .read_total
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    /// Bytes arrived.
+    pub(super) fn on_read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
-            self.head_start.store(before, Ordering::Relaxed);
             // SeqCst pairs with the watchdog's arming below (a store then a load on each
             // side: either it sees the head, or this sees it armed).
             self.head_since.store(self.now_ms(), Ordering::SeqCst);
@@ -183,15 +167,13 @@ impl ConnState {
         }
     }
 
-    /// A request head has been parsed; `wire` is its size on the wire with its body's,
-    /// where known (HTTP/1.1 without chunked coding).
-    pub(super) fn begin_request(self: &Arc<Self>, wire: Option<u64>) -> RequestGuard {
+    /// A request has begun.
+    pub(super) fn begin_request(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(NONE, Ordering::Relaxed);
         RequestGuard {
             state: Arc::clone(self),
-            wire,
         }
     }
 
@@ -206,9 +188,10 @@ impl ConnState {
             );
         }
         let head = self.head_since.load(Ordering::Relaxed);
-        let h2_served =
-            self.is_h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed) > 0;
-        if head != NONE && !h2_served {
+        // Once a request has been served, bytes on an idle connection are frames (pings,
+        // settings), not the start of a head.
+        let served = self.served.load(Ordering::Relaxed) > 0;
+        if head != NONE && !served {
             // Also look again within the shorter limit: the head may complete, its request
             // be served and the connection go idle well before this deadline.
             let deadline = (self.at(head) + t.header).min(Instant::now() + t.header.min(t.idle));
@@ -216,7 +199,7 @@ impl ConnState {
         }
         self.armed.store(true, Ordering::SeqCst);
         // A head that began between the loads above and arming is caught here.
-        if self.head_since.load(Ordering::SeqCst) != NONE && !h2_served {
+        if self.head_since.load(Ordering::SeqCst) != NONE && !served {
             self.armed.store(false, Ordering::Relaxed);
             return (Instant::now(), Verdict::Busy);
         }
@@ -265,8 +248,6 @@ pub(super) struct SendTimeout;
 /// A request in flight on a connection; dropped with the response body.
 pub(super) struct RequestGuard {
     pub(super) state: Arc<ConnState>,
-    /// The request's head and body size on the wire, where known.
-    pub(super) wire: Option<u64>,
 }
 
 impl Drop for RequestGuard {
@@ -276,18 +257,6 @@ impl Drop for RequestGuard {
             return;
         }
         s.idle_since.store(s.now_ms(), Ordering::Relaxed);
-        // Bytes read past this request's end are the next head, begun already: held to
-        // header_read_timeout like any head (a client that sends a body and the start of
-        // a next head, then nothing, is a slow-loris too), not to idle_timeout.
-        let surplus = self.wire.is_some_and(|wire| {
-            let end = s.head_start.load(Ordering::Relaxed) + wire;
-            let more = s.read_total.load(Ordering::Relaxed) > end;
-            if more {
-                s.head_start.store(end, Ordering::Relaxed);
-            }
-            more
-        });
-        let head = if surplus { s.now_ms() } else { NONE };
-        s.head_since.store(head, Ordering::Relaxed);
+        s.head_since.store(NONE, Ordering::Relaxed);
     }
 }
