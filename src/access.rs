@@ -120,6 +120,8 @@ pub struct Entry {
     pub server: Option<std::sync::Arc<str>>,
     /// Tries made.
     pub attempts: u32,
+    /// The request's `X-Request-Id`, with `request_id` on.
+    pub request_id: Option<http::HeaderValue>,
     /// The head was refused unread: no method or target to log.
     refused: bool,
 }
@@ -140,6 +142,7 @@ impl Entry {
             upstream: None,
             server: None,
             attempts: 0,
+            request_id: None,
             refused: false,
         }
     }
@@ -168,6 +171,7 @@ impl Entry {
             upstream: None,
             server: None,
             attempts: 0,
+            request_id: None,
         }
     }
 
@@ -188,6 +192,12 @@ impl Entry {
         let duration = self.start.elapsed();
         let server = self.server.as_deref().unwrap_or("-");
         let upstream = self.upstream.as_deref().unwrap_or("-");
+        // Visible ASCII only (the rule for keeping a sent ID): no space or line break.
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
         match self.format {
             AccessFormat::Json => {
                 // Written by hand: building a serde_json::Value per request cost more than
@@ -211,12 +221,14 @@ impl Entry {
                 push_json_str(s, upstream);
                 s.push_str(",\"server\":");
                 push_json_str(s, server);
-                let _ = writeln!(
+                let _ = write!(
                     s,
-                    ",\"duration\":{:.6},\"attempts\":{}}}",
+                    ",\"duration\":{:.6},\"attempts\":{},\"request_id\":",
                     secs(duration),
                     self.attempts
                 );
+                push_json_str(s, request_id);
+                s.push_str("}\n");
             }
             _ => {
                 // The method and target come from the client: escaped, so that a `"` or a
@@ -227,14 +239,15 @@ impl Entry {
                 push_escaped(s, path);
                 let _ = writeln!(
                     s,
-                    " {}\" {} {} upstream={} server={} duration={:.6} attempts={}",
+                    " {}\" {} {} upstream={} server={} duration={:.6} attempts={} request_id={}",
                     version_str(self.version),
                     self.status,
                     self.bytes,
                     upstream,
                     server,
                     secs(duration),
-                    self.attempts
+                    self.attempts,
+                    request_id
                 );
             }
         }
@@ -410,6 +423,16 @@ mod tests {
     }
 
     #[test]
+    fn the_request_id_is_logged_in_both_formats() {
+        let mut e = entry(AccessFormat::Json);
+        e.request_id = Some(http::HeaderValue::from_static("0123abcd"));
+        let v: serde_json::Value = serde_json::from_str(e.line().trim()).unwrap();
+        assert_eq!(v["request_id"], "0123abcd");
+        e.format = AccessFormat::Common;
+        assert!(e.line().trim_end().ends_with(" request_id=0123abcd"));
+    }
+
+    #[test]
     fn json_line_has_every_field() {
         let line = entry(AccessFormat::Json).line();
         assert!(line.ends_with('\n'));
@@ -496,7 +519,10 @@ mod tests {
             ),
             "{line}"
         );
-        assert!(line.trim_end().ends_with("attempts=1"), "{line}");
+        assert!(
+            line.trim_end().ends_with("attempts=1 request_id=-"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -27,13 +27,29 @@ pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> 
     resp
 }
 
-/// The answer to `e` (CONTRACT §3): its status and short text, closing the connection
-/// after a client's fault.
-pub fn error_response(e: &ProxyError) -> Response<Body> {
-    let mut r = plain_response(e.status(), e.text());
+/// The answer to `e` (CONTRACT §3): its status and short text, naming the request ID when
+/// there is one (CONTRACT §8), closing the connection after a client's fault.
+pub fn error_response(e: &ProxyError, request_id: Option<&HeaderValue>) -> Response<Body> {
+    let mut r = match request_id {
+        None => plain_response(e.status(), e.text()),
+        Some(id) => {
+            let mut text = Vec::with_capacity(e.text().len() + id.len() + 13);
+            text.extend_from_slice(e.text().as_bytes());
+            text.extend_from_slice(b"request id: ");
+            text.extend_from_slice(id.as_bytes());
+            text.push(b'\n');
+            let mut r = plain_response(e.status(), "");
+            *r.body_mut() = Body::full(text);
+            r
+        }
+    };
     if e.closes_connection() {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let ProxyError::RateLimited(secs) = e {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
     }
     r
 }
@@ -242,7 +258,7 @@ mod tests {
             ProxyError::BadBody("x"),
             ProxyError::ClientGone,
         ] {
-            let r = error_response(&e);
+            let r = error_response(&e, None);
             assert_eq!(r.status(), e.status());
             assert_eq!(
                 r.headers()[header::CONTENT_TYPE],

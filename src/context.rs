@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
+use crate::limit::ConnectionsPerIp;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -31,6 +32,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The access log writer.
     pub access_log: AccessLog,
+    /// Open client connections per client address (`max_connections_per_ip`).
+    pub per_ip: Arc<ConnectionsPerIp>,
 }
 
 impl Context {
@@ -43,6 +46,7 @@ impl Context {
             stop: CancellationToken::new(),
             metrics,
             access_log: AccessLog::start(),
+            per_ip: Arc::new(ConnectionsPerIp::new()),
         }
     }
 }

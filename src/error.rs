@@ -108,6 +108,10 @@ pub enum ProxyError {
     /// The client closed or reset its connection before the exchange ended.
     #[error("client went away")]
     ClientGone,
+    /// The route's rate limit refused the request; a token is there again after this many
+    /// whole seconds (at least 1).
+    #[error("rate limited: retry after {0}s")]
+    RateLimited(u64),
 }
 
 impl ProxyError {
@@ -128,15 +132,19 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ClientGone => client_closed_request(),
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// Who caused this outcome.
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::NoRoute | ProxyError::NoHealthyServer | ProxyError::Overloaded(_) => {
-                Side::Proxy
-            }
+            // A rate limit is the proxy's policy, not a malformed message: the connection
+            // stays open, as with Nginx's limit_req.
+            ProxyError::NoRoute
+            | ProxyError::NoHealthyServer
+            | ProxyError::Overloaded(_)
+            | ProxyError::RateLimited(_) => Side::Proxy,
             ProxyError::Connect { .. }
             | ProxyError::UpstreamBroke(_)
             | ProxyError::BadUpstreamResponse(_)
@@ -168,6 +176,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "413 payload too large\n",
             ProxyError::BodyTimeout => "408 request timeout: request body stalled\n",
             ProxyError::ClientGone => "499 client closed request\n",
+            ProxyError::RateLimited(_) => "429 too many requests: slow down and retry later\n",
         }
     }
 

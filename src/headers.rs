@@ -2,18 +2,33 @@
 //! stripping of response heads, upgrade detection and response framing here; the request
 //! head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
 //! forwarded information (and the underscore spellings of its header names) and the client
-//! IP in `headers/forwarded.rs`; re-exported from here.
+//! IP in `headers/forwarded.rs`; per-route header rules and the request ID in
+//! `headers/rules.rs`; re-exported from here.
 
 mod forwarded;
+mod rules;
 mod upstream;
 
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
 };
+pub use rules::{HeaderRules, X_REQUEST_ID, new_request_id, request_id};
 pub use upstream::{UpstreamRequest, write_upstream_head};
 
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The hop-by-hop fields by definition (RFC 9110 §7.6.1), lowercase: besides these, every
+/// name `Connection` lists.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -20,6 +20,8 @@
 //! - [`wire`]: a client's HTTP/1.1 connection as its loop and the body being read share it.
 //! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`balance`]: smooth weighted round robin, `least_request` and the `ip_hash` ring.
+//! - [`limit`]: rate limits (a token bucket per client key, bounded in memory) and open
+//!   connections per client address.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from trusted load balancers.
 //! - [`metrics`]: Prometheus metrics and their pre-resolved handles.
 //! - [`config`]: the TOML file, its units and validation.
@@ -34,7 +36,9 @@
 //! - [`server`]: one long-lived server (health, draining, in-flight count, pool).
 //!
 //! The snapshot:
+//! - [`sticky`]: sticky sessions by cookie: server ids, the cookie read and set.
 //! - [`upstream`]: a named pool as one snapshot sees it; server selection with backups.
+//! - [`policy`]: what a route adds: its rate limit and header rules.
 //! - [`runtime`]: the immutable snapshot built from a config.
 //!
 //! The data path:
@@ -80,8 +84,10 @@ pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod health;
+pub mod limit;
 pub mod maintenance;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
@@ -90,6 +96,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod sockets;
+pub mod sticky;
 pub mod stream;
 pub mod timing;
 pub mod tls;

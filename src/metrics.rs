@@ -100,6 +100,28 @@ pub struct Metrics {
     tls_expiry: Family<ServerNameLabels, Gauge>,
     maintenance: Family<UpstreamLabels, Gauge>,
     dns: Family<DnsLabels, Counter>,
+    rate_limited: Family<UpstreamLabels, Counter>,
+    sticky_reassignments: Family<UpstreamLabels, Counter>,
+    /// `fairway_compressed_responses_total` by algorithm: `zstd`, `br`, `gzip`.
+    pub compressed: [Counter; 3],
+    /// `fairway_compression_bytes_total{direction="in"}`: bytes before compression.
+    pub compression_in: Counter,
+    /// `fairway_compression_bytes_total{direction="out"}`: bytes after compression.
+    pub compression_out: Counter,
+}
+
+/// `{algorithm}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlgorithmLabels {
+    /// `gzip`, `br` or `zstd`.
+    pub algorithm: &'static str,
+}
+
+/// `{direction}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `in` (before compression) or `out` (after).
+    pub direction: &'static str,
 }
 
 /// `{upstream, result}`.
@@ -213,6 +235,35 @@ impl Metrics {
             "Resolutions of servers given by host name, by result",
             dns.clone(),
         );
+        let rate_limited = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fairway_rate_limited",
+            "Requests answered 429 by a route's rate limit, by upstream",
+            rate_limited.clone(),
+        );
+        let sticky_reassignments = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fairway_sticky_reassignments",
+            "Requests whose sticky cookie named a server that could not take them",
+            sticky_reassignments.clone(),
+        );
+        let compressed_family = Family::<AlgorithmLabels, Counter>::default();
+        registry.register(
+            "fairway_compressed_responses",
+            "Responses compressed, by algorithm",
+            compressed_family.clone(),
+        );
+        let compressed = ["zstd", "br", "gzip"]
+            .map(|algorithm| compressed_family.get_or_create_owned(&AlgorithmLabels { algorithm }));
+        let bytes_family = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "fairway_compression_bytes",
+            "Response body bytes before (in) and after (out) compression",
+            bytes_family.clone(),
+        );
+        let compression_in = bytes_family.get_or_create_owned(&DirectionLabels { direction: "in" });
+        let compression_out =
+            bytes_family.get_or_create_owned(&DirectionLabels { direction: "out" });
         registry.register_collector(Box::new(ProcessCollector::new()));
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -234,6 +285,11 @@ impl Metrics {
             tls_expiry,
             maintenance,
             dns,
+            rate_limited,
+            sticky_reassignments,
+            compressed,
+            compression_in,
+            compression_out,
         }
     }
 
@@ -319,6 +375,8 @@ impl Metrics {
         UpstreamMetrics {
             duration: self.duration.get_or_create_owned(&labels),
             retries: self.retries.get_or_create_owned(&labels),
+            rate_limited: self.rate_limited.get_or_create_owned(&labels),
+            sticky_reassignments: self.sticky_reassignments.get_or_create_owned(&labels),
             no_server: CodeCounters::new(self.requests.clone(), name, NO_SERVER),
         }
     }
@@ -353,6 +411,8 @@ impl Metrics {
         };
         self.duration.remove(&labels);
         self.retries.remove(&labels);
+        self.rate_limited.remove(&labels);
+        self.sticky_reassignments.remove(&labels);
         self.maintenance.remove(&labels);
         for result in ["success", "failure"] {
             self.dns.remove(&DnsLabels {
@@ -386,6 +446,10 @@ pub struct UpstreamMetrics {
     pub duration: Histogram,
     /// `fairway_retries_total`.
     pub retries: Counter,
+    /// `fairway_rate_limited_total`.
+    pub rate_limited: Counter,
+    /// `fairway_sticky_reassignments_total`.
+    pub sticky_reassignments: Counter,
     /// `fairway_requests_total{server="none"}`.
     pub no_server: CodeCounters,
 }

@@ -33,7 +33,15 @@ pub struct RouteTable {
 struct Route {
     host: HostMatch,
     prefix: String,
+    target: Target,
+}
+
+/// Where a matching route sends a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
     upstream: usize,
+    /// The route's position in the config; none for the fallback.
+    route: Option<usize>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -130,6 +138,9 @@ impl BadPath {
 pub struct Routed<'a> {
     /// The upstream index in the snapshot.
     pub upstream: usize,
+    /// The route's position in the config (`[[routes]]` entries in order); none when the
+    /// only upstream takes every request for want of routes.
+    pub route: Option<usize>,
     /// The normalized path; borrowed when it is the path as received.
     pub path: Cow<'a, str>,
 }
@@ -274,7 +285,8 @@ impl RouteTable {
     pub fn build(routes: &[RouteSpec<'_>], upstream_count: usize) -> RouteTable {
         let mut out: Vec<Route> = routes
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
                 let host = match r.host {
                     None | Some("*") | Some("") => HostMatch::Any,
                     Some(h) => {
@@ -288,7 +300,10 @@ impl RouteTable {
                 Route {
                     host,
                     prefix: normalize_prefix(r.path_prefix).to_owned(),
-                    upstream: r.upstream,
+                    target: Target {
+                        upstream: r.upstream,
+                        route: Some(i),
+                    },
                 }
             })
             .collect();
@@ -317,22 +332,23 @@ impl RouteTable {
     ///   kept as ordinary segments, it would take another route.
     pub fn route<'a>(&self, host: &str, path: &'a str) -> Result<Option<Routed<'a>>, BadPath> {
         let n = normalize(path, false)?;
-        let upstream = self.lookup(host, &n.path);
+        let target = self.target(host, &n.path);
         if n.has_encoded_dots {
             let literal = normalize(path, true)?;
-            if self.lookup(host, &literal.path) != upstream {
+            if self.target(host, &literal.path) != target {
                 return Err(BadPath::EncodedDotSegment);
             }
         }
         if let Cow::Owned(decoded) = decode(&n.path, |b| b == b'/') {
             let same =
-                normalize(&decoded, false).is_ok_and(|d| self.lookup(host, &d.path) == upstream);
+                normalize(&decoded, false).is_ok_and(|d| self.target(host, &d.path) == target);
             if !same {
                 return Err(BadPath::EncodedSlash);
             }
         }
-        Ok(upstream.map(|upstream| Routed {
-            upstream,
+        Ok(target.map(|t| Routed {
+            upstream: t.upstream,
+            route: t.route,
             path: n.path,
         }))
     }
@@ -340,13 +356,22 @@ impl RouteTable {
     /// The upstream index for a request to `host` (without port) and an already normalized
     /// `path`.
     pub fn lookup(&self, host: &str, path: &str) -> Option<usize> {
-        if let Some(u) = self.fallback {
-            return Some(u);
+        self.target(host, path).map(|t| t.upstream)
+    }
+
+    /// The route a request to `host` and an already normalized `path` takes: two routes to
+    /// the same upstream differ in their rate limits and header rules.
+    fn target(&self, host: &str, path: &str) -> Option<Target> {
+        if let Some(upstream) = self.fallback {
+            return Some(Target {
+                upstream,
+                route: None,
+            });
         }
         self.routes
             .iter()
             .find(|r| r.host.matches(host) && prefix_matches(&r.prefix, path))
-            .map(|r| r.upstream)
+            .map(|r| r.target)
     }
 }
 

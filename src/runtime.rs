@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::error::{ConfigError, KeyPath};
 use crate::metrics::{CodeCounters, Metrics};
+use crate::policy::RoutePolicy;
 use crate::route::{RouteSpec, RouteTable};
 use crate::server::Server;
 use crate::tls::TlsMaterial;
@@ -122,6 +123,10 @@ pub struct Settings {
     pub proxy_protocol: bool,
     /// `[log] access`.
     pub access_log: crate::config::AccessFormat,
+    /// Forward and return `X-Request-Id`.
+    pub request_id: bool,
+    /// Open client connections per client IP (0: no limit).
+    pub max_connections_per_ip: usize,
 }
 
 /// One immutable config snapshot.
@@ -137,6 +142,8 @@ pub struct Runtime {
     pub trusted: Vec<IpNet>,
     /// Request → upstream index.
     pub routes: RouteTable,
+    /// What each `[[routes]]` entry adds (rate limit, header rules), in config order.
+    pub policies: Vec<RoutePolicy>,
     /// Upstreams in name order.
     pub upstreams: Vec<Upstream>,
     /// TLS on the client listeners, with `[server.tls]`.
@@ -188,6 +195,8 @@ impl Runtime {
             max_connections: s.max_connections,
             proxy_protocol: s.proxy_protocol,
             access_log: config.log.access,
+            request_id: s.request_id,
+            max_connections_per_ip: s.max_connections_per_ip,
         };
         let trusted = s.trusted_proxies.iter().map(|c| c.0).collect();
         let upstreams: Vec<Upstream> = config
@@ -233,6 +242,17 @@ impl Runtime {
             })
             .collect();
         let routes = RouteTable::build(&specs, upstreams.len());
+        let policies = config
+            .routes
+            .iter()
+            .map(|r| {
+                RoutePolicy::build(
+                    r,
+                    s.rate_limit_max_keys,
+                    prev.map_or(&[][..], |p| &p.policies),
+                )
+            })
+            .collect();
         metrics.set_tls_expiries(tls.server.as_ref().map_or(&[][..], |t| &t.expiries));
         Runtime {
             version: prev.map_or(1, |p| p.version + 1),
@@ -241,6 +261,7 @@ impl Runtime {
             settings,
             trusted,
             routes,
+            policies,
             upstreams,
             no_route: metrics.no_route(),
             config: Arc::new(config),

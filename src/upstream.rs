@@ -11,6 +11,7 @@ use crate::config::{BalanceKind, UpstreamSection};
 use crate::health::HealthCheck;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::{PassivePolicy, Server};
+use crate::sticky::{Sticky, server_id};
 use crate::timing::fast_random;
 use crate::tls::UpstreamTls;
 
@@ -62,6 +63,24 @@ pub struct Upstream {
     pub max_pending: Option<usize>,
     /// Requests waiting for a new connection; shared by the snapshots of this upstream.
     pub pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sticky sessions, with `[upstreams.NAME.sticky]`.
+    pub sticky: Option<StickyPool>,
+}
+
+/// An upstream's sticky cookie and its members' ids.
+#[derive(Debug)]
+pub struct StickyPool {
+    /// The cookie.
+    pub cookie: Sticky,
+    /// The id of each member, in member order.
+    pub ids: Vec<Box<str>>,
+}
+
+impl StickyPool {
+    /// The member a cookie value names, if any.
+    pub fn member(&self, value: &[u8]) -> Option<usize> {
+        self.ids.iter().position(|id| id.as_bytes() == value)
+    }
 }
 
 /// What building an upstream needs besides its config section.
@@ -145,7 +164,15 @@ impl Upstream {
         let primary =
             make(false).unwrap_or_else(|| Balancer::RoundRobin(SmoothWrr::new(Vec::new())));
         let backup = make(true);
+        let sticky = section.sticky.as_ref().map(|s| StickyPool {
+            cookie: Sticky::new(s),
+            ids: members
+                .iter()
+                .map(|m| server_id(name, &m.server.addr))
+                .collect(),
+        });
         Upstream {
+            sticky,
             name: Arc::from(name),
             balance: section.balance,
             primary,
@@ -199,14 +226,7 @@ impl Upstream {
             BalanceKind::RoundRobin | BalanceKind::LeastRequest => 0,
         };
         let load = |i: usize| self.members[i].server.active_requests();
-        let available = |i: usize| {
-            let s = &self.members[i].server;
-            !tried.contains(&i)
-                && s.is_available()
-                && self
-                    .max_per_server
-                    .is_none_or(|max| s.active_requests() < max)
-        };
+        let available = |i: usize| self.can_take(i, tried);
         let pick = |ok: &dyn Fn(usize) -> bool| {
             self.primary
                 .pick(key, ok, load)
@@ -228,6 +248,17 @@ impl Upstream {
             return pick(&|i: usize| !tried.contains(&i) && !self.members[i].server.is_draining());
         }
         None
+    }
+
+    /// Whether member `i` can take a request now: not tried yet, healthy, not draining, and
+    /// below `max_connections_per_server`.
+    pub fn can_take(&self, i: usize, tried: &[usize]) -> bool {
+        let s = &self.members[i].server;
+        !tried.contains(&i)
+            && s.is_available()
+            && self
+                .max_per_server
+                .is_none_or(|max| s.active_requests() < max)
     }
 
     /// Slow start: a server up for `t` of `ramp` is taken with probability `t / ramp` (at

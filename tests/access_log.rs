@@ -102,7 +102,18 @@ async fn json_access_log_lines_from_the_binary() {
         let d = v["duration"].as_f64().expect("duration number");
         assert!((0.0..10.0).contains(&d), "{v}");
         assert_eq!(v["attempts"], if miss { 0 } else { 1 }, "{v}");
+        // CONTRACT §8 `request_id`: a new ID per request, the route miss included.
+        let id = v["request_id"].as_str().expect("request_id");
+        assert!(
+            id.len() == 32 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+            "{v}"
+        );
     }
+    let ids: std::collections::BTreeSet<_> = by_path
+        .values()
+        .map(|v| v["request_id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
     f.signal("TERM");
     f.expect_clean_exit(Duration::from_secs(10)).await;
 }

@@ -93,6 +93,8 @@ fn rewrite(c: &mut Criterion) {
                     upgrade: false,
                     http2: false,
                     has_body: false,
+                    request_id: None,
+                    rules: None,
                 },
             );
             black_box(out)

@@ -17,21 +17,11 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use fairway::headers::{self, Origin};
+use fairway::headers::{self, HOP_BY_HOP, Origin};
 use fairway::route::{RouteSpec, RouteTable, host_only};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::{IpNet, Ipv4Net};
 use libfuzzer_sys::fuzz_target;
-
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 struct Input<'a> {
     peer: IpAddr,
@@ -225,9 +215,12 @@ fuzz_target!(|data: &[u8]| {
                 headers: &original,
                 origin: &origin,
                 host: host_value.as_ref(),
+                host_from_target: false,
                 upgrade,
                 http2: false,
                 has_body: false,
+                request_id: None,
+                rules: None,
             },
         );
         let mut fields = vec![httparse::EMPTY_HEADER; original.len() + 16];

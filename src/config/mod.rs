@@ -13,12 +13,16 @@ use std::path::Path;
 use crate::error::{ConfigError, KeyPath};
 
 mod sections;
+mod traffic;
 mod units;
 mod validate;
 
 pub use sections::{
     AdminSection, Config, HealthCheckSection, LogSection, PassiveSection, RouteSection,
     ServerEntry, ServerSection, SniCertSection, TlsSection, UpstreamSection,
+};
+pub use traffic::{
+    HeaderRulesSection, Rate, RateKey, RateLimitSection, SameSite, Secure, StickySection,
 };
 pub use units::{
     AccessFormat, Addr, BalanceKind, ByteSize, Cidr, Dur, Listen, StatusRange, parse_duration,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+use super::traffic::{HeaderRulesSection, RateLimitSection, StickySection};
 use super::units::{AccessFormat, Addr, BalanceKind, ByteSize, Cidr, Dur, Listen, StatusRange};
 
 /// The whole configuration file.
@@ -96,6 +97,16 @@ pub struct ServerSection {
     /// past it the client is cut off and its upstream connection released.
     #[serde(default = "defaults::send_timeout")]
     pub send_timeout: Dur,
+    /// Open client connections per client IP past which new ones are closed at once; 0 is
+    /// no limit.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    /// Most rate-limit buckets kept per route.
+    #[serde(default = "defaults::rate_limit_max_keys")]
+    pub rate_limit_max_keys: usize,
+    /// Forward every request with `X-Request-Id` and return it to the client.
+    #[serde(default = "defaults::request_id")]
+    pub request_id: bool,
 }
 
 /// `[server.tls]`.
@@ -216,6 +227,9 @@ pub struct UpstreamSection {
     /// Requests waiting for a new upstream connection past which more get 503 at once.
     #[serde(default)]
     pub max_pending: Option<usize>,
+    /// Sticky sessions by cookie.
+    #[serde(default)]
+    pub sticky: Option<StickySection>,
 }
 
 /// One entry of `servers`: a table or a plain `"host:port"` string.
@@ -322,6 +336,18 @@ pub struct RouteSection {
     pub path_prefix: String,
     /// Name of an upstream.
     pub upstream: String,
+    /// Overrides `[compression] enabled` for this route's requests.
+    #[serde(default)]
+    pub compression: Option<bool>,
+    /// A token bucket per key.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSection>,
+    /// Fields set and removed on the request sent upstream.
+    #[serde(default)]
+    pub request_headers: Option<HeaderRulesSection>,
+    /// Fields set and removed on the response sent to the client.
+    #[serde(default)]
+    pub response_headers: Option<HeaderRulesSection>,
 }
 
 mod defaults {
@@ -396,6 +422,12 @@ mod defaults {
     }
     pub fn hash_prefix_v6() -> u8 {
         64
+    }
+    pub fn rate_limit_max_keys() -> usize {
+        100_000
+    }
+    pub fn request_id() -> bool {
+        true
     }
     pub fn path_prefix() -> String {
         "/".to_owned()

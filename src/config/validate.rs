@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::error::KeyPath;
 
 use super::sections::{Config, UpstreamSection};
+use super::traffic::Direction;
 use super::units::{Addr, split_host_port};
 
 /// Largest weight of one server: keeps the round-robin schedule small.
@@ -140,6 +141,12 @@ impl Config {
                 format!("invalid level {level:?}: use error, warn, info, debug or trace"),
             ));
         }
+        if s.rate_limit_max_keys == 0 {
+            return Err((
+                key().k("server").k("rate_limit_max_keys"),
+                "0 would keep no bucket: give a positive number such as 100000".into(),
+            ));
+        }
         if self.upstreams.is_empty() {
             return Err((
                 key().k("upstreams"),
@@ -195,6 +202,17 @@ impl Config {
                 && let Err(m) = validate_host_pattern(h)
             {
                 return Err((at().k("host"), m));
+            }
+            if let Some(rl) = &r.rate_limit {
+                rl.check(&at().k("rate_limit"))?;
+            }
+            for (k, rules, dir) in [
+                ("request_headers", &r.request_headers, Direction::Request),
+                ("response_headers", &r.response_headers, Direction::Response),
+            ] {
+                if let Some(rules) = rules {
+                    rules.check(&at().k(k), dir)?;
+                }
             }
             let host = r.host.as_deref().map(str::to_ascii_lowercase);
             let prefix = crate::route::normalize_prefix(&r.path_prefix).to_owned();
@@ -323,6 +341,9 @@ fn validate_upstream(name: &str, u: &UpstreamSection) -> Result<(), (KeyPath, St
                 "0 would refuse every request: give a positive number or remove the key".into(),
             ));
         }
+    }
+    if let Some(sticky) = &u.sticky {
+        sticky.check(&at().k("sticky"))?;
     }
     if u.resolve_interval.0 < Duration::from_millis(100) {
         return Err((

@@ -278,22 +278,30 @@ impl Conn {
         };
         tracing::debug!(peer = %self.info.peer, error = %e, "refused a request head");
         let status = err.status().as_u16();
-        let resp = crate::body::error_response(&err);
+        let rt = self.ctx.runtime.load();
+        // No request to forward, but an ID lets the client's report be found in the log.
+        let id = rt.settings.request_id.then(crate::headers::new_request_id);
+        let mut resp = crate::body::error_response(&err, id.as_ref());
+        if let Some(id) = &id {
+            resp.headers_mut()
+                .insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+        }
         let (parts, body) = resp.into_parts();
         let text = match body {
             Body::Full(Some(b)) => b,
             _ => Bytes::new(),
         };
         {
-            let rt = self.ctx.runtime.load();
             rt.no_route.inc(status);
             let format = rt.settings.access_log;
             if format != AccessFormat::Off {
                 let mut entry = Entry::refused(format, self.info.peer.ip(), status);
                 entry.bytes = text.len() as u64;
+                entry.request_id = id;
                 self.ctx.access_log.send(&entry, &self.ctx.metrics);
             }
         }
+        drop(rt);
         let mut out = BytesMut::new();
         write_head(
             &mut out,

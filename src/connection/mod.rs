@@ -104,7 +104,7 @@ impl Limits {
 /// over TLS when `[server.tls]` is set. The connection takes its limits and certificates
 /// from one load of the current snapshot.
 async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
-    let (limits, proxy_protocol, tls) = {
+    let (limits, proxy_protocol, tls, per_ip) = {
         let rt = ctx.runtime.load();
         if rt.settings.proxy_protocol && !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
             tracing::debug!(peer = %info.peer, "refused: PROXY protocol is accepted only from trusted_proxies");
@@ -114,6 +114,7 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
             Limits::of(&rt.settings),
             rt.settings.proxy_protocol,
             rt.tls.clone(),
+            rt.settings.max_connections_per_ip,
         )
     };
     if proxy_protocol {
@@ -131,6 +132,13 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
             }
         }
     }
+    // Past max_connections_per_ip (CONTRACT §8), counted by the address the PROXY protocol
+    // gave: closed at once with no answer, as past max_connections.
+    let Some(_counted) = ctx.per_ip.try_acquire(info.peer.ip(), per_ip) else {
+        ctx.metrics.connections_rejected.inc();
+        tracing::debug!(peer = %info.peer, "refused: max_connections_per_ip reached");
+        return;
+    };
     match tls {
         None => {
             let wire = Wire::new(tokio_util::either::Either::Left(stream), BytesMut::new());

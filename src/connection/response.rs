@@ -49,6 +49,7 @@ impl Pending {
             .upstream
             .map(|i| Arc::clone(&self.rt.upstreams[i].name));
         e.server = self.trace.server.as_ref().map(|s| Arc::clone(&s.addr));
+        e.request_id = self.trace.request_id.clone();
     }
 }
 

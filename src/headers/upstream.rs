@@ -16,6 +16,7 @@ use super::forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
     is_underscore_spelling, push_forwarded_element,
 };
+use super::rules::{HeaderRules, X_REQUEST_ID};
 use super::{KEEP_ALIVE, Listed, PROXY_CONNECTION};
 
 /// A request head to write upstream.
@@ -41,6 +42,10 @@ pub struct UpstreamRequest<'a> {
     pub http2: bool,
     /// The request has a body.
     pub has_body: bool,
+    /// The `X-Request-Id` to forward (replacing the client's), when `request_id` is on.
+    pub request_id: Option<&'a HeaderValue>,
+    /// The route's `request_headers`, applied after fairway's own fields.
+    pub rules: Option<&'a HeaderRules>,
 }
 
 /// Whether `name` is hop-by-hop by definition.
@@ -76,6 +81,8 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     let join_cookies =
         r.http2 && present(&header::COOKIE) && h.get_all(header::COOKIE).iter().nth(1).is_some();
     let has_host = present(&header::HOST) && !r.host_from_target;
+    // A field of fairway's own that the route's rules remove.
+    let removed = |name: &HeaderName| r.rules.is_some_and(|rules| rules.remove.contains(name));
     let chunked = r.has_body && !present(&header::CONTENT_LENGTH);
 
     let size = h.iter().fold(
@@ -94,7 +101,9 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
             || (*name == X_FORWARDED_HOST && !keep_host)
             || (*name == X_REAL_IP && !keep_real_ip)
             || (join_cookies && *name == header::COOKIE)
-            || (r.host_from_target && *name == header::HOST);
+            || (r.host_from_target && *name == header::HOST)
+            || (r.request_id.is_some() && *name == X_REQUEST_ID)
+            || r.rules.is_some_and(|rules| rules.overrides(name));
         if replaced || !passes(name) {
             continue;
         }
@@ -120,19 +129,24 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     }
 
     // X-Forwarded-For: what a trusted peer sent, then this hop's peer.
-    out.put_slice(b"x-forwarded-for: ");
-    if o.trusted && present(&X_FORWARDED_FOR) && join_values(out, h, &X_FORWARDED_FOR) {
-        out.put_slice(b", ");
+    if !removed(&X_FORWARDED_FOR) {
+        out.put_slice(b"x-forwarded-for: ");
+        if o.trusted && present(&X_FORWARDED_FOR) && join_values(out, h, &X_FORWARDED_FOR) {
+            out.put_slice(b", ");
+        }
+        put_ip(out, canonical(o.peer));
+        out.put_slice(b"\r\n");
     }
-    put_ip(out, canonical(o.peer));
-    out.put_slice(b"\r\n");
-    if !keep_proto {
+    if !keep_proto && !removed(&X_FORWARDED_PROTO) {
         field(out, "x-forwarded-proto", o.proto.as_bytes());
     }
-    if !keep_host && let Some(host) = r.host {
+    if !keep_host
+        && !removed(&X_FORWARDED_HOST)
+        && let Some(host) = r.host
+    {
         field(out, "x-forwarded-host", host.as_bytes());
     }
-    if !keep_real_ip {
+    if !keep_real_ip && !removed(&X_REAL_IP) {
         out.put_slice(b"x-real-ip: ");
         put_ip(
             out,
@@ -145,12 +159,24 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
         out.put_slice(b"\r\n");
     }
     // Forwarded (RFC 7239): the same, as one list of elements.
-    out.put_slice(b"forwarded: ");
-    if o.trusted && present(&header::FORWARDED) && join_values(out, h, &header::FORWARDED) {
-        out.put_slice(b", ");
+    if !removed(&header::FORWARDED) {
+        out.put_slice(b"forwarded: ");
+        if o.trusted && present(&header::FORWARDED) && join_values(out, h, &header::FORWARDED) {
+            out.put_slice(b", ");
+        }
+        push_forwarded_element(out, o.peer, o.proto, r.host);
+        out.put_slice(b"\r\n");
     }
-    push_forwarded_element(out, o.peer, o.proto, r.host);
-    out.put_slice(b"\r\n");
+    if let Some(id) = r.request_id
+        && !removed(&X_REQUEST_ID)
+    {
+        field(out, "x-request-id", id.as_bytes());
+    }
+    if let Some(rules) = r.rules {
+        for (name, value) in &rules.set {
+            field(out, name.as_str(), value.as_bytes());
+        }
+    }
 
     if chunked {
         out.put_slice(b"transfer-encoding: chunked\r\n");
@@ -244,6 +270,8 @@ pub(super) mod tests {
                 upgrade,
                 http2,
                 has_body: true,
+                request_id: None,
+                rules: None,
             },
         );
         let mut fields = [httparse::EMPTY_HEADER; 64];

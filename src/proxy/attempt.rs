@@ -46,6 +46,8 @@ pub(super) struct Attempt<'a> {
     pub(super) replayable: bool,
     /// Set when the client's body has been read to its end.
     pub(super) progress: Option<&'a BodyProgress>,
+    /// The member a sticky cookie names: tried first when it can take the request.
+    pub(super) sticky: Option<usize>,
 }
 
 pub(super) type Sender = client::Conn;
@@ -101,7 +103,10 @@ impl Attempt<'_> {
         let mut fresh = false;
         let mut retry = false;
         loop {
-            let Some(mi) = upstream.select(client_ip, &tried) else {
+            // A pinned server stays first until tried (a stale pooled connection or a
+            // fresh-connection retry goes to it again).
+            let pinned = self.sticky.filter(|&i| upstream.can_take(i, &tried));
+            let Some(mi) = pinned.or_else(|| upstream.select(client_ip, &tried)) else {
                 if last_err.is_none() && upstream.has_healthy_server() && upstream.is_saturated() {
                     return Err(ProxyError::Overloaded(
                         "every server is at max_connections_per_server",

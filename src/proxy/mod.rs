@@ -40,6 +40,10 @@ pub struct Trace {
     pub client_ip: Option<IpAddr>,
     /// Set once the answer is ready and counted.
     pub answered: bool,
+    /// The route's position in the config, once routed by a `[[routes]]` entry.
+    pub route: Option<usize>,
+    /// The request's `X-Request-Id`, with `request_id` on.
+    pub request_id: Option<HeaderValue>,
 }
 
 /// Answers one client request (its head, `head_bytes` long as [`head_size`] counts it,
@@ -55,7 +59,11 @@ pub async fn handle(
     trace: &mut Trace,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let resp = match forward(rt, req, head_bytes, conn, ctx, trace).await {
+    if rt.settings.request_id {
+        let trusted = headers::is_trusted(conn.peer.ip(), &rt.trusted);
+        trace.request_id = Some(headers::request_id(req.headers(), trusted));
+    }
+    let mut resp = match forward(rt, req, head_bytes, conn, ctx, trace).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.status() {
@@ -68,9 +76,19 @@ pub async fn handle(
                     tracing::debug!(peer = %conn.peer, method = %method, error = %e, "request refused")
                 }
             }
-            crate::body::error_response(&e)
+            crate::body::error_response(&e, trace.request_id.as_ref())
         }
     };
+    if let Some(rules) = trace
+        .route
+        .and_then(|i| rt.policies[i].response_headers.as_ref())
+    {
+        rules.apply(resp.headers_mut());
+    }
+    if let Some(id) = &trace.request_id {
+        resp.headers_mut()
+            .insert(headers::X_REQUEST_ID.clone(), id.clone());
+    }
     count(rt, trace, resp.status().as_u16(), start);
     trace.answered = true;
     resp
@@ -173,6 +191,8 @@ async fn forward(
         Cow::Borrowed(_) => None,
     };
     trace.upstream = Some(index);
+    trace.route = routed.route;
+    let policy = routed.route.map(|i| &rt.policies[i]);
     let upstream = &rt.upstreams[index];
     if let Some(retry_after) = ctx.maintenance.get(&upstream.name) {
         return Ok(crate::maintenance::response(
@@ -196,6 +216,19 @@ async fn forward(
         peer
     };
     trace.client_ip = Some(client_ip);
+    if let Some(limit) = policy.and_then(|p| p.rate_limit.as_ref())
+        && let Err(wait) = limit.check(client_ip, req.headers())
+    {
+        upstream.metrics.rate_limited.inc();
+        return Err(ProxyError::RateLimited(crate::limit::retry_after_secs(
+            wait,
+        )));
+    }
+    // The server a sticky cookie names: `Some(None)` when the cookie names none of this
+    // snapshot's servers.
+    let sticky = upstream.sticky.as_ref().and_then(|s| {
+        crate::sticky::cookie_value(req.headers(), &s.cookie.cookie).map(|v| s.member(v))
+    });
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
 
     let (parts, body) = req.into_parts();
@@ -242,6 +275,8 @@ async fn forward(
             upgrade,
             http2: parts.version == Version::HTTP_2,
             has_body: progress.is_some(),
+            request_id: trace.request_id.as_ref(),
+            rules: policy.and_then(|p| p.request_headers.as_ref()),
         },
     );
     let head = Head {
@@ -256,8 +291,23 @@ async fn forward(
         head: &head,
         replayable,
         progress: progress.as_deref(),
+        sticky: sticky.flatten(),
     };
-    let (sent, guard, conn) = match attempt.run(client_ip, &mut body, trace).await {
+    let result = attempt.run(client_ip, &mut body, trace).await;
+    let set_cookie = upstream.sticky.as_ref().and_then(|s| {
+        let chosen = trace.server.as_ref().and_then(|srv| {
+            upstream
+                .members
+                .iter()
+                .position(|m| Arc::ptr_eq(&m.server, srv))
+        });
+        if sticky.is_some() && sticky.flatten() != chosen {
+            upstream.metrics.sticky_reassignments.inc();
+        }
+        let chosen = chosen.filter(|_| result.is_ok() && sticky.flatten() != chosen)?;
+        Some(s.cookie.set_cookie(&s.ids[chosen], conn.proto == "https"))
+    });
+    let (sent, guard, conn) = match result {
         Ok(x) => x,
         Err(e) => {
             // Answered while the client is still sending a body it did nothing wrong with
@@ -283,6 +333,7 @@ async fn forward(
         ctx,
         progress,
         upload: body,
+        set_cookie,
     })
 }
 
@@ -321,6 +372,8 @@ struct Answer<'a> {
     ctx: &'a Arc<Context>,
     progress: Option<Arc<BodyProgress>>,
     upload: RequestBody,
+    /// The sticky cookie to set: the request did not carry the chosen server's.
+    set_cookie: Option<HeaderValue>,
 }
 
 fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
@@ -334,6 +387,9 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     let mut resp = Response::new(());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
+    if let Some(cookie) = a.set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
         if !a.upgrade {
             return Err(invalid_response(

@@ -1,0 +1,88 @@
+//! What a route adds to the requests it routes (CONTRACT §8): its rate limit and its header
+//! rules, built once per snapshot. A route's rate-limit buckets outlive a reload that
+//! leaves the route and its limit as they were.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+
+use crate::config::{HeaderRulesSection, RateKey, RateLimitSection, RouteSection};
+use crate::headers::HeaderRules;
+use crate::limit::{KeyRef, RateLimiter};
+
+/// A route's additions; the default adds nothing.
+#[derive(Debug, Default)]
+pub struct RoutePolicy {
+    /// `rate_limit`.
+    pub rate_limit: Option<RouteLimit>,
+    /// `request_headers`.
+    pub request_headers: Option<HeaderRules>,
+    /// `response_headers`.
+    pub response_headers: Option<HeaderRules>,
+}
+
+/// A route's token buckets and what they are keyed by.
+#[derive(Debug)]
+pub struct RouteLimit {
+    limiter: Arc<RateLimiter>,
+    key: RateKey,
+    /// What the buckets were built from: a reload keeps them when this is unchanged.
+    built_from: (Option<String>, String, RateLimitSection, usize),
+}
+
+impl RouteLimit {
+    /// Takes a token for a request from `client_ip` with `headers`, or says how long until
+    /// one is there.
+    pub fn check(&self, client_ip: IpAddr, headers: &HeaderMap) -> Result<(), Duration> {
+        let key = match &self.key {
+            RateKey::ClientIp => KeyRef::Ip(client_ip),
+            RateKey::Header(name) => match headers.get(name) {
+                Some(v) => KeyRef::Header(v.as_bytes()),
+                None => KeyRef::Missing,
+            },
+        };
+        self.limiter.check(key, Instant::now())
+    }
+
+    /// Buckets in use, for tests.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+fn rules(section: &Option<HeaderRulesSection>) -> Option<HeaderRules> {
+    section.as_ref().map(|s| {
+        HeaderRules::new(
+            s.set.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            s.remove.iter().map(String::as_str),
+        )
+    })
+}
+
+impl RoutePolicy {
+    /// The policy of config route `r`; `prev` are the previous snapshot's policies, whose
+    /// buckets are kept for a route unchanged in host, prefix and limit.
+    pub fn build(r: &RouteSection, max_keys: usize, prev: &[RoutePolicy]) -> RoutePolicy {
+        let rate_limit = r.rate_limit.as_ref().map(|rl| {
+            let built_from = (r.host.clone(), r.path_prefix.clone(), rl.clone(), max_keys);
+            let kept = prev
+                .iter()
+                .filter_map(|p| p.rate_limit.as_ref())
+                .find(|l| l.built_from == built_from)
+                .map(|l| Arc::clone(&l.limiter));
+            RouteLimit {
+                limiter: kept
+                    .unwrap_or_else(|| Arc::new(RateLimiter::new(rl.rate.0, rl.burst(), max_keys))),
+                key: rl.key.clone(),
+                built_from,
+            }
+        });
+        RoutePolicy {
+            rate_limit,
+            request_headers: rules(&r.request_headers),
+            response_headers: rules(&r.response_headers),
+        }
+    }
+}
