@@ -1,11 +1,16 @@
 //! What the client listener sends back, streamed, never buffered: [`Body`] is an upstream's
 //! response body ([`UpstreamBody`], which returns its connection to the pool when it ends
-//! cleanly) or a short answer of the proxy's own ([`plain_response`], [`error_response`]).
+//! cleanly), possibly compressed on the way ([`Compressed`], in `body/compressed.rs`), or a
+//! short answer of the proxy's own ([`plain_response`], [`error_response`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+mod compressed;
+
+pub use compressed::{Compressed, Counted};
 
 use crate::client::ResponseBody;
 use crate::error::ProxyError;
@@ -62,6 +67,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// An upstream's response body, streamed through.
     Upstream(UpstreamBody),
+    /// An upstream's response body, compressed as it streams through.
+    Compressed(Box<Compressed>),
     /// No body: after this `101`, the client's connection becomes a tunnel to the
     /// upstream's (HTTP/1.1 only).
     Upgrade(Box<crate::tunnel::Tunnel>),
@@ -91,6 +98,7 @@ impl http_body::Body for Body {
             Body::Empty | Body::Upgrade(_) => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(u) => Pin::new(u).poll_frame(cx),
+            Body::Compressed(c) => c.poll_frame(cx),
         }
     }
 
@@ -99,6 +107,7 @@ impl http_body::Body for Body {
             Body::Empty | Body::Upgrade(_) => true,
             Body::Full(b) => b.is_none(),
             Body::Upstream(u) => u.inner.is_end(),
+            Body::Compressed(c) => c.is_end(),
         }
     }
 
@@ -107,6 +116,7 @@ impl http_body::Body for Body {
             Body::Empty | Body::Upgrade(_) => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(u) => u.size_hint(),
+            Body::Compressed(c) => c.size_hint(),
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`headers`]: hop-by-hop stripping, upgrades, response framing, HTTP/2 cookie crumbs; in
 //!   `headers/forwarded.rs`, `X-Forwarded-*`, `Forwarded`, their underscore spellings and the
 //!   client IP.
+//! - [`compress`]: response compression: `Accept-Encoding` negotiation, which responses
+//!   qualify, the compressed head, and the streaming gzip, brotli and zstd encoder.
 //! - [`h1`]: the HTTP/1.1 wire format: request heads parsed from clients and written to
 //!   upstreams, response heads parsed from upstreams and written to clients, body lengths,
 //!   the chunked coding.
@@ -74,6 +76,7 @@ pub mod balance;
 pub mod body;
 pub mod checker;
 pub mod client;
+pub mod compress;
 pub mod config;
 pub mod connection;
 pub mod context;

@@ -102,8 +102,8 @@ pub struct Metrics {
     dns: Family<DnsLabels, Counter>,
     rate_limited: Family<UpstreamLabels, Counter>,
     sticky_reassignments: Family<UpstreamLabels, Counter>,
-    /// `fairway_compressed_responses_total` by algorithm: `zstd`, `br`, `gzip`.
-    pub compressed: [Counter; 3],
+    /// `fairway_compressed_responses_total` by algorithm.
+    compressed: [(&'static str, Counter); 3],
     /// `fairway_compression_bytes_total{direction="in"}`: bytes before compression.
     pub compression_in: Counter,
     /// `fairway_compression_bytes_total{direction="out"}`: bytes after compression.
@@ -209,7 +209,7 @@ impl Metrics {
         );
         registry.register(
             "fairway_client_connections_rejected",
-            "Client connections closed at once because max_connections was reached",
+            "Client connections closed at once because max_connections or max_connections_per_ip was reached",
             connections_rejected.clone(),
         );
         registry.register(
@@ -253,8 +253,12 @@ impl Metrics {
             "Responses compressed, by algorithm",
             compressed_family.clone(),
         );
-        let compressed = ["zstd", "br", "gzip"]
-            .map(|algorithm| compressed_family.get_or_create_owned(&AlgorithmLabels { algorithm }));
+        let compressed = ["zstd", "br", "gzip"].map(|algorithm| {
+            (
+                algorithm,
+                compressed_family.get_or_create_owned(&AlgorithmLabels { algorithm }),
+            )
+        });
         let bytes_family = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "fairway_compression_bytes",
@@ -290,6 +294,13 @@ impl Metrics {
             compressed,
             compression_in,
             compression_out,
+        }
+    }
+
+    /// Counts a response compressed with `algorithm` (`zstd`, `br` or `gzip`).
+    pub fn count_compressed(&self, algorithm: &str) {
+        if let Some((_, c)) = self.compressed.iter().find(|(a, _)| *a == algorithm) {
+            c.inc();
         }
     }
 

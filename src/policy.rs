@@ -1,5 +1,5 @@
-//! What a route adds to the requests it routes (CONTRACT §8): its rate limit and its header
-//! rules, built once per snapshot. A route's rate-limit buckets outlive a reload that
+//! What a route adds to the requests it routes (CONTRACT §8): compression, its rate limit and
+//! its header rules, built once per snapshot. A route's rate-limit buckets outlive a reload that
 //! leaves the route and its limit as they were.
 
 use std::net::IpAddr;
@@ -8,13 +8,44 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
-use crate::config::{HeaderRulesSection, RateKey, RateLimitSection, RouteSection};
+use crate::compress::{Algorithm, Level};
+use crate::config::{
+    CompressionSection, HeaderRulesSection, RateKey, RateLimitSection, RouteSection,
+};
 use crate::headers::HeaderRules;
 use crate::limit::{KeyRef, RateLimiter};
+
+/// `[compression]` as it applies to a request.
+#[derive(Debug)]
+pub struct Compression {
+    /// The encodings that may be used, preferred first on a tie.
+    pub algorithms: Vec<Algorithm>,
+    /// Known lengths below this are not compressed.
+    pub min_length: u64,
+    /// Media types compressed.
+    pub types: Vec<String>,
+    /// How hard.
+    pub level: Level,
+}
+
+impl Compression {
+    /// The settings of `[compression]`, whether or not it is enabled.
+    pub fn new(s: &CompressionSection) -> Compression {
+        Compression {
+            algorithms: s.algorithms.clone(),
+            min_length: s.min_length.0,
+            types: s.types.clone(),
+            level: s.level,
+        }
+    }
+}
 
 /// A route's additions; the default adds nothing.
 #[derive(Debug, Default)]
 pub struct RoutePolicy {
+    /// Compression, when on for this route (its own `compression`, or `[compression]
+    /// enabled`).
+    pub compression: Option<Arc<Compression>>,
     /// `rate_limit`.
     pub rate_limit: Option<RouteLimit>,
     /// `request_headers`.
@@ -62,9 +93,15 @@ fn rules(section: &Option<HeaderRulesSection>) -> Option<HeaderRules> {
 }
 
 impl RoutePolicy {
-    /// The policy of config route `r`; `prev` are the previous snapshot's policies, whose
+    /// The policy of config route `r`; `compression` is `[compression]` (`enabled` there
+    /// unless the route says otherwise); `prev` are the previous snapshot's policies, whose
     /// buckets are kept for a route unchanged in host, prefix and limit.
-    pub fn build(r: &RouteSection, max_keys: usize, prev: &[RoutePolicy]) -> RoutePolicy {
+    pub fn build(
+        r: &RouteSection,
+        compression: (&Arc<Compression>, bool),
+        max_keys: usize,
+        prev: &[RoutePolicy],
+    ) -> RoutePolicy {
         let rate_limit = r.rate_limit.as_ref().map(|rl| {
             let built_from = (r.host.clone(), r.path_prefix.clone(), rl.clone(), max_keys);
             let kept = prev
@@ -79,7 +116,9 @@ impl RoutePolicy {
                 built_from,
             }
         });
+        let (shared, enabled) = compression;
         RoutePolicy {
+            compression: r.compression.unwrap_or(enabled).then(|| Arc::clone(shared)),
             rate_limit,
             request_headers: rules(&r.request_headers),
             response_headers: rules(&r.response_headers),

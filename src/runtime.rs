@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::error::{ConfigError, KeyPath};
 use crate::metrics::{CodeCounters, Metrics};
-use crate::policy::RoutePolicy;
+use crate::policy::{Compression, RoutePolicy};
 use crate::route::{RouteSpec, RouteTable};
 use crate::server::Server;
 use crate::tls::TlsMaterial;
@@ -142,8 +142,12 @@ pub struct Runtime {
     pub trusted: Vec<IpNet>,
     /// Request → upstream index.
     pub routes: RouteTable,
-    /// What each `[[routes]]` entry adds (rate limit, header rules), in config order.
+    /// What each `[[routes]]` entry adds (compression, rate limit, header rules), in config
+    /// order.
     pub policies: Vec<RoutePolicy>,
+    /// `[compression]` when enabled: for requests that no `[[routes]]` entry routed (the
+    /// only upstream without routes).
+    pub compression: Option<Arc<Compression>>,
     /// Upstreams in name order.
     pub upstreams: Vec<Upstream>,
     /// TLS on the client listeners, with `[server.tls]`.
@@ -242,12 +246,15 @@ impl Runtime {
             })
             .collect();
         let routes = RouteTable::build(&specs, upstreams.len());
+        let compression = Arc::new(Compression::new(&config.compression));
+        let enabled = config.compression.enabled;
         let policies = config
             .routes
             .iter()
             .map(|r| {
                 RoutePolicy::build(
                     r,
+                    (&compression, enabled),
                     s.rate_limit_max_keys,
                     prev.map_or(&[][..], |p| &p.policies),
                 )
@@ -262,6 +269,7 @@ impl Runtime {
             trusted,
             routes,
             policies,
+            compression: enabled.then_some(compression),
             upstreams,
             no_route: metrics.no_route(),
             config: Arc::new(config),

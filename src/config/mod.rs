@@ -22,7 +22,8 @@ pub use sections::{
     ServerEntry, ServerSection, SniCertSection, TlsSection, UpstreamSection,
 };
 pub use traffic::{
-    HeaderRulesSection, Rate, RateKey, RateLimitSection, SameSite, Secure, StickySection,
+    CompressionSection, HeaderRulesSection, Rate, RateKey, RateLimitSection, SameSite, Secure,
+    StickySection,
 };
 pub use units::{
     AccessFormat, Addr, BalanceKind, ByteSize, Cidr, Dur, Listen, StatusRange, parse_duration,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use super::traffic::{HeaderRulesSection, RateLimitSection, StickySection};
+use super::traffic::{CompressionSection, HeaderRulesSection, RateLimitSection, StickySection};
 use super::units::{AccessFormat, Addr, BalanceKind, ByteSize, Cidr, Dur, Listen, StatusRange};
 
 /// The whole configuration file.
@@ -30,6 +30,9 @@ pub struct Config {
     /// `[log]`: logging.
     #[serde(default)]
     pub log: LogSection,
+    /// `[compression]`: response compression.
+    #[serde(default)]
+    pub compression: CompressionSection,
 }
 
 impl Config {

@@ -1,5 +1,5 @@
-//! The sections and values of the traffic features (CONTRACT §8): rate limits, header rules
-//! and sticky cookies. Like `sections.rs`, serde fills them and `validate.rs` checks the
+//! The sections and values of the traffic features (CONTRACT §8): compression, rate limits,
+//! header rules and sticky cookies. Like `sections.rs`, serde fills them and `validate.rs` checks the
 //! rest.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::units::Dur;
+use super::units::{ByteSize, Dur};
+use crate::compress::{Algorithm, Level};
 use crate::error::KeyPath;
 use crate::headers::HOP_BY_HOP;
 
@@ -40,6 +41,103 @@ pub enum Direction {
     Request,
     /// `response_headers`.
     Response,
+}
+
+/// `[compression]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSection {
+    /// Compress eligible responses (a route may override it).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The encodings fairway may use, in order of preference on a tie.
+    #[serde(default = "algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// Responses with a known length below this are sent as they are.
+    #[serde(default = "min_length")]
+    pub min_length: ByteSize,
+    /// Media types compressed (`text/*` wildcards allowed).
+    #[serde(default = "types")]
+    pub types: Vec<String>,
+    /// How hard to compress.
+    #[serde(default)]
+    pub level: Level,
+}
+
+impl Default for CompressionSection {
+    fn default() -> Self {
+        CompressionSection {
+            enabled: false,
+            algorithms: algorithms(),
+            min_length: min_length(),
+            types: types(),
+            level: Level::default(),
+        }
+    }
+}
+
+fn algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::Zstd, Algorithm::Br, Algorithm::Gzip]
+}
+fn min_length() -> ByteSize {
+    ByteSize(1024)
+}
+fn types() -> Vec<String> {
+    [
+        "text/html",
+        "text/css",
+        "text/plain",
+        "text/javascript",
+        "application/javascript",
+        "application/json",
+        "application/xml",
+        "image/svg+xml",
+        "application/wasm",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl CompressionSection {
+    /// Checks the lists; `at` is the section's key.
+    pub fn check(&self, at: &KeyPath) -> Check {
+        if self.algorithms.is_empty() {
+            return Err((
+                at.clone().k("algorithms"),
+                "list at least one of \"zstd\", \"br\", \"gzip\", or set enabled = false".into(),
+            ));
+        }
+        for (i, a) in self.algorithms.iter().enumerate() {
+            if self.algorithms[..i].contains(a) {
+                return Err((
+                    at.clone().k("algorithms").i(i),
+                    format!("{} is listed twice: remove one", a.as_str()),
+                ));
+            }
+        }
+        for (i, t) in self.types.iter().enumerate() {
+            let ok = match t.split_once('/') {
+                Some((ty, sub)) => {
+                    let token = |s: &str| {
+                        !s.is_empty()
+                            && s.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+                    };
+                    (token(ty) && (token(sub) || sub == "*")) || (ty == "*" && sub == "*")
+                }
+                None => false,
+            };
+            if !ok {
+                return Err((
+                    at.clone().k("types").i(i),
+                    format!(
+                        "{t:?} is not a media type: write type/subtype, such as \"text/html\" or \"text/*\" (no parameters)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A rate written as `"N/s"` or `"N/m"`, held in requests per second.

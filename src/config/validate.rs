@@ -141,6 +141,7 @@ impl Config {
                 format!("invalid level {level:?}: use error, warn, info, debug or trace"),
             ));
         }
+        self.compression.check(&key().k("compression"))?;
         if s.rate_limit_max_keys == 0 {
             return Err((
                 key().k("server").k("rate_limit_max_keys"),

@@ -316,7 +316,9 @@ where
             let access = pending.finish(resp.status().as_u16());
             Ok::<_, Infallible>(resp.map(|inner| {
                 let inner = match inner {
-                    Body::Upstream(_) => Sent::Watched(guard.state.watch_stream(inner)),
+                    Body::Upstream(_) | Body::Compressed(_) => {
+                        Sent::Watched(guard.state.watch_stream(inner))
+                    }
                     inner => Sent::Own(inner),
                 };
                 ConnBody {

@@ -78,8 +78,12 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     let keep_proto = keep(&X_FORWARDED_PROTO);
     let keep_host = keep(&X_FORWARDED_HOST);
     let keep_real_ip = keep(&X_REAL_IP);
-    let join_cookies =
-        r.http2 && present(&header::COOKIE) && h.get_all(header::COOKIE).iter().nth(1).is_some();
+    let join_cookies = r.http2
+        && present(&header::COOKIE)
+        && h.get_all(header::COOKIE).iter().nth(1).is_some()
+        && !r
+            .rules
+            .is_some_and(|rules| rules.overrides(&header::COOKIE));
     let has_host = present(&header::HOST) && !r.host_from_target;
     // A field of fairway's own that the route's rules remove.
     let removed = |name: &HeaderName| r.rules.is_some_and(|rules| rules.remove.contains(name));

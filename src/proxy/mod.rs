@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
 
 mod attempt;
@@ -79,15 +79,16 @@ pub async fn handle(
             crate::body::error_response(&e, trace.request_id.as_ref())
         }
     };
+    if let Some(id) = &trace.request_id {
+        resp.headers_mut()
+            .insert(headers::X_REQUEST_ID.clone(), id.clone());
+    }
+    // The route's rules come after fairway's own fields (CONTRACT §8).
     if let Some(rules) = trace
         .route
         .and_then(|i| rt.policies[i].response_headers.as_ref())
     {
         rules.apply(resp.headers_mut());
-    }
-    if let Some(id) = &trace.request_id {
-        resp.headers_mut()
-            .insert(headers::X_REQUEST_ID.clone(), id.clone());
     }
     count(rt, trace, resp.status().as_u16(), start);
     trace.answered = true;
@@ -230,6 +231,20 @@ async fn forward(
         crate::sticky::cookie_value(req.headers(), &s.cookie.cookie).map(|v| s.member(v))
     });
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    // The encoding the response may get, if it turns out eligible (CONTRACT §8).
+    let encode = match routed.route {
+        Some(i) => rt.policies[i].compression.as_ref(),
+        None => rt.compression.as_ref(),
+    }
+    .and_then(|c| {
+        let accept = req.headers().get_all(header::ACCEPT_ENCODING).iter();
+        let algorithm = crate::compress::negotiate(accept.map(|v| v.as_bytes()), &c.algorithms)?;
+        Some(Encode {
+            algorithm,
+            settings: c,
+            head: req.method() == Method::HEAD,
+        })
+    });
 
     let (parts, body) = req.into_parts();
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
@@ -334,7 +349,17 @@ async fn forward(
         progress,
         upload: body,
         set_cookie,
+        encode,
     })
+}
+
+/// A response may be compressed: the encoding the client accepts, and the settings that say
+/// which responses are eligible.
+struct Encode<'a> {
+    algorithm: crate::compress::Algorithm,
+    settings: &'a crate::policy::Compression,
+    /// A HEAD request: its answer is never marked compressed.
+    head: bool,
 }
 
 /// `/path?query` only: what an HTTP/1.1 origin server expects; with `path` (the routed
@@ -374,6 +399,8 @@ struct Answer<'a> {
     upload: RequestBody,
     /// The sticky cookie to set: the request did not carry the chosen server's.
     set_cookie: Option<HeaderValue>,
+    /// Compression, when the route has it on and the client accepts an encoding.
+    encode: Option<Encode<'a>>,
 }
 
 fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
@@ -445,6 +472,30 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
             upload: a.upload,
         },
     );
+    if let Some(e) = a.encode
+        && crate::compress::is_compressible(
+            parts.status.as_u16(),
+            e.head,
+            &parts.headers,
+            &e.settings.types,
+            e.settings.min_length,
+        )
+        // An encoder that cannot be made (out of memory) leaves the response as it is.
+        && let Ok(encoder) = crate::compress::Encoder::new(e.algorithm, e.settings.level)
+    {
+        crate::compress::rewrite_headers(&mut parts.headers, e.algorithm);
+        let m = &a.ctx.metrics;
+        m.count_compressed(e.algorithm.as_str());
+        let counted = crate::body::Counted {
+            bytes_in: m.compression_in.clone(),
+            bytes_out: m.compression_out.clone(),
+        };
+        let body = crate::body::Compressed::new(body, encoder, counted);
+        return Ok(Response::from_parts(
+            parts,
+            Body::Compressed(Box::new(body)),
+        ));
+    }
     Ok(Response::from_parts(parts, Body::Upstream(body)))
 }
 
