@@ -1,6 +1,7 @@
 //! The admin listener (CONTRACT §4): a small router over `(method, path)`, served on its own
 //! address, never on the client listener. Requests other than GET and HEAD pass the
-//! cross-site [`guard`] (403), then the token check (401), before they are routed.
+//! cross-site [`guard`] (403), then the token check (401), before they are routed. The
+//! [`dashboard`] page and the `/stats` document it reads are in their own file.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +20,9 @@ use http_body_util::BodyExt;
 
 use crate::body::plain_response;
 use crate::runtime::Runtime;
+use crate::server::Server;
 
+mod dashboard;
 mod guard;
 
 /// Serves the admin listener on its own task (the control plane's `AdminServer`).
@@ -99,7 +102,7 @@ pub async fn handle(req: Request<Incoming>, control: &Arc<Control>) -> Response<
     }
     let path = path.as_str();
     let allowed: &'static str = match path {
-        "/metrics" | "/healthz" | "/readyz" | "/status" => "GET, HEAD",
+        "/" | "/stats" | "/metrics" | "/healthz" | "/readyz" | "/status" => "GET, HEAD",
         "/reload" | "/maintenance" => "POST",
         _ => return plain_response(StatusCode::NOT_FOUND, "404 not found\n"),
     };
@@ -116,6 +119,8 @@ pub async fn handle(req: Request<Incoming>, control: &Arc<Control>) -> Response<
         }
         "/readyz" if get => readyz(&rt),
         "/status" if get => json(StatusCode::OK, &status(&rt, control)),
+        "/stats" if get => dashboard::stats(&rt, control),
+        "/" if get => dashboard::page(&rt, control),
         "/maintenance" if method == Method::POST => maintenance(req, control, &rt).await,
         "/reload" if method == Method::POST => {
             let s = Arc::clone(control);
@@ -357,6 +362,15 @@ fn readyz(rt: &Runtime) -> Response<Body> {
 
 /// The `/status` document: the contract's fields plus totals and pool sizes.
 pub fn status(rt: &Runtime, control: &Control) -> serde_json::Value {
+    status_with(rt, control, |_, _| {})
+}
+
+/// The `/status` document, with `extend` adding fields to each server's object (`/stats`).
+fn status_with(
+    rt: &Runtime,
+    control: &Control,
+    mut extend: impl FnMut(&Server, &mut serde_json::Map<String, serde_json::Value>),
+) -> serde_json::Value {
     let mut upstreams = serde_json::Map::new();
     for u in &rt.upstreams {
         let servers: Vec<serde_json::Value> = u
@@ -366,7 +380,7 @@ pub fn status(rt: &Runtime, control: &Control) -> serde_json::Value {
                 let s = &m.server;
                 // CONTRACT §4: `addr` is what is connected to; `name` is the entry as
                 // written, so a host name stays visible beside the addresses it resolved to.
-                serde_json::json!({
+                let mut server = serde_json::json!({
                     "addr": &*s.addr,
                     "name": &*s.name,
                     "healthy": s.is_healthy(),
@@ -376,7 +390,11 @@ pub fn status(rt: &Runtime, control: &Control) -> serde_json::Value {
                     "requests_total": s.metrics.codes.total(),
                     "idle_connections": s.pool.idle_count(),
                     "draining": s.is_draining(),
-                })
+                });
+                if let serde_json::Value::Object(fields) = &mut server {
+                    extend(s, fields);
+                }
+                server
             })
             .collect();
         upstreams.insert(

@@ -1,8 +1,8 @@
 //! The running proxy: [`App::start`] puts the first config in force through the control
 //! plane (which binds the client and admin listeners) and spawns the background tasks (the
-//! file watcher, DNS re-resolution, pool sweeping); the returned [`AppHandle`] reports the
-//! bound addresses (port 0 allowed), reloads, and shuts down gracefully. Used by `main`,
-//! `demo` and tests.
+//! file watcher, DNS re-resolution, pool sweeping, the stats sampler); the returned
+//! [`AppHandle`] reports the bound addresses (port 0 allowed), reloads, and shuts down
+//! gracefully. Used by `main`, `demo` and tests.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -35,6 +35,10 @@ impl App {
             Control::start(config_path.as_ref().to_path_buf(), crate::admin::spawn).await?;
         let ctx = Arc::clone(&control.ctx);
         tokio::spawn(sweep_pools(Arc::clone(&ctx)));
+        tokio::spawn(crate::stats::run(
+            Arc::clone(&ctx),
+            Arc::clone(&control.stats),
+        ));
         if let Some(&release) = MEMORY_RELEASE.get() {
             tokio::spawn(release_memory(Arc::clone(&ctx), release));
         }

@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -31,6 +32,7 @@ use crate::resolve::Resolved;
 use crate::runtime::{Files, Runtime};
 use crate::server::Checker;
 use crate::sockets::ListenerSet;
+use crate::stats::Stats;
 
 /// Serves the admin listener. The admin module sits above the control plane (its
 /// `POST /reload` calls [`Control::reload`]), so the app hands its server in.
@@ -59,6 +61,10 @@ pub struct Control {
     pub config_path: PathBuf,
     /// When the process started serving.
     pub started: Instant,
+    /// The servers' samples of the last minute, taken by `stats::run`, read by `/stats`.
+    pub stats: Arc<Stats>,
+    /// The outcome of the last reload attempt, if there was one.
+    last_reload: Mutex<Option<ReloadOutcome>>,
     admin: AdminServer,
     /// Held through an apply: applies never interleave.
     applying: Mutex<()>,
@@ -95,6 +101,8 @@ impl Control {
             ctx: Arc::new(Context::new(Runtime::before_start(&metrics), metrics)),
             config_path,
             started: Instant::now(),
+            stats: Arc::new(Stats::default()),
+            last_reload: Mutex::new(None),
             admin,
             applying: Mutex::new(()),
             listeners: Mutex::new(ListenerSet::default()),
@@ -221,6 +229,7 @@ impl Control {
             }
             Trigger::Reload => {
                 self.ctx.metrics.record_reload(true);
+                self.record_reload(Ok(rt.version));
                 tracing::info!(config = %path.display(), version = rt.version, "config reloaded");
             }
             Trigger::Resolved => {}
@@ -254,9 +263,23 @@ impl Control {
         *lock(&self.config_hash) = Some(fingerprint(content, &self.extra_files()));
         if trigger == Trigger::Reload {
             self.ctx.metrics.record_reload(false);
+            self.record_reload(Err(e.to_string()));
             tracing::error!("config reload failed, keeping the old config: {e}");
         }
         e
+    }
+
+    fn record_reload(&self, result: Result<u64, String>) {
+        *lock(&self.last_reload) = Some(ReloadOutcome {
+            at: SystemTime::now(),
+            result,
+        });
+    }
+
+    /// The outcome of the last reload attempt (file watcher, `SIGHUP`, `POST /reload`);
+    /// `None` before the first.
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        lock(&self.last_reload).clone()
     }
 
     /// The files besides the config whose changes trigger a reload.
@@ -327,6 +350,15 @@ impl Control {
     pub fn stop_listening(&self) -> Vec<JoinHandle<()>> {
         lock(&self.listeners).stop_all()
     }
+}
+
+/// How a reload attempt ended.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// When it ended.
+    pub at: SystemTime,
+    /// The `config_version` put in force, or the error (the old config stayed).
+    pub result: Result<u64, String>,
 }
 
 /// The hash of what reading the config file gave.

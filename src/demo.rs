@@ -133,6 +133,7 @@ pub async fn run() -> Result<(), StartError> {
     println!("  proxy            http://{proxy}/");
     if let Some(a) = app.admin_addr() {
         println!("  admin            http://{a}/healthz");
+        println!("  dashboard        http://{a}/");
     }
     println!("  config           {}", path.display());
     println!();

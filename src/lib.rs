@@ -57,10 +57,13 @@
 //! The control plane and background tasks:
 //! - [`sockets`]: the bound listeners, reconciled by diff on reload.
 //! - [`checker`]: the active health checker task and the probe.
+//! - [`stats`]: the per-second samples of every server behind `/stats`: request rate, share of
+//!   5xx and latency percentiles over the last minute.
 //! - [`control`]: the control plane; `Control::apply` puts every config in force.
 //! - [`dns`]: servers given by host name, re-resolved periodically.
 //! - [`reload`]: the config file watcher.
-//! - [`admin`]: the admin listener and its guard against cross-site requests.
+//! - [`admin`]: the admin listener, its guard against cross-site requests, `/stats` and the
+//!   dashboard page.
 //!
 //! The top:
 //! - [`app`]: starts the proxy and its background tasks; signals and graceful shutdown.
@@ -99,6 +102,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod sockets;
+pub mod stats;
 pub mod sticky;
 pub mod stream;
 pub mod timing;

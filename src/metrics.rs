@@ -5,15 +5,19 @@
 //! and upstreams that a reload dropped.
 
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicU64;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+mod histogram;
+mod process;
+
+pub use histogram::{BUCKETS, BucketCounts, ServerHistogram};
 
 /// `Content-Type` of the exposition (text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -84,6 +88,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
+    server_duration: Family<ServerLabels, ServerHistogram>,
     healthy: Family<ServerLabels, Gauge>,
     active: Family<ServerLabels, Gauge>,
     health_checks: Family<CheckLabels, Counter>,
@@ -93,6 +98,8 @@ pub struct Metrics {
     pub last_reload_successful: Gauge,
     /// `fairway_client_connections_active`.
     pub connections_active: Gauge,
+    /// When the process started, as Unix seconds (`fairway_process_start_time_seconds`).
+    pub process_start_time: f64,
     /// `fairway_client_connections_rejected_total`.
     pub connections_rejected: Counter,
     /// `fairway_access_log_dropped_total`.
@@ -152,6 +159,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let server_duration = Family::<ServerLabels, ServerHistogram>::default();
         let healthy = Family::<ServerLabels, Gauge>::default();
         let active = Family::<ServerLabels, Gauge>::default();
         let health_checks = Family::<CheckLabels, Counter>::default();
@@ -171,6 +179,11 @@ impl Metrics {
             "fairway_request_duration_seconds",
             "Time from the request head to the response head, by upstream",
             duration.clone(),
+        );
+        registry.register(
+            "fairway_upstream_server_request_duration_seconds",
+            "Time from the request head to the response head, by the server of the last try",
+            server_duration.clone(),
         );
         registry.register(
             "fairway_upstream_server_healthy",
@@ -268,7 +281,15 @@ impl Metrics {
         let compression_in = bytes_family.get_or_create_owned(&DirectionLabels { direction: "in" });
         let compression_out =
             bytes_family.get_or_create_owned(&DirectionLabels { direction: "out" });
-        registry.register_collector(Box::new(ProcessCollector::new()));
+        let process_start_time = process::start_time();
+        let start_gauge = Gauge::<f64, AtomicU64>::default();
+        start_gauge.set(process_start_time);
+        registry.register(
+            "fairway_process_start_time_seconds",
+            "When the fairway process started, as Unix seconds (it changes with an upgrade)",
+            start_gauge,
+        );
+        registry.register_collector(Box::new(process::ProcessCollector::new(process_start_time)));
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
         }
@@ -277,6 +298,7 @@ impl Metrics {
             registry,
             requests,
             duration,
+            server_duration,
             healthy,
             active,
             health_checks,
@@ -284,6 +306,7 @@ impl Metrics {
             reloads,
             last_reload_successful,
             connections_active,
+            process_start_time,
             connections_rejected,
             access_log_dropped,
             tls_expiry,
@@ -371,6 +394,7 @@ impl Metrics {
         healthy.set(1);
         ServerMetrics {
             codes: CodeCounters::new(self.requests.clone(), upstream, addr),
+            duration: self.server_duration.get_or_create_owned(&labels),
             healthy,
             active: self.active.get_or_create_owned(&labels),
             checks_ok: check("success"),
@@ -405,6 +429,7 @@ impl Metrics {
         };
         self.healthy.remove(&labels);
         self.active.remove(&labels);
+        self.server_duration.remove(&labels);
         for result in ["success", "failure"] {
             self.health_checks.remove(&CheckLabels {
                 upstream: upstream.to_owned(),
@@ -440,6 +465,8 @@ impl Metrics {
 pub struct ServerMetrics {
     /// `fairway_requests_total` by code.
     pub codes: CodeCounters,
+    /// `fairway_upstream_server_request_duration_seconds`.
+    pub duration: ServerHistogram,
     /// `fairway_upstream_server_healthy`.
     pub healthy: Gauge,
     /// `fairway_upstream_active_requests`.
@@ -521,7 +548,16 @@ impl CodeCounters {
 
     /// Total responses counted.
     pub fn total(&self) -> u64 {
-        self.table
+        Self::sum(&self.table)
+    }
+
+    /// Responses counted with a 5xx status.
+    pub fn server_errors(&self) -> u64 {
+        Self::sum(&self.table[500..])
+    }
+
+    fn sum(counters: &[OnceLock<Counter>]) -> u64 {
+        counters
             .iter()
             .filter_map(|c| c.get())
             .map(|c| c.get())
@@ -544,117 +580,6 @@ impl CodeCounters {
     }
 }
 
-/// `process_*` metrics read from `/proc/self` at each scrape.
-#[derive(Debug)]
-struct ProcessCollector {
-    start_time: f64,
-    ticks_per_second: f64,
-    page_size: f64,
-}
-
-impl ProcessCollector {
-    fn new() -> ProcessCollector {
-        ProcessCollector {
-            start_time: process_start_time().unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64())
-            }),
-            // Linux's USER_HZ and page size are 100 and 4096 on every platform fairway
-            // targets; reading them would need libc.
-            ticks_per_second: 100.0,
-            page_size: 4096.0,
-        }
-    }
-}
-
-/// Fields of `/proc/self/stat` after the command name: (utime+stime ticks, start ticks, rss
-/// pages, vsize bytes).
-fn read_stat() -> Option<(f64, f64, f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, stime 15, starttime 22,
-    // vsize 23, rss 24.
-    let get = |n: usize| f.get(n - 3)?.parse::<f64>().ok();
-    Some((get(14)? + get(15)?, get(22)?, get(24)?, get(23)?))
-}
-
-fn process_start_time() -> Option<f64> {
-    let (_, start_ticks, _, _) = read_stat()?;
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
-    Some(now - up + start_ticks / 100.0)
-}
-
-fn open_fds() -> Option<f64> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as f64)
-}
-
-fn max_fds() -> Option<f64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
-impl Collector for ProcessCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let gauge = |enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64| {
-            let g = ConstGauge::new(v);
-            let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
-            g.encode(m)
-        };
-        if let Some((ticks, _, rss_pages, vsize)) = read_stat() {
-            let c = ConstCounter::new(ticks / self.ticks_per_second);
-            let m = encoder.encode_descriptor(
-                "process_cpu_seconds",
-                "Total user and system CPU time spent in seconds",
-                None,
-                c.metric_type(),
-            )?;
-            c.encode(m)?;
-            gauge(
-                &mut encoder,
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes",
-                rss_pages * self.page_size,
-            )?;
-            gauge(
-                &mut encoder,
-                "process_virtual_memory_bytes",
-                "Virtual memory size in bytes",
-                vsize,
-            )?;
-        }
-        if let Some(n) = open_fds() {
-            gauge(
-                &mut encoder,
-                "process_open_fds",
-                "Number of open file descriptors",
-                n,
-            )?;
-        }
-        if let Some(n) = max_fds() {
-            gauge(
-                &mut encoder,
-                "process_max_fds",
-                "Maximum number of open file descriptors",
-                n,
-            )?;
-        }
-        gauge(
-            &mut encoder,
-            "process_start_time_seconds",
-            "Start time of the process since the Unix epoch in seconds",
-            self.start_time,
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,9 +593,15 @@ mod tests {
         s.codes.inc(200);
         u.no_server.inc(503);
         u.duration.observe(0.002);
+        s.duration.observe(0.002);
+        s.codes.inc(503);
         let text = m.encode();
         for name in [
             "fairway_requests_total{upstream=\"app\",server=\"127.0.0.1:1\",code=\"200\"} 2",
+            "fairway_upstream_server_request_duration_seconds_count{upstream=\"app\",server=\"127.0.0.1:1\"} 1",
+            "fairway_upstream_server_request_duration_seconds_bucket{upstream=\"app\",server=\"127.0.0.1:1\",le=\"0.0025\"} 1",
+            "fairway_upstream_server_request_duration_seconds_bucket{upstream=\"app\",server=\"127.0.0.1:1\",le=\"0.001\"} 0",
+            "fairway_process_start_time_seconds ",
             "fairway_requests_total{upstream=\"app\",server=\"none\",code=\"503\"} 1",
             "fairway_request_duration_seconds_count{upstream=\"app\"} 1",
             "fairway_upstream_server_healthy{upstream=\"app\",server=\"127.0.0.1:1\"} 1",
@@ -688,7 +619,8 @@ mod tests {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
         }
         assert!(!text.contains("# EOF"));
-        assert_eq!(s.codes.total(), 2);
+        assert_eq!(s.codes.total(), 3);
+        assert_eq!(s.codes.server_errors(), 1);
     }
 
     #[test]

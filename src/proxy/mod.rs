@@ -100,9 +100,13 @@ pub async fn handle(
 pub fn count(rt: &Runtime, trace: &Trace, code: u16, start: Instant) {
     match trace.upstream.map(|i| &rt.upstreams[i]) {
         Some(u) => {
-            u.metrics.duration.observe(start.elapsed().as_secs_f64());
+            let seconds = start.elapsed().as_secs_f64();
+            u.metrics.duration.observe(seconds);
             match &trace.server {
-                Some(s) => s.metrics.codes.inc(code),
+                Some(s) => {
+                    s.metrics.codes.inc(code);
+                    s.metrics.duration.observe(seconds);
+                }
                 None => u.metrics.no_server.inc(code),
             }
         }

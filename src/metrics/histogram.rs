@@ -1,0 +1,94 @@
+//! [`ServerHistogram`]: the per-server request duration histogram. Unlike
+//! `prometheus_client`'s histogram (a mutex, and bucket counts only the encoder can read) it
+//! is a row of atomic counters, so a request observes without a lock and the stats sampler
+//! reads the bucket counts each second.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+use super::DURATION_BUCKETS;
+
+/// Buckets of a [`ServerHistogram`]: one per bound of [`DURATION_BUCKETS`], then `+Inf`.
+pub const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
+
+/// Observation counts per bucket (not cumulative): `counts[i]` counts durations above bound
+/// `i - 1` and at most bound `i` of [`DURATION_BUCKETS`]; the last one those above them all.
+pub type BucketCounts = [u64; BUCKETS];
+
+/// A histogram over [`DURATION_BUCKETS`], cheap to clone (the counters are shared).
+#[derive(Debug, Clone, Default)]
+pub struct ServerHistogram(Arc<Inner>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    counts: [AtomicU64; BUCKETS],
+    /// The sum of observations in nanoseconds: an integer adds without a compare loop, and
+    /// 2^64 ns is 584 years of summed request time.
+    sum_nanos: AtomicU64,
+}
+
+impl ServerHistogram {
+    /// Counts one duration, in seconds.
+    pub fn observe(&self, seconds: f64) {
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(BUCKETS - 1);
+        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
+        // `as` saturates: a negative or NaN duration adds nothing.
+        let nanos = (seconds * 1e9) as u64;
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The count of each bucket now. Each is read on its own, so an observation made during
+    /// the read may be in the next read only; their sum is the histogram's count.
+    pub fn counts(&self) -> BucketCounts {
+        std::array::from_fn(|i| self.0.counts[i].load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for ServerHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ServerHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = self.counts();
+        let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts)
+            .collect();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_the_bucket_of_their_upper_bound() {
+        let h = ServerHistogram::default();
+        h.observe(0.0005); // on the first bound: first bucket
+        h.observe(0.0006);
+        h.observe(0.3);
+        h.observe(100.0);
+        h.observe(f64::NAN);
+        let c = h.counts();
+        assert_eq!(c[0], 1);
+        assert_eq!(c[1], 1);
+        assert_eq!(c[9], 1, "0.3 s is in (0.25, 0.5]");
+        assert_eq!(c[BUCKETS - 1], 2, "above 30 s, and NaN");
+        assert_eq!(c.iter().sum::<u64>(), 5);
+    }
+}
