@@ -138,13 +138,24 @@ impl AppHandle {
         shutdown(&self.control).await
     }
 
-    /// Runs until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads.
+    /// Runs until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads; SIGUSR2
+    /// starts a new fairway from the same executable and, once it serves, drains this one
+    /// (see `upgrade`).
     pub async fn run_until_signal(self) -> std::io::Result<bool> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        let mut upgrading: Option<tokio::task::JoinHandle<_>> = None;
+        let mut handed_over = false;
         loop {
+            let upgraded = async {
+                match upgrading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -153,9 +164,42 @@ impl AppHandle {
                     let control = Arc::clone(&self.control);
                     let _ = tokio::task::spawn_blocking(move || control.reload()).await;
                 }
+                _ = usr2.recv() => {
+                    if upgrading.is_some() {
+                        tracing::warn!("SIGUSR2 ignored: an upgrade is under way");
+                        continue;
+                    }
+                    tracing::info!("SIGUSR2: starting a new process to take over");
+                    let control = Arc::clone(&self.control);
+                    upgrading = Some(tokio::spawn(async move {
+                        crate::upgrade::start_new_process(&control).await
+                    }));
+                }
+                done = upgraded => {
+                    upgrading = None;
+                    match done {
+                        Ok(Ok(pid)) => {
+                            tracing::info!(pid, "upgrade: the new process serves; draining this one");
+                            // Until this process exits, a further SIGUSR2 changes nothing.
+                            tokio::spawn(async move {
+                                while usr2.recv().await.is_some() {
+                                    tracing::warn!("SIGUSR2 ignored: this process is handing over to {pid}");
+                                }
+                            });
+                            handed_over = true;
+                            break;
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
+                        Err(e) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
+                    }
+                }
             }
         }
         tracing::info!("shutting down: draining connections");
+        if !handed_over {
+            // After a hand-over systemd follows the new process: this one's exit is no stop.
+            crate::inherit::notify("STOPPING=1");
+        }
         Ok(self.shutdown().await)
     }
 }

@@ -105,7 +105,7 @@ impl Control {
             last_reload: Mutex::new(None),
             admin,
             applying: Mutex::new(()),
-            listeners: Mutex::new(ListenerSet::default()),
+            listeners: Mutex::new(ListenerSet::with_inherited(crate::inherit::take_adopted())),
             config_hash: Mutex::new(None),
             resolved: Mutex::new(Resolved::new()),
         });
@@ -115,6 +115,7 @@ impl Control {
             .map_err(|e| {
                 ConfigError::other(&control.config_path, None, format!("startup failed: {e}"))
             })??;
+        lock(&control.listeners).close_leftovers();
         Ok(control)
     }
 
@@ -344,6 +345,11 @@ impl Control {
     /// The bound `redirect_http` address, if any.
     pub fn redirect_addr(&self) -> Option<SocketAddr> {
         lock(&self.listeners).redirect_addr()
+    }
+
+    /// Duplicates of every listening socket, for a new process (`upgrade`).
+    pub fn handover(&self) -> std::io::Result<Vec<(crate::inherit::Role, std::os::fd::OwnedFd)>> {
+        lock(&self.listeners).handover()
     }
 
     /// Closes every listening socket; returns their accept tasks to wait for.

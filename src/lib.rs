@@ -55,6 +55,8 @@
 //!   server (h2c and ALPN) with its watchdog.
 //!
 //! The control plane and background tasks:
+//! - [`inherit`]: listening sockets handed over at start (systemd socket activation, a
+//!   binary upgrade) and readiness notices to systemd.
 //! - [`sockets`]: the bound listeners, reconciled by diff on reload.
 //! - [`checker`]: the active health checker task and the probe.
 //! - [`stats`]: the per-second samples of every server behind `/stats`: request rate, share of
@@ -66,6 +68,8 @@
 //!   dashboard page.
 //!
 //! The top:
+//! - [`upgrade`]: `SIGUSR2`: a new fairway from the same executable, handed every listening
+//!   socket; this one drains once it serves.
 //! - [`app`]: starts the proxy and its background tasks; signals and graceful shutdown.
 //! - [`demo`]: `fairway demo`.
 
@@ -90,6 +94,7 @@ pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod health;
+pub mod inherit;
 pub mod limit;
 pub mod maintenance;
 pub mod metrics;
@@ -108,6 +113,7 @@ pub mod stream;
 pub mod timing;
 pub mod tls;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upload;
 pub mod upstream;
 pub mod wire;

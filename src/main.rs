@@ -216,6 +216,18 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     init_logging(level.as_deref());
+    // Before any other thread: taking the sockets edits the environment.
+    let (inherited, refused) = fairway::inherit::adopt_from_env();
+    if inherited > 0 {
+        tracing::info!(
+            sockets = inherited,
+            "listening sockets handed over at start"
+        );
+    }
+    for r in refused {
+        tracing::warn!(socket = %r, "a handed-over file descriptor is not a listening TCP socket: ignored");
+    }
+    fairway::upgrade::remember_invocation();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -231,6 +243,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        fairway::upgrade::report_ready().await;
         match app.run_until_signal().await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

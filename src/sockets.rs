@@ -1,9 +1,12 @@
 //! The bound listeners (client and admin), reconciled by diff: on reload, addresses that
 //! stay keep their socket, new ones are bound before anything changes (a bind failure
-//! fails the reload), and removed ones stop accepting while their connections drain.
+//! fails the reload), and removed ones stop accepting while their connections drain. A
+//! socket handed over at start (`inherit`) is used instead of binding its address; every
+//! socket can be handed over to a new process ([`ListenerSet::handover`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
@@ -13,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Addr, Config};
 use crate::connection;
 use crate::context::Context;
+use crate::inherit::{Inherited, Role};
 
 /// A listen address that failed to bind.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,10 @@ struct Bound {
     configured: SocketAddr,
     /// As bound.
     local: SocketAddr,
+    /// What it serves.
+    role: Role,
+    /// The listening socket itself (a duplicate of the accept loop's), to hand over.
+    fd: OwnedFd,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -44,6 +52,8 @@ pub struct ListenerSet {
     client: Vec<Bound>,
     admin: Option<Bound>,
     redirect: Option<Bound>,
+    /// Sockets handed over at start, used before binding.
+    inherited: Inherited,
 }
 
 /// Sockets bound for a new config, not yet accepting. Dropping it releases them.
@@ -53,13 +63,6 @@ pub struct Prepared {
     client: Vec<(SocketAddr, Option<std::net::TcpListener>)>,
     admin: Option<(SocketAddr, Option<std::net::TcpListener>)>,
     redirect: Option<(SocketAddr, Option<std::net::TcpListener>)>,
-}
-
-/// Which accept loop a single listener runs.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Admin,
-    Redirect,
 }
 
 /// Binds like Nginx: `SO_REUSEADDR`, a backlog of 1024, non-blocking.
@@ -73,36 +76,56 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 impl ListenerSet {
+    /// No listener yet; `inherited` sockets are used before binding.
+    pub fn with_inherited(inherited: Inherited) -> ListenerSet {
+        ListenerSet {
+            inherited,
+            ..ListenerSet::default()
+        }
+    }
+
+    /// The socket for `addr`: a handed-over one, else a new one.
+    fn obtain(&mut self, addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
+        match self.inherited.take(addr, role) {
+            Some(l) => {
+                tracing::info!(listen = %addr, role = role.name(), "using a socket handed over at start");
+                Ok(l)
+            }
+            None => bind(addr),
+        }
+    }
+
+    /// Closes the handed-over sockets that no `listen` address took (after the first
+    /// config is in force).
+    pub fn close_leftovers(&mut self) {
+        let left = std::mem::take(&mut self.inherited);
+        for addr in left.leftover() {
+            tracing::warn!(socket = %addr, "a socket handed over at start matches no listen address: closed");
+        }
+    }
+
     /// Binds every address of `cfg` that is not bound yet.
-    pub fn prepare(&self, cfg: &Config) -> Result<Prepared, BindError> {
+    pub fn prepare(&mut self, cfg: &Config) -> Result<Prepared, BindError> {
         let mut client = Vec::new();
         for &addr in &cfg.server.listen.0 {
             let kept = self.client.iter().any(|b| b.configured == addr);
             let fresh = if kept {
                 None
             } else {
-                Some(bind(addr).map_err(|source| BindError {
-                    key: "server.listen",
-                    addr,
-                    source,
-                })?)
+                Some(
+                    self.obtain(addr, Role::Client)
+                        .map_err(|source| BindError {
+                            key: "server.listen",
+                            addr,
+                            source,
+                        })?,
+                )
             };
             client.push((addr, fresh));
         }
-        let single = |current: &Option<Bound>, want: Option<Addr>, key: &'static str| {
-            let Some(Addr(addr)) = want else {
-                return Ok(None);
-            };
-            if current.as_ref().is_some_and(|b| b.configured == addr) {
-                return Ok(Some((addr, None)));
-            }
-            bind(addr)
-                .map(|l| Some((addr, Some(l))))
-                .map_err(|source| BindError { key, addr, source })
-        };
-        let admin = single(&self.admin, cfg.admin.listen, "admin.listen")?;
-        let redirect = single(
-            &self.redirect,
+        let admin = self.single(Role::Admin, cfg.admin.listen, "admin.listen")?;
+        let redirect = self.single(
+            Role::Redirect,
             cfg.server.redirect_http,
             "server.redirect_http",
         )?;
@@ -111,6 +134,40 @@ impl ListenerSet {
             admin,
             redirect,
         })
+    }
+
+    /// The admin or redirect socket `want` asks for: kept, or new.
+    #[allow(clippy::type_complexity)]
+    fn single(
+        &mut self,
+        role: Role,
+        want: Option<Addr>,
+        key: &'static str,
+    ) -> Result<Option<(SocketAddr, Option<std::net::TcpListener>)>, BindError> {
+        let Some(Addr(addr)) = want else {
+            return Ok(None);
+        };
+        let current = match role {
+            Role::Admin => &self.admin,
+            _ => &self.redirect,
+        };
+        if current.as_ref().is_some_and(|b| b.configured == addr) {
+            return Ok(Some((addr, None)));
+        }
+        self.obtain(addr, role)
+            .map(|l| Some((addr, Some(l))))
+            .map_err(|source| BindError { key, addr, source })
+    }
+
+    /// Duplicates of every listening socket with what each serves, for a new process to
+    /// accept on.
+    pub fn handover(&self) -> io::Result<Vec<(Role, OwnedFd)>> {
+        self.client
+            .iter()
+            .chain(&self.admin)
+            .chain(&self.redirect)
+            .map(|b| Ok((b.role, b.fd.try_clone()?)))
+            .collect()
     }
 
     /// Starts accepting on the newly bound sockets and stops the ones `prepared` no longer
@@ -130,6 +187,7 @@ impl ListenerSet {
                     }
                 }
                 Some(std_listener) => {
+                    let fd = std_listener.as_fd().try_clone_to_owned()?;
                     let l = tokio::net::TcpListener::from_std(std_listener)?;
                     let local = l.local_addr()?;
                     let stop = ctx.stop.child_token();
@@ -139,6 +197,8 @@ impl ListenerSet {
                     self.client.push(Bound {
                         configured,
                         local,
+                        role: Role::Client,
+                        fd,
                         stop,
                         task,
                     });
@@ -149,11 +209,11 @@ impl ListenerSet {
             tracing::info!(listen = %b.local, "no longer listening (removed from the config)");
             b.stop.cancel();
         }
-        self.admin = commit_single(self.admin.take(), prepared.admin, Kind::Admin, ctx, admin)?;
+        self.admin = commit_single(self.admin.take(), prepared.admin, Role::Admin, ctx, admin)?;
         self.redirect = commit_single(
             self.redirect.take(),
             prepared.redirect,
-            Kind::Redirect,
+            Role::Redirect,
             ctx,
             admin,
         )?;
@@ -195,7 +255,7 @@ impl ListenerSet {
 fn commit_single(
     old: Option<Bound>,
     want: Option<(SocketAddr, Option<std::net::TcpListener>)>,
-    kind: Kind,
+    role: Role,
     ctx: &Arc<Context>,
     admin: &dyn Fn(tokio::net::TcpListener, CancellationToken) -> JoinHandle<()>,
 ) -> io::Result<Option<Bound>> {
@@ -205,15 +265,16 @@ fn commit_single(
             if let Some(b) = old {
                 b.stop.cancel();
             }
+            let fd = std_listener.as_fd().try_clone_to_owned()?;
             let l = tokio::net::TcpListener::from_std(std_listener)?;
             let local = l.local_addr()?;
             let stop = ctx.stop.child_token();
-            let task = match kind {
-                Kind::Admin => {
+            let task = match role {
+                Role::Admin => {
                     tracing::info!(listen = %local, "admin listener up");
                     admin(l, stop.clone())
                 }
-                Kind::Redirect => {
+                Role::Client | Role::Redirect => {
                     tracing::info!(listen = %local, "redirecting plain HTTP to https");
                     tokio::spawn(connection::redirect_loop(l, Arc::clone(ctx), stop.clone()))
                 }
@@ -221,6 +282,8 @@ fn commit_single(
             Ok(Some(Bound {
                 configured,
                 local,
+                role,
+                fd,
                 stop,
                 task,
             }))

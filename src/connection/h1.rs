@@ -46,6 +46,10 @@ const DRAIN_TIME: Duration = Duration::from_secs(30);
 /// sends, so that the client reads its answer instead of a reset.
 const LINGER_TIME: Duration = Duration::from_secs(5);
 
+/// At shutdown, how long a connection with no request begun still waits for one: long
+/// enough for a request already on the wire, short enough not to hold up the drain.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+
 /// One lazily armed timer per connection: it is reset only when a deadline comes earlier
 /// than the one it is set to, or after it fired, so a busy keep-alive connection does not
 /// touch the timer wheel per request.
@@ -191,7 +195,7 @@ impl Conn {
     /// Reads the next request head: `idle_timeout` while nothing has come, then
     /// `header_read_timeout` from its first byte (from the connection's start for its first
     /// request: a silent client is a slow-loris too). Shutdown closes a connection waiting
-    /// with nothing begun.
+    /// with nothing begun after [`DRAIN_GRACE`].
     async fn read_head(&mut self) -> Read {
         let first = self.served == 0;
         let idle_since = Instant::now();
@@ -207,6 +211,7 @@ impl Conn {
         let mut parsed_at = 0usize;
         let limits = self.limits;
         let (wire, timer, stop) = (&self.wire, &mut self.timer, &mut self.stop);
+        let mut grace_until: Option<Instant> = None;
         poll_fn(|cx| {
             let mut w = lock(wire);
             loop {
@@ -253,14 +258,19 @@ impl Conn {
             }
             let begun = !w.buf.is_empty();
             drop(w);
-            let deadline = match head_since {
+            let mut deadline = match head_since {
                 Some(t) => t + limits.header,
                 None => idle_since + limits.idle,
             };
-            if timer.poll_until(cx, deadline).is_ready() {
-                return Poll::Ready(Read::Gone);
+            // At shutdown a connection with nothing begun is closed after a short grace:
+            // a request already on its way (from a client that reused its connection, or
+            // connected as the listener was handed to a new process) is still answered,
+            // with `Connection: close`, instead of meeting a closed connection.
+            if !begun && (grace_until.is_some() || stop.as_mut().poll(cx).is_ready()) {
+                let until = *grace_until.get_or_insert_with(|| Instant::now() + DRAIN_GRACE);
+                deadline = deadline.min(until);
             }
-            if !begun && stop.as_mut().poll(cx).is_ready() {
+            if timer.poll_until(cx, deadline).is_ready() {
                 return Poll::Ready(Read::Gone);
             }
             Poll::Pending
