@@ -473,3 +473,32 @@ async fn connections_past_max_connections_per_ip_are_closed_and_counted() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_sticky_cookie_naming_a_backup_keeps_to_it_while_it_is_healthy() {
+    let primary = TestUpstream::start("primary").await;
+    let backup = TestUpstream::start("backup").await;
+    let p = TestProxy::start(&common::admin::config(&format!(
+        "[upstreams.app]\nservers = [\"{}\", {{ addr = \"{}\", backup = true }}]\nretries = 1\n\
+         [upstreams.app.sticky]\n",
+        primary.addr, backup.addr
+    )))
+    .await;
+    let c = client();
+    let first = get_cookie(&c, &p.url("/"), None).await;
+    assert_eq!(first.upstream(), "primary");
+    let to_primary = cookie_of(&first).unwrap();
+    // The primary is drained: the backup takes the client, with its own cookie.
+    let drain = format!("/upstreams/app/servers/{}/drain", primary.addr);
+    assert_eq!(common::admin::post(&p, &drain, "").await.status, 200);
+    let moved = get_cookie(&c, &p.url("/"), Some(&to_primary)).await;
+    assert_eq!(moved.upstream(), "backup");
+    let to_backup = cookie_of(&moved).unwrap();
+    // Back in rotation, the primary gets new clients; the backup keeps its own.
+    let undrain = format!("/upstreams/app/servers/{}/undrain", primary.addr);
+    assert_eq!(common::admin::post(&p, &undrain, "").await.status, 200);
+    assert_eq!(get_cookie(&c, &p.url("/"), None).await.upstream(), "primary");
+    let kept = get_cookie(&c, &p.url("/"), Some(&to_backup)).await;
+    assert_eq!(kept.upstream(), "backup");
+    assert!(!kept.headers.contains_key("set-cookie"));
+}
