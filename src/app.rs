@@ -147,6 +147,8 @@ impl AppHandle {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
+        // Ready only once the signals are handled: a SIGTERM from now on drains.
+        crate::upgrade::report_ready().await;
         let mut upgrading: Option<tokio::task::JoinHandle<_>> = None;
         let mut handed_over = false;
         loop {

@@ -243,7 +243,6 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        fairway::upgrade::report_ready().await;
         match app.run_until_signal().await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
