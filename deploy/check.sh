@@ -25,11 +25,13 @@
 #      at /etc/fairway, publishes the listen port, and the admin port on loopback only; the
 #      admin token is set; every server is a compose service; stop_grace_period exceeds
 #      server.shutdown_timeout.
-#   3. systemd unit (deploy/systemd/fairway.service): `systemd-analyze verify` on a copy whose
-#      /usr/local/bin/fairway points at the built binary (the installed path does not exist on
-#      a build machine, and verify rejects a unit whose binary is missing), failing on any
-#      message, plus the `systemd-analyze security --offline` exposure score. Skipped with a
-#      message when systemd-analyze is not installed.
+#   3. systemd units (deploy/systemd/fairway.service and fairway.socket): `systemd-analyze
+#      verify` on copies whose /usr/local/bin/fairway points at the built binary (the installed
+#      path does not exist on a build machine, and verify rejects a unit whose binary is
+#      missing), failing on any message, plus the `systemd-analyze security --offline` exposure
+#      score. Skipped with a message when systemd-analyze is not installed. Always: every
+#      ListenStream= of the socket unit is a listen address of config/fairway.toml (fairway
+#      matches the sockets it is handed by address).
 #
 # Environment: FAIRWAY_BIN (default target/debug/fairway), KUBERNETES_VERSION (schema
 # version, default 1.30.0), DEPLOY_CHECK_REQUIRE_SCHEMA=1, DEPLOY_CHECK_MAX_EXPOSURE (3.0),
@@ -46,6 +48,8 @@ MAX_EXPOSURE=${DEPLOY_CHECK_MAX_EXPOSURE:-3.0}
 VENV=target/deploy-check/venv
 MANIFESTS=(deploy/kubernetes/*.yaml)
 UNIT=deploy/systemd/fairway.service
+SOCKET_UNIT=deploy/systemd/fairway.socket
+EXAMPLE_CONFIG=config/fairway.toml
 COMPOSE=deploy/docker/compose.yaml
 DOCKER_CONFIG=deploy/docker/fairway.toml
 
@@ -674,16 +678,18 @@ PYTHON
 "$PY" "$tmp/compose.py" "$COMPOSE" "$DOCKER_CONFIG" "$FAIRWAY_BIN" || fail "Docker example ($COMPOSE, $DOCKER_CONFIG)"
 
 # ---------------------------------------------------------------------------------------
-step "systemd unit: $UNIT"
+step "systemd units: $UNIT, $SOCKET_UNIT"
 if command -v systemd-analyze >/dev/null 2>&1; then
     echo "validator: $(systemd-analyze --version | head -n1)"
     # A copy named fairway.service whose binary exists here. Every Exec line is kept, so a
     # typo in an option still shows; only the path of the binary changes.
     mkdir -p "$tmp/unit"
     sed "s#/usr/local/bin/fairway#$FAIRWAY_BIN#g" "$UNIT" >"$tmp/unit/fairway.service"
+    # The socket unit beside it: verify checks that the service it activates exists.
+    cp "$SOCKET_UNIT" "$tmp/unit/fairway.socket"
     # verify exits 0 on unknown keys and unparsable values (it only logs them), so any
     # output at all is a failure.
-    out=$(systemd-analyze verify --man=no "$tmp/unit/fairway.service" 2>&1) && rc=0 || rc=$?
+    out=$(systemd-analyze verify --man=no "$tmp/unit/fairway.socket" "$tmp/unit/fairway.service" 2>&1) && rc=0 || rc=$?
     if [[ $rc -ne 0 || -n $out ]]; then
         printf '%s\n' "${out//$tmp\/unit\//deploy/systemd/}"
         fail "systemd-analyze verify (exit $rc)"
@@ -714,6 +720,40 @@ if command -v systemd-analyze >/dev/null 2>&1; then
 else
     echo "SKIPPED: systemd-analyze is not installed (apt-get install systemd)"
 fi
+# The socket unit's addresses are the example config's: a socket that matches no address is
+# closed by fairway, and the port would then be held by systemd and never served.
+cat >"$tmp/socket.py" <<'PYTHON'
+import re
+import sys
+
+try:
+    import tomllib
+except ImportError:
+    print("note: Python < 3.11 has no tomllib: ListenStream= addresses not compared")
+    sys.exit(0)
+
+socket_path, config_path = sys.argv[1:3]
+with open(config_path, "rb") as f:
+    cfg = tomllib.load(f)
+server = cfg.get("server") or {}
+listen = server.get("listen") or []
+addrs = set([listen] if isinstance(listen, str) else listen)
+for extra in ((cfg.get("admin") or {}).get("listen"), server.get("redirect_http")):
+    if extra:
+        addrs.add(extra)
+addrs = {"0.0.0.0" + a if a.startswith(":") else a for a in addrs}
+with open(socket_path) as f:
+    streams = re.findall(r"^ListenStream=(.*)$", f.read(), re.M)
+bad = [s for s in streams if s.strip() not in addrs]
+if not streams:
+    print(f"FAIL: {socket_path} has no ListenStream=")
+    sys.exit(1)
+if bad:
+    print(f"FAIL: {socket_path}: ListenStream= {bad} not among the addresses of {config_path} {sorted(addrs)}")
+    sys.exit(1)
+print(f"ok: ListenStream= {streams} are listen addresses of {config_path}")
+PYTHON
+"$PY" "$tmp/socket.py" "$SOCKET_UNIT" "$EXAMPLE_CONFIG" || fail "$SOCKET_UNIT against $EXAMPLE_CONFIG"
 
 step "result"
 if ((failures > 0)); then

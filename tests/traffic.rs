@@ -497,7 +497,10 @@ async fn a_sticky_cookie_naming_a_backup_keeps_to_it_while_it_is_healthy() {
     // Back in rotation, the primary gets new clients; the backup keeps its own.
     let undrain = format!("/upstreams/app/servers/{}/undrain", primary.addr);
     assert_eq!(common::admin::post(&p, &undrain, "").await.status, 200);
-    assert_eq!(get_cookie(&c, &p.url("/"), None).await.upstream(), "primary");
+    assert_eq!(
+        get_cookie(&c, &p.url("/"), None).await.upstream(),
+        "primary"
+    );
     let kept = get_cookie(&c, &p.url("/"), Some(&to_backup)).await;
     assert_eq!(kept.upstream(), "backup");
     assert!(!kept.headers.contains_key("set-cookie"));
