@@ -446,3 +446,78 @@ async fn systemd_socket_activation_serves_the_sockets_it_is_given() {
     p.signal("TERM");
     p.expect_clean_exit(Duration::from_secs(10)).await;
 }
+
+/// The TLS, `redirect_http` and PROXY protocol listeners are handed over too: the new process
+/// answers on the same ports, over TLS behind the PROXY protocol (which applies to `listen`
+/// addresses), and with the 308.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_redirect_and_proxy_protocol_listeners_are_handed_over() {
+    let ca = common::pki::Ca::new("upgrade CA");
+    let a = TestUpstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in ca.leaf(&["localhost"]).files("") {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let path = dir.path().join("fairway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\nredirect_http = \"127.0.0.1:0\"\n\
+             proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\nshutdown_timeout = \"2s\"\n\
+             [server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             [upstreams.app]\nservers = [\"{}\"]\n",
+            a.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = fairway(&["run", "--config", path.to_str().unwrap()]);
+    cmd.env("RUST_LOG", log_level("info"));
+    let mut old = Proc::spawn(cmd);
+    let tls = old.client_addr().await;
+    let redirect = old.bound("redirecting plain HTTP to https").await;
+    let check = |client_ip: &'static str| {
+        let ca = &ca;
+        async move {
+            // TLS behind a PROXY protocol v1 header naming the client.
+            let mut tcp = TcpStream::connect(tls).await.unwrap();
+            tcp.write_all(format!("PROXY TCP4 {client_ip} 127.0.0.1 50000 443\r\n").as_bytes())
+                .await
+                .unwrap();
+            let s = tokio_rustls::TlsConnector::from(common::tls::trusting(ca, &["http/1.1"]))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap();
+            let r = common::tls::http1(s).await.get("/").await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.seen_one("x-real-ip").unwrap(), client_ip);
+            let answer = raw(
+                redirect,
+                b"GET /x HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+                Duration::from_secs(5),
+            )
+            .await;
+            assert_eq!(raw_status(&answer), Some(308), "{answer}");
+        }
+    };
+    check("10.1.2.3").await;
+    old.signal("USR2");
+    let s = exited(&mut old, Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("{}", old.stderr()));
+    assert_eq!(s.code(), Some(0), "{}", old.stderr());
+    let stderr = old.stderr();
+    let new = Adopted(logged_pid(&stderr, "the new process serves").unwrap());
+    // Every socket was handed over: none was bound anew.
+    assert_eq!(
+        stderr
+            .matches("using a socket handed over at start")
+            .count(),
+        3,
+        "{stderr}"
+    );
+    check("10.4.5.6").await;
+    new.stop().await;
+}
