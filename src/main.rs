@@ -236,6 +236,14 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     rt.block_on(async {
+        // Handled from the start: a SIGHUP or SIGUSR2 before the proxy serves is ignored
+        // instead of ending the process (their default action).
+        for kind in [
+            tokio::signal::unix::SignalKind::hangup(),
+            tokio::signal::unix::SignalKind::user_defined2(),
+        ] {
+            let _ = tokio::signal::unix::signal(kind);
+        }
         let app = match fairway::App::start(path).await {
             Ok(app) => app,
             Err(e) => {

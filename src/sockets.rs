@@ -65,10 +65,15 @@ pub struct Prepared {
     redirect: Option<(SocketAddr, Option<std::net::TcpListener>)>,
 }
 
-/// Binds like Nginx: `SO_REUSEADDR`, a backlog of 1024, non-blocking.
+/// Binds like Nginx: `SO_REUSEADDR`, IPv6 sockets IPv6 only, a backlog of 1024,
+/// non-blocking.
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]:80` beside `0.0.0.0:80`, as Nginx's `ipv6only=on`.
+        socket.set_only_v6(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;

@@ -92,25 +92,31 @@ pub async fn start_new_process(control: &Control) -> Result<u32, UpgradeError> {
             }
         }
     };
-    tokio::select! {
-        r = wait_ready => {
-            r?;
+    let outcome = tokio::select! {
+        r = wait_ready => r.map_err(UpgradeError::Spawn),
+        status = child.wait() => return Err(UpgradeError::Exited(status?)),
+        () = tokio::time::sleep(limit) => Err(UpgradeError::NotReady(limit)),
+    };
+    match outcome {
+        Ok(()) => {
+            // systemd follows the new process from now on (the old one is still the main
+            // process, the one allowed to say so).
+            crate::inherit::notify(&format!("MAINPID={pid}"));
             Ok(pid)
         }
-        status = child.wait() => Err(UpgradeError::Exited(status?)),
-        () = tokio::time::sleep(limit) => {
+        Err(e) => {
+            // Never left running beside this one, unmanaged.
             let _ = child.kill().await;
-            Err(UpgradeError::NotReady(limit))
+            Err(e)
         }
     }
 }
 
-/// Tells the process that started this one by `SIGUSR2` (if any) that this one serves; and
-/// systemd, which then follows this process as the service's main one.
+/// Tells the process that started this one by `SIGUSR2` (if any) that this one serves (it
+/// then tells systemd to follow this one); else tells systemd itself.
 pub async fn report_ready() {
     let pid = std::process::id();
     if let Some(path) = std::env::var_os(READY_VAR) {
-        crate::inherit::notify(&format!("MAINPID={pid}\nREADY=1"));
         match UnixStream::connect(&path).await {
             Ok(mut s) => {
                 let _ = s.write_all(format!("READY {pid}\n").as_bytes()).await;

@@ -657,3 +657,27 @@ async fn http10_without_keep_alive_is_closed_after_the_response() {
     assert!(c.closed_within(Duration::from_secs(2)).await.is_some());
     assert!(!c.reset, "reset instead of a clean close");
 }
+
+/// `0.0.0.0:P` and `[::]:P` together: the IPv6 socket is IPv6 only (as Nginx's
+/// `ipv6only=on`), so both bind, and each answers its own family.
+#[tokio::test]
+async fn ipv4_and_ipv6_wildcards_share_a_port() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 on this machine: nothing to check");
+        return;
+    }
+    let a = TestUpstream::start("a").await;
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = TestProxy::start(&format!(
+        "[server]\nlisten = [\"0.0.0.0:{port}\", \"[::]:{port}\"]\n[upstreams.app]\nservers = [\"{}\"]\n",
+        a.addr
+    ))
+    .await;
+    assert_eq!(p.handle().client_addrs().len(), 2);
+    assert_eq!(get(format!("http://127.0.0.1:{port}/")).await.status, 200);
+    assert_eq!(get(format!("http://[::1]:{port}/")).await.status, 200);
+}

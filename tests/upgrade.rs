@@ -274,7 +274,8 @@ async fn an_upgrade_under_traffic_refuses_nothing_and_fails_nothing() {
         "{stderr}"
     );
 
-    // The tunnel on the old process ended with 1001 at its drain deadline.
+    // The tunnel on the old process ended with 1001 (at a frame boundary, once the drain
+    // began).
     let close = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {
