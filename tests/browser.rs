@@ -4,6 +4,13 @@
 //! health check fails as down (red, and labelled) within a few seconds, and drain a server
 //! with its button once the admin token is entered in the page.
 //!
+//! A second test loads a single-page app (a page, a script bundle of about 1 MiB, JSON it
+//! fetches) through fairway with `[compression]` on: the browser must run the whole bundle
+//! and show what it computes, receive each response in the coding fairway chose from the
+//! browser's `Accept-Encoding` (zstd, br, then gzip, each alone, as far as the browser accepts
+//! them), without `Content-Length`, with `Vary: Accept-Encoding` and a weak ETag, in far
+//! fewer bytes than the bundle has, and decode the bundle byte for byte.
+//!
 //! It needs a browser, so it is ignored by default: `cargo test --test browser -- --ignored`
 //! (`.ci/run` installs Debian's `chromium-headless-shell` when no browser is found). The
 //! browser is the first of `chromium`, `chromium-headless-shell`, `google-chrome` and
@@ -13,7 +20,10 @@
 mod common;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,9 +32,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -65,6 +83,26 @@ fn find_browser() -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+}
+
+/// Finds and launches the browser and connects to it over DevTools, naming it and its
+/// version; panics, saying how to get one, without a browser.
+async fn start_browser() -> (Browser, Cdp) {
+    let program = find_browser().unwrap_or_else(|| {
+        panic!(
+            "no browser: install Debian's chromium or chromium-headless-shell, or set \
+             FAIRWAY_CHROMIUM (looked for {BROWSERS:?} on PATH)"
+        )
+    });
+    let browser = Browser::launch(&program).await;
+    let cdp = Cdp::connect(&browser.ws_url).await;
+    let version = cdp.call("Browser.getVersion", json!({})).await;
+    eprintln!(
+        "browser: {} ({})",
+        program.display(),
+        version["product"].as_str().unwrap_or("?")
+    );
+    (browser, cdp)
 }
 
 /// A headless browser with a fresh profile, in a process group of its own (Debian's
@@ -334,13 +372,50 @@ impl Cdp {
         }
     }
 
-    /// Whether an event `method` has arrived.
-    fn seen(&self, method: &str) -> bool {
+    /// Turns on the events of each of `domains` (`Page`, `Runtime`, ...) in the page.
+    async fn enable(&self, domains: &[&str]) {
+        for domain in domains {
+            self.call(&format!("{domain}.enable"), json!({})).await;
+        }
+    }
+
+    /// Navigates the page to `url` and waits up to `limit` for its load event.
+    async fn navigate(&self, url: &str, limit: Duration) {
+        let nav = self.call("Page.navigate", json!({ "url": url })).await;
+        assert!(nav["errorText"].is_null(), "navigating to {url}: {nav}");
+        let deadline = Instant::now() + limit;
+        while !self.seen("Page.loadEventFired") {
+            assert!(
+                Instant::now() < deadline,
+                "{url} did not load within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether `event` comes from the page commands go to (the browser itself before one
+    /// is opened).
+    fn is_from_page(&self, event: &Value) -> bool {
+        match &self.session {
+            Some(s) => event["sessionId"] == s.as_str(),
+            None => event["sessionId"].is_null(),
+        }
+    }
+
+    /// The events `method` that the page has sent so far, in order.
+    fn page_events(&self, method: &str) -> Vec<Value> {
         self.events
             .lock()
             .unwrap()
             .iter()
-            .any(|e| e["method"] == method)
+            .filter(|e| e["method"] == method && self.is_from_page(e))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the page has sent an event `method`.
+    fn seen(&self, method: &str) -> bool {
+        !self.page_events(method).is_empty()
     }
 
     /// Every console error, uncaught exception and error the browser reported (a refused
@@ -502,13 +577,6 @@ fn base64_decode(text: &str) -> Vec<u8> {
 #[ignore = "needs a Chromium browser: run with --ignored (CI installs one)"]
 async fn the_dashboard_in_a_real_browser() {
     let started = Instant::now();
-    let program = find_browser().unwrap_or_else(|| {
-        panic!(
-            "no browser: install Debian's chromium or chromium-headless-shell, or set \
-             FAIRWAY_CHROMIUM (looked for {BROWSERS:?} on PATH)"
-        )
-    });
-
     let a = TestUpstream::start("a").await;
     let b = TestUpstream::start("b").await;
     let p = TestProxy::start(&format!(
@@ -523,34 +591,13 @@ async fn the_dashboard_in_a_real_browser() {
     let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
     let page_url = admin::url(&p, "/");
 
-    let browser = Browser::launch(&program).await;
-    let mut cdp = Cdp::connect(&browser.ws_url).await;
-    let version = cdp.call("Browser.getVersion", json!({})).await;
-    eprintln!(
-        "browser: {} ({})",
-        program.display(),
-        version["product"].as_str().unwrap_or("?")
-    );
+    let (browser, mut cdp) = start_browser().await;
     cdp.open_page().await;
-    for domain in ["Page", "Runtime", "Log"] {
-        cdp.call(&format!("{domain}.enable"), json!({})).await;
-    }
+    cdp.enable(&["Page", "Runtime", "Log"]).await;
 
     // The page loads, its script runs (it draws the rows) and its style applies, and nothing
     // is reported: no exception, no console error, no refused script or style.
-    let nav = cdp.call("Page.navigate", json!({ "url": page_url })).await;
-    assert!(
-        nav["errorText"].is_null(),
-        "navigating to {page_url}: {nav}"
-    );
-    let deadline = Instant::now() + SHOWN;
-    while !cdp.seen("Page.loadEventFired") {
-        assert!(
-            Instant::now() < deadline,
-            "{page_url} did not load within {SHOWN:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cdp.navigate(&page_url, SHOWN).await;
     let rows = cdp
         .eval_until(
             SHOWN,
@@ -730,6 +777,404 @@ async fn the_dashboard_in_a_real_browser() {
         "reported by the page:\n{}",
         errors.join("\n")
     );
+    browser.close(&cdp).await;
+    eprintln!("done in {:?}", started.elapsed());
+}
+
+// --- a single-page app behind fairway's compression ------------------------------------------
+
+/// fairway's codings in its default order (`[compression] algorithms`).
+const CODINGS: [&str; 3] = ["zstd", "br", "gzip"];
+
+/// A single-page app: a page, the script bundle it loads and the JSON the bundle fetches,
+/// with what the page shows once the bundle has run whole.
+struct Spa {
+    page: Bytes,
+    bundle: Bytes,
+    /// The bundle's strong ETag.
+    etag: String,
+    data: Bytes,
+    /// What `#result` shows: the sum of what every function of the bundle returns, so a
+    /// bundle that arrives cut short or altered shows something else, or nothing.
+    total: u64,
+    /// What `#data` shows: the sum of the `value`s in the JSON.
+    data_sum: u64,
+}
+
+impl Spa {
+    fn new() -> Spa {
+        // About 1 MiB of functions, each called once, then the code that shows the result
+        // and fetches the data.
+        let mut js = String::from("\"use strict\";\nlet total = 0;\n");
+        let (mut total, mut i) = (0u64, 0u64);
+        while js.len() < 1 << 20 {
+            let (a, m, k) = (i % 13, i % 97, i * 7919 % 1000);
+            let b = format!("item-{k}");
+            writeln!(
+                js,
+                "function f{i}(a, b) {{ return a * {m} + b.length + {k}; }} total += f{i}({a}, \"{b}\");"
+            )
+            .unwrap();
+            total += a * m + b.len() as u64 + k;
+            i += 1;
+        }
+        js.push_str(
+            "document.getElementById('result').textContent = String(total);\n\
+             fetch('/api/data')\n\
+             \x20 .then((r) => { if (!r.ok) throw new Error('/api/data: ' + r.status); return r.json(); })\n\
+             \x20 .then((d) => {\n\
+             \x20   const sum = d.items.reduce((s, x) => s + x.value, 0);\n\
+             \x20   document.getElementById('data').textContent = String(sum);\n\
+             \x20   document.title = 'ready';\n\
+             \x20 })\n\
+             \x20 .catch((e) => console.error('the data did not load: ' + e));\n",
+        );
+        let items: Vec<Value> = (0..100u64)
+            .map(|i| json!({ "id": i, "name": format!("item-{i}"), "value": i * i % 101 }))
+            .collect();
+        let data_sum = (0..100u64).map(|i| i * i % 101).sum();
+        let mut page = String::from(
+            "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+             <title>loading</title>\n<link rel=\"icon\" href=\"data:,\">\n</head>\n<body>\n\
+             <h1>A single-page app</h1>\n<p>Result: <span id=\"result\"></span></p>\n\
+             <p>Data: <span id=\"data\"></span></p>\n<ul>\n",
+        );
+        for i in 0..40 {
+            writeln!(
+                page,
+                "<li>Static line {i} of the page, there to make it worth compressing.</li>"
+            )
+            .unwrap();
+        }
+        page.push_str("</ul>\n<script src=\"/app.js\"></script>\n</body>\n</html>\n");
+        Spa {
+            page: Bytes::from(page),
+            etag: format!("\"bundle-{i}-{total}\""),
+            bundle: Bytes::from(js),
+            data: Bytes::from(json!({ "items": items }).to_string()),
+            total,
+            data_sum,
+        }
+    }
+
+    /// The answer to `GET path`: with `Content-Length`, as an application server sends it.
+    fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+        let (status, content_type, body) = match path {
+            "/" => (200, "text/html; charset=utf-8", &self.page),
+            "/app.js" => (200, "application/javascript", &self.bundle),
+            "/api/data" => (200, "application/json", &self.data),
+            _ => (404, "text/plain", &Bytes::from_static(b"not found\n")),
+        };
+        let mut b = Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len());
+        if path == "/app.js" {
+            b = b.header("etag", &self.etag);
+        }
+        b.body(Full::new(body.clone())).unwrap()
+    }
+}
+
+/// Serves `spa` on a port of its own.
+async fn serve(spa: Arc<Spa>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let spa = Arc::clone(&spa);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let answer = spa.answer(req.uri().path());
+                    async move { Ok::<_, Infallible>(answer) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Header `name` of a DevTools header object, whatever the case of its name.
+fn header<'a>(headers: &'a Value, name: &str) -> Option<&'a str> {
+    headers
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.as_str())
+}
+
+/// Whether an `Accept-Encoding` value accepts `coding` (named, with a q-value above 0).
+fn accepts(accept_encoding: &str, coding: &str) -> bool {
+    accept_encoding.split(',').any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        parts.next().is_some_and(|c| c.eq_ignore_ascii_case(coding))
+            && parts.all(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_none_or(|q| q > 0.0)
+            })
+    })
+}
+
+/// A response the page received, as the browser's Network events describe it.
+struct Received {
+    request_id: String,
+    /// `Accept-Encoding` as the browser sent it.
+    accept_encoding: String,
+    /// The response's header fields.
+    headers: Value,
+    /// The bytes that came over the connection for it, head included.
+    encoded: u64,
+}
+
+impl Received {
+    fn encoding(&self) -> Option<&str> {
+        header(&self.headers, "content-encoding")
+    }
+}
+
+/// The response to `url` in the page, once it has finished loading; panics after `limit`.
+async fn received(cdp: &Cdp, url: &str, limit: Duration) -> Received {
+    let deadline = Instant::now() + limit;
+    loop {
+        let response = cdp
+            .page_events("Network.responseReceived")
+            .into_iter()
+            .find(|e| e["params"]["response"]["url"] == url);
+        if let Some(response) = response {
+            let id = &response["params"]["requestId"];
+            let failed = cdp
+                .page_events("Network.loadingFailed")
+                .into_iter()
+                .find(|e| e["params"]["requestId"] == *id);
+            if let Some(failed) = failed {
+                panic!("{url} failed to load: {:#}", failed["params"]);
+            }
+            let finished = cdp
+                .page_events("Network.loadingFinished")
+                .into_iter()
+                .find(|e| e["params"]["requestId"] == *id);
+            let sent = cdp
+                .page_events("Network.requestWillBeSentExtraInfo")
+                .into_iter()
+                .find(|e| e["params"]["requestId"] == *id);
+            if let (Some(finished), Some(sent)) = (finished, sent) {
+                return Received {
+                    request_id: plain(id),
+                    accept_encoding: header(&sent["params"]["headers"], "accept-encoding")
+                        .unwrap_or_default()
+                        .to_owned(),
+                    headers: response["params"]["response"]["headers"].clone(),
+                    encoded: finished["params"]["encodedDataLength"]
+                        .as_f64()
+                        .expect("encodedDataLength") as u64,
+                };
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url}: no response that finished loading within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What one load of the app through fairway showed.
+struct Load {
+    accept_encoding: String,
+    coding: String,
+    /// The bytes of `/app.js` and of `/` that came over the connection, heads included.
+    bundle_bytes: u64,
+    page_bytes: u64,
+}
+
+/// Loads the app in a new page through a fairway in front of `upstream` with compression
+/// on and `[compression]` keys `extra`, and checks that it runs whole, what each of its
+/// responses looked like on the way, and fairway's metrics. `coding_of` names the coding
+/// expected given the browser's `Accept-Encoding`.
+async fn load_app(
+    cdp: &mut Cdp,
+    spa: &Spa,
+    upstream: SocketAddr,
+    extra: &str,
+    coding_of: impl Fn(&str) -> Option<&'static str>,
+) -> Load {
+    let p = TestProxy::start(&admin::config(&format!(
+        "[compression]\nenabled = true\n{extra}\n\n[upstreams.app]\nservers = [\"{upstream}\"]\n"
+    )))
+    .await;
+    cdp.open_page().await;
+    cdp.enable(&["Page", "Runtime", "Log", "Network"]).await;
+    cdp.call("Network.setCacheDisabled", json!({ "cacheDisabled": true }))
+        .await;
+    let page_url = p.url("/");
+    cdp.navigate(&page_url, SHOWN).await;
+
+    // The bundle ran to its end and the data came: the page shows both sums.
+    let want = json!(["ready", spa.total.to_string(), spa.data_sum.to_string()]);
+    let deadline = Instant::now() + SHOWN;
+    loop {
+        let shown = cdp
+            .eval(
+                "[document.title, document.getElementById('result')?.textContent ?? null, \
+                 document.getElementById('data')?.textContent ?? null]",
+            )
+            .await;
+        if shown == want {
+            break;
+        }
+        let errors = cdp.errors();
+        assert!(
+            Instant::now() < deadline && errors.is_empty(),
+            "the app does not show {want} within {SHOWN:?} of loading {page_url}: {shown}\n\
+             reported by the page:\n{}",
+            errors.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let page = received(cdp, &page_url, COMMAND).await;
+    let bundle = received(cdp, &p.url("/app.js"), COMMAND).await;
+    let data = received(cdp, &p.url("/api/data"), COMMAND).await;
+    let accept_encoding = bundle.accept_encoding.clone();
+    let coding = coding_of(&accept_encoding).unwrap_or_else(|| {
+        panic!("the browser accepts none of fairway's codings: Accept-Encoding: {accept_encoding}")
+    });
+    for (path, r) in [("/", &page), ("/app.js", &bundle), ("/api/data", &data)] {
+        let h = &r.headers;
+        assert_eq!(
+            r.encoding(),
+            Some(coding),
+            "{path} (Accept-Encoding: {}): {h:#}",
+            r.accept_encoding
+        );
+        assert_eq!(header(h, "content-length"), None, "{path}: {h:#}");
+        let vary = header(h, "vary").unwrap_or_default().to_ascii_lowercase();
+        assert!(
+            vary.split([',', '\n'])
+                .any(|v| v.trim() == "accept-encoding"),
+            "{path}: {h:#}"
+        );
+    }
+    assert_eq!(
+        header(&bundle.headers, "etag"),
+        Some(format!("W/{}", spa.etag).as_str()),
+        "{:#}",
+        bundle.headers
+    );
+    // Fewer bytes came than the bundle has, by far: it was sent compressed all the way.
+    assert!(
+        bundle.encoded < spa.bundle.len() as u64 / 4,
+        "{coding}: {} bytes came for a bundle of {}",
+        bundle.encoded,
+        spa.bundle.len()
+    );
+    // And the browser decoded every byte of it.
+    let body = cdp
+        .call(
+            "Network.getResponseBody",
+            json!({ "requestId": bundle.request_id }),
+        )
+        .await;
+    let text = plain(&body["body"]);
+    let decoded = if body["base64Encoded"] == true {
+        base64_decode(&text)
+    } else {
+        text.into_bytes()
+    };
+    if decoded != spa.bundle {
+        let at = decoded
+            .iter()
+            .zip(spa.bundle.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(decoded.len().min(spa.bundle.len()));
+        panic!(
+            "{coding}: the browser decoded {} bytes of the bundle's {}, which differ from byte {at}",
+            decoded.len(),
+            spa.bundle.len()
+        );
+    }
+
+    let errors = cdp.errors_so_far().await;
+    assert!(
+        errors.is_empty(),
+        "{coding}: reported by the page:\n{}",
+        errors.join("\n")
+    );
+    let compressed = admin::metrics(&p)
+        .await
+        .get(
+            "fairway_compressed_responses_total",
+            &[("algorithm", coding)],
+        )
+        .unwrap_or(0.0);
+    assert!(
+        compressed >= 3.0,
+        "fairway_compressed_responses_total{{algorithm=\"{coding}\"}} is {compressed}, \
+         after the page, the bundle and the data went to the browser in {coding}"
+    );
+    Load {
+        accept_encoding,
+        coding: coding.to_owned(),
+        bundle_bytes: bundle.encoded,
+        page_bytes: page.encoded,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Chromium browser: run with --ignored (CI installs one)"]
+async fn a_real_browser_loads_a_compressed_single_page_app_through_fairway() {
+    let started = Instant::now();
+    let spa = Arc::new(Spa::new());
+    let upstream = serve(Arc::clone(&spa)).await;
+    let (browser, mut cdp) = start_browser().await;
+
+    // With the defaults, fairway picks the first of zstd, br and gzip that the browser
+    // accepts; then each other coding the browser accepts, configured alone, so that the
+    // browser decodes every stream fairway makes.
+    let default = |accept: &str| CODINGS.into_iter().find(|c| accepts(accept, c));
+    let first = load_app(&mut cdp, &spa, upstream, "", default).await;
+    let mut loads = vec![first];
+    let accept = loads[0].accept_encoding.clone();
+    assert!(
+        accepts(&accept, "gzip"),
+        "the browser does not accept gzip: Accept-Encoding: {accept}"
+    );
+    for coding in CODINGS {
+        if coding == loads[0].coding || !accepts(&accept, coding) {
+            continue;
+        }
+        let only = move |_: &str| Some(coding);
+        let load = load_app(
+            &mut cdp,
+            &spa,
+            upstream,
+            &format!("algorithms = [\"{coding}\"]"),
+            only,
+        )
+        .await;
+        loads.push(load);
+    }
+    eprintln!(
+        "the browser sent Accept-Encoding: {accept}; the bundle is {} bytes, the page {}",
+        spa.bundle.len(),
+        spa.page.len()
+    );
+    for (i, l) in loads.iter().enumerate() {
+        eprintln!(
+            "{}{}: the bundle came in {} bytes, the page in {} (heads included)",
+            l.coding,
+            if i == 0 { " (fairway's choice)" } else { "" },
+            l.bundle_bytes,
+            l.page_bytes
+        );
+    }
     browser.close(&cdp).await;
     eprintln!("done in {:?}", started.elapsed());
 }
