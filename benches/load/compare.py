@@ -3,15 +3,21 @@
 
 Starts one nginx as three static upstreams, fronts them in turn with each proxy,
 drives every proxy with the same wrk/oha/h2load scenarios in interleaved rounds
-and prints markdown tables of medians and of fairway's per-round ratios.
+and prints markdown tables of medians and of fairway's per-round ratios. With
+--compression, more rounds compare response compression: a ~1 MiB JavaScript bundle through
+nginx's gzip and fairway's gzip, Brotli and zstd, and small answers with compression on.
 
-Python 3 standard library only. Installs nothing. See README.md beside this file.
+Python 3 standard library only (--compression checks br and zstd answers with the brotli
+and zstd modules when they are importable). Installs nothing. See README.md beside this file.
 Exit status: 0 ok, 1 some run failed or saw request errors, 2 setup failure.
 """
 
 import argparse
 import ctypes
+import gzip
+import hashlib
 import http.client
+import importlib
 import json
 import os
 import re
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -57,6 +64,64 @@ SCENARIOS = {
                         "peak RSS is the number to read"},
 }
 BIG_SCENARIOS = ["upload-big", "download-big"]
+
+# --compression: a ~1 MiB JavaScript bundle, served by the backend as it is, compressed by
+# the proxy; and the small answer with compression on but below its minimum length.
+BUNDLE_PATH = "/bundle.js"
+BUNDLE_TARGET = 1 << 20
+# Where real JavaScript is looked for, in this order (npm's own files, Debian's packages).
+JS_ROOTS = ["/usr/lib/node_modules", "/usr/local/lib/node_modules", "/usr/share/nodejs",
+            "/usr/share/javascript"]
+COMP_SCENARIOS = {
+    "bundle-identity": {"tool": "wrk", "conns": 8, "path": BUNDLE_PATH, "coding": None,
+                        "headers": [],
+                        "what": "GET /bundle.js without Accept-Encoding, 8 connections: "
+                                "the cost of passing the bundle on"},
+    "bundle-gzip": {"tool": "wrk", "conns": 8, "path": BUNDLE_PATH, "coding": "gzip",
+                    "headers": ["Accept-Encoding: gzip"],
+                    "what": "GET /bundle.js, Accept-Encoding: gzip, 8 connections"},
+    "bundle-br": {"tool": "wrk", "conns": 8, "path": BUNDLE_PATH, "coding": "br",
+                  "headers": ["Accept-Encoding: br"],
+                  "what": "GET /bundle.js, Accept-Encoding: br, 8 connections"},
+    "bundle-zstd": {"tool": "wrk", "conns": 8, "path": BUNDLE_PATH, "coding": "zstd",
+                    "headers": ["Accept-Encoding: zstd"],
+                    "what": "GET /bundle.js, Accept-Encoding: zstd, 8 connections"},
+    "small-ae-c64": {"tool": "wrk", "conns": 64, "path": "/", "coding": None,
+                     "headers": ["Accept-Encoding: gzip, br"],
+                     "what": "GET / (3 bytes, below every minimum length), "
+                             "Accept-Encoding: gzip, br, 64 keep-alive connections"},
+}
+# The proxies of the --compression rounds: (name, proxy, its compression setting, label,
+# its bundle scenarios). fairway's setting is its [compression] level (None: no
+# [compression] section), nginx's its gzip_comp_level (None: gzip off). The small answers
+# are measured apart, in pairs (SMALL_PAIRS).
+COMP_TARGETS = [
+    ("fairway", "fairway", None, "fairway, no [compression]", ["bundle-identity"]),
+    ("nginx", "nginx", None, "nginx, gzip off", ["bundle-identity"]),
+    ("fairway-default", "fairway", "default", "fairway, [compression] enabled = true",
+     ["bundle-gzip", "bundle-br", "bundle-zstd"]),
+    ("nginx-gzip1", "nginx", 1, "nginx, gzip on, gzip_comp_level 1", ["bundle-gzip"]),
+    ("fairway-fastest", "fairway", "fastest", 'fairway, level = "fastest"',
+     ["bundle-gzip", "bundle-br", "bundle-zstd"]),
+    ("nginx-gzip6", "nginx", 6, "nginx, gzip on, gzip_comp_level 6", ["bundle-gzip"]),
+]
+# fairway's levels per coding (docs/configuration.md, "Levels"), for the tables.
+FAIRWAY_LEVELS = {"fastest": {"gzip": 1, "br": 1, "zstd": 1},
+                  "default": {"gzip": 6, "br": 5, "zstd": 3}}
+
+
+def comp_level(name, coding):
+    """How a --compression target compresses `coding`, as the tables say it."""
+    if name.startswith("nginx-gzip"):
+        return "gzip_comp_level %s" % name[len("nginx-gzip"):]
+    if name.startswith("fairway-") and coding:
+        level = name[len("fairway-"):]
+        return '"%s" (%s %d)' % (level, coding, FAIRWAY_LEVELS[level][coding])
+    return "no compression"
+
+
+def scenario(name):
+    return SCENARIOS[name] if name in SCENARIOS else COMP_SCENARIOS[name]
 
 INSTALL_HINTS = {
     "nginx": "Debian/Ubuntu: sudo apt-get install nginx   (needs the stub_status module, "
@@ -450,13 +515,21 @@ events {{ worker_connections 16384; }}
 """
 
 
-def backend_conf(run_dir, ports, big, buffered_upload=False):
+def backend_conf(run_dir, ports, big, buffered_upload=False, bundle=False):
     """buffered_upload adds /buffered/upload: the backend reads the whole request body
-    (any framing), then passes it to the sink with a Content-Length (see profile.py)."""
+    (any framing), then passes it to the sink with a Content-Length (see profile.py).
+    bundle adds /bundle.js, the JavaScript bundle of --compression, sent as it is (the
+    backend never compresses)."""
     main, http = nginx_common(run_dir, "backend")
     servers = []
     for i, p in enumerate(ports.backends, 1):
         extra = ""
+        if bundle:
+            extra += f"""
+        location = {BUNDLE_PATH} {{
+            default_type application/javascript;
+            alias {run_dir}/bundle.js;
+        }}"""
         if buffered_upload:
             extra += f"""
         location = /buffered/upload {{
@@ -494,14 +567,23 @@ worker_processes 1;
 """
 
 
-def nginx_proxy_conf(run_dir, ports, with_h2):
+def nginx_proxy_conf(run_dir, ports, with_h2, gzip_level=None):
+    """gzip_level (--compression): gzip on at that gzip_comp_level, for the bundle's
+    application/javascript and the small text/plain answer (text/html is always in
+    gzip_types); gzip_min_length stays at its default, 20 bytes."""
     main, http = nginx_common(run_dir, "nginx-proxy")
     ups = "\n".join(f"        server {HOST}:{p};" for p in ports.backends)
     h2 = f"\n        listen {HOST}:{ports.nginx_h2} http2;" if with_h2 else ""
+    gz = ""
+    if gzip_level is not None:
+        gz = f"""    gzip on;
+    gzip_comp_level {gzip_level};
+    gzip_types text/plain application/javascript;
+"""
     return f"""# fairway load comparison: nginx as the proxy
 worker_processes auto;
 {main}http {{
-{http}    upstream app {{
+{http}{gz}    upstream app {{
 {ups}
         keepalive 64;
         keepalive_requests 1000000;
@@ -560,8 +642,22 @@ backend app
 """
 
 
-def fairway_conf(ports):
+def fairway_conf(ports, compression=None):
+    """compression (--compression): "default" adds `[compression] enabled = true` with
+    every other key at its default; "fastest" adds `level = "fastest"` as well."""
     srv = ", ".join(f'"{HOST}:{p}"' for p in ports.backends)
+    comp = ""
+    if compression == "default":
+        comp = """
+[compression]
+enabled = true
+"""
+    elif compression is not None:
+        comp = f"""
+[compression]
+enabled = true
+level = "{compression}"
+"""
     return f"""# fairway load comparison: fairway as users run it (admin listener, metrics,
 # active health checks on)
 [server]
@@ -577,7 +673,7 @@ servers = [{srv}]
 [upstreams.app.health_check]
 path = "/"
 interval = "2s"
-"""
+{comp}"""
 
 
 # --------------------------------------------------------------------------- proxies
@@ -613,7 +709,13 @@ def make_proxies(names, run_dir, ports, tools, fairway_bin, with_h2):
             out[name] = Proxy(name, ports.fairway, ports.fairway,
                               [fairway_bin, "-c", conf], fairway_conf(ports), conf,
                               [fairway_bin, "check", "-c", conf], env)
-    for p in out.values():
+    write_and_check(out.values())
+    return out
+
+
+def write_and_check(proxies):
+    """Writes each proxy's config and has the proxy check it."""
+    for p in proxies:
         with open(p.conf_path, "w") as f:
             f.write(p.conf_text)
         r = subprocess.run(p.check_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -621,6 +723,29 @@ def make_proxies(names, run_dir, ports, tools, fairway_bin, with_h2):
         if r.returncode != 0:
             raise SetupError("%s rejects its generated config %s:\n%s"
                              % (p.name, p.conf_path, r.stdout.decode("utf-8", "replace")))
+
+
+def make_comp_targets(names, run_dir, ports, tools, fairway_bin):
+    """The proxies of the --compression rounds (COMP_TARGETS) whose kind is in `names`:
+    nginx's on nginx's port, fairway's on fairway's; one runs at a time."""
+    out = {}
+    for name, kind, setting, label, scens in COMP_TARGETS:
+        if kind not in names:
+            continue
+        if kind == "nginx":
+            conf = os.path.join(run_dir, "compression-%s.conf" % name)
+            base = [tools["nginx"], "-p", run_dir + "/", "-e",
+                    os.path.join(run_dir, "nginx-proxy-error.log"), "-c", conf]
+            px = Proxy(name, ports.nginx, ports.nginx, base,
+                       nginx_proxy_conf(run_dir, ports, False, setting), conf, base + ["-t"])
+        else:
+            conf = os.path.join(run_dir, "compression-%s.toml" % name)
+            px = Proxy(name, ports.fairway, ports.fairway, [fairway_bin, "-c", conf],
+                       fairway_conf(ports, setting), conf, [fairway_bin, "check", "-c", conf],
+                       dict(os.environ, RUST_LOG="warn"))
+        px.label, px.scenarios = label, scens
+        out[name] = px
+    write_and_check(out.values())
     return out
 
 
@@ -676,6 +801,8 @@ def run_wrk(tools, lua, port, sc, duration):
             "-s", lua]
     if sc.get("close"):
         argv += ["-H", "Connection: close"]
+    for h in sc.get("headers", ()):
+        argv += ["-H", h]
     argv.append("http://%s:%d%s" % (HOST, port, sc["path"]))
     rc, out, err = run_bounded(argv, duration + 30)
     line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
@@ -683,7 +810,7 @@ def run_wrk(tools, lua, port, sc, duration):
         return {"ok": False, "error": "wrk exit %d: %s" % (rc, (err or out).strip()[-400:])}
     j = json.loads(line[len("WRKJSON "):])
     dur = j["duration_us"] / 1e6
-    return {"ok": True, "requests": j["requests"], "duration_s": dur,
+    return {"ok": True, "requests": j["requests"], "duration_s": dur, "bytes": j["bytes"],
             "rps": j["requests"] / dur if dur else 0.0,
             "p50_ms": j["p50_us"] / 1000, "p90_ms": j["p90_us"] / 1000,
             "p99_ms": j["p99_us"] / 1000, "p999_ms": j["p999_us"] / 1000,
@@ -960,7 +1087,7 @@ class Bench:
         """One run of one scenario against one target (a Proxy, or None = direct).
         `probes` (used by profile.py) are started on the proxy's processes just before the
         load and finished just after it; each adds its own numbers to the result."""
-        sc = SCENARIOS[scen]
+        sc = scenario(scen)
         port = self.ports.backends[0] if target is None else (
             target.h2_port if sc["tool"] == "h2load" else target.port)
         ppids = target.pids() if target else []
@@ -1067,6 +1194,8 @@ def fmt(v, kind):
         return "%g" % v
     if kind == "ratio":
         return "%.2f" % v
+    if kind == "ms1":
+        return "%.1f" % v
     return str(v)
 
 
@@ -1205,6 +1334,531 @@ def background_busy(seconds=1.0):
     return 100.0 * (machine_busy_seconds() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
 
 
+# --------------------------------------------------------------------------- compression
+
+def write_bundle(run_dir):
+    """Writes bundle.js into the run directory: real JavaScript from this machine (the
+    `.js` files under the first of JS_ROOTS that has any, then the next ones, in path
+    order), concatenated as whole files, each after a `// path` line, up to BUNDLE_TARGET
+    bytes (a file that would go past it is left out and the next ones tried). Without
+    any, generated code stands in. Returns (the bytes, a description for the JSON)."""
+    files = []
+    for root in JS_ROOTS:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                path = os.path.join(dirpath, fn)
+                if fn.endswith(".js") and os.path.isfile(path) and not os.path.islink(path):
+                    files.append((root, path))
+    out, used, roots = bytearray(), 0, []
+    for root, path in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        piece = b"// %s\n%s\n" % (os.path.relpath(path, root).encode(), data)
+        if len(out) + len(piece) > BUNDLE_TARGET:
+            continue
+        out += piece
+        used += 1
+        if root not in roots:
+            roots.append(root)
+        if len(out) > BUNDLE_TARGET - 256:
+            break
+    if len(out) < BUNDLE_TARGET // 2:
+        source, out, used, roots = "generated", generated_js(BUNDLE_TARGET), 0, []
+        what = ("generated JavaScript (no .js files under %s): it compresses differently "
+                "from real code" % ", ".join(JS_ROOTS))
+    else:
+        source = "files"
+        what = "%d .js files under %s, concatenated" % (used, ", ".join(roots))
+        npm = os.path.join(roots[0], "npm", "package.json")
+        try:
+            with open(npm) as f:
+                what += " (npm %s)" % json.load(f).get("version", "?")
+        except (OSError, ValueError):
+            pass
+    out = bytes(out)
+    path = os.path.join(run_dir, "bundle.js")
+    with open(path, "wb") as f:
+        f.write(out)
+    os.chmod(path, 0o644)
+    return out, {"source": source, "what": what, "files": used, "roots": roots,
+                 "bytes": len(out), "sha256": hashlib.sha256(out).hexdigest()}
+
+
+def generated_js(size):
+    """Stand-in JavaScript when the machine has none: functions built from a fixed list of
+    identifiers by a fixed pseudo-random sequence (the same bytes every run)."""
+    words = ["state", "props", "value", "index", "result", "options", "request", "response",
+             "callback", "element", "handler", "config", "buffer", "length", "module",
+             "exports", "require", "promise", "resolve", "reject", "error", "data", "items",
+             "count", "target", "source", "render", "update", "create", "remove", "parse"]
+    x, out, n = 12345, [], 0
+    while n < size:
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        a, b, c = words[x % 31], words[(x >> 5) % 31], words[(x >> 10) % 31]
+        line = ("function %s_%d(%s, %s) {\n  const %s = %s.%s(%d);\n  if (!%s) { return "
+                "null; }\n  return %s + %d;\n}\n" % (a, x % 997, b, c, a, b, c, x % 100, a,
+                                                      a, x % 4096))
+        out.append(line)
+        n += len(line)
+    return "".join(out).encode()[:size]
+
+
+def _cli_decoder(argv):
+    def decode(data):
+        r = subprocess.run(argv, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=30)
+        if r.returncode != 0:
+            raise ValueError(r.stderr.decode("utf-8", "replace").strip()[-200:])
+        return r.stdout
+    return decode
+
+
+def find_decoders():
+    """coding -> (decode function, how) for gzip, br and zstd; (None, why) when nothing on
+    this machine decodes it: Python modules when importable, else the command-line tool."""
+    out = {"gzip": (gzip.decompress, "Python gzip")}
+    dec = None
+    try:
+        brotli = importlib.import_module("brotli")
+        dec = (brotli.decompress, "Python brotli module")
+    except ImportError:
+        if find_tool("brotli"):
+            dec = (_cli_decoder([find_tool("brotli"), "-d", "-c"]), "brotli CLI")
+    out["br"] = dec or (None, "no brotli module or CLI: br responses not verified")
+    dec = None
+    for mod in ("compression.zstd", "zstandard", "zstd"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if mod == "zstandard":
+            dec = (lambda b, m=m: m.ZstdDecompressor().decompressobj().decompress(b),
+                   "Python zstandard module")
+        elif hasattr(m, "decompress"):
+            dec = (m.decompress, "Python %s module" % mod)
+        if dec:
+            break
+    if dec is None and find_tool("zstd"):
+        dec = (_cli_decoder([find_tool("zstd"), "-d", "-c", "-q"]), "zstd CLI")
+    out["zstd"] = dec or (None, "no zstd module or CLI: zstd responses not verified")
+    return out
+
+
+def raw_get(port, path, accept, timeout=30.0):
+    """One keep-alive GET, read exactly to the end of its response: (status, headers, body
+    with the chunked framing taken off, every byte the response took on the connection)."""
+    s = socket.create_connection((HOST, port), timeout=timeout)
+    try:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept-Encoding: %s\r\n\r\n"
+                  % (path.encode(), HOST.encode(), port, accept.encode()))
+        f = s.makefile("rb")
+        line = f.readline(65536)
+        n = len(line)
+        status = int(line.split()[1])
+        hdrs = {}
+        while True:
+            line = f.readline(65536)
+            n += len(line)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.partition(b":")
+            hdrs[k.strip().lower().decode()] = v.strip().decode()
+        body = bytearray()
+        if "chunked" in hdrs.get("transfer-encoding", "").lower():
+            while True:
+                line = f.readline(4096)
+                n += len(line)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while True:  # trailers, then the empty line
+                        line = f.readline(65536)
+                        n += len(line)
+                        if line in (b"\r\n", b"\n", b""):
+                            break
+                    break
+                chunk = f.read(size)
+                body += chunk
+                n += len(chunk) + len(f.readline(16))
+        else:
+            chunk = f.read(int(hdrs.get("content-length", "0")))
+            body += chunk
+            n += len(chunk)
+        return status, hdrs, bytes(body), n
+    finally:
+        s.close()
+
+
+def check_coded(port, scen, bundle, decoders):
+    """One request of a --compression scenario, outside any measurement: the answer must
+    carry the scenario's coding (none for the small answer and identity) and decode to what
+    the backend sent. Gives the size of the body on the wire and the ratio."""
+    sc = COMP_SCENARIOS[scen]
+    accept = sc["headers"][0].split(":", 1)[1].strip() if sc["headers"] else "identity"
+    want = bundle if sc["path"] == BUNDLE_PATH else b"ok\n"
+    res = {"ok": False, "accept_encoding": accept, "verified": False}
+    try:
+        st, hdrs, body, total = raw_get(port, sc["path"], accept)
+    except (OSError, ValueError, IndexError) as e:
+        res["error"] = "GET %s: %s" % (sc["path"], e)
+        return res
+    got = hdrs.get("content-encoding")
+    res.update({"status": st, "content_encoding": got, "wire_bytes": len(body),
+                "response_bytes": total, "ratio": len(want) / len(body) if body else None})
+    if st != 200 or (got or None) != sc["coding"]:
+        res["error"] = "GET %s with Accept-Encoding: %s -> %s, Content-Encoding %s (want 200, " \
+                       "%s)" % (sc["path"], accept, st, got, sc["coding"] or "none")
+        return res
+    plain, how = body, "as sent"
+    if sc["coding"]:
+        dec, how = decoders[sc["coding"]]
+        if dec is None:
+            res.update({"ok": True, "verified": None, "note": how})
+            return res
+        try:
+            plain = dec(body)
+        except Exception as e:  # any decoder's error: the body is not valid in its coding
+            res["error"] = "%s body of %d bytes does not decode (%s): %s" % (
+                sc["coding"], len(body), how, e)
+            return res
+    if plain != want:
+        res["error"] = "%s body decodes to %d bytes that are not the %d the backend sent" % (
+            sc["coding"] or "identity", len(plain), len(want))
+        return res
+    res.update({"ok": True, "verified": True, "decoded_by": how})
+    return res
+
+
+def codec_reference(bundle):
+    """The codecs alone on the bundle, in this process, one thread: the system's zlib (what
+    nginx links) at levels 1 and 6 in the gzip format, and Brotli at quality 1 and 5 with
+    fairway's window (2^20) when the brotli module is importable. CPU time is the best of
+    3 (process CPU clock)."""
+    mib = len(bundle) / (1 << 20)
+
+    def best_of_3(fn):
+        t = None
+        for _ in range(3):
+            t0 = time.process_time()
+            out = fn()
+            dt = time.process_time() - t0
+            t = dt if t is None else min(t, dt)
+        return out, t
+
+    rows = []
+    for level in (1, 6):
+        def gz(level=level):
+            c = zlib.compressobj(level, zlib.DEFLATED, 31)
+            return c.compress(bundle) + c.flush()
+        out, t = best_of_3(gz)
+        rows.append({"codec": "zlib %s" % zlib.ZLIB_RUNTIME_VERSION, "coding": "gzip",
+                     "level": level, "wire_bytes": len(out), "ratio": len(bundle) / len(out),
+                     "cpu_ms_per_mib": t * 1000 / mib})
+    try:
+        brotli = importlib.import_module("brotli")
+    except ImportError:
+        brotli = None
+    if brotli is not None and hasattr(brotli, "compress"):
+        for q in (1, 5):
+            out, t = best_of_3(lambda q=q: brotli.compress(bundle, quality=q, lgwin=20))
+            rows.append({"codec": "brotli module %s" % getattr(brotli, "__version__", "?"),
+                         "coding": "br", "level": q, "wire_bytes": len(out),
+                         "ratio": len(bundle) / len(out), "cpu_ms_per_mib": t * 1000 / mib})
+    return rows
+
+
+def bundle_numbers(res, size, check):
+    """Adds the per-MiB numbers of a bundle run: the bundle MiB served, proxy CPU ms per
+    MiB, MiB/s, and the wire size and ratio of the slot's check.
+
+    MiB served counts what wrk read, in bundles: its bytes ÷ the bytes one response takes
+    on the connection (the check's), so that the responses still in flight when wrk stops
+    count for the part of them it read (8 responses cut short of, say, 200 would otherwise
+    inflate the CPU per MiB by up to 4 %). A run whose load tool read about a whole bundle
+    per response was not compressed: it fails."""
+    sc = COMP_SCENARIOS[res["scenario"]]
+    res["ratio"], res["wire_bytes"] = check.get("ratio"), check.get("wire_bytes")
+    if sc["path"] != BUNDLE_PATH or not res.get("ok"):
+        return
+    reqs = res.get("requests") or 0
+    res["completed_mib"] = reqs * size / (1 << 20)
+    mib = res["completed_mib"]
+    if res.get("bytes") and check.get("response_bytes"):
+        mib = res["bytes"] / check["response_bytes"] * size / (1 << 20)
+    res["uncompressed_mib"] = mib
+    if mib and res.get("proxy_cpu_s") is not None:
+        res["proxy_cpu_ms_per_mib"] = res["proxy_cpu_s"] * 1000 / mib
+    if res.get("duration_s"):
+        res["mib_per_s"] = mib / res["duration_s"]
+    if reqs and res.get("bytes"):
+        res["read_bytes_per_response"] = res["bytes"] / reqs
+        if sc["coding"] and res["read_bytes_per_response"] > 0.9 * size:
+            res["ok"] = False
+            res["error"] = "wrk read %d bytes per response: not compressed" % (
+                res["read_bytes_per_response"])
+
+
+def run_compression(args, children, tools, run_dir, bench, targets, bundle, decoders,
+                    body16k):
+    """The --compression rounds. Each round first measures the small answers, compression on
+    against off, in adjacent runs (SMALL_PAIRS: off, on, on, off; the next round on, off,
+    off, on), then gives each target a slot for its bundle scenarios (order rotated each
+    round). Every run of a small answer has a slot of its own. In a slot the proxy is
+    started fresh, its codings are checked with one request each, then each scenario runs
+    after 1 s of the same load, unrecorded."""
+    runs, checks = [], []
+    order = list(targets)
+    slots = [0]
+
+    def slot(name, scens, rnd):
+        px = targets[name]
+        slots[0] += 1
+        start_proxy(children, px, run_dir, "compression-%s-r%d-%d.log" % (name, rnd, slots[0]),
+                    body16k)
+        checked = {}
+        for scen in scens:
+            c = check_coded(px.port, scen, bundle, decoders)
+            c.update({"round": rnd, "proxy": name, "scenario": scen})
+            checks.append(c)
+            if not c["ok"]:
+                raise SetupError("%s (%s) fails the %s check: %s" % (
+                    name, px.label, scen, c["error"]))
+            checked[scen] = c
+        for scen in scens:
+            run_wrk(tools, bench.lua, px.port, COMP_SCENARIOS[scen], 1)  # warm-up
+            pids = px.pids()
+            cpu0 = [cpu_seconds([p]) for p in pids]
+            res = bench.measure(px, scen, rnd)
+            per = [cpu_seconds([p]) - c for p, c in zip(pids, cpu0)]
+            # How the CPU spread: nginx's workers, or fairway's one process.
+            res["proxy_cpu_per_process_s"] = sorted(per, reverse=True)
+            res["busiest_process_share"] = max(per) / sum(per) if sum(per) > 0 else None
+            if res.get("duration_s") and res.get("proxy_cpu_s") is not None:
+                res["proxy_cores"] = res["proxy_cpu_s"] / res["duration_s"]
+            bundle_numbers(res, len(bundle), checked[scen])
+            runs.append(res)
+            print("  %-15s %-15s %s" % (name, scen, comp_line(res)))
+            sys.stdout.flush()
+            if px.proc.poll() is not None:
+                raise SetupError("%s exited during %s:\n%s" % (
+                    name, scen, log_tail(px.proc.log_path)))
+            time.sleep(0.3)
+        children.stop(px.proc)
+        px.proc = None
+
+    for rnd in range(1, args.rounds + 1):
+        k = (rnd - 1) % len(order)
+        rorder = order[k:] + order[:k]
+        print("compression round %d/%d: small answers on/off, then %s" % (
+            rnd, args.rounds, " ".join(rorder)))
+        for _, on, off in SMALL_PAIRS:
+            if on in targets and off in targets:
+                for name in ([off, on, on, off] if rnd % 2 else [on, off, off, on]):
+                    slot(name, ["small-ae-c64"], rnd)
+        for name in rorder:
+            slot(name, targets[name].scenarios, rnd)
+        print()
+    return runs, checks
+
+
+def comp_line(r):
+    if COMP_SCENARIOS[r["scenario"]]["path"] != BUNDLE_PATH:
+        return run_line(r)
+    if not r.get("ok"):
+        return "FAILED: %s" % r.get("error")
+    s = "%7s rps  %s MiB/s  cpu %s ms/MiB (%s cores)  ratio %s (%s bytes)  p50 %s ms" % (
+        fmt(r.get("rps"), "rps"), fmt(r.get("mib_per_s"), "rps"),
+        fmt(r.get("proxy_cpu_ms_per_mib"), "ms1"), fmt(r.get("proxy_cores"), "ratio"),
+        fmt(r.get("ratio"), "ratio"), fmt(r.get("wire_bytes"), "rps"),
+        fmt(r.get("p50_ms"), "ms"))
+    if r.get("error_count"):
+        s += "  ERRORS %s" % {k: v for k, v in r["errors"].items() if v}
+    if r.get("contaminated"):
+        s += "  (other CPU %.1f s)" % r["other_cpu_s"]
+    return s
+
+
+# Rows of the bundle table, in this order: (scenario, target).
+BUNDLE_ROWS = [("bundle-identity", "nginx"), ("bundle-identity", "fairway"),
+               ("bundle-gzip", "nginx-gzip1"), ("bundle-gzip", "fairway-fastest"),
+               ("bundle-gzip", "nginx-gzip6"), ("bundle-gzip", "fairway-default"),
+               ("bundle-br", "fairway-fastest"), ("bundle-br", "fairway-default"),
+               ("bundle-zstd", "fairway-fastest"), ("bundle-zstd", "fairway-default")]
+# fairway ÷ nginx at the same gzip level.
+GZIP_PAIRS = [("1", "fairway-fastest", "nginx-gzip1"), ("6", "fairway-default", "nginx-gzip6")]
+# Small answers below the minimum length, compression on against off: (proxy, on, off).
+# Measured in adjacent runs, off-on-on-off (on-off-off-on in even rounds), so that a drift
+# of the machine within a round cancels out of the round's ratio.
+SMALL_PAIRS = [("fairway", "fairway-default", "fairway"), ("nginx", "nginx-gzip1", "nginx")]
+
+
+def per_round(runs, scen, a, b, key):
+    """a's value ÷ b's, for each round where both ran cleanly; a proxy that ran the
+    scenario more than once in a round counts with the mean of its runs."""
+    out = []
+    for rnd in sorted({r["round"] for r in runs}):
+        va, vb = ([r.get(key) for r in runs if r["round"] == rnd and r["scenario"] == scen
+                   and r["proxy"] == p and r.get("ok") and r.get(key)] for p in (a, b))
+        if va and vb:
+            out.append(statistics.fmean(va) / statistics.fmean(vb))
+    return out
+
+
+def summarize_compression(runs, targets):
+    rows = []
+    small = [(s, t) for t in ("fairway", "fairway-default", "nginx", "nginx-gzip1")
+             for s in ["small-ae-c64"]]
+    for scen, name in BUNDLE_ROWS + small:
+        rs = [r for r in runs if r["scenario"] == scen and r["proxy"] == name]
+        if not rs:
+            continue
+        good = [r for r in rs if r.get("ok")]
+        row = {"scenario": scen, "proxy": name, "label": targets[name].label,
+               "level": comp_level(name, COMP_SCENARIOS[scen]["coding"]),
+               "coding": COMP_SCENARIOS[scen]["coding"],
+               "runs": len(rs), "ok_runs": len(good),
+               "errors": sum(r.get("error_count", 0) for r in rs), "failed": len(rs) - len(good),
+               "contaminated": sum(1 for r in rs if r.get("contaminated"))}
+        for key in ("rps", "p50_ms", "p99_ms", "proxy_cpu_per_100k", "mib_per_s",
+                    "proxy_cpu_ms_per_mib", "ratio", "wire_bytes", "proxy_cores"):
+            row[key] = med([r.get(key) for r in good])
+        if name.startswith("nginx"):
+            row["one_worker_runs"] = sum(1 for r in good
+                                         if (r.get("busiest_process_share") or 0) > 0.9)
+        rows.append(row)
+    gzip_ratios = []
+    for level, f, n in GZIP_PAIRS:
+        for key, label in (("proxy_cpu_ms_per_mib", "CPU ms/MiB"), ("rps", "rps"),
+                           ("wire_bytes", "bytes on the wire")):
+            v = per_round(runs, "bundle-gzip", f, n, key)
+            if v:
+                gzip_ratios.append({"level": level, "fairway": f, "nginx": n, "metric": label,
+                                    "key": key, "per_round": v})
+    small_ratios = []
+    for who, on, off in SMALL_PAIRS:
+        for key, label in (("rps", "rps"), ("p99_ms", "p99"),
+                           ("proxy_cpu_per_100k", "CPU/100k")):
+            v = per_round(runs, "small-ae-c64", on, off, key)
+            if v:
+                small_ratios.append({"proxy": who, "on": on, "off": off, "metric": label,
+                                     "key": key, "per_round": v})
+    return {"rows": rows, "gzip_ratios": gzip_ratios, "small_ratios": small_ratios}
+
+
+def ratio_cell(v):
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return fmt(v[0], "ratio")
+    return "%s (%s–%s)" % (fmt(statistics.median(v), "ratio"), fmt(min(v), "ratio"),
+                           fmt(max(v), "ratio"))
+
+
+def print_compression_report(summary, bundle_info, reference, decoders, quick):
+    out = ["## Compression: the JavaScript bundle (medians over rounds)\n",
+           "%s bytes: %s. wrk -t1 -c8, one Accept-Encoding per row. ratio = the bundle's "
+           "size ÷ the body on the wire (one request, decoded and compared with the bundle). "
+           "CPU: the proxy's processes, per MiB of bundle served (uncompressed); cores: "
+           "the proxy's CPU seconds per second.\n"
+           % (fmt(bundle_info["bytes"], "rps"), bundle_info["what"]),
+           "| coding | proxy, level | rps | MiB/s | proxy CPU ms/MiB | cores | ratio "
+           "| bytes on the wire | p50 ms | errors |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in summary["rows"]:
+        if COMP_SCENARIOS[t["scenario"]]["path"] != BUNDLE_PATH:
+            continue
+        who = "%s, %s" % (t["proxy"].split("-")[0], t["level"])
+        out.append("| %s | %s%s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            t["coding"] or "identity", who, warn_mark(t), fmt(t["rps"], "rps"),
+            fmt(t["mib_per_s"], "rps"), fmt(t["proxy_cpu_ms_per_mib"], "ms1"),
+            fmt(t["proxy_cores"], "ratio"), fmt(t["ratio"], "ratio"),
+            fmt(t["wire_bytes"], "rps"), fmt(t["p50_ms"], "ms"), err_cell(t)))
+    one = [t for t in summary["rows"] if t.get("one_worker_runs")
+           and COMP_SCENARIOS[t["scenario"]]["path"] == BUNDLE_PATH]
+    if one:
+        out.append("\nnginx: in %d of %d bundle runs one worker process did over 90 %% of "
+                   "nginx's CPU (its 8 connections were accepted by one worker), so its rps "
+                   "there is one core's; CPU per MiB does not depend on it."
+                   % (sum(t["one_worker_runs"] for t in one),
+                      sum(t["ok_runs"] for t in summary["rows"]
+                          if t["proxy"].startswith("nginx")
+                          and COMP_SCENARIOS[t["scenario"]]["path"] == BUNDLE_PATH)))
+    if summary["gzip_ratios"]:
+        out.append("\n## fairway ÷ nginx at the same gzip level, per round: median (min–max)\n")
+        out.append("CPU and bytes: lower is better for fairway; rps: higher is better.\n")
+        out.append("| gzip level | metric | fairway/nginx |")
+        out.append("|---|---|---:|")
+        for r in summary["gzip_ratios"]:
+            out.append("| %s (%s ÷ %s) | %s | %s |" % (r["level"], r["fairway"], r["nginx"],
+                                                    r["metric"], ratio_cell(r["per_round"])))
+    if reference:
+        out.append("\n## The codecs alone (this process, one thread, best of 3)\n")
+        out.append("| codec | coding | level | CPU ms/MiB | ratio | bytes |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for r in reference:
+            out.append("| %s | %s | %d | %s | %s | %s |" % (
+                r["codec"], r["coding"], r["level"], fmt(r["cpu_ms_per_mib"], "ms1"),
+                fmt(r["ratio"], "ratio"), fmt(r["wire_bytes"], "rps")))
+    small = [t for t in summary["rows"] if t["scenario"] == "small-ae-c64"]
+    if small:
+        out.append("\n## Small answers with compression on (below the minimum length), "
+                   "medians\n")
+        out.append("%s.\n" % COMP_SCENARIOS["small-ae-c64"]["what"])
+        out.append("| proxy | rps | p50 ms | p99 ms | proxy CPU s/100k | errors |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for t in small:
+            out.append("| %s%s | %s | %s | %s | %s | %s |" % (
+                t["label"], warn_mark(t), fmt(t["rps"], "rps"), fmt(t["p50_ms"], "ms"),
+                fmt(t["p99_ms"], "ms"), fmt(t["proxy_cpu_per_100k"], "cpu"), err_cell(t)))
+    if summary["small_ratios"]:
+        out.append("\n## Compression on ÷ off, small answers, per round: median (min–max)\n")
+        out.append("| proxy | metric | on/off |")
+        out.append("|---|---|---:|")
+        for r in summary["small_ratios"]:
+            out.append("| %s (%s ÷ %s) | %s | %s |" % (r["proxy"], r["on"], r["off"],
+                                                     r["metric"], ratio_cell(r["per_round"])))
+        rps = next((r["per_round"] for r in summary["small_ratios"]
+                    if r["proxy"] == "fairway" and r["key"] == "rps"), None)
+        if rps:
+            m = statistics.median(rps)
+            out.append("\nRequirement, fairway's small-answer throughput with `[compression] "
+                       "enabled = true` within 5 %% of without: %s (median %s, rounds %s)%s."
+                       % ("met" if m >= 0.95 else "NOT met", fmt(m, "ratio"),
+                          ", ".join(fmt(v, "ratio") for v in rps),
+                          "; the rounds fall on both sides of 0.95, so this run does not "
+                          "settle it" if min(rps) < 0.95 <= max(rps) else ""))
+    notes = [how for dec, how in decoders.values() if dec is None]
+    if notes:
+        out.append("\nnote: " + "; ".join(notes))
+    if quick:
+        out.append("--quick: one short round; ratios are indicative only.")
+    print("\n".join(out))
+    sys.stdout.flush()
+
+
+def warn_mark(t):
+    return (" ⚠" if t["failed"] or t["errors"] else "") + (" ~" if t["contaminated"] else "")
+
+
+def err_cell(t):
+    return ("%d" % t["errors"]) + (" (%d failed runs)" % t["failed"] if t["failed"] else "")
+
+
+def nginx_temp_file_warnings(run_dir):
+    """How often nginx logged that it buffered an upstream response to a temporary file."""
+    try:
+        return read_file(os.path.join(run_dir, "nginx-proxy-error.log")).count(
+            "buffered to a temporary file")
+    except OSError:
+        return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -1221,8 +1875,14 @@ def parse_args(argv):
     ap.add_argument("--only", default=",".join(ALL_PROXIES),
                     help="proxies to run, comma-separated (default nginx,haproxy,fairway)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help="scenarios to run, comma-separated (default: all of %s)"
+                    help="scenarios to run, comma-separated (default: all of %s); "
+                         "'none' for none of them (with --compression or --big)"
                     % ",".join(SCENARIOS))
+    ap.add_argument("--compression", action="store_true",
+                    help="also compare response compression: a ~1 MiB JavaScript bundle "
+                         "through nginx (gzip_comp_level 1 and 6) and fairway (level "
+                         "fastest and default; gzip, br, zstd), and small answers with "
+                         "compression on against off")
     ap.add_argument("--big", action="store_true",
                     help="also upload and download --big-size bytes through each proxy and "
                          "directly")
@@ -1251,9 +1911,15 @@ def parse_args(argv):
     if bad or not a.proxies:
         ap.error("--only: unknown proxy %s; choose from %s" % (bad, ",".join(ALL_PROXIES)))
     a.scenario_list = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    if a.scenario_list == ["none"]:
+        a.scenario_list = []
     bad = [s for s in a.scenario_list if s not in SCENARIOS]
     if bad:
         ap.error("--scenarios: unknown %s; choose from %s" % (bad, ",".join(SCENARIOS)))
+    if not (a.scenario_list or a.big or a.compression):
+        ap.error("--scenarios none: nothing to run without --compression or --big")
+    if a.compression and not {"nginx", "fairway"} & set(a.proxies):
+        ap.error("--compression compares nginx and fairway: --only has neither")
     if a.rounds < 1 or a.duration < 1:
         ap.error("--rounds and --duration must be >= 1")
     return a
@@ -1327,12 +1993,12 @@ def check_ports_free(ports):
 
 
 def start_backend(children, tools, run_dir, ports, body16k, big=False, sink=False,
-                  buffered_upload=False):
+                  buffered_upload=False, bundle=False):
     """One nginx as the three static upstreams (+ stub_status), and the upload sink when
     `sink`. Returns (backend process, backend config path)."""
     bconf = os.path.join(run_dir, "backend.conf")
     with open(bconf, "w") as f:
-        f.write(backend_conf(run_dir, ports, big, buffered_upload))
+        f.write(backend_conf(run_dir, ports, big, buffered_upload, bundle))
     bargv = [tools["nginx"], "-p", run_dir + "/", "-e",
              os.path.join(run_dir, "backend-error.log"), "-c", bconf]
     r = subprocess.run(bargv + ["-t"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -1361,7 +2027,7 @@ def start_proxy(children, px, run_dir, log_name, body16k, h2=False):
     px.proc = children.start(px.name, px.argv, os.path.join(run_dir, log_name), env=px.env)
     if not wait_listening(px.port, px.proc):
         errlog = px.proc.log_path
-        if px.name == "nginx":
+        if px.name.startswith("nginx"):
             errlog = os.path.join(run_dir, "nginx-proxy-error.log")
         raise SetupError("%s did not start listening on %d:\n%s" % (
             px.name, px.port, log_tail(errlog)))
@@ -1426,6 +2092,15 @@ def main(argv):
         tools, versions, notes = check_tools(args, args.proxies, scenarios)
         run_dir, body16k = make_run_dir(args.big_size if args.big else None)
         session.run_dir = run_dir
+        bundle = bundle_info = decoders = None
+        if args.compression:
+            bundle, bundle_info = write_bundle(run_dir)
+            decoders = find_decoders()
+            print("bundle: %s bytes, %s; sha256 %s" % (
+                fmt(bundle_info["bytes"], "rps"), bundle_info["what"],
+                bundle_info["sha256"][:16]))
+            print("decoding checked with: " + "; ".join(
+                "%s: %s" % (c, how) for c, (_, how) in decoders.items()))
         fairway_bin = None
         if "fairway" in args.proxies:
             fairway_bin, fairway_src, fv = prepare_fairway(args.fairway, run_dir)
@@ -1442,15 +2117,28 @@ def main(argv):
 
         # Backend: one nginx, three static upstreams + stub_status.
         backend, bconf = start_backend(children, tools, run_dir, ports, body16k,
-                                       big=args.big, sink=args.big)
+                                       big=args.big, sink=args.big, bundle=args.compression)
 
+        # The main rounds: the scenarios (and --big) for each proxy of --only.
+        main_rounds = args.rounds if scenarios or args.big else 0
         proxies = make_proxies(args.proxies, run_dir, ports, tools, fairway_bin,
-                               "h2-c8x8" in scenarios)
+                               "h2-c8x8" in scenarios) if main_rounds else {}
+        comp_targets = make_comp_targets(args.proxies, run_dir, ports, tools, fairway_bin) \
+            if args.compression else {}
         bench = Bench(args, tools, run_dir, ports, backend, body16k)
         order = list(args.proxies)
-        total_runs = args.rounds * len(order) * len(scenarios)
-        print("scenarios: %s; proxies: %s; %d round(s) x %d s per run (%d runs)\n" % (
-            ", ".join(scenarios), ", ".join(order), args.rounds, args.duration, total_runs))
+        if main_rounds:
+            total_runs = args.rounds * len(order) * len(scenarios)
+            print("scenarios: %s; proxies: %s; %d round(s) x %d s per run (%d runs)" % (
+                ", ".join(scenarios) or "none", ", ".join(order), args.rounds, args.duration,
+                total_runs))
+        if comp_targets:
+            comp_total = args.rounds * (
+                sum(len(p.scenarios) for p in comp_targets.values())
+                + sum(4 for _, on, off in SMALL_PAIRS if on in comp_targets))
+            print("compression: %s; %d round(s) x %d s per run (%d runs)" % (
+                ", ".join(comp_targets), args.rounds, args.duration, comp_total))
+        print()
         runs, big_runs, idle = [], [], []
         if args.big:  # unrecorded: page cache and sink warmed before the first direct run
             for fn in (big_upload, big_download):
@@ -1458,7 +2146,7 @@ def main(argv):
                     fn(ports.backends[0], min(args.big_size, 64 << 20), args.big_timeout)
                 except OSError:
                     pass
-        for rnd in range(1, args.rounds + 1):
+        for rnd in range(1, main_rounds + 1):
             k = (rnd - 1) % len(order)
             rorder = order[k:] + order[:k]
             print("round %d/%d: %s" % (rnd, args.rounds, " ".join(rorder)))
@@ -1493,19 +2181,37 @@ def main(argv):
                 px.proc = None
             print()
 
+        comp_runs, comp_checks, reference, comp_summary = [], [], [], None
+        if comp_targets:
+            reference = codec_reference(bundle)
+            comp_runs, comp_checks = run_compression(args, children, tools, run_dir, bench,
+                                                     comp_targets, bundle, decoders, body16k)
+            comp_summary = summarize_compression(comp_runs, comp_targets)
+
         table, ratios = summarize(runs, order, scenarios)
         print("machine: %d CPUs, %s, %s" % (shape["nproc"], shape["cpu_model"],
                                             shape["kernel"]))
         print("duration %d s per run, %d round(s), wrk -t1; medians over rounds\n"
               % (args.duration, args.rounds))
-        print_report(table, ratios, big_runs, order, args.quick)
-        contaminated = [r for r in runs if r.get("contaminated")]
+        if main_rounds:
+            print_report(table, ratios, big_runs, order, args.quick)
+        if comp_summary:
+            if main_rounds:
+                print()
+            print_compression_report(comp_summary, bundle_info, reference, decoders,
+                                     args.quick)
+            spilled = nginx_temp_file_warnings(run_dir)
+            if spilled:
+                print("\nnote: nginx logged %d upstream response(s) buffered to a temporary "
+                      "file (proxy_buffers full): that disk write is in its CPU." % spilled)
+        runs_all = runs + comp_runs
+        contaminated = [r for r in runs_all if r.get("contaminated")]
         if contaminated:
             print("\nwarning: %d run(s) saw > 15%% of a core used by other processes "
                   "(e.g. %s %s: %.1f CPU s); rerun on a quiet machine."
                   % (len(contaminated), contaminated[0]["proxy"], contaminated[0]["scenario"],
                      contaminated[0]["other_cpu_s"]))
-        bad = [r for r in runs + big_runs if not r.get("ok") or r.get("error_count")]
+        bad = [r for r in runs_all + big_runs if not r.get("ok") or r.get("error_count")]
         if bad:
             status = 1
         wall = time.time() - started
@@ -1518,6 +2224,14 @@ def main(argv):
             "idle": idle, "runs": runs, "big": big_runs,
             "summary": {"table": table, "ratios": ratios}, "notes": notes,
         }
+        if comp_targets:
+            result["compression"] = {
+                "bundle": bundle_info, "scenarios": COMP_SCENARIOS,
+                "decoders": {c: how for c, (_, how) in decoders.items()},
+                "codec_reference": reference, "checks": comp_checks, "runs": comp_runs,
+                "summary": comp_summary,
+                "nginx_temp_file_warnings": nginx_temp_file_warnings(run_dir),
+                "configs": {p.name: p.conf_text for p in comp_targets.values()}}
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
         print("\nraw results: %s\nwall time: %.0f s (%dm%02ds)" % (
