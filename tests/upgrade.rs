@@ -256,9 +256,21 @@ async fn an_upgrade_under_traffic_refuses_nothing_and_fails_nothing() {
     })
     .await;
 
-    // The upgrade; a second SIGUSR2 while it is under way changes nothing.
+    // The upgrade. A second SIGUSR2 while the old process drains (held open by the tunnel
+    // until its close) changes nothing. (Two signals sent back to back may reach a process as
+    // one, so the second waits for the hand-over.)
     old.signal("USR2");
+    eventually(Duration::from_secs(20), "the hand-over", || async {
+        old.stderr().contains("the new process serves")
+    })
+    .await;
     old.signal("USR2");
+    eventually(
+        Duration::from_secs(5),
+        "the second SIGUSR2 ignored",
+        || async { old.stderr().contains("SIGUSR2 ignored") },
+    )
+    .await;
     let status_old = exited(&mut old, Duration::from_secs(20))
         .await
         .unwrap_or_else(|| panic!("the old process did not exit: {}", old.stderr()));
