@@ -505,3 +505,31 @@ async fn a_sticky_cookie_naming_a_backup_keeps_to_it_while_it_is_healthy() {
     assert_eq!(kept.upstream(), "backup");
     assert!(!kept.headers.contains_key("set-cookie"));
 }
+
+#[tokio::test]
+async fn a_sticky_cookie_pins_with_every_balance() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let c3 = TestUpstream::start("c").await;
+    for balance in ["round_robin", "ip_hash", "least_request"] {
+        let p = TestProxy::start(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.app]\nbalance = \"{balance}\"\n\
+             servers = [{}]\n[upstreams.app.sticky]\n",
+            quoted(&[&a, &b, &c3])
+        ))
+        .await;
+        let c = client();
+        // A cookie with each server's id pins the client to it, whatever the balancer picks.
+        for server in [&a, &b, &c3] {
+            let cookie = format!(
+                "fairway_sticky={}",
+                fairway::sticky::server_id("app", &server.addr.to_string())
+            );
+            for _ in 0..5 {
+                let r = get_cookie(&c, &p.url("/"), Some(&cookie)).await;
+                assert_eq!(r.upstream(), server.name, "{balance}");
+                assert!(!r.headers.contains_key("set-cookie"), "{balance}");
+            }
+        }
+    }
+}
