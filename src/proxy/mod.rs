@@ -59,11 +59,12 @@ pub async fn handle(
     trace: &mut Trace,
 ) -> Response<Body> {
     let method = req.method().clone();
+    // Whether the peer's forwarded fields (and request ID) are believed: decided once.
+    let trusted = headers::is_trusted(conn.peer.ip(), &rt.trusted);
     if rt.settings.request_id {
-        let trusted = headers::is_trusted(conn.peer.ip(), &rt.trusted);
         trace.request_id = Some(headers::request_id(req.headers(), trusted));
     }
-    let mut resp = match forward(rt, req, head_bytes, conn, ctx, trace).await {
+    let mut resp = match forward(rt, req, head_bytes, conn, trusted, ctx, trace).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.status() {
@@ -139,6 +140,7 @@ async fn forward(
     req: Request<Inbound>,
     head_bytes: usize,
     conn: &ConnInfo,
+    trusted: bool,
     ctx: &Arc<Context>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ProxyError> {
@@ -214,7 +216,6 @@ async fn forward(
     }
 
     let peer = conn.peer.ip();
-    let trusted = headers::is_trusted(peer, &rt.trusted);
     let client_ip = if trusted {
         headers::client_ip(peer, req.headers(), &rt.trusted)
     } else {
