@@ -237,19 +237,18 @@ async fn forward(
     });
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     // The encoding the response may get, if it turns out eligible (CONTRACT §8).
-    let encode = match routed.route {
-        Some(i) => rt.policies[i].compression.as_ref(),
-        None => rt.compression.as_ref(),
-    }
-    .and_then(|c| {
-        let accept = req.headers().get_all(header::ACCEPT_ENCODING).iter();
-        let algorithm = crate::compress::negotiate(accept.map(|v| v.as_bytes()), &c.algorithms)?;
-        Some(Encode {
-            algorithm,
-            settings: c,
-            head: req.method() == Method::HEAD,
-        })
-    });
+    let encode = policy
+        .map_or(rt.compression.as_ref(), |p| p.compression.as_ref())
+        .and_then(|c| {
+            let accept = req.headers().get_all(header::ACCEPT_ENCODING).iter();
+            let algorithm =
+                crate::compress::negotiate(accept.map(|v| v.as_bytes()), &c.algorithms)?;
+            Some(Encode {
+                algorithm,
+                settings: c,
+                head: req.method() == Method::HEAD,
+            })
+        });
 
     let (parts, body) = req.into_parts();
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
