@@ -33,6 +33,97 @@ pub const HOP_BY_HOP: [&str; 7] = [
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// What a head's framing and connection fields say, noted field by field as the head is
+/// parsed (or read off a header map with [`Facts::of`]): the proxy's decisions on framing,
+/// persistence and hop-by-hop fields then need no lookup in the header map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Which hop-by-hop fields by definition are present: bit `i` for [`HOP_BY_HOP`]`[i]`.
+    pub hop: u8,
+    /// `Content-Length` lines (saturating).
+    pub lengths: u8,
+    /// The value of the last `Content-Length` line, when it is 1 to 19 decimal digits.
+    pub length: Option<u64>,
+    /// `Transfer-Encoding` lines (saturating).
+    pub codings: u8,
+    /// The last `Transfer-Encoding` line ends with the `chunked` coding.
+    pub chunked_last: bool,
+    /// The last `Transfer-Encoding` line is exactly `chunked`.
+    pub chunked_only: bool,
+    /// `Connection` lists `close`.
+    pub close: bool,
+    /// `Connection` lists `keep-alive`.
+    pub keep_alive: bool,
+    /// `Connection` lists `upgrade`.
+    pub upgrade: bool,
+    /// `Connection` lists another name (a field to leave out too).
+    pub lists: bool,
+}
+
+/// The bits of [`Facts::hop`].
+const CONNECTION_BIT: u8 = 1;
+const UPGRADE_BIT: u8 = 1 << 6;
+
+impl Facts {
+    /// Reads the facts off a header map (a head not parsed by fairway).
+    pub fn of(headers: &HeaderMap) -> Facts {
+        let mut f = Facts::default();
+        for (name, value) in headers {
+            f.note(name, value.as_bytes());
+        }
+        f
+    }
+
+    /// Notes one field line.
+    #[inline]
+    pub fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            self.lengths = self.lengths.saturating_add(1);
+            self.length = crate::h1::parse_length(value);
+            return;
+        }
+        let bit = if *name == header::CONNECTION {
+            self.connection_tokens(value);
+            CONNECTION_BIT
+        } else if *name == header::TRANSFER_ENCODING {
+            self.codings = self.codings.saturating_add(1);
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            self.chunked_last = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            self.chunked_only = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            1 << 5
+        } else if *name == header::UPGRADE {
+            UPGRADE_BIT
+        } else if *name == header::TE {
+            1 << 3
+        } else if *name == header::TRAILER {
+            1 << 4
+        } else if *name == KEEP_ALIVE {
+            1 << 1
+        } else if *name == PROXY_CONNECTION {
+            1 << 2
+        } else {
+            return;
+        };
+        self.hop |= bit;
+    }
+
+    fn connection_tokens(&mut self, value: &[u8]) {
+        for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+                // `close` also takes out a field named `close`.
+                self.lists = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else if !t.is_empty() {
+                self.lists = true;
+            }
+        }
+    }
+}
+
 /// Whether the request asks for a WebSocket upgrade, the only upgrade that is tunnelled:
 /// `Connection` lists `upgrade` and there is exactly one `Upgrade` line, whose value is the
 /// single token `websocket` (any case). Anything else (`h2c`, `websocket, h2c`, two
@@ -68,28 +159,24 @@ pub enum Framing {
 /// decimal is an invalid response, and so is a `Transfer-Encoding` other than exactly
 /// `chunked` (a body in an unknown coding cannot be relayed as it is).
 pub fn response_framing(headers: &HeaderMap) -> Result<Framing, &'static str> {
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    let length = match (lengths.next(), lengths.next()) {
-        (None, _) => None,
-        (Some(v), None) => {
-            let b = v.as_bytes();
-            if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
-                return Err("invalid Content-Length");
-            }
-            Some(v)
-        }
-        (Some(_), Some(_)) => return Err("more than one Content-Length"),
+    framing_of(&Facts::of(headers))
+}
+
+/// [`response_framing`] from the facts of the head.
+pub fn framing_of(f: &Facts) -> Result<Framing, &'static str> {
+    let length = match f.lengths {
+        0 => false,
+        1 if f.length.is_some() => true,
+        1 => return Err("invalid Content-Length"),
+        _ => return Err("more than one Content-Length"),
     };
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    match (codings.next(), codings.next()) {
-        (None, _) => Ok(Framing::Clean),
-        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => {
-            Ok(if length.is_some() {
-                Framing::ChunkedOverLength
-            } else {
-                Framing::Clean
-            })
-        }
+    match f.codings {
+        0 => Ok(Framing::Clean),
+        1 if f.chunked_only => Ok(if length {
+            Framing::ChunkedOverLength
+        } else {
+            Framing::Clean
+        }),
         _ => Err("unsupported Transfer-Encoding"),
     }
 }
@@ -156,39 +243,36 @@ impl<'a> Listed<'a> {
 /// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`,
 /// `Upgrade` is kept and `Connection: upgrade` is set, as a tunnel needs them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names first: most responses carry none of these, and each removal
-    // below is a lookup of its own.
-    let hop = |n: &HeaderName| {
-        n == header::CONNECTION
-            || n == KEEP_ALIVE
-            || n == PROXY_CONNECTION
-            || n == header::TE
-            || n == header::TRAILER
-            || n == header::TRANSFER_ENCODING
-            || n == header::UPGRADE
-    };
-    if !upgrade && !headers.keys().any(hop) {
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = Listed::of(headers)
-            .names
-            .iter()
-            .filter_map(|t| HeaderName::from_bytes(t).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    let facts = Facts::of(headers);
+    strip_known(headers, &facts, upgrade);
+}
+
+/// [`strip_hop_by_hop`], with the facts of the head: only the fields present are looked up.
+pub fn strip_known(headers: &mut HeaderMap, facts: &Facts, upgrade: bool) {
+    if facts.hop & CONNECTION_BIT != 0 {
+        if facts.lists {
+            let named: Vec<HeaderName> = Listed::of(headers)
+                .names
+                .iter()
+                .filter_map(|t| HeaderName::from_bytes(t).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
+    let others = facts.hop & !(CONNECTION_BIT | UPGRADE_BIT);
+    if others != 0 {
+        for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+            if others & (1 << i) != 0 {
+                headers.remove(*name);
+            }
+        }
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if facts.hop & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
 }
@@ -253,6 +337,36 @@ pub(crate) mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "1"),
         ])
+    }
+
+    #[test]
+    fn facts_note_framing_and_connection_fields() {
+        let f = Facts::of(&hop_by_hop_fields());
+        assert_eq!(f.hop, 0b111_1111);
+        assert!(f.close && f.keep_alive && f.lists && !f.upgrade);
+        assert_eq!((f.codings, f.chunked_last, f.chunked_only), (1, true, true));
+        assert_eq!((f.lengths, f.length), (0, None));
+
+        let f = Facts::of(&h(&[
+            ("content-length", "12"),
+            ("connection", "Upgrade"),
+            ("transfer-encoding", "gzip, chunked"),
+            ("x-other", "close"),
+        ]));
+        assert_eq!(f.hop, 1 | 1 << 5);
+        assert!(f.upgrade && !f.close && !f.keep_alive && !f.lists);
+        assert_eq!(
+            (f.codings, f.chunked_last, f.chunked_only),
+            (1, true, false)
+        );
+        assert_eq!((f.lengths, f.length), (1, Some(12)));
+
+        let f = Facts::of(&h(&[("connection", "keep-alive"), ("x-a", "1")]));
+        assert_eq!(f.hop, 1);
+        assert!(f.keep_alive && !f.lists);
+        let mut m = h(&[("connection", "keep-alive"), ("x-a", "1")]);
+        strip_known(&mut m, &f, false);
+        assert_eq!(m, h(&[("x-a", "1")]));
     }
 
     #[test]

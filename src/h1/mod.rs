@@ -9,7 +9,9 @@ pub mod request;
 pub mod response;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::headers::Facts;
 use http::{Method, StatusCode, Version};
 
 /// The most header fields in a response head.
@@ -27,6 +29,8 @@ pub struct ResponseHead {
     pub version: Version,
     /// The fields, in order; values share one copy of the head.
     pub headers: HeaderMap,
+    /// What its framing and connection fields say.
+    pub facts: Facts,
 }
 
 /// Why a response head cannot be used.
@@ -67,12 +71,13 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (headers, _) = self::fields(buf, len, resp.headers).map_err(HeadError::Malformed)?;
+    let (headers, facts, _) = self::fields(buf, len, resp.headers).map_err(HeadError::Malformed)?;
     Ok(Some((
         ResponseHead {
             status,
             version,
             headers,
+            facts,
         },
         len,
     )))
@@ -81,16 +86,18 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
 /// The fields of a head of `len` bytes at the start of `buf`, as `httparse` found them,
 /// and the one copy of the head that every value is a slice of: values outlive the read
 /// buffer, and keeping one (HTTP/2 keeps values in its header table) pins only the head,
-/// not the buffer.
+/// not the buffer. The facts of the framing and connection fields are noted on the way.
 pub(crate) fn fields(
     buf: &[u8],
     len: usize,
     found: &[httparse::Header<'_>],
-) -> Result<(HeaderMap, Bytes), &'static str> {
+) -> Result<(HeaderMap, Facts, Bytes), &'static str> {
     let copy = Bytes::copy_from_slice(&buf[..len]);
     let mut headers = HeaderMap::with_capacity(found.len());
+    let mut facts = Facts::default();
     for f in found {
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid field name")?;
+        facts.note(&name, f.value);
         let value = match slice_of(&copy, buf, f.value) {
             _ if f.value.is_empty() => HeaderValue::from_static(""),
             Some(v) => HeaderValue::from_maybe_shared(v).map_err(|_| "invalid field value")?,
@@ -98,7 +105,7 @@ pub(crate) fn fields(
         };
         headers.append(name, value);
     }
-    Ok((headers, copy))
+    Ok((headers, facts, copy))
 }
 
 /// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
@@ -173,25 +180,17 @@ pub fn body_length(method: &Method, head: &ResponseHead) -> BodyLength {
     if *method == Method::HEAD || (100..200).contains(&s) || s == 204 || s == 304 {
         return BodyLength::Empty;
     }
-    let h = &head.headers;
-    if let Some(te) = h.get(header::TRANSFER_ENCODING) {
-        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
-        return if h.get_all(header::TRANSFER_ENCODING).iter().count() == 1
-            && last.trim_ascii().eq_ignore_ascii_case(b"chunked")
-        {
+    let f = &head.facts;
+    if f.codings > 0 {
+        return if f.codings == 1 && f.chunked_last {
             BodyLength::Chunked
         } else {
             BodyLength::UntilClose
         };
     }
-    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-    match (lengths.next(), lengths.next()) {
-        (None, _) => BodyLength::UntilClose,
-        (Some(v), None) => match parse_length(v.as_bytes()) {
-            Some(0) => BodyLength::Empty,
-            Some(n) => BodyLength::Known(n),
-            None => BodyLength::UntilClose,
-        },
+    match (f.lengths, f.length) {
+        (1, Some(0)) => BodyLength::Empty,
+        (1, Some(n)) => BodyLength::Known(n),
         _ => BodyLength::UntilClose,
     }
 }
@@ -240,6 +239,7 @@ pub fn write_request_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn parse(s: &str) -> Result<Option<(ResponseHead, usize)>, HeadError> {
         parse_response(s.as_bytes())

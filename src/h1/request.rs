@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Uri, Version};
 
 use super::parse_length;
+use crate::headers::Facts;
 
 /// The most fields in a request head.
 pub const MAX_REQUEST_FIELDS: usize = 128;
@@ -98,18 +99,18 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (mut headers, copy) = super::fields(buf, len, req.headers).map_err(bad)?;
+    let (mut headers, facts, copy) = super::fields(buf, len, req.headers).map_err(bad)?;
     let uri = req
         .path
         .and_then(|p| super::slice_of(&copy, buf, p.as_bytes()))
         .and_then(|p| Uri::from_maybe_shared(p).ok())
         .ok_or(bad("invalid request target"))?;
-    let (length, by_coding) = request_length(&headers, version)?;
+    let (length, by_coding) = request_length(&headers, &facts, version)?;
     if by_coding {
         // RFC 9112 §6.3: the chunked coding frames the body, and the length goes.
         headers.remove(header::CONTENT_LENGTH);
     }
-    let close = by_coding || wants_close(&headers, version);
+    let close = by_coding || facts.close || (version == Version::HTTP_10 && !facts.keep_alive);
     Ok(Some(RequestHead {
         method,
         uri,
@@ -123,9 +124,16 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
 
 /// The body length of a request (RFC 9112 §6.3), and whether it was framed by
 /// `Transfer-Encoding` beside a `Content-Length`.
-fn request_length(h: &HeaderMap, version: Version) -> Result<(RequestLength, bool), RequestError> {
+fn request_length(
+    h: &HeaderMap,
+    facts: &Facts,
+    version: Version,
+) -> Result<(RequestLength, bool), RequestError> {
     let bad = RequestError::Malformed;
-    if h.contains_key(header::TRANSFER_ENCODING) {
+    if facts.codings == 0 && facts.lengths == 0 {
+        return Ok((RequestLength::Empty, false));
+    }
+    if facts.codings > 0 {
         if version == Version::HTTP_10 {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
@@ -152,10 +160,7 @@ fn request_length(h: &HeaderMap, version: Version) -> Result<(RequestLength, boo
                 "a transfer coding other than chunked",
             ));
         }
-        return Ok((
-            RequestLength::Chunked,
-            h.contains_key(header::CONTENT_LENGTH),
-        ));
+        return Ok((RequestLength::Chunked, facts.lengths > 0));
     }
     // Content-Length: one decimal value; a list (or lines) of identical values folds to one.
     let mut length: Option<u64> = None;
@@ -172,19 +177,6 @@ fn request_length(h: &HeaderMap, version: Version) -> Result<(RequestLength, boo
         None | Some(0) => (RequestLength::Empty, false),
         Some(n) => (RequestLength::Known(n), false),
     })
-}
-
-/// Whether the client asks for the connection to close after this exchange.
-fn wants_close(h: &HeaderMap, version: Version) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for v in h.get_all(header::CONNECTION) {
-        for t in v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            close |= t.eq_ignore_ascii_case(b"close");
-            keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    close || (version == Version::HTTP_10 && !keep_alive)
 }
 
 #[cfg(test)]

@@ -415,6 +415,7 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     // is not reused: the server may take what it did not read for a next request, and
     // answer it to another client.
     let early = progress.as_ref().is_some_and(|p| p.ended().is_none());
+    let facts = head.facts;
     let mut resp = Response::new(());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
@@ -441,7 +442,7 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
             return Err(ProxyError::BadUpstreamResponse("upgrade failed"));
         };
         let (mut parts, ()) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, true);
+        headers::strip_known(&mut parts.headers, &facts, true);
         let tunnel = tunnel::Tunnel {
             upstream: upstream_side,
             idle: rt.settings.tunnel_idle_timeout,
@@ -451,19 +452,19 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         return Ok(Response::from_parts(parts, Body::Upgrade(Box::new(tunnel))));
     }
     let (mut parts, ()) = resp.into_parts();
-    let framing = match headers::response_framing(&parts.headers) {
+    let framing = match headers::framing_of(&facts) {
         Ok(f) => f,
         Err(what) => return Err(invalid_response(&guard, upstream, what)),
     };
     let keep = !early
         && framing == headers::Framing::Clean
         && head.version == Version::HTTP_11
-        && !headers::has_connection_token(&parts.headers, "close");
+        && !facts.close;
     if framing == headers::Framing::ChunkedOverLength {
         // RFC 9112 §6.3: chunked wins, the length goes, the connection is not reused.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::strip_known(&mut parts.headers, &facts, false);
     // Only a connection whose exchange ended cleanly both ways goes back to the pool.
     let body = UpstreamBody::new(
         conn.into_body(length),
