@@ -93,19 +93,49 @@ pub(super) fn push_forwarded_element(
     proto: &str,
     host: Option<&HeaderValue>,
 ) {
-    use std::fmt::Write;
-    // Writing to a BytesMut cannot fail.
-    let _ = match canonical(peer) {
-        IpAddr::V4(v4) => write!(buf, "for={v4}"),
+    match canonical(peer) {
+        ip @ IpAddr::V4(_) => {
+            buf.extend_from_slice(b"for=");
+            put_ip(buf, ip);
+        }
         // RFC 7239 §6: an IPv6 node is bracketed, and since `[` and `:` are not token
         // characters the value must be a quoted-string (§4).
-        IpAddr::V6(v6) => write!(buf, "for=\"[{v6}]\""),
-    };
+        ip @ IpAddr::V6(_) => {
+            buf.extend_from_slice(b"for=\"[");
+            put_ip(buf, ip);
+            buf.extend_from_slice(b"]\"");
+        }
+    }
     buf.extend_from_slice(b";proto=");
     buf.extend_from_slice(proto.as_bytes());
     if let Some(host) = host.map(HeaderValue::as_bytes).filter(|h| !h.is_empty()) {
         buf.extend_from_slice(b";host=");
         push_token_or_quoted(buf, host);
+    }
+}
+
+/// Writes `ip` in its text form: dotted decimal, or RFC 5952 for IPv6.
+pub(super) fn put_ip(out: &mut BytesMut, ip: IpAddr) {
+    match ip {
+        // Dotted decimal by hand: the formatting machinery costs more than the header.
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b'.');
+                }
+                if octet >= 100 {
+                    out.put_u8(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.put_u8(b'0' + octet / 10 % 10);
+                }
+                out.put_u8(b'0' + octet % 10);
+            }
+        }
+        // Writing to a BytesMut cannot fail.
+        IpAddr::V6(_) => {
+            let _ = std::fmt::Write::write_fmt(out, format_args!("{ip}"));
+        }
     }
 }
 

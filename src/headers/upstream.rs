@@ -5,16 +5,13 @@
 //! fields and the forwarded fields fairway replaces; then fairway's own fields. The client's
 //! header map is read, never changed: no field is removed from it or inserted into it.
 
-use std::fmt::Write as _;
-use std::net::IpAddr;
-
 use bytes::{BufMut, BytesMut};
 use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
-    is_underscore_spelling, push_forwarded_element,
+    is_underscore_spelling, push_forwarded_element, put_ip,
 };
 use super::rules::{HeaderRules, X_REQUEST_ID};
 use super::{KEEP_ALIVE, Listed, PROXY_CONNECTION};
@@ -194,30 +191,6 @@ fn field(out: &mut BytesMut, name: &str, value: &[u8]) {
     out.put_slice(b": ");
     out.put_slice(value);
     out.put_slice(b"\r\n");
-}
-
-fn put_ip(out: &mut BytesMut, ip: IpAddr) {
-    match ip {
-        // Dotted decimal by hand: the formatting machinery costs more than the header.
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.put_u8(b'.');
-                }
-                if octet >= 100 {
-                    out.put_u8(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    out.put_u8(b'0' + octet / 10 % 10);
-                }
-                out.put_u8(b'0' + octet % 10);
-            }
-        }
-        // Writing to a BytesMut cannot fail.
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{ip}");
-        }
-    }
 }
 
 /// Writes every value of `name`, trimmed, empty ones skipped, joined with `, ` (several field
@@ -408,7 +381,7 @@ pub(super) mod tests {
             "::1",
             "2001:db8::7",
         ] {
-            let ip: IpAddr = ip.parse().unwrap();
+            let ip: std::net::IpAddr = ip.parse().unwrap();
             let mut out = BytesMut::new();
             put_ip(&mut out, ip);
             assert_eq!(&out[..], ip.to_string().as_bytes());
