@@ -59,7 +59,9 @@ pub fn error_response(e: &ProxyError, request_id: Option<&HeaderValue>) -> Respo
     r
 }
 
-/// A response body sent to a client.
+/// A response body sent to a client. `Upstream`, the common case, is held inline: boxing it
+/// would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 pub enum Body {
     /// Nothing.
     Empty,

@@ -77,7 +77,6 @@ pub async fn probe(
         };
         let mut head = bytes::BytesMut::new();
         crate::h1::write_request_head(&mut head, &Method::GET, path, &fields, false);
-        let head = head.freeze();
         let mut none = RequestBody::Empty;
         let sent = conn
             .send(Outgoing {
@@ -86,6 +85,7 @@ pub async fn probe(
                 body: &mut none,
                 chunked: false,
                 progress: None,
+                deadline: None,
             })
             .await
             .map_err(ProbeError::Http)?;

@@ -467,19 +467,42 @@ async fn upstream_closing_without_an_answer_is_502() {
     assert_eq!(get(&p.url("/")).await.status, 200);
 }
 
+/// A 504 that came after `took`, as a `request_timeout` of 300 ms allows.
+fn timed_out(r: &Reply, took: Duration) {
+    assert_plain(r, 504);
+    assert!(
+        took >= Duration::from_millis(280),
+        "504 too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "504 too late: {took:?}");
+}
+
+/// The head's deadline is kept with the pooled connection's own timer: one armed by an
+/// earlier request, fired or still pending, must neither cut a later request short nor
+/// let it wait past its own deadline.
+#[tokio::test]
+async fn request_timeout_holds_on_a_reused_upstream_connection() {
+    let a = TestUpstream::start("a").await;
+    let p = TestProxy::start(&proxy_config("request_timeout = \"300ms\"", &[&a])).await;
+    for pause in [Duration::from_millis(450), Duration::from_millis(150)] {
+        // A quick request arms the connection's timer for 300 ms from now.
+        assert_eq!(get(&p.url("/")).await.status, 200);
+        // Past that deadline (the timer fired while the connection was idle), or before it
+        // (the timer is still set, earlier than the next request's deadline).
+        tokio::time::sleep(pause).await;
+        let start = Instant::now();
+        let r = get(&p.url("/delay/3000")).await;
+        timed_out(&r, start.elapsed());
+    }
+}
+
 #[tokio::test]
 async fn slow_upstream_is_504_after_request_timeout() {
     let a = TestUpstream::start("a").await;
     let p = TestProxy::start(&proxy_config("request_timeout = \"300ms\"", &[&a])).await;
     let start = Instant::now();
     let r = get(&p.url("/delay/3000")).await;
-    let took = start.elapsed();
-    assert_plain(&r, 504);
-    assert!(
-        took >= Duration::from_millis(280),
-        "504 too early: {took:?}"
-    );
-    assert!(took < Duration::from_secs(2), "504 too late: {took:?}");
+    timed_out(&r, start.elapsed());
     // Not retried elsewhere: one try reached the upstream.
     assert_eq!(a.hits(), 1);
     // With a body, the timeout runs from the end of the body.
@@ -491,13 +514,7 @@ async fn slow_upstream_is_504_after_request_timeout() {
             .unwrap(),
     )
     .await;
-    let took = start.elapsed();
-    assert_plain(&r, 504);
-    assert!(
-        took >= Duration::from_millis(280),
-        "504 too early: {took:?}"
-    );
-    assert!(took < Duration::from_secs(2), "504 too late: {took:?}");
+    timed_out(&r, start.elapsed());
     let r = get(&p.url("/delay/50")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.upstream(), "a");

@@ -11,6 +11,7 @@ use bytes::{Buf, Bytes};
 use http::Method;
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
+use tokio::time::Instant;
 
 use super::{Conn, ResponseBody};
 use crate::h1::{self, BodyLength, HeadError, ResponseHead};
@@ -21,13 +22,16 @@ pub struct Outgoing<'a> {
     /// The method (a response to HEAD has no body).
     pub method: &'a Method,
     /// The request head, written as it is.
-    pub head: &'a Bytes,
+    pub head: &'a [u8],
     /// The body; left untouched when the exchange fails before writing the head.
     pub body: &'a mut RequestBody,
     /// Whether the body goes out in the chunked coding.
     pub chunked: bool,
     /// The client body's progress, told to stop when the answer comes first.
     pub progress: Option<&'a BodyProgress>,
+    /// When the response head must have come (kept with the connection's own timer, so
+    /// that a keep-alive connection does not touch the timer wheel per request).
+    pub deadline: Option<Instant>,
 }
 
 /// A response head and how its body is delimited.
@@ -47,6 +51,8 @@ pub enum Failed {
     Io(io::Error),
     /// The response head is unusable.
     Head(HeadError),
+    /// No response head by the deadline.
+    TimedOut,
 }
 
 impl std::fmt::Display for Failed {
@@ -55,6 +61,7 @@ impl std::fmt::Display for Failed {
             Failed::Client(e) => write!(f, "client body: {e}"),
             Failed::Io(e) => write!(f, "{e}"),
             Failed::Head(e) => write!(f, "{e}"),
+            Failed::TimedOut => f.write_str("no response head in time"),
         }
     }
 }
@@ -65,6 +72,7 @@ impl std::error::Error for Failed {
             Failed::Client(e) => Some(&**e),
             Failed::Io(e) => Some(e),
             Failed::Head(e) => Some(e),
+            Failed::TimedOut => None,
         }
     }
 }
@@ -79,11 +87,12 @@ impl Conn {
             conn: self,
             body: req.body,
             chunked: req.chunked,
-            out: Out::head(req.head.clone()),
+            out: Out::head(req.head),
             body_done: false,
             sent: false,
             write_failed: None,
             parsed_at: 0,
+            deadline: req.deadline,
         };
         let head = std::future::poll_fn(|cx| x.poll(cx)).await?;
         let sent = x.sent;
@@ -106,7 +115,7 @@ struct Exchange<'a> {
     conn: &'a mut Conn,
     body: &'a mut RequestBody,
     chunked: bool,
-    out: Out,
+    out: Out<'a>,
     body_done: bool,
     /// The whole request has been written and flushed.
     sent: bool,
@@ -114,6 +123,7 @@ struct Exchange<'a> {
     write_failed: Option<io::Error>,
     /// The buffer's length when a head was last parsed and found incomplete.
     parsed_at: usize,
+    deadline: Option<Instant>,
 }
 
 impl Exchange<'_> {
@@ -132,6 +142,12 @@ impl Exchange<'_> {
                 // the server close cleanly first.
                 Poll::Ready(Err(Failed::Io(self.write_failed.take().unwrap_or(e))))
             }
+            Poll::Pending => match self.deadline {
+                Some(at) if self.conn.timer.poll_until(cx, at).is_ready() => {
+                    Poll::Ready(Err(Failed::TimedOut))
+                }
+                _ => Poll::Pending,
+            },
             other => other,
         }
     }
@@ -212,16 +228,16 @@ impl Exchange<'_> {
 
 /// Bytes queued for the socket, written with one vectored write where the socket allows:
 /// a head or a chunk line, payload, and a closing CRLF.
-struct Out {
-    head: Bytes,
+struct Out<'a> {
+    head: &'a [u8],
     line: ([u8; 18], usize),
     line_at: usize,
     data: Bytes,
     tail: &'static [u8],
 }
 
-impl Out {
-    fn head(head: Bytes) -> Out {
+impl<'a> Out<'a> {
+    fn head(head: &'a [u8]) -> Out<'a> {
         Out {
             head,
             line: ([0; 18], 0),
@@ -247,7 +263,7 @@ impl Out {
         while !self.is_empty() {
             let line = &self.line.0[self.line_at..self.line.1];
             let parts = [
-                io::IoSlice::new(&self.head),
+                io::IoSlice::new(self.head),
                 io::IoSlice::new(line),
                 io::IoSlice::new(&self.data),
                 io::IoSlice::new(self.tail),
@@ -257,7 +273,7 @@ impl Out {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             let h = n.min(self.head.len());
-            self.head.advance(h);
+            self.head = &self.head[h..];
             n -= h;
             let l = n.min(self.line.1 - self.line_at);
             self.line_at += l;

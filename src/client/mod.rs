@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::stream::ReadSize;
+use crate::timing::LazyTimer;
 use crate::tls::UpstreamTls;
 
 /// Where a server is reached.
@@ -163,6 +164,8 @@ pub struct Conn {
     body_touched: bool,
     /// How much the next read asks for.
     read_size: ReadSize,
+    /// Keeps the deadline of the response head.
+    timer: LazyTimer,
 }
 
 impl Conn {
@@ -251,6 +254,7 @@ pub async fn dial(
         request_complete: false,
         body_touched: false,
         read_size: ReadSize::default(),
+        timer: LazyTimer::default(),
     })
 }
 

@@ -11,14 +11,14 @@ use std::future::{Future, poll_fn};
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::Limits;
@@ -32,6 +32,7 @@ use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
 use crate::proxy;
 use crate::stream::{give_back, take_buffer};
+use crate::timing::LazyTimer;
 use crate::upload::Inbound;
 use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
 
@@ -50,48 +51,11 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 /// enough for a request already on the wire, short enough not to hold up the drain.
 const DRAIN_GRACE: Duration = Duration::from_millis(250);
 
-/// One lazily armed timer per connection: it is reset only when a deadline comes earlier
-/// than the one it is set to, or after it fired, so a busy keep-alive connection does not
-/// touch the timer wheel per request.
-struct Timer {
-    sleep: Option<Pin<Box<Sleep>>>,
-    at: Instant,
-}
-
-impl Timer {
-    /// Ready once `deadline` has passed; registers the wake-up otherwise. The clock is read
-    /// only when the timer has fired.
-    fn poll_until(&mut self, cx: &mut TaskContext<'_>, deadline: Instant) -> Poll<()> {
-        loop {
-            match self.sleep.as_mut() {
-                None => {
-                    self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
-                    self.at = deadline;
-                }
-                Some(s) if self.at > deadline => {
-                    s.as_mut().reset(deadline);
-                    self.at = deadline;
-                }
-                Some(_) => {}
-            }
-            let s = self.sleep.as_mut().expect("armed above");
-            if s.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // It fired at `self.at`: the deadline has passed if it is no later; else the
-            // timer is set again for the deadline.
-            if self.at >= deadline || deadline <= Instant::now() {
-                return Poll::Ready(());
-            }
-            s.as_mut().reset(deadline);
-            self.at = deadline;
-        }
-    }
-}
-
-/// What reading a request head came to.
+/// What reading a request head came to. The head is not boxed: a `Read` is never held
+/// across an await, and its allocation would cost more than the move.
+#[allow(clippy::large_enum_variant)]
 enum Read {
-    Head(Box<RequestHead>),
+    Head(RequestHead),
     Bad(RequestError),
     Http2,
     /// Closed, reset, timed out or shut down: nothing to answer.
@@ -113,7 +77,7 @@ struct Conn {
     info: ConnInfo,
     ctx: Arc<Context>,
     limits: Limits,
-    timer: Timer,
+    timer: LazyTimer,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     start: Instant,
     served: u64,
@@ -140,10 +104,7 @@ pub(super) fn serve(
         info,
         ctx,
         limits,
-        timer: Timer {
-            sleep: None,
-            at: start,
-        },
+        timer: LazyTimer::default(),
         stop,
         start,
         served: 0,
@@ -181,7 +142,7 @@ impl Conn {
             self.served += 1;
             // Boxed: a request's state (its head, the response being relayed) lives only
             // while it is served, not in the task of every idle connection.
-            match Box::pin(self.exchange(*head)).await {
+            match Box::pin(self.exchange(head)).await {
                 Next::KeepAlive => {}
                 Next::Close => {
                     self.linger().await;
@@ -232,7 +193,7 @@ impl Conn {
                         match parse_request(&w.buf, limits.max_head) {
                             Ok(Some(h)) => {
                                 w.buf.advance(h.len);
-                                return Poll::Ready(Read::Head(Box::new(h)));
+                                return Poll::Ready(Read::Head(h));
                             }
                             Ok(None) => parsed_at = w.buf.len(),
                             Err(e) => return Poll::Ready(Read::Bad(e)),
@@ -385,7 +346,7 @@ impl Conn {
             rt,
             ctx: Arc::clone(&self.ctx),
         };
-        let resp = Box::pin(proxy::handle(
+        let resp = proxy::handle(
             &pending.rt,
             req,
             len,
@@ -393,7 +354,7 @@ impl Conn {
             &pending.ctx,
             pending.start,
             &mut pending.trace,
-        ))
+        )
         .await;
         let mut access = pending.finish(resp.status().as_u16());
         let (next, bytes) = self.respond(resp, &facts).await;

@@ -6,8 +6,8 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
 use http::Method;
 use tokio::time::Instant;
 
@@ -32,7 +32,7 @@ fn is_idempotent(m: &Method) -> bool {
 pub(super) struct Head {
     pub(super) method: Method,
     /// The request line and fields, serialized.
-    pub(super) bytes: Bytes,
+    pub(super) bytes: bytes::BytesMut,
     /// Whether the body goes out in the chunked coding.
     pub(super) chunked: bool,
 }
@@ -203,19 +203,28 @@ impl Attempt<'_> {
         };
         let written = conn.bytes_written();
         let head = self.head;
+        let limit = self.rt.settings.request_timeout;
+        // Without a body, the head is awaited under the connection's own timer; with one,
+        // the clock depends on the body's progress (`await_head`).
+        let deadline = self.progress.is_none().then(|| Instant::now() + limit);
         let fut = conn.send(Outgoing {
             method: &head.method,
             head: &head.bytes,
             body,
             chunked: head.chunked,
             progress: self.progress,
+            deadline,
         });
-        let err = match self.await_head(fut).await {
+        let result = match self.progress {
+            None => Ok(fut.await),
+            Some(progress) => await_head(fut, limit, progress).await,
+        };
+        let err = match result {
             Ok(Ok(sent)) => {
                 server.health.record_passive_success();
                 return Ok((sent, conn));
             }
-            Err(()) => {
+            Err(()) | Ok(Err(Failed::TimedOut)) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.addr, "no response head within request_timeout");
                 server.record_passive_failure(upstream.passive, "request_timeout passed");
                 return Err(Failure::stop(ProxyError::Timeout));
@@ -266,38 +275,38 @@ impl Attempt<'_> {
         };
         Err(Failure { error, next })
     }
+}
 
-    /// Waits for the response head under `request_timeout`, which starts once the request
-    /// body has been sent (CONTRACT §2). `Err(())` is a timeout.
-    async fn await_head<F>(&self, fut: F) -> Result<Result<Sent, Failed>, ()>
-    where
-        F: std::future::Future<Output = Result<Sent, Failed>>,
-    {
-        let limit = self.rt.settings.request_timeout;
-        let Some(progress) = self.progress else {
-            return tokio::time::timeout(limit, fut).await.map_err(|_| ());
-        };
-        tokio::pin!(fut);
-        let mut deadline = Instant::now() + limit;
-        loop {
-            tokio::select! {
-                r = &mut fut => return Ok(r),
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Until the body has ended, the clock runs only while the upstream is
-                    // the one holding things up: a slow upload that keeps moving is fine,
-                    // and a client that stops sending is the client's stall
-                    // (body_read_timeout answers it), never a timeout of the upstream.
-                    let now = Instant::now();
-                    let since = match progress.ended() {
-                        Some(t) => t,
-                        None if progress.is_waiting_on_client() => now,
-                        None => progress.last_moved(),
-                    };
-                    if since + limit <= now {
-                        return Err(());
-                    }
-                    deadline = since + limit;
+/// Waits for the response head of a request with a body under `request_timeout` (`limit`),
+/// which starts once the body has been sent (CONTRACT §2). `Err(())` is a timeout.
+async fn await_head<F>(
+    fut: F,
+    limit: Duration,
+    progress: &BodyProgress,
+) -> Result<Result<Sent, Failed>, ()>
+where
+    F: std::future::Future<Output = Result<Sent, Failed>>,
+{
+    tokio::pin!(fut);
+    let mut deadline = Instant::now() + limit;
+    loop {
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            _ = tokio::time::sleep_until(deadline) => {
+                // Until the body has ended, the clock runs only while the upstream is
+                // the one holding things up: a slow upload that keeps moving is fine,
+                // and a client that stops sending is the client's stall
+                // (body_read_timeout answers it), never a timeout of the upstream.
+                let now = Instant::now();
+                let since = match progress.ended() {
+                    Some(t) => t,
+                    None if progress.is_waiting_on_client() => now,
+                    None => progress.last_moved(),
+                };
+                if since + limit <= now {
+                    return Err(());
                 }
+                deadline = since + limit;
             }
         }
     }
@@ -344,5 +353,6 @@ fn upstream_error(err: Failed) -> ProxyError {
         Failed::Head(_) => ProxyError::BadUpstreamResponse("malformed response head"),
         Failed::Io(e) => ProxyError::UpstreamBroke(e),
         Failed::Client(e) => ProxyError::UpstreamBroke(std::io::Error::other(e)),
+        Failed::TimedOut => ProxyError::Timeout,
     }
 }

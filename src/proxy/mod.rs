@@ -300,7 +300,7 @@ async fn forward(
     );
     let head = Head {
         method: parts.method,
-        bytes: bytes.freeze(),
+        bytes,
         chunked,
     };
     let mut body = body;
