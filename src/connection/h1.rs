@@ -436,6 +436,7 @@ impl Conn {
         let mut out = take_buffer();
         out.extend_from_slice(continue_rest);
         write_head(&mut out, status, &parts.headers, framing, persist);
+        crate::h1::give_back_map(parts.headers);
         let head = out.split().freeze();
         let r = if no_body {
             drop(body);

@@ -8,6 +8,8 @@ pub mod chunked;
 pub mod request;
 pub mod response;
 
+use std::cell::RefCell;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -93,7 +95,7 @@ pub(crate) fn fields(
     found: &[httparse::Header<'_>],
 ) -> Result<(HeaderMap, Facts, Bytes), &'static str> {
     let copy = Bytes::copy_from_slice(&buf[..len]);
-    let mut headers = HeaderMap::with_capacity(found.len());
+    let mut headers = take_map(found.len());
     let mut facts = Facts::default();
     for f in found {
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid field name")?;
@@ -106,6 +108,43 @@ pub(crate) fn fields(
         headers.append(name, value);
     }
     Ok((headers, facts, copy))
+}
+
+/// The most spare header maps a thread keeps, and the most fields a kept map may have room
+/// for.
+const SPARE_MAPS: usize = 32;
+const SPARE_MAP_FIELDS: usize = 64;
+
+thread_local! {
+    /// Header maps of heads already relayed, emptied, for the next head parsed on this
+    /// thread: a keep-alive exchange does not allocate and free its two maps' tables.
+    static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `fields`: a spare one of this thread's, or a new one.
+fn take_map(fields: usize) -> HeaderMap {
+    match MAPS.with(|m| m.borrow_mut().pop()) {
+        Some(mut map) => {
+            map.reserve(fields);
+            map
+        }
+        None => HeaderMap::with_capacity(fields),
+    }
+}
+
+/// Gives the header map of a head that has been relayed back to this thread's spares (its
+/// values, slices of the head, are dropped now). A map grown large is freed.
+pub fn give_back_map(mut map: HeaderMap) {
+    if map.capacity() > SPARE_MAP_FIELDS {
+        return;
+    }
+    map.clear();
+    MAPS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() < SPARE_MAPS {
+            m.push(map);
+        }
+    });
 }
 
 /// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
@@ -256,6 +295,26 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(body_length(&Method::GET, &head), BodyLength::Known(5));
         assert_eq!(body_length(&Method::HEAD, &head), BodyLength::Empty);
+    }
+
+    #[test]
+    fn a_map_given_back_is_reused_empty() {
+        let (first, _) = parse("HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let table = first.headers.capacity();
+        give_back_map(first.headers);
+        let (second, _) = parse("HTTP/1.1 204 No Content\r\nX-C: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.headers.len(), 1);
+        assert_eq!(second.headers["x-c"], "3");
+        assert!(second.headers.capacity() >= table);
+        // A map grown past the bound is not kept.
+        let mut big = HeaderMap::with_capacity(4 * SPARE_MAP_FIELDS);
+        big.insert("x-d", HeaderValue::from_static("4"));
+        give_back_map(big);
+        assert!(take_map(1).capacity() <= SPARE_MAP_FIELDS);
     }
 
     #[test]

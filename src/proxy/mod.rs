@@ -250,7 +250,7 @@ async fn forward(
             })
         });
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
     let chunked =
         parts.version != Version::HTTP_2 && parts.headers.contains_key(header::TRANSFER_ENCODING);
@@ -298,6 +298,8 @@ async fn forward(
             rules: policy.and_then(|p| p.request_headers.as_ref()),
         },
     );
+    // The client's fields are all in the head written: their map goes back to be reused.
+    crate::h1::give_back_map(std::mem::take(&mut parts.headers));
     let head = Head {
         method: parts.method,
         bytes,
