@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::stream::ReadSize;
+use crate::stream::{ReadSize, give_back, take_buffer};
 use crate::timing::LazyTimer;
 use crate::tls::UpstreamTls;
 
@@ -112,11 +112,11 @@ impl Pool {
         if max_idle == 0 {
             return;
         }
-        // Nothing is buffered on a connection that ended its exchange cleanly. A read
-        // buffer grown for a large body goes while the connection is idle; a small one is
-        // kept, and reused whole by the next exchange once its body bytes are released.
-        if conn.read_size.is_grown() || conn.buf.capacity() > ReadSize::MIN {
-            conn.buf = BytesMut::new();
+        // Nothing is buffered on a connection that ended its exchange cleanly: an idle
+        // connection holds no buffer. Its read buffer goes to the thread's spares (a grown
+        // one is freed), and the next exchange takes one when it reads.
+        if conn.buf.is_empty() {
+            give_back(std::mem::take(&mut conn.buf));
             conn.read_size = ReadSize::default();
         }
         if let Ok(mut q) = self.idle.lock() {
@@ -194,6 +194,9 @@ impl Conn {
 
     /// Reads more into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            self.buf = take_buffer();
+        }
         self.read_size.poll_fill(&mut self.io, &mut self.buf, cx)
     }
 }
@@ -339,3 +342,24 @@ impl AsyncWrite for Counted {
 
 /// A plain or a TLS stream.
 type Either<A, B> = tokio_util::either::Either<A, B>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_connection_in_the_pool_holds_no_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target::Socket(listener.local_addr().unwrap());
+        let mut conn = dial(&target, "127.0.0.1", Duration::from_secs(5), None, None)
+            .await
+            .unwrap();
+        let _server_side = listener.accept().await.unwrap();
+        // As after an exchange: the buffer read into, and emptied.
+        conn.buf = take_buffer();
+        let pool = Pool::default();
+        pool.put(conn, 4);
+        let conn = pool.take(Duration::from_secs(60)).expect("kept idle");
+        assert_eq!(conn.buf.capacity(), 0);
+    }
+}

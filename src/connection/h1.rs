@@ -323,6 +323,11 @@ impl Conn {
                 w.owe_continue = Some(0);
             }
             let has_body = !matches!(w.body, Remaining::None);
+            if !has_body {
+                // Nothing more to read until the answer is out: the read buffer (unless a
+                // next request is already in it) is not held while the upstream answers.
+                w.release();
+            }
             drop(w);
             if has_body {
                 Inbound::H1(WireBody::new(Arc::clone(&self.wire)))
