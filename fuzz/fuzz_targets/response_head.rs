@@ -1,12 +1,14 @@
 //! Upstream response heads: arbitrary bytes to `h1::parse_response`, then `h1::body_length`
 //! for a GET and a HEAD. Besides "no panic": a complete head is no longer than the input or
 //! `MAX_RESPONSE_HEAD`, ends with an empty line (a bare LF may end a line), has a three-digit status, and no field
-//! value carries CR, LF or NUL (nothing the head is re-serialized from can split it); a
-//! head that parses whole parses the same when the bytes after it change.
+//! value carries CR, LF or NUL (nothing the head is re-serialized from can split it); the
+//! framing and connection facts noted while parsing are those of the header map; a head
+//! that parses whole parses the same when the bytes after it change.
 
 #![no_main]
 
 use fairway::h1::{self, BodyLength, MAX_RESPONSE_HEAD};
+use fairway::headers;
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 
@@ -21,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
     for v in head.headers.values() {
         assert!(!v.as_bytes().iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
     }
+    assert_eq!(head.facts, headers::Facts::of(&head.headers));
+    assert_eq!(
+        headers::framing_of(&head.facts),
+        headers::response_framing(&head.headers)
+    );
     assert_eq!(h1::body_length(&Method::HEAD, &head), BodyLength::Empty);
     let get = h1::body_length(&Method::GET, &head);
     if let BodyLength::Known(n) = get {
