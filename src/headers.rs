@@ -79,7 +79,7 @@ impl Facts {
     pub fn note(&mut self, name: &HeaderName, value: &[u8]) {
         if *name == header::CONTENT_LENGTH {
             self.lengths = self.lengths.saturating_add(1);
-            self.length = crate::h1::parse_length(value);
+            self.length = parse_length(value);
             return;
         }
         let bit = if *name == header::CONNECTION {
@@ -122,6 +122,14 @@ impl Facts {
             }
         }
     }
+}
+
+/// A `Content-Length` value: 1 to 19 digits, nothing else.
+pub fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Whether the request asks for a WebSocket upgrade, the only upgrade that is tunnelled:

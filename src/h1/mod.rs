@@ -234,14 +234,6 @@ pub fn body_length(method: &Method, head: &ResponseHead) -> BodyLength {
     }
 }
 
-/// A `Content-Length` value: 1 to 19 digits, nothing else.
-pub fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
-}
-
 /// Writes a request head: `METHOD target HTTP/1.1`, the fields as they are in `headers`
 /// (names in lower case), `Transfer-Encoding: chunked` when `chunked`, and the final
 /// CRLF.

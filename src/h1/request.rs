@@ -6,8 +6,7 @@
 use http::header::{self, HeaderMap};
 use http::{Method, Uri, Version};
 
-use super::parse_length;
-use crate::headers::Facts;
+use crate::headers::{Facts, parse_length};
 
 /// The most fields in a request head.
 pub const MAX_REQUEST_FIELDS: usize = 128;
