@@ -1,4 +1,5 @@
-//! Request and response head rewriting, as pure functions (CONTRACT §3): hop-by-hop
+//! Request and response head rewriting, as pure functions (CONTRACT §3): what a head's
+//! framing and connection fields say ([`Facts`], noted while `h1` parses it), hop-by-hop
 //! stripping of response heads, upgrade detection and response framing here; the request
 //! head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
 //! forwarded information (and the underscore spellings of its header names) and the client
