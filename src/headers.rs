@@ -349,6 +349,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn each_hop_by_hop_field_sets_the_bit_of_its_place_in_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let f = Facts::of(&h(&[(name, "x")]));
+            assert_eq!(f.hop, 1 << i, "{name}");
+        }
+    }
+
+    #[test]
     fn facts_note_framing_and_connection_fields() {
         let f = Facts::of(&hop_by_hop_fields());
         assert_eq!(f.hop, 0b111_1111);
