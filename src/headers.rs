@@ -13,7 +13,7 @@ mod upstream;
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
 };
-pub use rules::{HeaderRules, X_REQUEST_ID, new_request_id, request_id};
+pub use rules::{HeaderRules, X_REQUEST_ID, new_request_id, put_request_id, request_id};
 pub use upstream::{UpstreamRequest, write_upstream_head};
 
 use bytes::BytesMut;

@@ -254,8 +254,7 @@ impl Conn {
         let id = rt.settings.request_id.then(crate::headers::new_request_id);
         let mut resp = crate::body::error_response(&err, id.as_ref());
         if let Some(id) = &id {
-            resp.headers_mut()
-                .insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+            crate::headers::put_request_id(resp.headers_mut(), id);
         }
         let (parts, body) = resp.into_parts();
         let text = match body {

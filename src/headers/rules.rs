@@ -71,6 +71,15 @@ pub fn request_id(headers: &HeaderMap, trusted: bool) -> HeaderValue {
     new_request_id()
 }
 
+/// Puts the request's ID in a response's fields, marked never to be indexed by HTTP/2's
+/// header compression: a value seen once would only push the fields worth keeping out of
+/// the table, and each new one would be compared with every ID still in it.
+pub fn put_request_id(headers: &mut HeaderMap, id: &HeaderValue) {
+    let mut id = id.clone();
+    id.set_sensitive(true);
+    headers.insert(X_REQUEST_ID.clone(), id);
+}
+
 /// 128 random bits as 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -86,6 +95,17 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_id_replaces_any_and_is_never_indexed() {
+        let mut h = HeaderMap::new();
+        h.append(&X_REQUEST_ID, HeaderValue::from_static("from-upstream"));
+        let id = new_request_id();
+        put_request_id(&mut h, &id);
+        let all: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(all, [&id]);
+        assert!(all[0].is_sensitive());
+    }
 
     #[test]
     fn a_new_id_is_32_lowercase_hex_digits_and_differs_each_time() {

@@ -81,8 +81,7 @@ pub async fn handle(
         }
     };
     if let Some(id) = &trace.request_id {
-        resp.headers_mut()
-            .insert(headers::X_REQUEST_ID.clone(), id.clone());
+        headers::put_request_id(resp.headers_mut(), id);
     }
     // The route's rules come after fairway's own fields (CONTRACT §8).
     if let Some(rules) = trace
