@@ -14,6 +14,7 @@ pub use compressed::{Compressed, Counted};
 
 use crate::client::ResponseBody;
 use crate::error::ProxyError;
+use crate::h1::raw::RawFields;
 use crate::server::{ActiveGuard, PassivePolicy};
 pub use crate::upload::BoxError;
 use crate::upload::{BodyProgress, IdleTimer, RequestBody, fault_behind};
@@ -139,6 +140,9 @@ pub struct UpstreamBody {
     /// response, dropping it starts reading and discarding what the client still sends).
     _upload: RequestBody,
     active: ActiveGuard,
+    /// The response's field lines, when its head was not turned into a header map: the
+    /// HTTP/1.1 client connection writes them with the head.
+    fields: Option<RawFields>,
 }
 
 /// The upstream paused longer than `response_body_idle_timeout` in a response body.
@@ -173,11 +177,23 @@ impl UpstreamBody {
             request: x.request,
             _upload: x.upload,
             active: x.active,
+            fields: None,
         };
         if b.inner.is_end() {
             b.finish();
         }
         b
+    }
+
+    /// With the response's field lines, to be written with its head.
+    pub fn with_fields(mut self, fields: RawFields) -> UpstreamBody {
+        self.fields = Some(fields);
+        self
+    }
+
+    /// The response's field lines, when the head is still to be written from them.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
     }
 
     /// The body has been read to its end: the connection goes back to the pool if its

@@ -78,34 +78,55 @@ impl Facts {
     /// Notes one field line.
     #[inline]
     pub fn note(&mut self, name: &HeaderName, value: &[u8]) {
-        if *name == header::CONTENT_LENGTH {
-            self.lengths = self.lengths.saturating_add(1);
-            self.length = parse_length(value);
-            return;
-        }
-        let bit = if *name == header::CONNECTION {
-            self.connection_tokens(value);
-            CONNECTION_BIT
+        let kind = if *name == header::CONTENT_LENGTH {
+            Kind::ContentLength
+        } else if *name == header::CONNECTION {
+            Kind::Hop(0)
         } else if *name == header::TRANSFER_ENCODING {
-            self.codings = self.codings.saturating_add(1);
-            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            self.chunked_last = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-            self.chunked_only = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
-            1 << 5
+            Kind::Hop(5)
         } else if *name == header::UPGRADE {
-            UPGRADE_BIT
+            Kind::Hop(6)
         } else if *name == header::TE {
-            1 << 3
+            Kind::Hop(3)
         } else if *name == header::TRAILER {
-            1 << 4
+            Kind::Hop(4)
         } else if *name == KEEP_ALIVE {
-            1 << 1
+            Kind::Hop(1)
         } else if *name == PROXY_CONNECTION {
-            1 << 2
+            Kind::Hop(2)
         } else {
             return;
         };
-        self.hop |= bit;
+        self.note_kind(kind, value);
+    }
+
+    /// Notes one field line whose name is as received (any case); what kind of field it is.
+    #[inline]
+    pub fn note_raw(&mut self, name: &[u8], value: &[u8]) -> Kind {
+        let kind = Kind::of_raw(name);
+        self.note_kind(kind, value);
+        kind
+    }
+
+    fn note_kind(&mut self, kind: Kind, value: &[u8]) {
+        match kind {
+            Kind::Other => {}
+            Kind::ContentLength => {
+                self.lengths = self.lengths.saturating_add(1);
+                self.length = parse_length(value);
+            }
+            Kind::Hop(i) => {
+                if i == 0 {
+                    self.connection_tokens(value);
+                } else if i == 5 {
+                    self.codings = self.codings.saturating_add(1);
+                    let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+                    self.chunked_last = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                    self.chunked_only = value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                }
+                self.hop |= 1 << i;
+            }
+        }
     }
 
     fn connection_tokens(&mut self, value: &[u8]) {
@@ -121,6 +142,36 @@ impl Facts {
             } else if !t.is_empty() {
                 self.lists = true;
             }
+        }
+    }
+}
+
+/// What a field is to the proxy's framing and hop-by-hop decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `Content-Length`.
+    ContentLength,
+    /// Hop-by-hop by definition: [`HOP_BY_HOP`]`[i]`.
+    Hop(u8),
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    /// The kind of a field by its name as received, in any case.
+    #[inline]
+    pub fn of_raw(name: &[u8]) -> Kind {
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        match name.len() {
+            2 if is("te") => Kind::Hop(3),
+            7 if is("upgrade") => Kind::Hop(6),
+            7 if is("trailer") => Kind::Hop(4),
+            10 if is("connection") => Kind::Hop(0),
+            10 if is("keep-alive") => Kind::Hop(1),
+            14 if is("content-length") => Kind::ContentLength,
+            16 if is("proxy-connection") => Kind::Hop(2),
+            17 if is("transfer-encoding") => Kind::Hop(5),
+            _ => Kind::Other,
         }
     }
 }
@@ -353,6 +404,17 @@ pub(crate) mod tests {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             let f = Facts::of(&h(&[(name, "x")]));
             assert_eq!(f.hop, 1 << i, "{name}");
+            // The same by the name as received, in any case.
+            let upper = name.to_ascii_uppercase();
+            let mut raw = Facts::default();
+            assert_eq!(raw.note_raw(upper.as_bytes(), b"x"), Kind::Hop(i as u8));
+            assert_eq!(raw, f, "{upper}");
+        }
+        let mut raw = Facts::default();
+        assert_eq!(raw.note_raw(b"Content-Length", b"12"), Kind::ContentLength);
+        assert_eq!((raw.lengths, raw.length), (1, Some(12)));
+        for other in ["content-lengths", "tee", "x-upgrade", "date"] {
+            assert_eq!(Kind::of_raw(other.as_bytes()), Kind::Other, "{other}");
         }
     }
 

@@ -28,6 +28,7 @@ use crate::body::Body;
 use crate::config::AccessFormat;
 use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
+use crate::h1::raw::RawFields;
 use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request};
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
 use crate::proxy;
@@ -276,6 +277,7 @@ impl Conn {
         write_head(
             &mut out,
             parts.status,
+            None,
             &parts.headers,
             Framing::Length(text.len() as u64),
             Persist::Close,
@@ -374,7 +376,12 @@ impl Conn {
 
     /// Writes the response; returns what follows and the body bytes sent.
     async fn respond(&mut self, resp: Response<Body>, req: &Facts) -> (Next, u64) {
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
+        // The upstream's field lines, when the head is written from them.
+        let lines = match &mut body {
+            Body::Upstream(b) => b.take_fields(),
+            _ => None,
+        };
         let status = parts.status;
         // A `100 Continue` owed and not begun is not sent now: the client may then never
         // send its body, so the connection closes unless the body has ended. One begun is
@@ -393,6 +400,7 @@ impl Conn {
             write_head(
                 &mut out,
                 status,
+                None,
                 &parts.headers,
                 Framing::NoBody,
                 Persist::Upgrade,
@@ -415,7 +423,9 @@ impl Conn {
             || status == StatusCode::NOT_MODIFIED;
         let framing = if no_body {
             Framing::NoBody
-        } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        } else if parts.headers.contains_key(header::CONTENT_LENGTH)
+            || lines.as_ref().is_some_and(RawFields::has_length)
+        {
             Framing::Declared
         } else if let Some(n) = body.size_hint().exact() {
             Framing::Length(n)
@@ -439,7 +449,15 @@ impl Conn {
         // given back once the response is out.
         let mut out = take_buffer();
         out.extend_from_slice(continue_rest);
-        write_head(&mut out, status, &parts.headers, framing, persist);
+        write_head(
+            &mut out,
+            status,
+            lines.as_ref(),
+            &parts.headers,
+            framing,
+            persist,
+        );
+        drop(lines);
         crate::h1::give_back_map(parts.headers);
         let head = out.split().freeze();
         let r = if no_body {

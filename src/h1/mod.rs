@@ -5,6 +5,7 @@
 //! the chunked coding both ways ([`chunked`]).
 
 pub mod chunked;
+pub mod raw;
 pub mod request;
 pub mod response;
 
@@ -29,8 +30,8 @@ pub struct ResponseHead {
     pub status: StatusCode,
     /// `HTTP/1.0` or `HTTP/1.1`.
     pub version: Version,
-    /// The fields, in order; values share one copy of the head.
-    pub headers: HeaderMap,
+    /// The field lines, as they came.
+    pub fields: raw::RawFields,
     /// What its framing and connection fields say.
     pub facts: Facts,
 }
@@ -73,12 +74,14 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (headers, facts, _) = self::fields(buf, len, resp.headers).map_err(HeadError::Malformed)?;
+    let mut facts = Facts::default();
+    let fields =
+        raw::RawFields::parse(buf, len, resp.headers, &mut facts).map_err(HeadError::Malformed)?;
     Ok(Some((
         ResponseHead {
             status,
             version,
-            headers,
+            fields,
             facts,
         },
         len,
@@ -110,20 +113,46 @@ pub(crate) fn fields(
     Ok((headers, facts, copy))
 }
 
-/// The most spare header maps a thread keeps, and the most fields a kept map may have room
-/// for.
-const SPARE_MAPS: usize = 32;
+/// Emptied containers of heads already relayed, kept per thread for the next head parsed
+/// there: a keep-alive exchange does not allocate and free them each time.
+pub(crate) struct Spares<T> {
+    list: RefCell<Vec<T>>,
+}
+
+/// The most spares of one kind a thread keeps.
+const SPARES: usize = 32;
+
+impl<T> Spares<T> {
+    pub(crate) const fn new() -> Spares<T> {
+        Spares {
+            list: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A spare, if there is one.
+    pub(crate) fn take(&self) -> Option<T> {
+        self.list.borrow_mut().pop()
+    }
+
+    /// Keeps `item` (emptied by the caller), unless [`SPARES`] are kept already.
+    pub(crate) fn keep(&self, item: T) {
+        let mut list = self.list.borrow_mut();
+        if list.len() < SPARES {
+            list.push(item);
+        }
+    }
+}
+
+/// The most fields a kept header map may have room for.
 const SPARE_MAP_FIELDS: usize = 64;
 
 thread_local! {
-    /// Header maps of heads already relayed, emptied, for the next head parsed on this
-    /// thread: a keep-alive exchange does not allocate and free its two maps' tables.
-    static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    static MAPS: Spares<HeaderMap> = const { Spares::new() };
 }
 
 /// An empty header map with room for `fields`: a spare one of this thread's, or a new one.
-fn take_map(fields: usize) -> HeaderMap {
-    match MAPS.with(|m| m.borrow_mut().pop()) {
+pub(crate) fn take_map(fields: usize) -> HeaderMap {
+    match MAPS.with(Spares::take) {
         Some(mut map) => {
             map.reserve(fields);
             map
@@ -139,12 +168,7 @@ pub fn give_back_map(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    MAPS.with(|m| {
-        let mut m = m.borrow_mut();
-        if m.len() < SPARE_MAPS {
-            m.push(map);
-        }
-    });
+    MAPS.with(|m| m.keep(map));
 }
 
 /// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
@@ -283,7 +307,8 @@ mod tests {
         assert_eq!(len, raw.len() - 5);
         assert_eq!(head.status, 200);
         assert_eq!(head.version, Version::HTTP_11);
-        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        let map = head.fields.to_map().unwrap();
+        let cookies: Vec<_> = map.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(body_length(&Method::GET, &head), BodyLength::Known(5));
         assert_eq!(body_length(&Method::HEAD, &head), BodyLength::Empty);
@@ -294,14 +319,16 @@ mod tests {
         let (first, _) = parse("HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\n\r\n")
             .unwrap()
             .unwrap();
-        let table = first.headers.capacity();
-        give_back_map(first.headers);
+        let first = first.fields.to_map().unwrap();
+        let table = first.capacity();
+        give_back_map(first);
         let (second, _) = parse("HTTP/1.1 204 No Content\r\nX-C: 3\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(second.headers.len(), 1);
-        assert_eq!(second.headers["x-c"], "3");
-        assert!(second.headers.capacity() >= table);
+        let second = second.fields.to_map().unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second["x-c"], "3");
+        assert!(second.capacity() >= table);
         // A map grown past the bound is not kept.
         let mut big = HeaderMap::with_capacity(4 * SPARE_MAP_FIELDS);
         big.insert("x-d", HeaderValue::from_static("4"));

@@ -9,6 +9,8 @@ use bytes::{BufMut, BytesMut};
 use http::StatusCode;
 use http::header::{self, HeaderMap};
 
+use super::raw::RawFields;
+
 /// How the body of a response is delimited on the client's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -37,11 +39,14 @@ pub enum Persist {
     Upgrade,
 }
 
-/// Writes a response head for a client. The response's `connection` field is replaced by
-/// `persist`; `framing` adds the field that delimits the body.
+/// Writes a response head for a client: the upstream's field lines as they came (`raw`,
+/// less the hop-by-hop ones and those `headers` replaces), then `headers`. The response's
+/// `connection` field is replaced by `persist`; `framing` adds the field that delimits the
+/// body.
 pub fn write_head(
     out: &mut BytesMut,
     status: StatusCode,
+    raw: Option<&RawFields>,
     headers: &HeaderMap,
     framing: Framing,
     persist: Persist,
@@ -52,6 +57,9 @@ pub fn write_head(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
+    if let Some(raw) = raw {
+        raw.write(out, headers);
+    }
     for (name, value) in headers {
         if name == header::CONNECTION {
             continue;
@@ -61,7 +69,7 @@ pub fn write_head(
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !headers.contains_key(header::DATE) && !raw.is_some_and(RawFields::has_date) {
         put_date(out);
     }
     match framing {
@@ -157,6 +165,7 @@ mod tests {
         write_head(
             &mut out,
             StatusCode::from_u16(status).unwrap(),
+            None,
             &h,
             framing,
             persist,

@@ -250,6 +250,8 @@ async fn forward(
         });
 
     let (mut parts, body) = req.into_parts();
+    let as_lines = parts.version != Version::HTTP_2
+        && policy.and_then(|p| p.response_headers.as_ref()).is_none();
     // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
     let chunked =
         parts.version != Version::HTTP_2 && parts.headers.contains_key(header::TRANSFER_ENCODING);
@@ -355,6 +357,7 @@ async fn forward(
         upload: body,
         set_cookie,
         encode,
+        as_lines,
     })
 }
 
@@ -406,6 +409,9 @@ struct Answer<'a> {
     set_cookie: Option<HeaderValue>,
     /// Compression, when the route has it on and the client accepts an encoding.
     encode: Option<Encode<'a>>,
+    /// The head may go to the client as the lines it came in (an HTTP/1.x client, and no
+    /// response rules on the route).
+    as_lines: bool,
 }
 
 fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
@@ -417,12 +423,6 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     // answer it to another client.
     let early = progress.as_ref().is_some_and(|p| p.ended().is_none());
     let facts = head.facts;
-    let mut resp = Response::new(());
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
-    if let Some(cookie) = a.set_cookie {
-        resp.headers_mut().append(header::SET_COOKIE, cookie);
-    }
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
         if !a.upgrade {
             return Err(invalid_response(
@@ -431,8 +431,12 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
                 "101 without an upgrade request",
             ));
         }
+        let mut headers = head
+            .fields
+            .to_map()
+            .map_err(|what| invalid_response(&guard, upstream, what))?;
         // Only the protocol asked for is tunnelled (headers::is_upgrade_request).
-        if !headers::is_websocket_upgrade(resp.headers()) {
+        if !headers::is_websocket_upgrade(&headers) {
             return Err(invalid_response(
                 &guard,
                 upstream,
@@ -442,17 +446,21 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         let Some(upstream_side) = conn.into_body(length).into_upgraded() else {
             return Err(ProxyError::BadUpstreamResponse("upgrade failed"));
         };
-        let (mut parts, ()) = resp.into_parts();
-        headers::strip_known(&mut parts.headers, &facts, true);
+        if let Some(cookie) = a.set_cookie {
+            headers.append(header::SET_COOKIE, cookie);
+        }
+        headers::strip_known(&mut headers, &facts, true);
         let tunnel = tunnel::Tunnel {
             upstream: upstream_side,
             idle: rt.settings.tunnel_idle_timeout,
             stop: a.ctx.stop.clone(),
             guard,
         };
-        return Ok(Response::from_parts(parts, Body::Upgrade(Box::new(tunnel))));
+        let mut resp = Response::new(Body::Upgrade(Box::new(tunnel)));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = headers;
+        return Ok(resp);
     }
-    let (mut parts, ()) = resp.into_parts();
     let framing = match headers::framing_of(&facts) {
         Ok(f) => f,
         Err(what) => return Err(invalid_response(&guard, upstream, what)),
@@ -461,11 +469,30 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         && framing == headers::Framing::Clean
         && head.version == Version::HTTP_11
         && !facts.close;
-    if framing == headers::Framing::ChunkedOverLength {
-        // RFC 9112 §6.3: chunked wins, the length goes, the connection is not reused.
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    headers::strip_known(&mut parts.headers, &facts, false);
+    // The head goes to an HTTP/1.1 client line by line, as it came, unless something needs
+    // it as a header map: an HTTP/2 client, a sticky cookie to add, compression, the route's
+    // response rules, a `Content-Length` to drop.
+    let as_lines = a.as_lines
+        && a.set_cookie.is_none()
+        && a.encode.is_none()
+        && framing != headers::Framing::ChunkedOverLength;
+    let mut map = if as_lines {
+        None
+    } else {
+        let mut map = head
+            .fields
+            .to_map()
+            .map_err(|what| invalid_response(&guard, upstream, what))?;
+        if let Some(cookie) = a.set_cookie {
+            map.append(header::SET_COOKIE, cookie);
+        }
+        if framing == headers::Framing::ChunkedOverLength {
+            // RFC 9112 §6.3: chunked wins, the length goes, the connection is not reused.
+            map.remove(header::CONTENT_LENGTH);
+        }
+        headers::strip_known(&mut map, &facts, false);
+        Some(map)
+    };
     // Only a connection whose exchange ended cleanly both ways goes back to the pool.
     let body = UpstreamBody::new(
         conn.into_body(length),
@@ -478,18 +505,24 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
             upload: a.upload,
         },
     );
+    let Some(mut headers) = map.take() else {
+        let mut resp = Response::new(Body::Upstream(body.with_fields(head.fields)));
+        *resp.status_mut() = head.status;
+        return Ok(resp);
+    };
+    let status = head.status;
     if let Some(e) = a.encode
         && crate::compress::is_compressible(
-            parts.status.as_u16(),
+            status.as_u16(),
             e.head,
-            &parts.headers,
+            &headers,
             &e.settings.types,
             e.settings.min_length,
         )
         // An encoder that cannot be made (out of memory) leaves the response as it is.
         && let Ok(encoder) = crate::compress::Encoder::new(e.algorithm, e.settings.level)
     {
-        crate::compress::rewrite_headers(&mut parts.headers, e.algorithm);
+        crate::compress::rewrite_headers(&mut headers, e.algorithm);
         let m = &a.ctx.metrics;
         m.count_compressed(e.algorithm.as_str());
         let counted = crate::body::Counted {
@@ -497,12 +530,15 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
             bytes_out: m.compression_out.clone(),
         };
         let body = crate::body::Compressed::new(body, encoder, counted);
-        return Ok(Response::from_parts(
-            parts,
-            Body::Compressed(Box::new(body)),
-        ));
+        let mut resp = Response::new(Body::Compressed(Box::new(body)));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        return Ok(resp);
     }
-    Ok(Response::from_parts(parts, Body::Upstream(body)))
+    let mut resp = Response::new(Body::Upstream(body));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
 }
 
 /// A response head the proxy cannot pass on: a 502 for the client, a passive failure for
