@@ -508,6 +508,9 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     let Some(mut headers) = map.take() else {
         let mut resp = Response::new(Body::Upstream(body.with_fields(head.fields)));
         *resp.status_mut() = head.status;
+        // For the fields the proxy sets (`X-Request-Id`): a spare map, given back once the
+        // head is written.
+        *resp.headers_mut() = crate::h1::take_map(1);
         return Ok(resp);
     };
     let status = head.status;
