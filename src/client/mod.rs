@@ -87,9 +87,9 @@ impl Pool {
         self.idle.lock().map_or(0, |q| q.len())
     }
 
-    /// The most recently used idle connection that is still open and young enough.
-    pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
-        let now = Instant::now();
+    /// The most recently used idle connection that is still open and young enough at
+    /// `now`.
+    pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<Conn> {
         let mut q = self.idle.lock().ok()?;
         while let Some(idle) = q.pop_back() {
             if now.duration_since(idle.since) >= idle_timeout {
@@ -359,7 +359,9 @@ mod tests {
         conn.buf = take_buffer();
         let pool = Pool::default();
         pool.put(conn, 4);
-        let conn = pool.take(Duration::from_secs(60)).expect("kept idle");
+        let conn = pool
+            .take(Duration::from_secs(60), Instant::now())
+            .expect("kept idle");
         assert_eq!(conn.buf.capacity(), 0);
     }
 }

@@ -567,14 +567,14 @@ impl Conn {
     /// discarded so that the connection can go on; a broken one closes it.
     async fn finish_body(&mut self) -> Next {
         match lock(&self.wire).body {
-            Remaining::None => {}
+            Remaining::None => return Next::KeepAlive,
             Remaining::Broken => return Next::Done,
             Remaining::Known(_) | Remaining::Chunked(_) => {}
         }
-        let deadline = Instant::now() + DRAIN_TIME;
+        let mut last = Instant::now();
+        let deadline = last + DRAIN_TIME;
         let pause = self.limits.body_pause;
         let (wire, timer) = (&self.wire, &mut self.timer);
-        let mut last = Instant::now();
         poll_fn(|cx| {
             loop {
                 let r = lock(wire).poll_body(cx);
@@ -666,13 +666,15 @@ impl Conn {
     /// Pushes out what the socket holds back (TLS records), under `send_timeout`.
     async fn flush(&mut self) -> Result<(), WriteFailed> {
         let (wire, timer, send) = (&self.wire, &mut self.timer, self.limits.send);
-        let since = Instant::now();
+        // The clock is read only if the socket holds the flush back.
+        let mut since: Option<Instant> = None;
         poll_fn(|cx| {
             let r = Pin::new(&mut lock(wire).io).poll_flush(cx);
             match r {
                 Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed)),
                 Poll::Pending => {
+                    let since = *since.get_or_insert_with(Instant::now);
                     if timer.poll_until(cx, since + send).is_ready() {
                         return Poll::Ready(Err(WriteFailed));
                     }

@@ -168,11 +168,13 @@ impl Attempt<'_> {
         fresh_retry_left: bool,
     ) -> Result<(Sent, Sender), Failure> {
         let upstream = self.upstream;
+        let now = Instant::now();
         let pooled = if fresh {
             None
         } else {
-            server.pool.take(upstream.pool.idle_timeout)
+            server.pool.take(upstream.pool.idle_timeout, now)
         };
+        let reused = pooled.is_some();
         let conn = match pooled {
             Some(conn) => Ok(conn),
             // A new connection: the wait counts against max_pending.
@@ -206,7 +208,9 @@ impl Attempt<'_> {
         let limit = self.rt.settings.request_timeout;
         // Without a body, the head is awaited under the connection's own timer; with one,
         // the clock depends on the body's progress (`await_head`).
-        let deadline = self.progress.is_none().then(|| Instant::now() + limit);
+        // (A pooled connection was taken just now; a new one may have taken a while.)
+        let sent_at = if reused { now } else { Instant::now() };
+        let deadline = self.progress.is_none().then(|| sent_at + limit);
         let fut = conn.send(Outgoing {
             method: &head.method,
             head: &head.bytes,
