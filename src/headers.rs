@@ -269,6 +269,7 @@ pub fn detach_values(headers: &mut HeaderMap) {
 
 /// The names a `Connection` field lists (`close` among them, which also takes out a field
 /// named `close`), besides `keep-alive` and `upgrade`, which are dealt with on their own.
+#[derive(Default)]
 pub(crate) struct Listed<'a> {
     pub(crate) names: Vec<&'a [u8]>,
 }

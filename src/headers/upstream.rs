@@ -60,14 +60,19 @@ fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
 /// goes out chunked (it has one, and no `Content-Length` to frame it).
 pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool {
     let h = r.headers;
-    let listed = Listed::of(h);
+    let sent = Sent::of(h);
+    let listed = if sent.has(&header::CONNECTION) {
+        Listed::of(h)
+    } else {
+        Listed::default()
+    };
     // A field the client sent that goes on (before fairway's own are considered).
     let passes = |name: &HeaderName| {
         !is_hop_by_hop(name, r.upgrade)
             && !listed.lists(name)
             && !is_underscore_spelling(name.as_str().as_bytes())
     };
-    let present = |name: &HeaderName| h.contains_key(name) && !listed.lists(name);
+    let present = |name: &HeaderName| sent.has(name) && !listed.lists(name);
     let o = r.origin;
     // From a trusted peer, the forwarded fields it set are kept (X-Forwarded-For and
     // Forwarded get this hop appended); from any other, all are replaced.
@@ -184,6 +189,44 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     }
     out.put_slice(b"\r\n");
     chunked
+}
+
+/// Which of the fields the rewrite asks about the client sent, noted in one pass over the
+/// names of its map instead of a lookup each.
+#[derive(Default)]
+struct Sent(u16);
+
+impl Sent {
+    fn of(h: &HeaderMap) -> Sent {
+        let mut bits = 0u16;
+        for name in h.keys() {
+            bits |= Sent::bit(name.as_str());
+        }
+        Sent(bits)
+    }
+
+    /// The bit of a field the rewrite asks about (a name in lower case); 0 for any other.
+    fn bit(name: &str) -> u16 {
+        match name {
+            "host" => 1,
+            "content-length" => 1 << 1,
+            "connection" => 1 << 2,
+            "cookie" => 1 << 3,
+            "forwarded" => 1 << 4,
+            "x-forwarded-for" => 1 << 5,
+            "x-forwarded-proto" => 1 << 6,
+            "x-forwarded-host" => 1 << 7,
+            "x-real-ip" => 1 << 8,
+            _ => 0,
+        }
+    }
+
+    /// Whether `name`, one of the fields the rewrite asks about, was sent.
+    fn has(&self, name: &HeaderName) -> bool {
+        let bit = Sent::bit(name.as_str());
+        debug_assert!(bit != 0, "{name} is not noted");
+        self.0 & bit != 0
+    }
 }
 
 fn field(out: &mut BytesMut, name: &str, value: &[u8]) {
