@@ -85,11 +85,14 @@ pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rand::random();
     let mut out = [0u8; 32];
-    for (i, c) in out.iter_mut().enumerate() {
-        *c = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bits.to_be_bytes()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
-    // Hex digits are a valid field value.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    // Owned by a shared buffer from the start: the copies that go into the response and
+    // the access log share it without another allocation. Hex digits are a valid value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
