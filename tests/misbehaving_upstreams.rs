@@ -342,3 +342,32 @@ async fn after_a_504_for_a_stalled_upload_the_connections_are_released() {
     u.writer.abort();
     u.bench.steady_ok().await;
 }
+
+/// An upstream whose `Connection` lists `Content-Length` and `Date` (so both are hop-by-hop):
+/// the client still gets a framed body and a date, and its keep-alive connection carries the
+/// next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_the_upstream_names_in_connection_is_reframed() {
+    let (up, _) = raw_upstream(|mut s| async move {
+        while read_head(&mut s).await.is_some() {
+            let answer = b"HTTP/1.1 200 OK\r\nConnection: content-length, Date\r\n\
+                Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Length: 5\r\n\r\nhello";
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let mut b = bench("", &[up], "").await;
+    let mut c = RawConn::connect(b.addr()).await;
+    for _ in 0..2 {
+        c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hello");
+        assert_eq!(r.header("content-length"), Some("5"), "{:?}", r.headers);
+        let date = r.header("date").expect("a date");
+        assert!(!date.contains("1970"), "{date}");
+    }
+    b.steady_ok().await;
+}

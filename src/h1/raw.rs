@@ -112,6 +112,15 @@ impl RawFields {
                 l.hop = true;
             }
         }
+        // A `Date` or `Content-Length` named there is left out too: the head must not claim
+        // one it does not write.
+        let kept = |n: &[u8]| {
+            self.lines
+                .iter()
+                .any(|l| !l.hop && head[range(l.name)] == *n)
+        };
+        self.date = kept(b"date");
+        self.length = kept(b"content-length");
     }
 
     /// Whether a `Date` line is there.
@@ -348,6 +357,18 @@ mod tests {
                 "{from_lines}"
             );
         }
+    }
+
+    #[test]
+    fn a_date_or_length_that_connection_lists_is_not_claimed() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: Date, content-length\r\n\
+                   Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Length: 2\r\n\r\n";
+        let (head, _) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        assert!(!head.fields.has_date() && !head.fields.has_length());
+        let (from_lines, _) = both(raw, &[]);
+        assert!(!from_lines.contains("1970") && !from_lines.contains("content-length"));
+        // The proxy's own date stands in, as for a head without one.
+        assert!(from_lines.contains("\r\ndate: "), "{from_lines}");
     }
 
     #[test]
