@@ -280,17 +280,21 @@ impl<'a> Listed<'a> {
         // Bytes, not strings: a list with obs-text must still have every name it lists
         // left out (RFC 9110 §7.6.1).
         for v in headers.get_all(header::CONNECTION) {
-            for t in v.as_bytes().split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if !t.is_empty()
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-                    && !t.eq_ignore_ascii_case(b"upgrade")
-                {
-                    names.push(t);
-                }
-            }
+            names.extend(Listed::names_in(v.as_bytes()));
         }
         Listed { names }
+    }
+
+    /// The names one `Connection` value lists.
+    pub(crate) fn names_in(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+        value
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+            })
     }
 
     /// Whether `name` is listed.

@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Spares;
-use crate::headers::{Facts, Kind};
+use crate::headers::{Facts, Kind, Listed};
 
 /// The field lines of a response head.
 pub struct RawFields {
@@ -94,16 +94,7 @@ impl RawFields {
         let mut listed: Vec<&[u8]> = Vec::new();
         for l in &self.lines {
             if head[range(l.name)].eq_ignore_ascii_case(b"connection") {
-                listed.extend(
-                    head[range(l.value)]
-                        .split(|&b| b == b',')
-                        .map(<[u8]>::trim_ascii)
-                        .filter(|t| {
-                            !t.is_empty()
-                                && !t.eq_ignore_ascii_case(b"keep-alive")
-                                && !t.eq_ignore_ascii_case(b"upgrade")
-                        }),
-                );
+                listed.extend(Listed::names_in(&head[range(l.value)]));
             }
         }
         for l in &mut self.lines {
