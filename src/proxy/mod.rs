@@ -282,8 +282,7 @@ async fn forward(
     // The head upstream, rewritten as it is written (hop-by-hop fields left out, forwarded
     // fields set, HTTP/2 cookie crumbs joined); the body framed by its length when the
     // client gave one, else chunked.
-    // In a spare buffer of this thread's, given back once every try has been made.
-    let mut bytes = crate::stream::take_buffer();
+    let mut bytes = bytes::BytesMut::new();
     let chunked = headers::write_upstream_head(
         &mut bytes,
         &headers::UpstreamRequest {
@@ -317,7 +316,6 @@ async fn forward(
         sticky: sticky.flatten(),
     };
     let result = attempt.run(client_ip, &mut body, trace).await;
-    crate::stream::give_back(head.bytes);
     let set_cookie = upstream.sticky.as_ref().and_then(|s| {
         let chosen = trace.server.as_ref().and_then(|srv| {
             upstream
