@@ -11,13 +11,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 mod histogram;
 mod process;
 
-pub use histogram::{BUCKETS, BucketCounts, ServerHistogram};
+pub use histogram::{BUCKETS, BucketCounts, DurationHistogram};
 
 /// `Content-Type` of the exposition (text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -76,19 +75,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
-}
-
-type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
-
 /// The registry and every metric family of the process.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    duration: HistogramFamily,
-    server_duration: Family<ServerLabels, ServerHistogram>,
+    duration: Family<UpstreamLabels, DurationHistogram>,
+    server_duration: Family<ServerLabels, DurationHistogram>,
     healthy: Family<ServerLabels, Gauge>,
     active: Family<ServerLabels, Gauge>,
     health_checks: Family<CheckLabels, Counter>,
@@ -158,8 +151,8 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
-        let server_duration = Family::<ServerLabels, ServerHistogram>::default();
+        let duration = Family::<UpstreamLabels, DurationHistogram>::default();
+        let server_duration = Family::<ServerLabels, DurationHistogram>::default();
         let healthy = Family::<ServerLabels, Gauge>::default();
         let active = Family::<ServerLabels, Gauge>::default();
         let health_checks = Family::<CheckLabels, Counter>::default();
@@ -466,7 +459,7 @@ pub struct ServerMetrics {
     /// `fairway_requests_total` by code.
     pub codes: CodeCounters,
     /// `fairway_upstream_server_request_duration_seconds`.
-    pub duration: ServerHistogram,
+    pub duration: DurationHistogram,
     /// `fairway_upstream_server_healthy`.
     pub healthy: Gauge,
     /// `fairway_upstream_active_requests`.
@@ -481,7 +474,7 @@ pub struct ServerMetrics {
 #[derive(Debug)]
 pub struct UpstreamMetrics {
     /// `fairway_request_duration_seconds`.
-    pub duration: Histogram,
+    pub duration: DurationHistogram,
     /// `fairway_retries_total`.
     pub retries: Counter,
     /// `fairway_rate_limited_total`.

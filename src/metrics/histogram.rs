@@ -1,7 +1,8 @@
-//! [`ServerHistogram`]: the per-server request duration histogram. Unlike
-//! `prometheus_client`'s histogram (a mutex, and bucket counts only the encoder can read) it
-//! is a row of atomic counters, so a request observes without a lock and the stats sampler
-//! reads the bucket counts each second.
+//! [`DurationHistogram`]: the request duration histograms, per upstream and per server.
+//! Unlike `prometheus_client`'s histogram (a mutex every observation takes, and bucket counts
+//! only the encoder can read) it is a row of atomic counters, so a request observes without a
+//! lock, requests on other threads do not wait for each other, and the stats sampler reads
+//! the bucket counts each second.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use super::DURATION_BUCKETS;
 
-/// Buckets of a [`ServerHistogram`]: one per bound of [`DURATION_BUCKETS`], then `+Inf`.
+/// Buckets of a [`DurationHistogram`]: one per bound of [`DURATION_BUCKETS`], then `+Inf`.
 pub const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
 
 /// Observation counts per bucket (not cumulative): `counts[i]` counts durations above bound
@@ -20,7 +21,7 @@ pub type BucketCounts = [u64; BUCKETS];
 
 /// A histogram over [`DURATION_BUCKETS`], cheap to clone (the counters are shared).
 #[derive(Debug, Clone, Default)]
-pub struct ServerHistogram(Arc<Inner>);
+pub struct DurationHistogram(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -30,7 +31,7 @@ struct Inner {
     sum_nanos: AtomicU64,
 }
 
-impl ServerHistogram {
+impl DurationHistogram {
     /// Counts one duration, in seconds.
     pub fn observe(&self, seconds: f64) {
         let i = DURATION_BUCKETS
@@ -50,11 +51,11 @@ impl ServerHistogram {
     }
 }
 
-impl TypedMetric for ServerHistogram {
+impl TypedMetric for DurationHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }
 
-impl EncodeMetric for ServerHistogram {
+impl EncodeMetric for DurationHistogram {
     fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
         let counts = self.counts();
         let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn observations_land_in_the_bucket_of_their_upper_bound() {
-        let h = ServerHistogram::default();
+        let h = DurationHistogram::default();
         h.observe(0.0005); // on the first bound: first bucket
         h.observe(0.0006);
         h.observe(0.3);
