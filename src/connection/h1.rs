@@ -350,19 +350,21 @@ impl Conn {
             trace: proxy::Trace::default(),
             start: Instant::now(),
             rt,
-            ctx: Arc::clone(&self.ctx),
+            ctx: &self.ctx,
         };
         let resp = proxy::handle(
             &pending.rt,
             req,
             len,
             &self.info,
-            &pending.ctx,
+            pending.ctx,
             pending.start,
             &mut pending.trace,
         )
         .await;
         let mut access = pending.finish(resp.status().as_u16());
+        // Answered: nothing left for it to count or log.
+        drop(pending);
         let (next, bytes) = self.respond(resp, &facts).await;
         if let Some((entry, ctx)) = access.as_mut() {
             entry.bytes = bytes;

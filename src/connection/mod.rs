@@ -298,7 +298,7 @@ where
                 trace: proxy::Trace::default(),
                 start: Instant::now(),
                 rt,
-                ctx,
+                ctx: &ctx,
             };
             // Boxed: hyper keeps room for one in-flight future per connection, idle or
             // not; a small box there instead of the whole request state saves ~4 KiB per
@@ -308,7 +308,7 @@ where
                 req,
                 head,
                 &info,
-                &pending.ctx,
+                pending.ctx,
                 pending.start,
                 &mut pending.trace,
             ))

@@ -21,21 +21,22 @@ use crate::proxy;
 /// A request being answered. If hyper drops it before the answer is ready (the client
 /// closed its connection, or reset its HTTP/2 stream), it is counted and logged as the
 /// client's: status 499, as Nginx logs a client that went away.
-pub(super) struct Pending {
+pub(super) struct Pending<'c> {
     pub(super) entry: Option<Box<Entry>>,
     pub(super) trace: proxy::Trace,
     pub(super) start: Instant,
     pub(super) rt: Arc<crate::runtime::Runtime>,
-    pub(super) ctx: Arc<Context>,
+    /// Borrowed from the connection: no shared count to touch per request.
+    pub(super) ctx: &'c Arc<Context>,
 }
 
-impl Pending {
+impl Pending<'_> {
     /// The answer is ready with `status` (already counted by `proxy::handle`): the access
     /// log entry, completed, to go with the response body.
     pub(super) fn finish(&mut self, status: u16) -> Option<(Box<Entry>, Arc<Context>)> {
         let mut e = self.entry.take()?;
         self.fill(&mut e, status);
-        Some((e, Arc::clone(&self.ctx)))
+        Some((e, Arc::clone(self.ctx)))
     }
 
     fn fill(&self, e: &mut Entry, status: u16) {
@@ -53,7 +54,7 @@ impl Pending {
     }
 }
 
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.trace.answered {
             return;
