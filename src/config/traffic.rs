@@ -300,8 +300,7 @@ impl StickySection {
     /// Checks the cookie's attributes; `at` is the section's key.
     pub fn check(&self, at: &KeyPath) -> Check {
         // RFC 6265 §4.1.1: a cookie name is a token.
-        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        if self.cookie.is_empty() || !self.cookie.bytes().all(token) {
+        if self.cookie.is_empty() || !self.cookie.bytes().all(crate::headers::is_tchar) {
             return Err((
                 at.clone().k("cookie"),
                 format!(

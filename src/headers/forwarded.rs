@@ -149,7 +149,7 @@ pub(super) fn put_ip(out: &mut BytesMut, ip: IpAddr) {
 /// Appends `v` as a token when it is one, else as a quoted-string (RFC 7239 §4, RFC 9110
 /// §5.6.4): a `Host` with a port (`:`) or an IPv6 literal (`[`, `]`) is quoted.
 fn push_token_or_quoted(buf: &mut BytesMut, v: &[u8]) {
-    if v.iter().all(|&b| is_tchar(b)) {
+    if v.iter().all(|&b| super::is_tchar(b)) {
         buf.extend_from_slice(v);
         return;
     }
@@ -161,11 +161,6 @@ fn push_token_or_quoted(buf: &mut BytesMut, v: &[u8]) {
         buf.put_u8(b);
     }
     buf.put_u8(b'"');
-}
-
-/// RFC 9110 §5.6.2 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The forwarded headers whose underscore spellings never go upstream.
