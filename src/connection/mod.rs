@@ -302,17 +302,21 @@ where
             };
             // Boxed: hyper keeps room for one in-flight future per connection, idle or
             // not; a small box there instead of the whole request state saves ~4 KiB per
-            // idle keep-alive connection, for one allocation per request.
-            let resp = Box::pin(proxy::handle(
-                &pending.rt,
-                req,
-                head,
-                &info,
-                pending.ctx,
-                pending.start,
-                &mut pending.trace,
-            ))
-            .await;
+            // idle keep-alive connection, for one allocation per request. Allocated
+            // first, so that the future is made in the box instead of copied into it.
+            let handle = Box::write(
+                Box::new_uninit(),
+                proxy::handle(
+                    &pending.rt,
+                    req,
+                    head,
+                    &info,
+                    pending.ctx,
+                    pending.start,
+                    &mut pending.trace,
+                ),
+            );
+            let resp = Box::into_pin(handle).await;
             let access = pending.finish(resp.status().as_u16());
             Ok::<_, Infallible>(resp.map(|inner| {
                 let inner = match inner {
