@@ -109,10 +109,10 @@ impl Facts {
         self.note_kind(kind, value);
     }
 
-    /// Notes one field line whose name is as received (any case); what kind of field it is.
+    /// Notes one field line by its name in lower case; what kind of field it is.
     #[inline]
     pub fn note_raw(&mut self, name: &[u8], value: &[u8]) -> Kind {
-        let kind = Kind::of_raw(name);
+        let kind = Kind::of_lower(name);
         self.note_kind(kind, value);
         kind
     }
@@ -167,19 +167,19 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The kind of a field by its name as received, in any case.
+    /// The kind of a field by its name in lower case (as a received name is once lowered:
+    /// an exact comparison costs less than one ignoring case).
     #[inline]
-    pub fn of_raw(name: &[u8]) -> Kind {
-        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
-        match name.len() {
-            2 if is("te") => Kind::Hop(3),
-            7 if is("upgrade") => Kind::Hop(6),
-            7 if is("trailer") => Kind::Hop(4),
-            10 if is("connection") => Kind::Hop(0),
-            10 if is("keep-alive") => Kind::Hop(1),
-            14 if is("content-length") => Kind::ContentLength,
-            16 if is("proxy-connection") => Kind::Hop(2),
-            17 if is("transfer-encoding") => Kind::Hop(5),
+    pub fn of_lower(name: &[u8]) -> Kind {
+        match name {
+            b"te" => Kind::Hop(3),
+            b"upgrade" => Kind::Hop(6),
+            b"trailer" => Kind::Hop(4),
+            b"connection" => Kind::Hop(0),
+            b"keep-alive" => Kind::Hop(1),
+            b"content-length" => Kind::ContentLength,
+            b"proxy-connection" => Kind::Hop(2),
+            b"transfer-encoding" => Kind::Hop(5),
             _ => Kind::Other,
         }
     }
@@ -428,17 +428,16 @@ pub(crate) mod tests {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             let f = Facts::of(&h(&[(name, "x")]));
             assert_eq!(f.hop, 1 << i, "{name}");
-            // The same by the name as received, in any case.
-            let upper = name.to_ascii_uppercase();
+            // The same by the name's bytes, lowered.
             let mut raw = Facts::default();
-            assert_eq!(raw.note_raw(upper.as_bytes(), b"x"), Kind::Hop(i as u8));
-            assert_eq!(raw, f, "{upper}");
+            assert_eq!(raw.note_raw(name.as_bytes(), b"x"), Kind::Hop(i as u8));
+            assert_eq!(raw, f, "{name}");
         }
         let mut raw = Facts::default();
-        assert_eq!(raw.note_raw(b"Content-Length", b"12"), Kind::ContentLength);
+        assert_eq!(raw.note_raw(b"content-length", b"12"), Kind::ContentLength);
         assert_eq!((raw.lengths, raw.length), (1, Some(12)));
         for other in ["content-lengths", "tee", "x-upgrade", "date"] {
-            assert_eq!(Kind::of_raw(other.as_bytes()), Kind::Other, "{other}");
+            assert_eq!(Kind::of_lower(other.as_bytes()), Kind::Other, "{other}");
         }
     }
 

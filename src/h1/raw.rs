@@ -60,15 +60,16 @@ impl RawFields {
         let mut lines = take_lines(found.len());
         let (mut date, mut length) = (false, false);
         for f in found {
-            let name = f.name.as_bytes();
-            let kind = facts.note_raw(name, f.value);
-            length |= kind == Kind::ContentLength;
-            date |= name.eq_ignore_ascii_case(b"date");
-            let (Some(n), Some(v)) = (at(name), at(f.value)) else {
+            let (Some(n), Some(v)) = (at(f.name.as_bytes()), at(f.value)) else {
                 give_back_lines(lines);
                 return Err("malformed head");
             };
+            // Lowered first: the name is then told by exact comparisons.
             copy[range(n)].make_ascii_lowercase();
+            let name = &copy[range(n)];
+            let kind = facts.note_raw(name, f.value);
+            length |= kind == Kind::ContentLength;
+            date |= name == b"date";
             lines.push(Line {
                 name: n,
                 value: v,
