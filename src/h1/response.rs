@@ -69,7 +69,8 @@ pub fn write_head(
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) && !raw.is_some_and(RawFields::has_date) {
+    // The upstream's own `Date` first: it is nearly always there, and the lookup is not.
+    if !raw.is_some_and(RawFields::has_date) && !headers.contains_key(header::DATE) {
         put_date(out);
     }
     match framing {
