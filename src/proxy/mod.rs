@@ -149,7 +149,8 @@ async fn forward(
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two could make the route
     // and the application disagree on the host.
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    let host_field = hosts.next();
+    match (host_field, hosts.next()) {
         (_, Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
         (None, None) if req.version() == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
@@ -171,8 +172,7 @@ async fn forward(
         .flatten()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let host_from_target = target_authority.is_some();
-    let host_value: Option<HeaderValue> = match (target_authority, req.headers().get(header::HOST))
-    {
+    let host_value: Option<HeaderValue> = match (target_authority, host_field) {
         (Some(a), _) => Some(a),
         (None, Some(h)) => Some(h.clone()),
         (None, None) => req
@@ -207,8 +207,9 @@ async fn forward(
         ));
     }
 
-    let declared = content_length(req.headers());
-    if let (Some(max), Some(len)) = (rt.settings.max_body_bytes, declared)
+    // The declared length is looked up only when there is a limit to hold it to.
+    if let Some(max) = rt.settings.max_body_bytes
+        && let Some(len) = content_length(req.headers())
         && len > max
     {
         return Err(ProxyError::BodyTooLarge);
@@ -252,9 +253,6 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let as_lines = parts.version != Version::HTTP_2
         && policy.and_then(|p| p.response_headers.as_ref()).is_none();
-    // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
-    let chunked =
-        parts.version != Version::HTTP_2 && parts.headers.contains_key(header::TRANSFER_ENCODING);
     let origin = Origin {
         peer,
         client: client_ip,
@@ -269,15 +267,20 @@ async fn forward(
     let replayable = progress.is_none();
     let body = match &progress {
         None => RequestBody::Empty,
-        Some(p) => RequestBody::Client(Box::new(ClientBody::new(
-            body,
-            rt.settings.max_body_bytes,
-            rt.settings.body_read_timeout,
-            Arc::clone(p),
-            chunked
-                .then(|| conn.bytes_read.clone().map(WireCount::new))
-                .flatten(),
-        ))),
+        Some(p) => {
+            // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
+            let chunked = parts.version != Version::HTTP_2
+                && parts.headers.contains_key(header::TRANSFER_ENCODING);
+            RequestBody::Client(Box::new(ClientBody::new(
+                body,
+                rt.settings.max_body_bytes,
+                rt.settings.body_read_timeout,
+                Arc::clone(p),
+                chunked
+                    .then(|| conn.bytes_read.clone().map(WireCount::new))
+                    .flatten(),
+            )))
+        }
     };
     // The head upstream, rewritten as it is written (hop-by-hop fields left out, forwarded
     // fields set, HTTP/2 cookie crumbs joined); the body framed by its length when the
