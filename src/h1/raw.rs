@@ -94,7 +94,7 @@ impl RawFields {
         let head = &self.head;
         let mut listed: Vec<&[u8]> = Vec::new();
         for l in &self.lines {
-            if head[range(l.name)].eq_ignore_ascii_case(b"connection") {
+            if head[range(l.name)] == *b"connection" {
                 listed.extend(Listed::names_in(&head[range(l.value)]));
             }
         }
@@ -137,11 +137,9 @@ impl RawFields {
             let (name, value) = (range(l.name), range(l.value));
             if l.hop
                 || (!set.is_empty()
-                    && set.keys().any(|k| {
-                        k.as_str()
-                            .as_bytes()
-                            .eq_ignore_ascii_case(&head[name.clone()])
-                    }))
+                    && set
+                        .keys()
+                        .any(|k| k.as_str().as_bytes() == &head[name.clone()]))
             {
                 continue;
             }
