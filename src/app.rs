@@ -219,6 +219,7 @@ async fn shutdown(control: &Control) -> bool {
     let drained = tokio::time::timeout(limit, ctx.tracker.wait())
         .await
         .is_ok();
+    ctx.workers.end();
     if drained {
         tracing::info!("all connections drained");
     } else {

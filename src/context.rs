@@ -16,6 +16,7 @@ use crate::limit::ConnectionsPerIp;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
+use crate::workers::Workers;
 
 /// State shared by every listener, connection and request.
 #[derive(Debug)]
@@ -34,11 +35,13 @@ pub struct Context {
     pub access_log: AccessLog,
     /// Open client connections per client address (`max_connections_per_ip`).
     pub per_ip: Arc<ConnectionsPerIp>,
+    /// The threads that accept and serve client connections.
+    pub workers: Workers,
 }
 
 impl Context {
     /// A context serving `runtime`.
-    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Context {
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>, workers: Workers) -> Context {
         Context {
             runtime: ArcSwap::from_pointee(runtime),
             maintenance: Maintenance::default(),
@@ -47,6 +50,7 @@ impl Context {
             metrics,
             access_log: AccessLog::start(),
             per_ip: Arc::new(ConnectionsPerIp::new()),
+            workers,
         }
     }
 }

@@ -33,6 +33,7 @@ use crate::runtime::{Files, Runtime};
 use crate::server::Checker;
 use crate::sockets::ListenerSet;
 use crate::stats::Stats;
+use crate::workers::Workers;
 
 /// Serves the admin listener. The admin module sits above the control plane (its
 /// `POST /reload` calls [`Control::reload`]), so the app hands its server in.
@@ -97,8 +98,14 @@ impl Control {
         admin: AdminServer,
     ) -> Result<Arc<Control>, ConfigError> {
         let metrics = Arc::new(Metrics::new());
+        let workers = Workers::start(crate::workers::count())
+            .map_err(|e| ConfigError::other(&config_path, None, format!("startup failed: {e}")))?;
         let control = Arc::new(Control {
-            ctx: Arc::new(Context::new(Runtime::before_start(&metrics), metrics)),
+            ctx: Arc::new(Context::new(
+                Runtime::before_start(&metrics),
+                metrics,
+                workers,
+            )),
             config_path,
             started: Instant::now(),
             stats: Arc::new(Stats::default()),

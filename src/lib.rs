@@ -18,6 +18,7 @@
 //! - [`h1`]: the HTTP/1.1 wire format: request heads parsed from clients and written to
 //!   upstreams, response heads parsed from upstreams and written to clients, body lengths,
 //!   the chunked coding.
+//! - [`workers`]: the threads that serve client connections, one event loop per core.
 //! - [`stream`]: growing reads and a stream with bytes put back in front.
 //! - [`wire`]: a client's HTTP/1.1 connection as its loop and the body being read share it.
 //! - [`route`]: host and path-prefix routing on the normalized path.
@@ -117,6 +118,7 @@ pub mod upgrade;
 pub mod upload;
 pub mod upstream;
 pub mod wire;
+pub mod workers;
 
 pub use app::{App, AppHandle};
 pub use body::Body;

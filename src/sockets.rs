@@ -193,11 +193,9 @@ impl ListenerSet {
                 }
                 Some(std_listener) => {
                     let fd = std_listener.as_fd().try_clone_to_owned()?;
-                    let l = tokio::net::TcpListener::from_std(std_listener)?;
-                    let local = l.local_addr()?;
+                    let local = std_listener.local_addr()?;
                     let stop = ctx.stop.child_token();
-                    let task =
-                        tokio::spawn(connection::accept_loop(l, Arc::clone(ctx), stop.clone()));
+                    let task = accept_on_workers(std_listener, ctx, &stop)?;
                     tracing::info!(listen = %local, "accepting client connections");
                     self.client.push(Bound {
                         configured,
@@ -254,6 +252,33 @@ impl ListenerSet {
         }
         tasks
     }
+}
+
+/// Starts an accept loop on every worker, each on a duplicate of `listener`; the returned
+/// task ends once every loop has ended (and closed its duplicate).
+fn accept_on_workers(
+    listener: std::net::TcpListener,
+    ctx: &Arc<Context>,
+    stop: &CancellationToken,
+) -> io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let mut loops = Vec::with_capacity(ctx.workers.len());
+    for handle in ctx.workers.handles() {
+        let dup = listener.try_clone()?;
+        let (ctx, stop) = (Arc::clone(ctx), stop.clone());
+        loops.push(handle.spawn(async move {
+            match tokio::net::TcpListener::from_std(dup) {
+                Ok(l) => connection::accept_loop(l, ctx, stop).await,
+                Err(e) => tracing::error!(error = %e, "cannot accept on a worker"),
+            }
+        }));
+    }
+    drop(listener);
+    Ok(tokio::spawn(async move {
+        for l in loops {
+            let _ = l.await;
+        }
+    }))
 }
 
 /// Keeps, replaces or stops a single listener (admin, redirect).

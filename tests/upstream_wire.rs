@@ -272,3 +272,64 @@ async fn an_upstream_that_breaks_off_mid_upload_leaves_the_client_connection_usa
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_stay_within_max_idle_per_server_and_serve_every_worker() {
+    // Six requests at once need six upstream connections; the upstream answers the first
+    // request of each only once all six have come. Afterwards the pool may keep two, in
+    // all (each worker thread keeps its own share), and the requests that follow reuse
+    // them, whichever worker their client connection landed on.
+    let open = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(6));
+    let (o, b) = (Arc::clone(&open), Arc::clone(&barrier));
+    let (up, conns) = raw_upstream(move |mut s| {
+        let (open, barrier) = (Arc::clone(&o), Arc::clone(&b));
+        async move {
+            open.fetch_add(1, Ordering::SeqCst);
+            let mut first = true;
+            while read_head(&mut s).await.is_some() {
+                if std::mem::take(&mut first) {
+                    barrier.wait().await;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    break;
+                }
+            }
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let toml = format!("{}max_idle_per_server = 2\n", config(up));
+    let p = TestProxy::start(&toml).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(tokio::spawn(async move {
+            let mut c = RawConn::connect(p.addr).await;
+            assert_eq!(get(&mut c, "/").await.status, 200);
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 6);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while open.load(Ordering::SeqCst) > 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} upstream connections still open",
+            open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..6 {
+        let mut c = RawConn::connect(p.addr).await;
+        assert_eq!(get(&mut c, "/").await.status, 200);
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        6,
+        "no new connection was dialed"
+    );
+    assert_eq!(open.load(Ordering::SeqCst), 2);
+}

@@ -16,7 +16,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -62,15 +62,34 @@ pub struct PoolSettings {
     pub resolver: Option<std::net::SocketAddr>,
 }
 
-/// Idle keep-alive connections to one server, most recently used last.
-#[derive(Default)]
+/// Idle keep-alive connections to one server, in one share per worker thread (a
+/// connection's socket is registered with the reactor of the worker that dialed it), each
+/// share most recently used last. A worker takes from its own share first, and from
+/// another's only when its own is empty; `max_idle` bounds the sum of the shares.
 pub struct Pool {
-    idle: Mutex<VecDeque<Idle>>,
+    shares: Box<[Share]>,
+    /// Connections in all shares, on a cache line of its own.
+    idle: Count,
 }
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Share(Mutex<VecDeque<Idle>>);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Count(AtomicUsize);
 
 struct Idle {
     conn: Conn,
     since: Instant,
+}
+
+impl Default for Pool {
+    /// A pool with a share for each worker.
+    fn default() -> Pool {
+        Pool::with_shares(crate::workers::count())
+    }
 }
 
 impl fmt::Debug for Pool {
@@ -82,32 +101,68 @@ impl fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// A pool of `n` shares (at least one).
+    pub fn with_shares(n: usize) -> Pool {
+        Pool {
+            shares: (0..n.max(1)).map(|_| Share::default()).collect(),
+            idle: Count::default(),
+        }
+    }
+
     /// Number of idle connections held.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |q| q.len())
+        self.idle.0.load(Ordering::Relaxed)
+    }
+
+    /// The share of the calling worker.
+    fn home(&self) -> usize {
+        crate::workers::index() % self.shares.len()
     }
 
     /// The most recently used idle connection that is still open and young enough at
-    /// `now`.
+    /// `now`: from the calling worker's share, else from another's (then moved to the
+    /// calling worker's reactor).
     pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<Conn> {
-        let mut q = self.idle.lock().ok()?;
-        while let Some(idle) = q.pop_back() {
-            if now.duration_since(idle.since) >= idle_timeout {
-                // Everything older is expired too.
-                q.clear();
-                return None;
-            }
-            if !idle.conn.peer_closed() {
-                let mut conn = idle.conn;
+        let home = self.home();
+        let n = self.shares.len();
+        for i in 0..n {
+            let share = (home + i) % n;
+            if let Some(mut conn) = self.take_from(share, idle_timeout, now) {
                 conn.reused = true;
+                if share != home {
+                    conn = conn.moved_here()?;
+                }
                 return Some(conn);
             }
         }
         None
     }
 
-    /// Keeps `conn` as the most recently used idle connection (dropping the oldest past
-    /// `max_idle`).
+    fn take_from(&self, share: usize, idle_timeout: Duration, now: Instant) -> Option<Conn> {
+        let mut q = self.shares[share].0.lock().ok()?;
+        let before = q.len();
+        let mut found = None;
+        while let Some(idle) = q.pop_back() {
+            if now.duration_since(idle.since) >= idle_timeout {
+                // Everything older is expired too.
+                q.clear();
+                break;
+            }
+            if !idle.conn.peer_closed() {
+                found = Some(idle.conn);
+                break;
+            }
+        }
+        let gone = before - q.len();
+        if gone > 0 {
+            self.idle.0.fetch_sub(gone, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Keeps `conn` as the most recently used idle connection of the calling worker's
+    /// share; with `max_idle` held already, the oldest of that share makes room (or, with
+    /// none there, `conn` is closed).
     pub fn put(&self, mut conn: Conn, max_idle: usize) {
         if max_idle == 0 {
             return;
@@ -119,10 +174,19 @@ impl Pool {
             give_back(std::mem::take(&mut conn.buf));
             conn.read_size = ReadSize::default();
         }
-        if let Ok(mut q) = self.idle.lock() {
-            while q.len() >= max_idle {
-                q.pop_front();
+        let home = self.home();
+        if self.idle.0.fetch_add(1, Ordering::Relaxed) >= max_idle {
+            // Full: this connection takes the place of the oldest of this share, else of
+            // another's (one share locked at a time), else it is closed.
+            let oldest = (0..self.shares.len())
+                .map(|i| (home + i) % self.shares.len())
+                .find_map(|i| self.shares[i].0.lock().ok()?.pop_front());
+            self.idle.0.fetch_sub(1, Ordering::Relaxed);
+            if oldest.is_none() {
+                return;
             }
+        }
+        if let Ok(mut q) = self.shares[home].0.lock() {
             q.push_back(Idle {
                 conn,
                 since: Instant::now(),
@@ -133,12 +197,16 @@ impl Pool {
     /// Closes idle connections older than `idle_timeout`.
     pub fn evict_expired(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        if let Ok(mut q) = self.idle.lock() {
-            while q
-                .front()
-                .is_some_and(|i| now.duration_since(i.since) >= idle_timeout)
-            {
-                q.pop_front();
+        for s in self.shares.iter() {
+            if let Ok(mut q) = s.0.lock() {
+                let before = q.len();
+                while q
+                    .front()
+                    .is_some_and(|i| now.duration_since(i.since) >= idle_timeout)
+                {
+                    q.pop_front();
+                }
+                self.idle.0.fetch_sub(before - q.len(), Ordering::Relaxed);
             }
         }
     }
@@ -177,6 +245,25 @@ impl Conn {
     /// Whether the last request's body was read from (and so cannot be sent again).
     pub fn body_touched(&self) -> bool {
         self.body_touched
+    }
+
+    /// The connection registered with the calling thread's reactor instead of the one
+    /// that dialed it (a plain socket is moved; a TLS one stays where it is, and its
+    /// readiness reaches this thread through its wake-ups). `None` if the socket cannot be
+    /// moved: it is closed.
+    fn moved_here(mut self) -> Option<Conn> {
+        self.timer = LazyTimer::default();
+        self.io = match self.io {
+            Either::Left(c) => {
+                let std = c.inner.into_std().ok()?;
+                Either::Left(Counted {
+                    inner: TcpStream::from_std(std).ok()?,
+                    written: c.written,
+                })
+            }
+            tls => tls,
+        };
+        Some(self)
     }
 
     /// Whether the server has closed the connection, or sent something unasked, while it
@@ -363,5 +450,69 @@ mod tests {
             .take(Duration::from_secs(60), Instant::now())
             .expect("kept idle");
         assert_eq!(conn.buf.capacity(), 0);
+    }
+
+    /// Dials `n` connections to `listener`, on the calling thread's reactor.
+    async fn dial_n(target: &Target, n: usize) -> Vec<Conn> {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            let c = dial(target, "127.0.0.1", Duration::from_secs(5), None, None);
+            conns.push(c.await.unwrap());
+        }
+        conns
+    }
+
+    #[tokio::test]
+    async fn the_shares_of_the_workers_hold_max_idle_in_all() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target::Socket(listener.local_addr().unwrap());
+        let accepted = tokio::spawn(async move {
+            let mut peers = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                peers.push(s);
+            }
+        });
+        let workers = crate::workers::Workers::start(2).unwrap();
+        let pool = Arc::new(Pool::with_shares(2));
+        let (h0, h1) = (&workers.handles()[0], &workers.handles()[1]);
+        // Worker 0 returns 3 connections, worker 1 then 2: 4 stay in all, and the one
+        // that made room for worker 1's last was worker 1's own oldest.
+        for (h, n) in [(h0, 3), (h1, 2)] {
+            let (pool, target) = (Arc::clone(&pool), target.clone());
+            h.spawn(async move {
+                for c in dial_n(&target, n).await {
+                    pool.put(c, 4);
+                }
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(pool.idle_count(), 4);
+        let lens: Vec<usize> = pool
+            .shares
+            .iter()
+            .map(|s| s.0.lock().unwrap().len())
+            .collect();
+        assert_eq!(lens[..2], [3, 1]);
+        // Worker 1 takes its own, then worker 0's (moved to its reactor, and usable).
+        let p = Arc::clone(&pool);
+        let taken = h1
+            .spawn(async move {
+                let mut taken = Vec::new();
+                while let Some(mut c) = p.take(Duration::from_secs(60), Instant::now()) {
+                    assert!(c.reused);
+                    tokio::io::AsyncWriteExt::write_all(&mut c.io, b"x")
+                        .await
+                        .unwrap();
+                    taken.push(c);
+                }
+                taken.len()
+            })
+            .await
+            .unwrap();
+        assert_eq!(taken, 4);
+        assert_eq!(pool.idle_count(), 0);
+        workers.end();
+        accepted.abort();
     }
 }

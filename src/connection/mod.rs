@@ -69,10 +69,33 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
         };
         let count = ConnCount::new(&ctx);
         let ctx2 = Arc::clone(&ctx);
-        ctx.tracker.spawn(async move {
-            serve_accepted(stream, info, ctx2).await;
-            drop(count);
-        });
+        let assigned = ctx.workers.assign(crate::workers::index());
+        if assigned.worker() == crate::workers::index() {
+            ctx.tracker.spawn(async move {
+                serve_accepted(stream, info, ctx2).await;
+                drop((count, assigned));
+            });
+            continue;
+        }
+        // Served by a less loaded worker: the socket moves to that worker's reactor.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "cannot hand the connection over");
+                continue;
+            }
+        };
+        let handle = &ctx.workers.handles()[assigned.worker()];
+        ctx.tracker.spawn_on(
+            async move {
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => serve_accepted(stream, info, ctx2).await,
+                    Err(e) => tracing::debug!(error = %e, "cannot take the connection over"),
+                }
+                drop((count, assigned));
+            },
+            handle,
+        );
     }
     tracing::debug!(listen = %local, "stopped accepting");
 }
