@@ -148,7 +148,8 @@ impl Conn {
             let exchange = Box::write(Box::new_uninit(), self.exchange(head));
             match Box::into_pin(exchange).await {
                 Next::KeepAlive => {}
-                Next::Close => {
+                Next::Closing if self.can_close_at_once() => return false,
+                Next::Close | Next::Closing => {
                     self.linger().await;
                     return false;
                 }
@@ -479,6 +480,7 @@ impl Conn {
         give_back(out);
         match r {
             Ok(bytes) if keep => (Next::KeepAlive, bytes),
+            Ok(bytes) if req.close => (Next::Closing, bytes),
             Ok(bytes) => (Next::Close, bytes),
             Err(bytes) => (Next::Done, bytes),
         }
@@ -602,6 +604,27 @@ impl Conn {
     /// it sent after the upgrade request.
     async fn tunnel(&mut self, t: crate::tunnel::Tunnel) {
         crate::tunnel::run(WireIo(Arc::clone(&self.wire)), t).await;
+    }
+
+    /// Whether a plain TCP connection whose client asked for the close can be closed at
+    /// once, without lingering: the request was read to its end, nothing more is buffered,
+    /// and one non-blocking read finds nothing new (Nginx decides the same way). With an
+    /// empty receive queue the close sends a FIN, not a reset, and the answer, written in
+    /// full already, reaches the client. TLS connections always close gently
+    /// (`close_notify` first).
+    fn can_close_at_once(&mut self) -> bool {
+        let mut w = lock(&self.wire);
+        if !matches!(w.io, tokio_util::either::Either::Left(_))
+            || !w.buf.is_empty()
+            || !matches!(w.body, Remaining::None)
+        {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match w.poll_fill(&mut cx) {
+            Poll::Pending | Poll::Ready(Ok(0) | Err(_)) => true,
+            Poll::Ready(Ok(_)) => false,
+        }
     }
 
     /// Closes the connection gently: our side first, then what the client still sends is
@@ -747,6 +770,9 @@ enum Next {
     KeepAlive,
     /// Close, gently ([`Conn::linger`]).
     Close,
+    /// Close because the client asked to: at once if it has nothing more to send
+    /// ([`Conn::can_close_at_once`]), else gently.
+    Closing,
     /// Close at once (the client is gone, or the framing is lost).
     Done,
 }
