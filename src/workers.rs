@@ -1,9 +1,10 @@
 //! The threads that serve client connections: one single-threaded runtime per core, each
-//! accepting on every client listener (a duplicate of the same socket) and serving what it
-//! accepted to the end, as Nginx's workers do. A connection, its requests, its upstream
-//! connections and its timers stay on one thread: no task moves between cores and no
-//! wake-up crosses to another thread. The control plane (config, health checks, admin
-//! listener, signals) runs on the runtime that started the proxy.
+//! accepting on every client listener (a duplicate of the same socket), handing a
+//! connection to a less loaded worker when the load is uneven ([`Workers::assign`]), and
+//! serving its connections to the end, as Nginx's workers do. A connection, its requests,
+//! its upstream connections and its timers stay on one thread: no task moves between cores
+//! and no wake-up crosses to another thread. The control plane (config, health checks,
+//! admin listener, signals) runs on the runtime that started the proxy.
 
 use std::cell::Cell;
 use std::io;
