@@ -177,37 +177,6 @@ async fn a_head_trickling_in_one_byte_per_write_is_served() {
 }
 
 // ---------------------------------------------------------------------------------------
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_asked_to_close_is_closed_at_once_and_cleanly() {
-    // The request was read whole and nothing follows it: the connection closes without
-    // lingering (a FIN, not a reset), so bytes the client sends after its answer are
-    // refused by the closed socket instead of read and discarded.
-    let a = TestUpstream::start("a").await;
-    let p = TestProxy::start(&proxy_config("", &[&a])).await;
-    let mut c = RawConn::connect(p.addr).await;
-    c.send(b"GET /bye HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        .await;
-    let r = c.response().await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("connection"), Some("close"));
-    assert!(
-        c.closed_within(Duration::from_secs(3)).await.is_some(),
-        "not closed after the answer"
-    );
-    assert!(!c.reset, "reset instead of a clean close");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        if c.stream.write_all(b"more").await.is_err() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the proxy still reads what the client sends after the close it asked for"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // HTTP/1.0 clients
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -660,6 +660,17 @@ async fn client_connection_close_is_honoured() {
     );
     assert!(c.buf.is_empty(), "bytes after the response: {:?}", c.buf);
     assert!(!c.reset, "reset instead of a clean close");
+    // The request was read whole and nothing followed it: the connection closed without
+    // lingering (a FIN, not a reset), so what the client sends now is refused by the
+    // closed socket instead of read and discarded.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while c.stream.write_all(b"more").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still reads what the client sends after the close it asked for"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
