@@ -69,10 +69,10 @@ pub const MEMORY_RELEASE_PERIOD: Duration = Duration::from_secs(5);
 static MEMORY_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
 /// Registers a function that hands the allocator's free memory back to the kernel (the
-/// binary's is glibc's `malloc_trim`). Every app started afterwards calls it every
-/// [`MEMORY_RELEASE_PERIOD`] on a blocking thread, like HAProxy trims its pools: glibc keeps
-/// memory freed by other threads' arenas, so after a burst of connections RSS would
-/// otherwise stay at its high-water mark. The first registration wins.
+/// binary's runs jemalloc's decay). Every app started afterwards calls it every
+/// [`MEMORY_RELEASE_PERIOD`] on a blocking thread, like HAProxy trims its pools: an
+/// allocator returns pages as it works, so after a burst of connections an idle process
+/// would otherwise stay at its high-water mark. The first registration wins.
 pub fn release_memory_with(release: fn()) {
     let _ = MEMORY_RELEASE.set(release);
 }

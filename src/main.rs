@@ -72,74 +72,51 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Hands glibc's free heap pages back to the kernel once a burst is over. glibc keeps memory
-/// freed into its per-thread arenas, so after a burst of connections RSS would otherwise stay
-/// at its high-water mark. Under steady load freed memory is soon reused and trimming it would
-/// only cost page faults (and `malloc_trim` holds each arena's lock while it walks it), so
-/// the trim runs only when more memory is free than in use and memory held beyond live
-/// memory is at least [`heap::SLACK`] above the least it came down to after a trim.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// The allocator: jemalloc. Its per-thread caches serve the blocks every connection and
+/// request allocates without a lock or a search: a request's state (4.7 KiB), and tokio's
+/// task and I/O registration blocks, aligned to 128 bytes. glibc's malloc takes its slow
+/// path for all three (measured in docs/performance.md).
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(target_os = "linux")]
 mod heap {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::ffi::c_char;
+    use std::ptr::null_mut;
 
-    /// Growth of retained memory (RSS minus heap in use) that is worth a trim.
-    pub const SLACK: usize = 4 << 20;
+    /// A C string for jemalloc to read.
+    #[repr(transparent)]
+    struct Conf(*const c_char);
 
-    /// The least retained memory seen right after a trim (0 before the first): what the
-    /// process comes back to once a burst is over.
-    static RETAINED_FLOOR: AtomicUsize = AtomicUsize::new(0);
+    // SAFETY: it points to a static C string that is never written.
+    unsafe impl Sync for Conf {}
 
-    /// glibc's `struct mallinfo2`.
-    #[repr(C)]
-    struct MallInfo2 {
-        arena: usize,
-        ordblks: usize,
-        smblks: usize,
-        hblks: usize,
-        hblkhd: usize,
-        usmblks: usize,
-        fsmblks: usize,
-        uordblks: usize,
-        fordblks: usize,
-        keepcost: usize,
-    }
+    /// jemalloc's settings, read when it starts: pages no longer used go back to the kernel
+    /// within about a second (instead of ten), so RSS follows the load down after a burst.
+    #[unsafe(export_name = "_rjem_malloc_conf")]
+    static MALLOC_CONF: Conf = Conf(c"dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
-    unsafe extern "C" {
-        fn mallinfo2() -> MallInfo2;
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
-    }
-
-    fn rss_bytes() -> Option<usize> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    }
-
-    pub fn trim_after_burst() {
-        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
-        let m = unsafe { mallinfo2() };
-        let (free, used) = (m.fordblks, m.uordblks + m.hblkhd);
-        let Some(rss) = rss_bytes() else { return };
-        let retained = rss.saturating_sub(used);
-        let floor = RETAINED_FLOOR.load(Ordering::Relaxed);
-        if free <= used || retained < floor + SLACK {
-            return;
-        }
-        // SAFETY: malloc_trim takes no pointers and only releases memory malloc holds free.
+    /// Runs every arena's decay now. jemalloc decays as it allocates; a process that went
+    /// idle after a burst would otherwise keep the burst's pages.
+    pub fn release() {
+        // SAFETY: a NUL-terminated name (4096 is MALLCTL_ARENAS_ALL); the command reads
+        // and writes nothing.
         unsafe {
-            malloc_trim(0);
-        }
-        let after = rss_bytes().map_or(retained, |r| r.saturating_sub(used));
-        if floor == 0 || after < floor {
-            RETAINED_FLOOR.store(after, Ordering::Relaxed);
+            tikv_jemalloc_sys::mallctl(
+                c"arena.4096.decay".as_ptr(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                0,
+            );
         }
     }
 }
 
 fn main() -> ExitCode {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fairway::app::release_memory_with(heap::trim_after_burst);
+    #[cfg(target_os = "linux")]
+    fairway::app::release_memory_with(heap::release);
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let or_top = |c: ConfigArg| c.config.unwrap_or_else(|| cli.config.clone());
