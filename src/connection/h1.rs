@@ -668,7 +668,11 @@ impl Conn {
                 if bufs.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                let r = Pin::new(&mut lock(wire).io).poll_write_vectored(cx, bufs);
+                let r = {
+                    let mut w = lock(wire);
+                    w.before_write();
+                    Pin::new(&mut w.io).poll_write_vectored(cx, bufs)
+                };
                 match r {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed)),
                     Poll::Ready(Ok(n)) => {

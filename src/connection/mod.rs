@@ -60,7 +60,6 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
             drop(stream);
             continue;
         }
-        let _ = stream.set_nodelay(true);
         let info = ConnInfo {
             peer,
             local,
@@ -162,6 +161,11 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
         tracing::debug!(peer = %info.peer, "refused: max_connections_per_ip reached");
         return;
     };
+    // `TCP_NODELAY`: at once for TLS (the handshake and HTTP/2 write in pieces); a plain
+    // connection sets it before its second write (`Wire::before_write`).
+    if tls.is_some() {
+        let _ = stream.set_nodelay(true);
+    }
     match tls {
         None => {
             let wire = Wire::new(tokio_util::either::Either::Left(stream), BytesMut::new());
