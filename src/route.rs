@@ -84,13 +84,15 @@ pub fn normalize_prefix(p: &str) -> &str {
 /// The host part of a `Host` header or authority: no port, no trailing dot, IPv6 brackets
 /// kept.
 pub fn host_only(authority: &str) -> &str {
-    let h = if authority.starts_with('[') {
-        match authority.find(']') {
+    // Searched as bytes: both are ASCII, and `str`'s char searcher costs more than the host.
+    let b = authority.as_bytes();
+    let h = if b.first() == Some(&b'[') {
+        match b.iter().position(|&c| c == b']') {
             Some(i) => &authority[..=i],
             None => authority,
         }
     } else {
-        match authority.rfind(':') {
+        match b.iter().rposition(|&c| c == b':') {
             Some(i) => &authority[..i],
             None => authority,
         }

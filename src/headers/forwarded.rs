@@ -86,25 +86,22 @@ pub struct Origin {
 }
 
 /// Appends the RFC 7239 forwarded-element `for=<peer>;proto=<proto>;host=<host>` to `buf`;
-/// `host` is left out when the request has none.
+/// `host` is left out when the request has none. `peer` is the canonical peer address.
 pub(super) fn push_forwarded_element(
     buf: &mut BytesMut,
-    peer: IpAddr,
+    peer: &IpText,
     proto: &str,
     host: Option<&HeaderValue>,
 ) {
-    match canonical(peer) {
-        ip @ IpAddr::V4(_) => {
-            buf.extend_from_slice(b"for=");
-            put_ip(buf, ip);
-        }
+    if peer.v6 {
         // RFC 7239 §6: an IPv6 node is bracketed, and since `[` and `:` are not token
         // characters the value must be a quoted-string (§4).
-        ip @ IpAddr::V6(_) => {
-            buf.extend_from_slice(b"for=\"[");
-            put_ip(buf, ip);
-            buf.extend_from_slice(b"]\"");
-        }
+        buf.extend_from_slice(b"for=\"[");
+        buf.extend_from_slice(peer.as_bytes());
+        buf.extend_from_slice(b"]\"");
+    } else {
+        buf.extend_from_slice(b"for=");
+        buf.extend_from_slice(peer.as_bytes());
     }
     buf.extend_from_slice(b";proto=");
     buf.extend_from_slice(proto.as_bytes());
@@ -116,33 +113,68 @@ pub(super) fn push_forwarded_element(
 
 /// Writes `ip` in its text form: dotted decimal, or RFC 5952 for IPv6.
 pub(super) fn put_ip(out: &mut BytesMut, ip: IpAddr) {
-    match ip {
-        // Dotted decimal by hand: the formatting machinery costs more than the header.
-        IpAddr::V4(v4) => {
-            let mut text = [0u8; 15];
-            let mut n = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[n] = b'.';
-                    n += 1;
+    out.extend_from_slice(IpText::of(ip).as_bytes());
+}
+
+/// An IP address in its text form (dotted decimal, or RFC 5952 for IPv6), on the stack: a
+/// request head going upstream names its peer up to three times and formats it once.
+pub(super) struct IpText {
+    text: [u8; 45],
+    len: usize,
+    /// The address is IPv6.
+    pub(super) v6: bool,
+}
+
+impl IpText {
+    pub(super) fn of(ip: IpAddr) -> IpText {
+        let mut t = IpText {
+            text: [0; 45],
+            len: 0,
+            v6: ip.is_ipv6(),
+        };
+        match ip {
+            // Dotted decimal by hand: the formatting machinery costs more than the header.
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    if octet >= 100 {
+                        t.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        t.push(b'0' + octet / 10 % 10);
+                    }
+                    t.push(b'0' + octet % 10);
                 }
-                if octet >= 100 {
-                    text[n] = b'0' + octet / 100;
-                    n += 1;
-                }
-                if octet >= 10 {
-                    text[n] = b'0' + octet / 10 % 10;
-                    n += 1;
-                }
-                text[n] = b'0' + octet % 10;
-                n += 1;
             }
-            out.extend_from_slice(&text[..n]);
+            // Room for the longest IPv6 text there is (45 bytes, an embedded IPv4 address).
+            IpAddr::V6(_) => {
+                let _ = std::fmt::Write::write_fmt(&mut t, format_args!("{ip}"));
+            }
         }
-        // Writing to a BytesMut cannot fail.
-        IpAddr::V6(_) => {
-            let _ = std::fmt::Write::write_fmt(out, format_args!("{ip}"));
-        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.text[self.len] = b;
+        self.len += 1;
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.text
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -297,6 +329,27 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap())
             .collect()
+    }
+
+    #[test]
+    fn ip_text_holds_every_address_form() {
+        for text in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "::",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            // An IPv4-mapped address is written with its IPv4 part dotted.
+            "::ffff:255.255.255.255",
+            "1111:2222:3333:4444:5555:6666:255.255.255.255",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(
+                IpText::of(ip).as_bytes(),
+                ip.to_string().as_bytes(),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::forwarded::{
-    Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
+    IpText, Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
     is_underscore_spelling, push_forwarded_element, put_ip,
 };
 use super::rules::{HeaderRules, X_REQUEST_ID};
@@ -134,13 +134,14 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
         out.put_slice(b"\r\n");
     }
 
+    let peer = IpText::of(canonical(o.peer));
     // X-Forwarded-For: what a trusted peer sent, then this hop's peer.
     if !removed(&X_FORWARDED_FOR) {
         out.put_slice(b"x-forwarded-for: ");
         if o.trusted && present(&X_FORWARDED_FOR) && join_values(out, h, &X_FORWARDED_FOR) {
             out.put_slice(b", ");
         }
-        put_ip(out, canonical(o.peer));
+        out.put_slice(peer.as_bytes());
         out.put_slice(b"\r\n");
     }
     if !keep_proto && !removed(&X_FORWARDED_PROTO) {
@@ -154,14 +155,11 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     }
     if !keep_real_ip && !removed(&X_REAL_IP) {
         out.put_slice(b"x-real-ip: ");
-        put_ip(
-            out,
-            if o.trusted {
-                o.client
-            } else {
-                canonical(o.peer)
-            },
-        );
+        if o.trusted {
+            put_ip(out, o.client);
+        } else {
+            out.put_slice(peer.as_bytes());
+        }
         out.put_slice(b"\r\n");
     }
     // Forwarded (RFC 7239): the same, as one list of elements.
@@ -170,7 +168,7 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
         if o.trusted && present(&header::FORWARDED) && join_values(out, h, &header::FORWARDED) {
             out.put_slice(b", ");
         }
-        push_forwarded_element(out, o.peer, o.proto, r.host);
+        push_forwarded_element(out, &peer, o.proto, r.host);
         out.put_slice(b"\r\n");
     }
     if let Some(id) = r.request_id
