@@ -60,16 +60,16 @@ pub fn error_response(e: &ProxyError, request_id: Option<&HeaderValue>) -> Respo
     r
 }
 
-/// A response body sent to a client. `Upstream`, the common case, is held inline: boxing it
-/// would cost an allocation per response.
-#[allow(clippy::large_enum_variant)]
+/// A response body sent to a client. `Upstream`, the common case, is boxed: a response
+/// is moved whole from the exchange up to the connection that writes it, and a small one
+/// moves cheaper than the allocation costs.
 pub enum Body {
     /// Nothing.
     Empty,
     /// One chunk, taken on first poll.
     Full(Option<Bytes>),
     /// An upstream's response body, streamed through.
-    Upstream(UpstreamBody),
+    Upstream(Box<UpstreamBody>),
     /// An upstream's response body, compressed as it streams through.
     Compressed(Box<Compressed>),
     /// No body: after this `101`, the client's connection becomes a tunnel to the
@@ -100,7 +100,7 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty | Body::Upgrade(_) => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Upstream(u) => Pin::new(u).poll_frame(cx),
+            Body::Upstream(u) => Pin::new(&mut **u).poll_frame(cx),
             Body::Compressed(c) => c.poll_frame(cx),
         }
     }

@@ -509,7 +509,7 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         },
     );
     let Some(mut headers) = map.take() else {
-        let mut resp = Response::new(Body::Upstream(body.with_fields(head.fields)));
+        let mut resp = Response::new(Body::Upstream(Box::new(body.with_fields(head.fields))));
         *resp.status_mut() = head.status;
         // For the fields the proxy sets (`X-Request-Id`): a spare map, given back once the
         // head is written.
@@ -541,7 +541,7 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         *resp.headers_mut() = headers;
         return Ok(resp);
     }
-    let mut resp = Response::new(Body::Upstream(body));
+    let mut resp = Response::new(Body::Upstream(Box::new(body)));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
