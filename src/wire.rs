@@ -96,13 +96,20 @@ impl Wire {
     /// connection never waits: `TCP_NODELAY` is set just before the second one. A client
     /// that gets one answer and closes (`Connection: close`) costs one system call less.
     pub fn before_write(&mut self) {
-        if self.wrote && !self.nodelay {
+        if self.wrote {
+            self.nodelay_on();
+        }
+        self.wrote = true;
+    }
+
+    /// Sets `TCP_NODELAY` once, on a plain TCP connection.
+    fn nodelay_on(&mut self) {
+        if !self.nodelay {
             self.nodelay = true;
             if let tokio_util::either::Either::Left(tcp) = &self.io {
                 let _ = tcp.set_nodelay(true);
             }
         }
-        self.wrote = true;
     }
 
     /// Waits until the socket may have something to read, without a system call where the
@@ -272,8 +279,7 @@ pub type Prefixed = Rewind<ClientIo>;
 impl From<Wire> for Prefixed {
     fn from(mut w: Wire) -> Prefixed {
         // HTTP/2 writes frames as they come: no write of it waits for Nagle.
-        w.wrote = true;
-        w.before_write();
+        w.nodelay_on();
         Rewind::new(w.buf.freeze(), w.io)
     }
 }

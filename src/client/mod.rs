@@ -119,14 +119,18 @@ impl Pool {
         crate::workers::index() % self.shares.len()
     }
 
+    /// Every share, the calling worker's first.
+    fn shares_home_first(&self) -> impl Iterator<Item = usize> + use<> {
+        let (home, n) = (self.home(), self.shares.len());
+        (0..n).map(move |i| (home + i) % n)
+    }
+
     /// The most recently used idle connection that is still open and young enough at
     /// `now`: from the calling worker's share, else from another's (then moved to the
     /// calling worker's reactor).
     pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<Conn> {
         let home = self.home();
-        let n = self.shares.len();
-        for i in 0..n {
-            let share = (home + i) % n;
+        for share in self.shares_home_first() {
             if let Some(mut conn) = self.take_from(share, idle_timeout, now) {
                 conn.reused = true;
                 if share != home {
@@ -178,8 +182,8 @@ impl Pool {
         if self.idle.0.fetch_add(1, Ordering::Relaxed) >= max_idle {
             // Full: this connection takes the place of the oldest of this share, else of
             // another's (one share locked at a time), else it is closed.
-            let oldest = (0..self.shares.len())
-                .map(|i| (home + i) % self.shares.len())
+            let oldest = self
+                .shares_home_first()
                 .find_map(|i| self.shares[i].0.lock().ok()?.pop_front());
             self.idle.0.fetch_sub(1, Ordering::Relaxed);
             if oldest.is_none() {
