@@ -29,6 +29,9 @@ pub struct Context {
     pub tracker: TaskTracker,
     /// Fires on shutdown: listeners stop accepting, connections drain.
     pub stop: CancellationToken,
+    /// A child of `stop` per worker, for client connections to wait on
+    /// ([`Context::stop_here`]).
+    stops: Box<[CancellationToken]>,
     /// Metric families and handles.
     pub metrics: Arc<Metrics>,
     /// The access log writer.
@@ -42,16 +45,30 @@ pub struct Context {
 impl Context {
     /// A context serving `runtime`.
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>, workers: Workers) -> Context {
+        let stop = CancellationToken::new();
+        let stops = (0..workers.len().max(1))
+            .map(|_| stop.child_token())
+            .collect();
         Context {
             runtime: ArcSwap::from_pointee(runtime),
             maintenance: Maintenance::default(),
             tracker: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            stop,
+            stops,
             metrics,
             access_log: AccessLog::start(),
             per_ip: Arc::new(ConnectionsPerIp::new()),
             workers,
         }
+    }
+}
+
+impl Context {
+    /// The shutdown signal as the calling worker's connections wait on it: `stop` itself
+    /// takes a lock that every thread shares at each look, its child per worker one that
+    /// only this worker's connections do.
+    pub fn stop_here(&self) -> &CancellationToken {
+        &self.stops[crate::workers::index() % self.stops.len()]
     }
 }
 

@@ -1,13 +1,70 @@
-//! Time and chance: a ticker for background tasks that never bursts to catch up, the lazily
-//! armed timer a connection keeps its deadlines with, and a cheap per-thread random number
-//! for jitter and random choices.
+//! Time and chance: the clock a connection reads once per poll ([`now`], [`OneReading`]), a
+//! ticker for background tasks that never bursts to catch up, the lazily armed timer a
+//! connection keeps its deadlines with, and a cheap per-thread random number for jitter and
+//! random choices.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
+
+thread_local! {
+    /// Inside a poll of a [`OneReading`] future: `Some`, holding the time once read.
+    static READING: Cell<Option<Option<Instant>>> = const { Cell::new(None) };
+}
+
+/// The current time. Inside a poll of a [`OneReading`] future, the clock is read once and
+/// that time is given for the rest of the poll: a poll does not block, so it lasts
+/// microseconds, and a request read, sent upstream, answered and counted in one poll reads
+/// the clock once instead of at each of those steps (a clock read costs as much as parsing
+/// a header line). Anywhere else it is `Instant::now()`.
+pub fn now() -> Instant {
+    READING.with(|r| match r.get() {
+        None => Instant::now(),
+        Some(Some(t)) => t,
+        Some(None) => {
+            let t = Instant::now();
+            r.set(Some(Some(t)));
+            t
+        }
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose polls each read the clock at most once ([`now`]): a client
+    /// connection's task.
+    pub struct OneReading<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> OneReading<F> {
+    /// Wraps `fut`.
+    pub fn new(fut: F) -> Self {
+        OneReading { fut }
+    }
+}
+
+impl<F: Future> Future for OneReading<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // The time read in this poll is forgotten when it returns, even by a panic, and an
+        // enclosing reading (a poll inside a poll) gets its own back.
+        struct Restore(Option<Option<Instant>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                READING.with(|r| r.set(self.0));
+            }
+        }
+        let _restore = Restore(READING.with(|r| r.replace(Some(None))));
+        self.project().fut.poll(cx)
+    }
+}
 
 /// A periodic tick for background tasks; a late tick delays the next ones instead of
 /// bursting to catch up.
@@ -70,5 +127,51 @@ impl LazyTimer {
             }
             s.as_mut().reset(deadline);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spins until the real clock has moved past `t`.
+    fn past(t: Instant) {
+        while Instant::now() <= t {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[tokio::test]
+    async fn one_reading_reads_the_clock_once_per_poll() {
+        let outside = now();
+        past(outside);
+        assert!(now() > outside, "outside a reading, now() is the clock");
+
+        let mut polls = 0;
+        let mut times = Vec::new();
+        let fut = OneReading::new(std::future::poll_fn(|cx| {
+            polls += 1;
+            let first = now();
+            past(first);
+            // The same time for the rest of this poll...
+            assert_eq!(now(), first);
+            // ...and for a reading nested in it, which gets its own.
+            let inner = OneReading::new(async { now() });
+            let nested = futures_util::FutureExt::now_or_never(inner).unwrap();
+            assert!(nested > first);
+            assert_eq!(now(), first, "the enclosing reading is back");
+            times.push(first);
+            if polls < 2 {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        }));
+        fut.await;
+        assert!(times[1] > times[0], "each poll reads the clock anew");
+        let after = now();
+        past(after);
+        assert!(now() > after, "the reading ends with the poll");
     }
 }

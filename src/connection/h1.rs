@@ -33,7 +33,7 @@ use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
 use crate::proxy;
 use crate::stream::{give_back, take_buffer};
-use crate::timing::LazyTimer;
+use crate::timing::{self, LazyTimer};
 use crate::upload::Inbound;
 use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
 
@@ -99,7 +99,7 @@ pub(super) fn serve(
         ..info
     };
     let start = Instant::now();
-    let stop = Box::pin(ctx.stop.clone().cancelled_owned());
+    let stop = Box::pin(ctx.stop_here().clone().cancelled_owned());
     let mut c = Conn {
         wire,
         info,
@@ -164,7 +164,7 @@ impl Conn {
     /// with nothing begun after [`DRAIN_GRACE`].
     async fn read_head(&mut self) -> Read {
         let first = self.served == 0;
-        let idle_since = Instant::now();
+        let idle_since = timing::now();
         let mut head_since = if first {
             Some(self.start)
         } else if !lock(&self.wire).buf.is_empty() {
@@ -183,7 +183,7 @@ impl Conn {
             loop {
                 if !w.buf.is_empty() {
                     if head_since.is_none() {
-                        head_since = Some(Instant::now());
+                        head_since = Some(timing::now());
                     }
                     let n = w.buf.len().min(PREFACE.len());
                     let preface = first && w.buf[..n] == PREFACE[..n];
@@ -352,7 +352,7 @@ impl Conn {
             entry: (format != AccessFormat::Off)
                 .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
             trace: proxy::Trace::default(),
-            start: Instant::now(),
+            start: timing::now(),
             rt,
             ctx: &self.ctx,
         };
@@ -445,7 +445,7 @@ impl Conn {
             && !unread
             && framing != Framing::Close
             && !crate::headers::has_connection_token(&parts.headers, "close")
-            && !self.ctx.stop.is_cancelled();
+            && !self.ctx.stop_here().is_cancelled();
         let persist = match (keep, req.version) {
             (false, _) => Persist::Close,
             (true, Version::HTTP_10) => Persist::KeepAlive,

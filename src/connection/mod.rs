@@ -37,6 +37,7 @@ use crate::context::{ConnInfo, Context};
 use crate::proxy;
 use crate::proxy_protocol;
 use crate::runtime::Settings;
+use crate::timing::OneReading;
 use crate::upload::Inbound;
 use crate::wire::Wire;
 use bytes::BytesMut;
@@ -70,10 +71,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
         let ctx2 = Arc::clone(&ctx);
         let assigned = ctx.workers.assign(crate::workers::index());
         if assigned.worker() == crate::workers::index() {
-            ctx.tracker.spawn(async move {
+            ctx.tracker.spawn(OneReading::new(async move {
                 serve_accepted(stream, info, ctx2).await;
                 drop((count, assigned));
-            });
+            }));
             continue;
         }
         // Served by a less loaded worker: the socket moves to that worker's reactor.
@@ -86,13 +87,13 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
         };
         let handle = &ctx.workers.handles()[assigned.worker()];
         ctx.tracker.spawn_on(
-            async move {
+            OneReading::new(async move {
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => serve_accepted(stream, info, ctx2).await,
                     Err(e) => tracing::debug!(error = %e, "cannot take the connection over"),
                 }
                 drop((count, assigned));
-            },
+            }),
             handle,
         );
     }
@@ -241,7 +242,7 @@ pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cance
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = ctx.stop.cancelled() => {
+                _ = ctx.stop_here().cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -417,7 +418,7 @@ where
                 }
             }
             _ = state.wake.notified() => {}
-            _ = ctx.stop.cancelled(), if !closing => {
+            _ = ctx.stop_here().cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

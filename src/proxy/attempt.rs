@@ -168,7 +168,7 @@ impl Attempt<'_> {
         fresh_retry_left: bool,
     ) -> Result<(Sent, Sender), Failure> {
         let upstream = self.upstream;
-        let now = Instant::now();
+        let now = crate::timing::now();
         let pooled = if fresh {
             None
         } else {
@@ -209,7 +209,7 @@ impl Attempt<'_> {
         // Without a body, the head is awaited under the connection's own timer; with one,
         // the clock depends on the body's progress (`await_head`).
         // (A pooled connection was taken just now; a new one may have taken a while.)
-        let sent_at = if reused { now } else { Instant::now() };
+        let sent_at = if reused { now } else { crate::timing::now() };
         let deadline = self.progress.is_none().then(|| sent_at + limit);
         let fut = conn.send(Outgoing {
             method: &head.method,

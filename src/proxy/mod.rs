@@ -100,7 +100,9 @@ pub async fn handle(
 pub fn count(rt: &Runtime, trace: &Trace, code: u16, start: Instant) {
     match trace.upstream.map(|i| &rt.upstreams[i]) {
         Some(u) => {
-            let seconds = start.elapsed().as_secs_f64();
+            let seconds = crate::timing::now()
+                .saturating_duration_since(start)
+                .as_secs_f64();
             u.metrics.duration.observe(seconds);
             match &trace.server {
                 Some(s) => {
@@ -456,7 +458,7 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         let tunnel = tunnel::Tunnel {
             upstream: upstream_side,
             idle: rt.settings.tunnel_idle_timeout,
-            stop: a.ctx.stop.clone(),
+            stop: a.ctx.stop_here().clone(),
             guard,
         };
         let mut resp = Response::new(Body::Upgrade(Box::new(tunnel)));
