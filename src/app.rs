@@ -48,7 +48,8 @@ impl App {
     }
 }
 
-/// Closes pooled connections that have been idle past `pool_idle_timeout`.
+/// Closes pooled connections that have been idle past `pool_idle_timeout`, and the oldest
+/// beyond `max_idle_per_server` that a burst left ([`crate::client::Pool`]).
 async fn sweep_pools(ctx: Arc<Context>) {
     let mut tick = crate::timing::ticker(Duration::from_secs(1));
     loop {
@@ -58,7 +59,7 @@ async fn sweep_pools(ctx: Arc<Context>) {
         }
         let rt = ctx.runtime.load_full();
         for (u, s) in rt.servers() {
-            s.pool.evict_expired(u.pool.idle_timeout);
+            s.pool.sweep(u.pool.idle_timeout, u.pool.max_idle);
         }
     }
 }

@@ -65,7 +65,15 @@ pub struct PoolSettings {
 /// Idle keep-alive connections to one server, in one share per worker thread (a
 /// connection's socket is registered with the reactor of the worker that dialed it), each
 /// share most recently used last. A worker takes from its own share first, and from
-/// another's only when its own is empty; `max_idle` bounds the sum of the shares.
+/// another's only when its own is empty.
+///
+/// `max_idle` bounds the sum of the shares at rest. Under load, a burst of answers may
+/// return more connections at once than it allows while the next burst of requests is about
+/// to take them again: up to twice `max_idle` are kept then, and the pool sweep
+/// ([`Pool::sweep`], each second) closes the oldest beyond `max_idle`. Closing them at
+/// once made a proxy with more requests in flight than `max_idle` close and dial again a
+/// connection for one request in a hundred; HAProxy purges its idle connections the same
+/// way, gradually.
 pub struct Pool {
     shares: Box<[Share]>,
     /// Connections in all shares, on a cache line of its own.
@@ -165,8 +173,8 @@ impl Pool {
     }
 
     /// Keeps `conn` as the most recently used idle connection of the calling worker's
-    /// share; with `max_idle` held already, the oldest of that share makes room (or, with
-    /// none there, `conn` is closed).
+    /// share. With twice `max_idle` held already, the oldest of that share makes room (or,
+    /// with none there, `conn` is closed); with `max_idle` 0 nothing is kept.
     pub fn put(&self, mut conn: Conn, max_idle: usize) {
         if max_idle == 0 {
             return;
@@ -179,7 +187,7 @@ impl Pool {
             conn.read_size = ReadSize::default();
         }
         let home = self.home();
-        if self.idle.0.fetch_add(1, Ordering::Relaxed) >= max_idle {
+        if self.idle.0.fetch_add(1, Ordering::Relaxed) >= max_idle.saturating_mul(2) {
             // Full: this connection takes the place of the oldest of this share, else of
             // another's (one share locked at a time), else it is closed.
             let oldest = self
@@ -193,13 +201,14 @@ impl Pool {
         if let Ok(mut q) = self.shares[home].0.lock() {
             q.push_back(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::timing::now(),
             });
         }
     }
 
-    /// Closes idle connections older than `idle_timeout`.
-    pub fn evict_expired(&self, idle_timeout: Duration) {
+    /// Closes idle connections older than `idle_timeout`, then the oldest beyond
+    /// `max_idle`.
+    pub fn sweep(&self, idle_timeout: Duration, max_idle: usize) {
         let now = Instant::now();
         for s in self.shares.iter() {
             if let Ok(mut q) = s.0.lock() {
@@ -211,6 +220,18 @@ impl Pool {
                     q.pop_front();
                 }
                 self.idle.0.fetch_sub(before - q.len(), Ordering::Relaxed);
+            }
+        }
+        while self.idle_count() > max_idle {
+            // The share whose oldest is the oldest of all (one share locked at a time).
+            let oldest = (0..self.shares.len())
+                .filter_map(|i| Some((self.shares[i].0.lock().ok()?.front()?.since, i)))
+                .min();
+            let Some((_, i)) = oldest else { break };
+            if let Ok(mut q) = self.shares[i].0.lock()
+                && q.pop_front().is_some()
+            {
+                self.idle.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -467,7 +488,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_shares_of_the_workers_hold_max_idle_in_all() {
+    async fn the_shares_of_the_workers_hold_max_idle_in_all_once_swept() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = Target::Socket(listener.local_addr().unwrap());
         let accepted = tokio::spawn(async move {
@@ -479,25 +500,40 @@ mod tests {
         let workers = crate::workers::Workers::start(2).unwrap();
         let pool = Arc::new(Pool::with_shares(2));
         let (h0, h1) = (&workers.handles()[0], &workers.handles()[1]);
-        // Worker 0 returns 3 connections, worker 1 then 2: 4 stay in all, and the one
-        // that made room for worker 1's last was worker 1's own oldest.
+        let lens = |pool: &Pool| -> Vec<usize> {
+            pool.shares
+                .iter()
+                .map(|s| s.0.lock().unwrap().len())
+                .collect()
+        };
+        // With max_idle 2, worker 0 returns 3 connections, worker 1 then 2: a burst may
+        // leave twice max_idle, so the fifth takes the place of worker 1's own oldest.
         for (h, n) in [(h0, 3), (h1, 2)] {
             let (pool, target) = (Arc::clone(&pool), target.clone());
             h.spawn(async move {
                 for c in dial_n(&target, n).await {
-                    pool.put(c, 4);
+                    pool.put(c, 2);
                 }
             })
             .await
             .unwrap();
         }
         assert_eq!(pool.idle_count(), 4);
-        let lens: Vec<usize> = pool
-            .shares
-            .iter()
-            .map(|s| s.0.lock().unwrap().len())
-            .collect();
-        assert_eq!(lens[..2], [3, 1]);
+        assert_eq!(lens(&pool)[..2], [3, 1]);
+        // The sweep closes the oldest beyond max_idle: worker 0's first two.
+        pool.sweep(Duration::from_secs(60), 2);
+        assert_eq!(pool.idle_count(), 2);
+        assert_eq!(lens(&pool)[..2], [1, 1]);
+        // Put back to 4 (two more from worker 0) for the takes below.
+        let (p, t) = (Arc::clone(&pool), target.clone());
+        h0.spawn(async move {
+            for c in dial_n(&t, 2).await {
+                p.put(c, 2);
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(lens(&pool)[..2], [3, 1]);
         // Worker 1 takes its own, then worker 0's (moved to its reactor, and usable).
         let p = Arc::clone(&pool);
         let taken = h1
