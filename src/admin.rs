@@ -42,7 +42,8 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: Cancellat
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
-    while let Some((stream, _peer)) = crate::connection::accept(&listener, &stop, "admin").await {
+    let mut acceptor = crate::connection::Acceptor::new(listener, stop, "admin");
+    while let Some((stream, _peer)) = acceptor.next().await {
         let control = Arc::clone(&control);
         let builder = Arc::clone(&builder);
         tokio::spawn(async move {

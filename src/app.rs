@@ -216,10 +216,7 @@ async fn shutdown(control: &Control) -> bool {
     for task in accepting {
         let _ = task.await;
     }
-    ctx.tracker.close();
-    let drained = tokio::time::timeout(limit, ctx.tracker.wait())
-        .await
-        .is_ok();
+    let drained = tokio::time::timeout(limit, ctx.drain()).await.is_ok();
     ctx.workers.end();
     if drained {
         tracing::info!("all connections drained");

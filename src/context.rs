@@ -1,5 +1,5 @@
 //! What the request path shares ([`Context`]): the current runtime snapshot, the
-//! maintenance switch, the tracker of connection and tunnel tasks, the shutdown signal, the
+//! maintenance switch, the trackers of connection tasks, the shutdown signal, the
 //! metrics and the access log; and what it knows about one client connection
 //! ([`ConnInfo`]). The control plane stores new snapshots here; the data path only reads.
 
@@ -25,8 +25,10 @@ pub struct Context {
     pub runtime: ArcSwap<Runtime>,
     /// The maintenance switch.
     pub maintenance: Maintenance,
-    /// Connection and tunnel tasks, waited for on shutdown.
-    pub tracker: TaskTracker,
+    /// Client connection tasks, waited for on shutdown: one tracker per worker, so that
+    /// starting and ending a connection touches no count another worker's do
+    /// ([`Context::tracker`]).
+    trackers: Box<[TaskTracker]>,
     /// Fires on shutdown: listeners stop accepting, connections drain.
     pub stop: CancellationToken,
     /// A child of `stop` per worker, for client connections to wait on
@@ -52,7 +54,9 @@ impl Context {
         Context {
             runtime: ArcSwap::from_pointee(runtime),
             maintenance: Maintenance::default(),
-            tracker: TaskTracker::new(),
+            trackers: (0..workers.len().max(1))
+                .map(|_| TaskTracker::new())
+                .collect(),
             stop,
             stops,
             metrics,
@@ -64,6 +68,21 @@ impl Context {
 }
 
 impl Context {
+    /// The tracker of the connection tasks of worker `worker`.
+    pub fn tracker(&self, worker: usize) -> &TaskTracker {
+        &self.trackers[worker % self.trackers.len()]
+    }
+
+    /// Closes every tracker, then waits until the tasks of all have ended.
+    pub async fn drain(&self) {
+        for t in self.trackers.iter() {
+            t.close();
+        }
+        for t in self.trackers.iter() {
+            t.wait().await;
+        }
+    }
+
     /// The shutdown signal as the calling worker's connections wait on it: `stop` itself
     /// takes a lock that every thread shares at each look, its child per worker one that
     /// only this worker's connections do.

@@ -265,7 +265,9 @@ fn accept_on_workers(
     let mut loops = Vec::with_capacity(ctx.workers.len());
     for handle in ctx.workers.handles() {
         let dup = listener.try_clone()?;
-        let (ctx, stop) = (Arc::clone(ctx), stop.clone());
+        // A child of the listener's signal per worker: the workers wait on it without
+        // sharing a lock.
+        let (ctx, stop) = (Arc::clone(ctx), stop.child_token());
         loops.push(handle.spawn(async move {
             match tokio::net::TcpListener::from_std(dup) {
                 Ok(l) => connection::accept_loop(l, ctx, stop).await,

@@ -8,8 +8,8 @@
 
 use std::cell::Cell;
 use std::io;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -42,33 +42,13 @@ pub fn count() -> usize {
 pub struct Workers {
     handles: Vec<Handle>,
     /// Client connections each worker serves, each count on a cache line of its own.
-    load: Arc<[Load]>,
+    load: Box<[Load]>,
     end: CancellationToken,
 }
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Load(AtomicUsize);
-
-/// One client connection counted in its worker's load; dropping it uncounts it.
-#[derive(Debug)]
-pub struct Assigned {
-    load: Arc<[Load]>,
-    worker: usize,
-}
-
-impl Assigned {
-    /// The worker the connection is served on.
-    pub fn worker(&self) -> usize {
-        self.worker
-    }
-}
-
-impl Drop for Assigned {
-    fn drop(&mut self) {
-        self.load[self.worker].0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 impl Workers {
     /// Starts `count` worker threads. They run until [`Workers::end`] is called or the
@@ -98,10 +78,11 @@ impl Workers {
         Ok(Workers { handles, load, end })
     }
 
-    /// Picks the worker for a connection accepted on worker `me`: `me` unless another
-    /// serves fewer connections by more than one (a connection is handed over only to even
-    /// out the load, since handing over costs two `epoll_ctl` calls and a wake-up).
-    pub fn assign(&self, me: usize) -> Assigned {
+    /// Picks the worker for a connection accepted on worker `me`, and counts the
+    /// connection in its load until [`Workers::release`]: `me` unless another serves fewer
+    /// connections by more than one (a connection is handed over only to even out the
+    /// load, since handing over costs two `epoll_ctl` calls and a wake-up).
+    pub fn assign(&self, me: usize) -> usize {
         let me = me.min(self.load.len() - 1);
         let mine = self.load[me].0.load(Ordering::Relaxed);
         let (mut worker, mut least) = (me, mine);
@@ -115,10 +96,12 @@ impl Workers {
             worker = me;
         }
         self.load[worker].0.fetch_add(1, Ordering::Relaxed);
-        Assigned {
-            load: Arc::clone(&self.load),
-            worker,
-        }
+        worker
+    }
+
+    /// Uncounts a connection that [`Workers::assign`] gave to `worker`.
+    pub fn release(&self, worker: usize) {
+        self.load[worker].0.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The workers' runtimes, to spawn on.
@@ -157,16 +140,18 @@ mod tests {
         let workers = Workers::start(3).unwrap();
         // Worker 1 accepts everything: it keeps a connection while it serves no more than
         // one above the least loaded, and hands the others over.
-        let held: Vec<Assigned> = (0..9).map(|_| workers.assign(1)).collect();
+        let held: Vec<usize> = (0..9).map(|_| workers.assign(1)).collect();
         let mut per_worker = [0; 3];
-        for a in &held {
-            per_worker[a.worker()] += 1;
+        for &w in &held {
+            per_worker[w] += 1;
         }
         assert_eq!(per_worker, [3, 4, 2]);
-        assert_eq!(held[0].worker(), 1, "an idle worker keeps what it accepts");
-        assert_eq!(held[1].worker(), 1, "one above the least is kept");
-        assert_eq!(held[2].worker(), 0, "two above is handed over");
-        drop(held);
+        assert_eq!(held[0], 1, "an idle worker keeps what it accepts");
+        assert_eq!(held[1], 1, "one above the least is kept");
+        assert_eq!(held[2], 0, "two above is handed over");
+        for w in held {
+            workers.release(w);
+        }
         assert!(
             workers
                 .load

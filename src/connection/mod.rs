@@ -45,14 +45,15 @@ use bytes::BytesMut;
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    let local = match listener.local_addr() {
+    let mut acceptor = Acceptor::new(listener, stop, "client");
+    let local = match acceptor.local_addr() {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "listener has no local address");
             return;
         }
     };
-    while let Some((stream, peer)) = accept(&listener, &stop, "client").await {
+    while let Some((stream, peer)) = acceptor.next().await {
         // Past max_connections: accepted and closed at once, with no answer
         // (CONTRACT §7), so the backlog does not fill with clients left waiting.
         let max = ctx.runtime.load().settings.max_connections;
@@ -67,13 +68,12 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
             proto: "http",
             bytes_read: None,
         };
-        let count = ConnCount::new(&ctx);
-        let ctx2 = Arc::clone(&ctx);
-        let assigned = ctx.workers.assign(crate::workers::index());
-        if assigned.worker() == crate::workers::index() {
-            ctx.tracker.spawn(OneReading::new(async move {
-                serve_accepted(stream, info, ctx2).await;
-                drop((count, assigned));
+        let here = crate::workers::index();
+        let counted = Counted::new(&ctx, here);
+        if counted.worker == here {
+            ctx.tracker(here).spawn(OneReading::new(async move {
+                serve_accepted(stream, info, &counted.ctx).await;
+                drop(counted);
             }));
             continue;
         }
@@ -85,14 +85,14 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
                 continue;
             }
         };
-        let handle = &ctx.workers.handles()[assigned.worker()];
-        ctx.tracker.spawn_on(
+        let handle = &ctx.workers.handles()[counted.worker];
+        ctx.tracker(counted.worker).spawn_on(
             OneReading::new(async move {
                 match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => serve_accepted(stream, info, ctx2).await,
+                    Ok(stream) => serve_accepted(stream, info, &counted.ctx).await,
                     Err(e) => tracing::debug!(error = %e, "cannot take the connection over"),
                 }
-                drop((count, assigned));
+                drop(counted);
             }),
             handle,
         );
@@ -126,7 +126,7 @@ impl Limits {
 /// Reads the PROXY protocol header if the listener expects one, then serves the connection,
 /// over TLS when `[server.tls]` is set. The connection takes its limits and certificates
 /// from one load of the current snapshot.
-async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: Arc<Context>) {
+async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, ctx: &Arc<Context>) {
     let (limits, proxy_protocol, tls, per_ip) = {
         let rt = ctx.runtime.load();
         if rt.settings.proxy_protocol && !crate::headers::is_trusted(info.peer.ip(), &rt.trusted) {
@@ -170,11 +170,11 @@ async fn serve_accepted(mut stream: tokio::net::TcpStream, mut info: ConnInfo, c
     match tls {
         None => {
             let wire = Wire::new(tokio_util::either::Either::Left(stream), BytesMut::new());
-            h1::serve(wire, info, ctx, limits).await;
+            h1::serve(wire, info, Arc::clone(ctx), limits).await;
         }
         // Boxed: the TLS state is large, and every connection's task would otherwise keep
         // room for it (and be copied whole when spawned), plain or not.
-        Some(tls) => Box::pin(serve_tls(stream, tls, info, ctx, limits)).await,
+        Some(tls) => Box::pin(serve_tls(stream, tls, info, Arc::clone(ctx), limits)).await,
     }
 }
 
@@ -205,32 +205,60 @@ async fn serve_tls(
     }
 }
 
-/// Waits for the next connection, or `None` once `stop` fires. Accept errors (EMFILE and
-/// friends) are logged and backed off from instead of spinning.
-pub async fn accept(
-    listener: &TcpListener,
-    stop: &CancellationToken,
+/// A listener and the signal that stops it: [`Acceptor::next`] waits for the next
+/// connection. The signal is waited on by one future for the listener's life, not one per
+/// connection (each registered in and removed from the signal's list of waiters, under its
+/// lock), and no connection is accepted once it fired.
+pub struct Acceptor {
+    listener: TcpListener,
+    stopped: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     what: &'static str,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            r = listener.accept() => match r {
-                Ok(x) => return Some(x),
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = what, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+}
+
+impl Acceptor {
+    /// Accepts on `listener` until `stop` fires; `what` names it in the log.
+    pub fn new(listener: TcpListener, stop: CancellationToken, what: &'static str) -> Acceptor {
+        Acceptor {
+            listener,
+            stopped: Box::pin(stop.cancelled_owned()),
+            what,
+        }
+    }
+
+    /// The listener's address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The next connection, or `None` once the stop signal fired. Accept errors (EMFILE
+    /// and friends) are logged and backed off from instead of spinning.
+    pub async fn next(&mut self) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stopped.as_mut() => return None,
+                r = self.listener.accept() => match r {
+                    Ok(x) => return Some(x),
+                    Err(e) => {
+                        tracing::warn!(error = %e, listener = self.what, "accept failed");
+                        tokio::select! {
+                            _ = self.stopped.as_mut() => return None,
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                },
+            }
         }
     }
 }
 
 /// `redirect_http`: answers every request with 308 to the same host and path over https.
 pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    while let Some((stream, _)) = accept(&listener, &stop, "redirect_http").await {
+    let mut acceptor = Acceptor::new(listener, stop, "redirect_http");
+    while let Some((stream, _)) = acceptor.next().await {
+        let tracker = ctx.tracker(crate::workers::index()).clone();
         let ctx = Arc::clone(&ctx);
-        ctx.tracker.clone().spawn(async move {
+        tracker.spawn(async move {
             let mut b = auto::Builder::new(TokioExecutor::new());
             b.http1()
                 .timer(TokioTimer::new())
@@ -426,18 +454,27 @@ where
     }
 }
 
-/// Counts open client connections.
-struct ConnCount(Arc<Context>);
+/// A client connection while it is open: counted in `fairway_client_connections_active`
+/// and in the load of the worker that serves it. One hold of the context serves both.
+struct Counted {
+    ctx: Arc<Context>,
+    worker: usize,
+}
 
-impl ConnCount {
-    fn new(ctx: &Arc<Context>) -> ConnCount {
+impl Counted {
+    /// Counts a connection accepted on worker `here`, and picks the worker that serves it.
+    fn new(ctx: &Arc<Context>, here: usize) -> Counted {
         ctx.metrics.connections_active.inc();
-        ConnCount(Arc::clone(ctx))
+        Counted {
+            worker: ctx.workers.assign(here),
+            ctx: Arc::clone(ctx),
+        }
     }
 }
 
-impl Drop for ConnCount {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.metrics.connections_active.dec();
+        self.ctx.metrics.connections_active.dec();
+        self.ctx.workers.release(self.worker);
     }
 }
