@@ -14,9 +14,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 mod histogram;
+mod per_worker;
 mod process;
 
 pub use histogram::{BUCKETS, BucketCounts, DurationHistogram};
+pub use per_worker::{WorkerCounter, WorkerGauge};
 
 /// `Content-Type` of the exposition (text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -79,18 +81,18 @@ pub struct ResultLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, WorkerCounter>,
     duration: Family<UpstreamLabels, DurationHistogram>,
     server_duration: Family<ServerLabels, DurationHistogram>,
     healthy: Family<ServerLabels, Gauge>,
-    active: Family<ServerLabels, Gauge>,
+    active: Family<ServerLabels, WorkerGauge>,
     health_checks: Family<CheckLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     /// `fairway_config_last_reload_successful`.
     pub last_reload_successful: Gauge,
     /// `fairway_client_connections_active`.
-    pub connections_active: Gauge,
+    pub connections_active: WorkerGauge,
     /// When the process started, as Unix seconds (`fairway_process_start_time_seconds`).
     pub process_start_time: f64,
     /// `fairway_client_connections_rejected_total`.
@@ -150,16 +152,16 @@ impl Metrics {
     /// Registers every family; the process collector included.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::<RequestLabels, WorkerCounter>::default();
         let duration = Family::<UpstreamLabels, DurationHistogram>::default();
         let server_duration = Family::<ServerLabels, DurationHistogram>::default();
         let healthy = Family::<ServerLabels, Gauge>::default();
-        let active = Family::<ServerLabels, Gauge>::default();
+        let active = Family::<ServerLabels, WorkerGauge>::default();
         let health_checks = Family::<CheckLabels, Counter>::default();
         let retries = Family::<UpstreamLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let last_reload_successful = Gauge::default();
-        let connections_active = Gauge::default();
+        let connections_active = WorkerGauge::default();
         let connections_rejected = Counter::default();
         let access_log_dropped = Counter::default();
         // Counters are registered without `_total`: the encoder appends it.
@@ -463,7 +465,7 @@ pub struct ServerMetrics {
     /// `fairway_upstream_server_healthy`.
     pub healthy: Gauge,
     /// `fairway_upstream_active_requests`.
-    pub active: Gauge,
+    pub active: WorkerGauge,
     /// `fairway_health_checks_total{result="success"}`.
     pub checks_ok: Counter,
     /// `fairway_health_checks_total{result="failure"}`.
@@ -488,10 +490,10 @@ pub struct UpstreamMetrics {
 /// `fairway_requests_total` for one (upstream, server): one lazily created counter per status
 /// code, so the label set is formatted once per code, never per request.
 pub struct CodeCounters {
-    family: Family<RequestLabels, Counter>,
+    family: Family<RequestLabels, WorkerCounter>,
     upstream: String,
     server: String,
-    table: Box<[OnceLock<Counter>]>,
+    table: Box<[OnceLock<WorkerCounter>]>,
     /// Set once the server left the config: late responses must not bring its series back.
     forgotten: std::sync::atomic::AtomicBool,
     /// Orders series creation against `forget` (taken only on those rare paths).
@@ -508,7 +510,11 @@ impl std::fmt::Debug for CodeCounters {
 }
 
 impl CodeCounters {
-    fn new(family: Family<RequestLabels, Counter>, upstream: &str, server: &str) -> CodeCounters {
+    fn new(
+        family: Family<RequestLabels, WorkerCounter>,
+        upstream: &str,
+        server: &str,
+    ) -> CodeCounters {
         CodeCounters {
             family,
             upstream: upstream.to_owned(),
@@ -528,7 +534,7 @@ impl CodeCounters {
                 // left the config (then count into a detached counter nobody exports).
                 let _one = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
                 if self.forgotten.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Counter::default();
+                    return WorkerCounter::default();
                 }
                 self.family.get_or_create_owned(&RequestLabels {
                     upstream: self.upstream.clone(),
@@ -549,7 +555,7 @@ impl CodeCounters {
         Self::sum(&self.table[500..])
     }
 
-    fn sum(counters: &[OnceLock<Counter>]) -> u64 {
+    fn sum(counters: &[OnceLock<WorkerCounter>]) -> u64 {
         counters
             .iter()
             .filter_map(|c| c.get())
