@@ -45,7 +45,13 @@ use bytes::BytesMut;
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    let mut acceptor = Acceptor::new(listener, stop, "client");
+    let mut acceptor = match Acceptor::new(listener, stop, "client") {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept on this listener");
+            return;
+        }
+    };
     let local = match acceptor.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -70,32 +76,24 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
         };
         let here = crate::workers::index();
         let counted = Counted::new(&ctx, here);
-        if counted.worker == here {
-            ctx.tracker(here).spawn(OneReading::new(async move {
-                serve_accepted(stream, info, &counted.ctx).await;
-                drop(counted);
-            }));
-            continue;
-        }
-        // Served by a less loaded worker: the socket moves to that worker's reactor.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(peer = %peer, error = %e, "cannot hand the connection over");
-                continue;
-            }
-        };
-        let handle = &ctx.workers.handles()[counted.worker];
-        ctx.tracker(counted.worker).spawn_on(
-            OneReading::new(async move {
-                match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => serve_accepted(stream, info, &counted.ctx).await,
-                    Err(e) => tracing::debug!(error = %e, "cannot take the connection over"),
+        let worker = counted.worker;
+        // Registered with the reactor of the worker that serves it (a less loaded one, if
+        // this worker serves more).
+        let serve = OneReading::new(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => serve_accepted(stream, info, &counted.ctx).await,
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "cannot register the connection")
                 }
-                drop(counted);
-            }),
-            handle,
-        );
+            }
+            drop(counted);
+        });
+        if worker == here {
+            ctx.tracker(here).spawn(serve);
+        } else {
+            ctx.tracker(worker)
+                .spawn_on(serve, &ctx.workers.handles()[worker]);
+        }
     }
     tracing::debug!(listen = %local, "stopped accepting");
 }
@@ -209,53 +207,115 @@ async fn serve_tls(
 /// connection. The signal is waited on by one future for the listener's life, not one per
 /// connection (each registered in and removed from the signal's list of waiters, under its
 /// lock), and no connection is accepted once it fired.
+///
+/// A connection comes out as a standard socket, registered with no reactor yet: it is
+/// registered once, by the worker that serves it, and its first read waits for the
+/// reactor's word that the request is there. (tokio's own `accept` registers it where it
+/// was accepted and assumes it readable: a connection handed to another worker is
+/// registered twice, and under load the first read of most connections finds nothing.)
 pub struct Acceptor {
-    listener: TcpListener,
+    listener: tokio::io::unix::AsyncFd<std::net::TcpListener>,
     stopped: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     what: &'static str,
 }
 
 impl Acceptor {
     /// Accepts on `listener` until `stop` fires; `what` names it in the log.
-    pub fn new(listener: TcpListener, stop: CancellationToken, what: &'static str) -> Acceptor {
-        Acceptor {
+    pub fn new(
+        listener: TcpListener,
+        stop: CancellationToken,
+        what: &'static str,
+    ) -> std::io::Result<Acceptor> {
+        // `with_interest` is deprecated because an `AsyncFd` must not outlive the descriptor
+        // it registered, which a type that does not own its descriptor cannot promise (tokio
+        // #8587). A `std::net::TcpListener` owns its descriptor until it is dropped, with the
+        // `AsyncFd`, so the condition holds.
+        #[allow(deprecated)]
+        let listener = tokio::io::unix::AsyncFd::with_interest(
+            listener.into_std()?,
+            tokio::io::Interest::READABLE,
+        )?;
+        Ok(Acceptor {
             listener,
             stopped: Box::pin(stop.cancelled_owned()),
             what,
-        }
+        })
     }
 
     /// The listener's address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listener.get_ref().local_addr()
     }
 
-    /// The next connection, or `None` once the stop signal fired. Accept errors (EMFILE
-    /// and friends) are logged and backed off from instead of spinning.
-    pub async fn next(&mut self) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    /// The next connection, non-blocking, or `None` once the stop signal fired. Accept
+    /// errors (EMFILE and friends) are logged and backed off from instead of spinning.
+    pub async fn next(&mut self) -> Option<(std::net::TcpStream, SocketAddr)> {
         loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 biased;
                 _ = self.stopped.as_mut() => return None,
-                r = self.listener.accept() => match r {
-                    Ok(x) => return Some(x),
-                    Err(e) => {
-                        tracing::warn!(error = %e, listener = self.what, "accept failed");
-                        tokio::select! {
-                            _ = self.stopped.as_mut() => return None,
-                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        }
+                r = accept_one(&self.listener) => r,
+            };
+            match accepted {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = self.what, "accept failed");
+                    tokio::select! {
+                        _ = self.stopped.as_mut() => return None,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                     }
-                },
+                }
             }
         }
     }
 }
 
+/// Accepts one connection once the listener is readable.
+async fn accept_one(
+    listener: &tokio::io::unix::AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(r) = ready.try_io(|l| accept_nonblocking(l.get_ref())) {
+            return r;
+        }
+    }
+}
+
+/// `accept4` with the new socket non-blocking and close-on-exec from the start.
+#[cfg(target_os = "linux")]
+fn accept_nonblocking(
+    l: &std::net::TcpListener,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (s, addr) = socket2::SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("a peer without an IP address"))?;
+    Ok((s.into(), addr))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn accept_nonblocking(
+    l: &std::net::TcpListener,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (s, addr) = l.accept()?;
+    s.set_nonblocking(true)?;
+    Ok((s, addr))
+}
+
 /// `redirect_http`: answers every request with 308 to the same host and path over https.
 pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    let mut acceptor = Acceptor::new(listener, stop, "redirect_http");
+    let mut acceptor = match Acceptor::new(listener, stop, "redirect_http") {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept on the redirect_http listener");
+            return;
+        }
+    };
     while let Some((stream, _)) = acceptor.next().await {
+        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+            continue;
+        };
         let tracker = ctx.tracker(crate::workers::index()).clone();
         let ctx = Arc::clone(&ctx);
         tracker.spawn(async move {
