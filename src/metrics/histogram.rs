@@ -11,6 +11,7 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use super::DURATION_BUCKETS;
+use super::per_worker::{Padded, mine, slots};
 
 /// Buckets of a [`DurationHistogram`]: one per bound of [`DURATION_BUCKETS`], then `+Inf`.
 pub const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
@@ -23,10 +24,9 @@ pub type BucketCounts = [u64; BUCKETS];
 /// worker thread counts in a row of its own, on cache lines no other worker writes: a
 /// request's observation never waits for a line another core holds. A read sums the rows.
 #[derive(Debug, Clone)]
-pub struct DurationHistogram(Arc<[Row]>);
+pub struct DurationHistogram(Arc<[Padded<Row>]>);
 
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct Row {
     counts: [AtomicU64; BUCKETS],
     /// The sum of observations in nanoseconds: an integer adds without a compare loop, and
@@ -37,11 +37,7 @@ struct Row {
 impl Default for DurationHistogram {
     /// A histogram with a row per worker.
     fn default() -> Self {
-        DurationHistogram(
-            (0..crate::workers::count().max(1))
-                .map(|_| Row::default())
-                .collect(),
-        )
+        DurationHistogram(slots())
     }
 }
 
@@ -52,7 +48,7 @@ impl DurationHistogram {
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(BUCKETS - 1);
-        let row = &self.0[crate::workers::index() % self.0.len()];
+        let row = &mine(&self.0).0;
         row.counts[i].fetch_add(1, Ordering::Relaxed);
         // `as` saturates: a negative or NaN duration adds nothing.
         let nanos = (seconds * 1e9) as u64;
@@ -65,7 +61,7 @@ impl DurationHistogram {
         std::array::from_fn(|i| {
             self.0
                 .iter()
-                .map(|r| r.counts[i].load(Ordering::Relaxed))
+                .map(|r| r.0.counts[i].load(Ordering::Relaxed))
                 .sum()
         })
     }
@@ -75,7 +71,7 @@ impl DurationHistogram {
         let nanos: u64 = self
             .0
             .iter()
-            .map(|r| r.sum_nanos.load(Ordering::Relaxed))
+            .map(|r| r.0.sum_nanos.load(Ordering::Relaxed))
             .fold(0, u64::wrapping_add);
         nanos as f64 / 1e9
     }
@@ -125,12 +121,12 @@ mod tests {
 
     #[test]
     fn each_worker_counts_in_its_own_row_and_a_read_sums_them() {
-        let h = DurationHistogram(Arc::from([Row::default(), Row::default()]));
+        let h = DurationHistogram(Arc::from([Padded::default(), Padded::default()]));
         // Threads that are no worker count as worker 0; the second row stands for another
         // worker's observations.
         h.observe(0.002);
-        h.0[1].counts[2].fetch_add(2, Ordering::Relaxed);
-        h.0[1].sum_nanos.fetch_add(4_000_000, Ordering::Relaxed);
+        h.0[1].0.counts[2].fetch_add(2, Ordering::Relaxed);
+        h.0[1].0.sum_nanos.fetch_add(4_000_000, Ordering::Relaxed);
         assert_eq!(h.counts()[2], 3, "0.002 s is in (0.001, 0.0025]");
         assert!((h.sum() - 0.006).abs() < 1e-9);
     }

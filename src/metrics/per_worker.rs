@@ -1,7 +1,7 @@
 //! [`WorkerGauge`] and [`WorkerCounter`]: a gauge and a counter that requests and
 //! connections move on every worker thread. Each worker counts in a slot of its own, on a
 //! cache line no other worker writes, so counting never waits for a line another core
-//! holds; a read sums the slots.
+//! holds; a read sums the slots. The duration histograms keep their rows in the same slots.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -10,20 +10,21 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 /// The calling worker's slot of `slots` (threads that are no worker share the first).
-fn mine<T>(slots: &[T]) -> &T {
+pub(super) fn mine<T>(slots: &[T]) -> &T {
     &slots[crate::workers::index() % slots.len()]
 }
 
 /// A slot per worker, each on a cache line of its own.
-fn slots<T: Default>() -> Arc<[Padded<T>]> {
+pub(super) fn slots<T: Default>() -> Arc<[Padded<T>]> {
     (0..crate::workers::count().max(1))
         .map(|_| Padded::default())
         .collect()
 }
 
+/// A worker's slot, on a cache line of its own.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Padded<T>(T);
+pub(super) struct Padded<T>(pub(super) T);
 
 /// A gauge with a slot per worker, cheap to clone (the slots are shared).
 #[derive(Debug, Clone)]
