@@ -42,17 +42,10 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: Cancellat
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
-    let mut acceptor = match crate::connection::Acceptor::new(listener, stop, "admin") {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot accept on the admin listener");
-            return;
-        }
+    let Some(mut acceptor) = crate::connection::Acceptor::new(listener, stop, "admin") else {
+        return;
     };
-    while let Some((stream, _peer)) = acceptor.next().await {
-        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-            continue;
-        };
+    while let Some((stream, _peer)) = acceptor.next_here().await {
         let control = Arc::clone(&control);
         let builder = Arc::clone(&builder);
         tokio::spawn(async move {

@@ -65,9 +65,7 @@ impl Context {
             workers,
         }
     }
-}
 
-impl Context {
     /// The tracker of the connection tasks of worker `worker`.
     pub fn tracker(&self, worker: usize) -> &TaskTracker {
         &self.trackers[worker % self.trackers.len()]

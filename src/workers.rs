@@ -81,7 +81,7 @@ impl Workers {
     /// Picks the worker for a connection accepted on worker `me`, and counts the
     /// connection in its load until [`Workers::release`]: `me` unless another serves fewer
     /// connections by more than one (a connection is handed over only to even out the
-    /// load, since handing over costs two `epoll_ctl` calls and a wake-up).
+    /// load, since handing over costs a wake-up of the other worker).
     pub fn assign(&self, me: usize) -> usize {
         let me = me.min(self.load.len() - 1);
         let mine = self.load[me].0.load(Ordering::Relaxed);

@@ -45,12 +45,8 @@ use bytes::BytesMut;
 /// Accepts connections until `stop` fires (the listener was removed, or shutdown), serving
 /// each on its own tracked task.
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    let mut acceptor = match Acceptor::new(listener, stop, "client") {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot accept on this listener");
-            return;
-        }
+    let Some(mut acceptor) = Acceptor::new(listener, stop, "client") else {
+        return;
     };
     let local = match acceptor.local_addr() {
         Ok(a) => a,
@@ -220,8 +216,23 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Accepts on `listener` until `stop` fires; `what` names it in the log.
+    /// Accepts on `listener` until `stop` fires; `what` names it in the log. `None`, logged,
+    /// if the listener cannot be watched.
     pub fn new(
+        listener: TcpListener,
+        stop: CancellationToken,
+        what: &'static str,
+    ) -> Option<Acceptor> {
+        match Self::watch(listener, stop, what) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, listener = what, "cannot accept on this listener");
+                None
+            }
+        }
+    }
+
+    fn watch(
         listener: TcpListener,
         stop: CancellationToken,
         what: &'static str,
@@ -245,6 +256,20 @@ impl Acceptor {
     /// The listener's address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.get_ref().local_addr()
+    }
+
+    /// The next connection, registered with the calling thread's reactor (one that cannot
+    /// be is closed), or `None` once the stop signal fired.
+    pub async fn next_here(&mut self) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+        loop {
+            let (stream, peer) = self.next().await?;
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => return Some((stream, peer)),
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "cannot register the connection")
+                }
+            }
+        }
     }
 
     /// The next connection, non-blocking, or `None` once the stop signal fired. Accept
@@ -305,17 +330,10 @@ fn accept_nonblocking(
 
 /// `redirect_http`: answers every request with 308 to the same host and path over https.
 pub async fn redirect_loop(listener: TcpListener, ctx: Arc<Context>, stop: CancellationToken) {
-    let mut acceptor = match Acceptor::new(listener, stop, "redirect_http") {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot accept on the redirect_http listener");
-            return;
-        }
+    let Some(mut acceptor) = Acceptor::new(listener, stop, "redirect_http") else {
+        return;
     };
-    while let Some((stream, _)) = acceptor.next().await {
-        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-            continue;
-        };
+    while let Some((stream, _)) = acceptor.next_here().await {
         let tracker = ctx.tracker(crate::workers::index()).clone();
         let ctx = Arc::clone(&ctx);
         tracker.spawn(async move {
