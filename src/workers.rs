@@ -15,13 +15,29 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// The calling thread's worker index, or [`NO_WORKER`].
+    static INDEX: Cell<usize> = const { Cell::new(NO_WORKER) };
 }
+
+/// What [`INDEX`] holds on a thread that is no worker.
+const NO_WORKER: usize = usize::MAX;
 
 /// The worker the calling thread is (0 on any other thread): an index below
 /// [`Workers::len`], for state kept per worker.
 pub fn index() -> usize {
-    INDEX.with(Cell::get)
+    worker().unwrap_or(0)
+}
+
+/// The worker the calling thread is, `None` on any other thread. A worker is one thread
+/// for its life, so state only its worker writes has one writer.
+pub fn worker() -> Option<usize> {
+    Some(INDEX.with(Cell::get)).filter(|&i| i != NO_WORKER)
+}
+
+/// Makes the calling thread worker `i`, as a worker thread is from its start.
+#[cfg(test)]
+pub(crate) fn become_worker(i: usize) {
+    INDEX.with(|c| c.set(i));
 }
 
 /// How many workers serve: `TOKIO_WORKER_THREADS` if set, else one per core. Read once

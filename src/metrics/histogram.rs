@@ -11,7 +11,7 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use super::DURATION_BUCKETS;
-use super::per_worker::{Padded, mine, slots};
+use super::per_worker::{Padded, add, mine, slots};
 
 /// Buckets of a [`DurationHistogram`]: one per bound of [`DURATION_BUCKETS`], then `+Inf`.
 pub const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
@@ -48,11 +48,11 @@ impl DurationHistogram {
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(BUCKETS - 1);
-        let row = &mine(&self.0).0;
-        row.counts[i].fetch_add(1, Ordering::Relaxed);
+        let (row, own) = mine(&self.0);
+        add(&row.0.counts[i], 1, own);
         // `as` saturates: a negative or NaN duration adds nothing.
         let nanos = (seconds * 1e9) as u64;
-        row.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        add(&row.0.sum_nanos, nanos, own);
     }
 
     /// The count of each bucket now. Each is read on its own, so an observation made during
@@ -122,11 +122,17 @@ mod tests {
     #[test]
     fn each_worker_counts_in_its_own_row_and_a_read_sums_them() {
         let h = DurationHistogram(Arc::from([Padded::default(), Padded::default()]));
-        // Threads that are no worker count as worker 0; the second row stands for another
+        // A thread that is no worker counts in the last row; the first stands for a
         // worker's observations.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::workers::become_worker(0);
+                h.observe(0.002);
+                h.observe(0.002);
+            });
+        });
         h.observe(0.002);
-        h.0[1].0.counts[2].fetch_add(2, Ordering::Relaxed);
-        h.0[1].0.sum_nanos.fetch_add(4_000_000, Ordering::Relaxed);
+        assert_eq!(h.0[0].0.counts[2].load(Ordering::Relaxed), 2);
         assert_eq!(h.counts()[2], 3, "0.002 s is in (0.001, 0.0025]");
         assert!((h.sum() - 0.006).abs() < 1e-9);
     }
