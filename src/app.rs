@@ -211,7 +211,7 @@ async fn shutdown(control: &Control) -> bool {
     let ctx = &control.ctx;
     let limit = ctx.runtime.load().settings.shutdown_timeout;
     let accepting = control.stop_listening();
-    ctx.stop.cancel();
+    ctx.signal_stop();
     // Listening sockets are closed before the drain starts.
     for task in accepting {
         let _ = task.await;

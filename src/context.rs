@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -29,8 +29,11 @@ pub struct Context {
     /// starting and ending a connection touches no count another worker's do
     /// ([`Context::tracker`]).
     trackers: Box<[TaskTracker]>,
-    /// Fires on shutdown: listeners stop accepting, connections drain.
+    /// Fires on shutdown: listeners stop accepting, connections drain. Fired by
+    /// [`Context::signal_stop`].
     pub stop: CancellationToken,
+    /// Set as `stop` fires: what a request looks at, without the token's lock.
+    stopping: AtomicBool,
     /// A child of `stop` per worker, for client connections to wait on
     /// ([`Context::stop_here`]).
     stops: Box<[CancellationToken]>,
@@ -58,6 +61,7 @@ impl Context {
                 .map(|_| TaskTracker::new())
                 .collect(),
             stop,
+            stopping: AtomicBool::new(false),
             stops,
             metrics,
             access_log: AccessLog::start(),
@@ -79,6 +83,18 @@ impl Context {
         for t in self.trackers.iter() {
             t.wait().await;
         }
+    }
+
+    /// Starts the shutdown: listeners stop accepting, connections drain.
+    pub fn signal_stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+    }
+
+    /// Whether the shutdown has begun (a load, where the token's `is_cancelled` takes its
+    /// lock): a response says so with `Connection: close`.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// The shutdown signal as the calling worker's connections wait on it: `stop` itself

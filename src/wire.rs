@@ -1,8 +1,10 @@
 //! A client's HTTP/1.1 connection as its loop (`connection::h1`) and the request body being
 //! read (`upload::ClientBody`) share it ([`Wire`]): the socket, the read buffer, how much of
 //! the current request's body is still to come, and a `100 Continue` owed to the client.
-//! Both run on the connection's one task, so the lock around it is never contended, and it
-//! is never held across an await.
+//! The loop holds it as its own ([`HeldWire`]) and shares it behind a lock only while a
+//! request body is being read (or the connection is a tunnel). Both run on the
+//! connection's one task, so the lock is never contended, and it is never held across an
+//! await.
 
 use std::io;
 use std::pin::Pin;
@@ -70,6 +72,96 @@ pub struct Wire {
 /// A [`Wire`] shared by the connection's loop and the body being read.
 pub type SharedWire = Arc<Mutex<Wire>>;
 
+/// A connection's [`Wire`] as its loop holds it: its own while no request body is being
+/// read (most requests have none), so that reading a head and writing an answer lock
+/// nothing; shared behind the lock while a body (or a tunnel) reads from it too.
+pub struct HeldWire(Slot);
+
+enum Slot {
+    Own(Wire),
+    Shared(SharedWire),
+    /// Only within [`HeldWire::share`] and [`HeldWire::reclaim`], which move it on.
+    Moving,
+}
+
+/// The wire, to use now: the loop's own, or locked.
+pub enum WireRef<'a> {
+    /// The loop's own.
+    Own(&'a mut Wire),
+    /// Shared, and locked while this lives.
+    Locked(MutexGuard<'a, Wire>),
+}
+
+impl std::ops::Deref for WireRef<'_> {
+    type Target = Wire;
+    fn deref(&self) -> &Wire {
+        match self {
+            WireRef::Own(w) => w,
+            WireRef::Locked(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for WireRef<'_> {
+    fn deref_mut(&mut self) -> &mut Wire {
+        match self {
+            WireRef::Own(w) => w,
+            WireRef::Locked(g) => g,
+        }
+    }
+}
+
+impl HeldWire {
+    /// The loop's own wire.
+    pub fn new(w: Wire) -> HeldWire {
+        HeldWire(Slot::Own(w))
+    }
+
+    /// The wire, to read or write now.
+    pub fn get(&mut self) -> WireRef<'_> {
+        match &mut self.0 {
+            Slot::Own(w) => WireRef::Own(w),
+            Slot::Shared(s) => WireRef::Locked(lock(s)),
+            Slot::Moving => unreachable!("a wire is moving only within share and reclaim"),
+        }
+    }
+
+    /// A handle to the wire for what reads it beside the loop (a request body, a tunnel):
+    /// from now on every use locks it, until [`HeldWire::reclaim`].
+    pub fn share(&mut self) -> SharedWire {
+        let shared = match std::mem::replace(&mut self.0, Slot::Moving) {
+            Slot::Own(w) => Arc::new(Mutex::new(w)),
+            Slot::Shared(s) => s,
+            Slot::Moving => unreachable!("a wire is moving only within share and reclaim"),
+        };
+        self.0 = Slot::Shared(Arc::clone(&shared));
+        shared
+    }
+
+    /// Takes the wire back as the loop's own once no handle from [`HeldWire::share`] is
+    /// left (the request's body has been dropped).
+    pub fn reclaim(&mut self) {
+        if let Slot::Shared(s) = &self.0
+            && Arc::strong_count(s) == 1
+            && let Slot::Shared(s) = std::mem::replace(&mut self.0, Slot::Moving)
+        {
+            self.0 = match Arc::try_unwrap(s) {
+                Ok(m) => Slot::Own(m.into_inner().unwrap_or_else(|e| e.into_inner())),
+                Err(s) => Slot::Shared(s),
+            };
+        }
+    }
+
+    /// The wire itself, if nothing else holds it any more.
+    pub fn into_inner(mut self) -> Option<Wire> {
+        self.reclaim();
+        match self.0 {
+            Slot::Own(w) => Some(w),
+            Slot::Shared(_) | Slot::Moving => None,
+        }
+    }
+}
+
 /// Locks the wire (never contended; a poisoned lock is taken over as it is).
 pub fn lock(w: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
     w.lock().unwrap_or_else(|e| e.into_inner())
@@ -127,7 +219,9 @@ impl Wire {
             self.buf = take_buffer();
         }
         let n = ready!(self.read_size.poll_fill(&mut self.io, &mut self.buf, cx))?;
-        self.read_total.fetch_add(n as u64, Ordering::Relaxed);
+        // The wire is this count's one writer: no locked add needed.
+        let total = self.read_total.load(Ordering::Relaxed);
+        self.read_total.store(total + n as u64, Ordering::Relaxed);
         Poll::Ready(Ok(n))
     }
 
@@ -347,6 +441,30 @@ mod tests {
         assert!(!nodelay(&w), "the first write never waits for Nagle");
         w.before_write();
         assert!(nodelay(&w));
+    }
+
+    #[tokio::test]
+    async fn a_held_wire_is_shared_while_a_handle_lives_and_the_loops_own_after() {
+        let (wire, _client) = pair().await;
+        let w = Arc::try_unwrap(wire).ok().unwrap().into_inner().unwrap();
+        let mut held = HeldWire::new(w);
+        assert!(matches!(held.get(), WireRef::Own(_)));
+        let body = held.share();
+        body.lock().unwrap().buf.extend_from_slice(b"body");
+        assert!(matches!(held.get(), WireRef::Locked(_)));
+        assert_eq!(&held.get().buf[..], b"body", "one wire, seen from both");
+        held.reclaim();
+        assert!(
+            matches!(held.get(), WireRef::Locked(_)),
+            "still shared while the handle lives"
+        );
+        drop(body);
+        held.reclaim();
+        assert!(matches!(held.get(), WireRef::Own(_)));
+        let tunnel = held.share();
+        assert!(held.get().buf.len() == 4);
+        drop(tunnel);
+        assert_eq!(&held.into_inner().unwrap().buf[..], b"body");
     }
 
     async fn read_all(body: &mut WireBody) -> Result<Vec<Bytes>, ClientFault> {

@@ -156,7 +156,7 @@ struct Running(fairway::AppHandle);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.shared().stop.cancel();
+        self.0.shared().signal_stop();
     }
 }
 

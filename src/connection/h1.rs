@@ -10,7 +10,7 @@
 use std::future::{Future, poll_fn};
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use crate::proxy;
 use crate::stream::{give_back, take_buffer};
 use crate::timing::{self, LazyTimer};
 use crate::upload::Inbound;
-use crate::wire::{CONTINUE, Prefixed, Remaining, SharedWire, Wire, WireBody, WireIo, lock};
+use crate::wire::{CONTINUE, HeldWire, Prefixed, Remaining, Wire, WireBody, WireIo};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client that starts with it speaks h2c.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -63,6 +63,25 @@ enum Read {
     Gone,
 }
 
+/// The shutdown signal as a connection waits on it. Its future is polled once: that leaves
+/// the task's waker with the token, which wakes the task when it fires. From then on the
+/// context's flag tells (a load, where each poll of the future takes the token's lock).
+struct Stop {
+    fired: Pin<Box<WaitForCancellationFutureOwned>>,
+    armed: bool,
+}
+
+impl Stop {
+    /// Whether the shutdown has begun; the task is woken when it does.
+    fn poll(&mut self, ctx: &Context, cx: &mut std::task::Context<'_>) -> bool {
+        if self.armed {
+            return ctx.is_stopping();
+        }
+        self.armed = true;
+        self.fired.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// A write to the client failed or waited past `send_timeout`: the connection is done.
 struct WriteFailed;
 
@@ -74,12 +93,12 @@ struct Facts {
 }
 
 struct Conn {
-    wire: SharedWire,
+    wire: HeldWire,
     info: ConnInfo,
     ctx: Arc<Context>,
     limits: Limits,
     timer: LazyTimer,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    stop: Stop,
     start: Instant,
     served: u64,
 }
@@ -93,13 +112,16 @@ pub(super) fn serve(
     ctx: Arc<Context>,
     limits: Limits,
 ) -> impl Future<Output = ()> + Send {
-    let wire = Arc::new(Mutex::new(wire));
     let info = ConnInfo {
-        bytes_read: Some(Arc::clone(&lock(&wire).read_total)),
+        bytes_read: Some(Arc::clone(&wire.read_total)),
         ..info
     };
+    let wire = HeldWire::new(wire);
     let start = Instant::now();
-    let stop = Box::pin(ctx.stop_here().clone().cancelled_owned());
+    let stop = Stop {
+        fired: Box::pin(ctx.stop_here().clone().cancelled_owned()),
+        armed: false,
+    };
     let mut c = Conn {
         wire,
         info,
@@ -117,8 +139,7 @@ pub(super) fn serve(
         let Conn {
             wire, info, ctx, ..
         } = c;
-        if let Ok(m) = Arc::try_unwrap(wire) {
-            let w = m.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = wire.into_inner() {
             // Boxed: hyper's HTTP/2 connection state is large, and only h2c clients
             // need it.
             Box::pin(super::serve_h2(Prefixed::from(w), info, ctx, limits)).await;
@@ -146,7 +167,10 @@ impl Conn {
             // allocated first and the future made in it, not made on the stack and copied
             // in whole (4.7 KiB, when its first state holds a few hundred bytes).
             let exchange = Box::write(Box::new_uninit(), self.exchange(head));
-            match Box::into_pin(exchange).await {
+            let next = Box::into_pin(exchange).await;
+            // The request's body, if it had one, is gone: the wire is the loop's alone again.
+            self.wire.reclaim();
+            match next {
                 Next::KeepAlive => {}
                 Next::Closing if self.can_close_at_once() => return false,
                 Next::Close | Next::Closing => {
@@ -167,7 +191,7 @@ impl Conn {
         let idle_since = timing::now();
         let mut head_since = if first {
             Some(self.start)
-        } else if !lock(&self.wire).buf.is_empty() {
+        } else if !self.wire.get().buf.is_empty() {
             Some(idle_since)
         } else {
             None
@@ -176,10 +200,10 @@ impl Conn {
         // is parsed again only once it may have ended or has doubled.
         let mut parsed_at = 0usize;
         let limits = self.limits;
-        let (wire, timer, stop) = (&self.wire, &mut self.timer, &mut self.stop);
+        let (wire, timer, stop, ctx) = (&mut self.wire, &mut self.timer, &mut self.stop, &self.ctx);
         let mut grace_until: Option<Instant> = None;
         poll_fn(|cx| {
-            let mut w = lock(wire);
+            let mut w = wire.get();
             loop {
                 if !w.buf.is_empty() {
                     if head_since.is_none() {
@@ -232,7 +256,7 @@ impl Conn {
             // a request already on its way (from a client that reused its connection, or
             // connected as the listener was handed to a new process) is still answered,
             // with `Connection: close`, instead of meeting a closed connection.
-            if !begun && (grace_until.is_some() || stop.as_mut().poll(cx).is_ready()) {
+            if !begun && (grace_until.is_some() || stop.poll(ctx, cx)) {
                 let until = *grace_until.get_or_insert_with(|| Instant::now() + DRAIN_GRACE);
                 deadline = deadline.min(until);
             }
@@ -315,7 +339,7 @@ impl Conn {
             close,
         };
         let body = {
-            let mut w = lock(&self.wire);
+            let mut w = self.wire.get();
             w.body = match length {
                 RequestLength::Empty => Remaining::None,
                 RequestLength::Known(n) => Remaining::Known(n),
@@ -335,7 +359,7 @@ impl Conn {
             }
             drop(w);
             if has_body {
-                Inbound::H1(WireBody::new(Arc::clone(&self.wire)))
+                Inbound::H1(WireBody::new(self.wire.share()))
             } else {
                 Inbound::Empty
             }
@@ -393,7 +417,7 @@ impl Conn {
         // send its body, so the connection closes unless the body has ended. One begun is
         // finished before the answer.
         let (continue_rest, skipped) = {
-            let mut w = lock(&self.wire);
+            let mut w = self.wire.get();
             match w.owe_continue.take() {
                 Some(0) => (0, true),
                 Some(done) => (CONTINUE.len() - done, false),
@@ -440,12 +464,12 @@ impl Conn {
         } else {
             Framing::Close
         };
-        let unread = skipped && !matches!(lock(&self.wire).body, Remaining::None);
+        let unread = skipped && !matches!(self.wire.get().body, Remaining::None);
         let keep = !req.close
             && !unread
             && framing != Framing::Close
             && !crate::headers::has_connection_token(&parts.headers, "close")
-            && !self.ctx.stop_here().is_cancelled();
+            && !self.ctx.is_stopping();
         let persist = match (keep, req.version) {
             (false, _) => Persist::Close,
             (true, Version::HTTP_10) => Persist::KeepAlive,
@@ -573,7 +597,7 @@ impl Conn {
     /// After the response: a request body left unread (an early answer) is read and
     /// discarded so that the connection can go on; a broken one closes it.
     async fn finish_body(&mut self) -> Next {
-        match lock(&self.wire).body {
+        match self.wire.get().body {
             Remaining::None => return Next::KeepAlive,
             Remaining::Broken => return Next::Done,
             Remaining::Known(_) | Remaining::Chunked(_) => {}
@@ -581,10 +605,10 @@ impl Conn {
         let mut last = Instant::now();
         let deadline = last + DRAIN_TIME;
         let pause = self.limits.body_pause;
-        let (wire, timer) = (&self.wire, &mut self.timer);
+        let (wire, timer) = (&mut self.wire, &mut self.timer);
         poll_fn(|cx| {
             loop {
-                let r = lock(wire).poll_body(cx);
+                let r = wire.get().poll_body(cx);
                 match r {
                     Poll::Ready(None) => return Poll::Ready(Next::KeepAlive),
                     Poll::Ready(Some(Ok(_))) => last = Instant::now(),
@@ -603,7 +627,7 @@ impl Conn {
     /// Runs the tunnel after a `101`: the client's side is this connection, with whatever
     /// it sent after the upgrade request.
     async fn tunnel(&mut self, t: crate::tunnel::Tunnel) {
-        crate::tunnel::run(WireIo(Arc::clone(&self.wire)), t).await;
+        crate::tunnel::run(WireIo(self.wire.share()), t).await;
     }
 
     /// Whether a plain TCP connection whose client asked for the close can be closed at
@@ -613,7 +637,7 @@ impl Conn {
     /// full already, reaches the client. TLS connections always close gently
     /// (`close_notify` first).
     fn can_close_at_once(&mut self) -> bool {
-        let w = lock(&self.wire);
+        let w = self.wire.get();
         let tokio_util::either::Either::Left(tcp) = &w.io else {
             return false;
         };
@@ -628,10 +652,10 @@ impl Conn {
     /// read and discarded for a while, so that it reads its answer instead of a reset.
     async fn linger(&mut self) {
         let deadline = Instant::now() + LINGER_TIME;
-        let (wire, timer) = (&self.wire, &mut self.timer);
+        let (wire, timer) = (&mut self.wire, &mut self.timer);
         let mut shut = false;
         poll_fn(|cx| {
-            let mut w = lock(wire);
+            let mut w = wire.get();
             if !shut {
                 match Pin::new(&mut w.io).poll_shutdown(cx) {
                     Poll::Pending => {}
@@ -658,7 +682,7 @@ impl Conn {
     /// Writes all of `bufs`; a write the client's socket leaves waiting longer than
     /// `send_timeout` fails (CONTRACT §7).
     async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), WriteFailed> {
-        let (wire, timer, send) = (&self.wire, &mut self.timer, self.limits.send);
+        let (wire, timer, send) = (&mut self.wire, &mut self.timer, self.limits.send);
         let mut blocked: Option<Instant> = None;
         poll_fn(|cx| {
             loop {
@@ -669,7 +693,7 @@ impl Conn {
                     return Poll::Ready(Ok(()));
                 }
                 let r = {
-                    let mut w = lock(wire);
+                    let mut w = wire.get();
                     w.before_write();
                     Pin::new(&mut w.io).poll_write_vectored(cx, bufs)
                 };
@@ -694,11 +718,11 @@ impl Conn {
 
     /// Pushes out what the socket holds back (TLS records), under `send_timeout`.
     async fn flush(&mut self) -> Result<(), WriteFailed> {
-        let (wire, timer, send) = (&self.wire, &mut self.timer, self.limits.send);
+        let (wire, timer, send) = (&mut self.wire, &mut self.timer, self.limits.send);
         // The clock is read only if the socket holds the flush back.
         let mut since: Option<Instant> = None;
         poll_fn(|cx| {
-            let r = Pin::new(&mut lock(wire).io).poll_flush(cx);
+            let r = Pin::new(&mut wire.get().io).poll_flush(cx);
             match r {
                 Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed)),

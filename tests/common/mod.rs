@@ -484,7 +484,7 @@ impl TestProxy {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         if let Some(h) = &self.handle {
-            h.shared().stop.cancel();
+            h.shared().signal_stop();
         }
     }
 }
