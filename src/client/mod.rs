@@ -76,17 +76,29 @@ pub struct PoolSettings {
 /// way, gradually.
 pub struct Pool {
     shares: Box<[Share]>,
-    /// Connections in all shares, on a cache line of its own.
-    idle: Count,
 }
 
+/// One worker's idle connections, on a cache line of its own.
 #[derive(Default)]
 #[repr(align(128))]
-struct Share(Mutex<VecDeque<Idle>>);
+struct Share {
+    idle: Mutex<VecDeque<Idle>>,
+    /// How many `idle` holds: written only while it is locked (a load and a store, no
+    /// locked add), read without the lock to count the pool.
+    len: AtomicUsize,
+}
 
-#[derive(Default)]
-#[repr(align(128))]
-struct Count(AtomicUsize);
+impl Share {
+    /// Runs `f` on the share's connections, locked, and notes how many are left.
+    fn with<R>(&self, f: impl FnOnce(&mut VecDeque<Idle>) -> R) -> Option<R> {
+        let mut q = self.idle.lock().ok()?;
+        let r = f(&mut q);
+        if self.len.load(Ordering::Relaxed) != q.len() {
+            self.len.store(q.len(), Ordering::Relaxed);
+        }
+        Some(r)
+    }
+}
 
 struct Idle {
     conn: Conn,
@@ -113,13 +125,15 @@ impl Pool {
     pub fn with_shares(n: usize) -> Pool {
         Pool {
             shares: (0..n.max(1)).map(|_| Share::default()).collect(),
-            idle: Count::default(),
         }
     }
 
     /// Number of idle connections held.
     pub fn idle_count(&self) -> usize {
-        self.idle.0.load(Ordering::Relaxed)
+        self.shares
+            .iter()
+            .map(|s| s.len.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The share of the calling worker.
@@ -151,25 +165,19 @@ impl Pool {
     }
 
     fn take_from(&self, share: usize, idle_timeout: Duration, now: Instant) -> Option<Conn> {
-        let mut q = self.shares[share].0.lock().ok()?;
-        let before = q.len();
-        let mut found = None;
-        while let Some(idle) = q.pop_back() {
-            if now.duration_since(idle.since) >= idle_timeout {
-                // Everything older is expired too.
-                q.clear();
-                break;
+        self.shares[share].with(|q| {
+            while let Some(idle) = q.pop_back() {
+                if now.duration_since(idle.since) >= idle_timeout {
+                    // Everything older is expired too.
+                    q.clear();
+                    break;
+                }
+                if !idle.conn.peer_closed() {
+                    return Some(idle.conn);
+                }
             }
-            if !idle.conn.peer_closed() {
-                found = Some(idle.conn);
-                break;
-            }
-        }
-        let gone = before - q.len();
-        if gone > 0 {
-            self.idle.0.fetch_sub(gone, Ordering::Relaxed);
-        }
-        found
+            None
+        })?
     }
 
     /// Keeps `conn` as the most recently used idle connection of the calling worker's
@@ -187,23 +195,20 @@ impl Pool {
             conn.read_size = ReadSize::default();
         }
         let home = self.home();
-        if self.idle.0.fetch_add(1, Ordering::Relaxed) >= max_idle.saturating_mul(2) {
+        // Workers putting at once may each see room for one more: the sweep closes what
+        // is beyond the bound.
+        if self.idle_count() >= max_idle.saturating_mul(2) {
             // Full: this connection takes the place of the oldest of this share, else of
             // another's (one share locked at a time), else it is closed.
             let oldest = self
                 .shares_home_first()
-                .find_map(|i| self.shares[i].0.lock().ok()?.pop_front());
-            self.idle.0.fetch_sub(1, Ordering::Relaxed);
+                .find_map(|i| self.shares[i].with(VecDeque::pop_front).flatten());
             if oldest.is_none() {
                 return;
             }
         }
-        if let Ok(mut q) = self.shares[home].0.lock() {
-            q.push_back(Idle {
-                conn,
-                since: crate::timing::now(),
-            });
-        }
+        let since = crate::timing::now();
+        self.shares[home].with(|q| q.push_back(Idle { conn, since }));
     }
 
     /// Closes idle connections older than `idle_timeout`, then the oldest beyond
@@ -211,28 +216,22 @@ impl Pool {
     pub fn sweep(&self, idle_timeout: Duration, max_idle: usize) {
         let now = Instant::now();
         for s in self.shares.iter() {
-            if let Ok(mut q) = s.0.lock() {
-                let before = q.len();
+            s.with(|q| {
                 while q
                     .front()
                     .is_some_and(|i| now.duration_since(i.since) >= idle_timeout)
                 {
                     q.pop_front();
                 }
-                self.idle.0.fetch_sub(before - q.len(), Ordering::Relaxed);
-            }
+            });
         }
         while self.idle_count() > max_idle {
             // The share whose oldest is the oldest of all (one share locked at a time).
             let oldest = (0..self.shares.len())
-                .filter_map(|i| Some((self.shares[i].0.lock().ok()?.front()?.since, i)))
+                .filter_map(|i| Some((self.shares[i].with(|q| q.front().map(|c| c.since))??, i)))
                 .min();
             let Some((_, i)) = oldest else { break };
-            if let Ok(mut q) = self.shares[i].0.lock()
-                && q.pop_front().is_some()
-            {
-                self.idle.0.fetch_sub(1, Ordering::Relaxed);
-            }
+            self.shares[i].with(VecDeque::pop_front);
         }
     }
 }
@@ -503,7 +502,7 @@ mod tests {
         let lens = |pool: &Pool| -> Vec<usize> {
             pool.shares
                 .iter()
-                .map(|s| s.0.lock().unwrap().len())
+                .map(|s| s.idle.lock().unwrap().len())
                 .collect()
         };
         // With max_idle 2, worker 0 returns 3 connections, worker 1 then 2: a burst may
