@@ -261,7 +261,7 @@ async fn forward(
         trusted,
         proto: conn.proto,
     };
-    let uri = origin_form(&parts.uri, routed_path.as_deref())?;
+    let target = origin_form(&parts.uri, routed_path.as_deref())?;
 
     // A body's progress is followed (request_timeout, early responses, the client's
     // faults); an empty body can be sent again instead.
@@ -292,7 +292,7 @@ async fn forward(
         &mut bytes,
         &headers::UpstreamRequest {
             method: &parts.method,
-            target: uri.path_and_query().map_or("/", |p| p.as_str()),
+            target: &target,
             headers: &parts.headers,
             origin: &origin,
             host: host_value.as_ref(),
@@ -377,25 +377,21 @@ struct Encode<'a> {
 
 /// `/path?query` only: what an HTTP/1.1 origin server expects; with `path` (the routed
 /// path, when it differs from the one received) in place of the received path and the
-/// query kept as sent.
-fn origin_form(uri: &Uri, path: Option<&str>) -> Result<Uri, ProxyError> {
-    if let Some(path) = path {
-        let pq = match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_owned(),
-        };
-        return PathAndQuery::try_from(pq)
-            .map(Uri::from)
-            .map_err(|_| ProxyError::BadRequest("invalid path"));
+/// query kept as sent. Borrowed from `uri` unless the path was rewritten.
+fn origin_form<'u>(uri: &'u Uri, path: Option<&str>) -> Result<Cow<'u, str>, ProxyError> {
+    let Some(path) = path else {
+        return Ok(Cow::Borrowed(
+            uri.path_and_query().map_or("/", |p| p.as_str()),
+        ));
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    match PathAndQuery::try_from(pq.as_str()) {
+        Ok(_) => Ok(Cow::Owned(pq)),
+        Err(_) => Err(ProxyError::BadRequest("invalid path")),
     }
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return Ok(uri.clone());
-    }
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Ok(Uri::from(pq))
 }
 
 /// A response head received, and all that relaying it needs.
