@@ -7,6 +7,7 @@
 #   benches/load/instructions.sh                 # build with debug info, profile, print
 #   FAIRWAY=/path/to/fairway benches/load/instructions.sh   # an existing binary instead
 #   SECONDS_MEASURED=8 CONNS=64 BASE_PORT=29000 OUT=/tmp/x benches/load/instructions.sh
+#   LOCKED=1 benches/load/instructions.sh        # also the locked instructions per request
 #
 # Needs valgrind, nginx and wrk (Debian: apt-get install valgrind nginx wrk). All traffic
 # stays on 127.0.0.1: BASE_PORT+1..+3 (backend), +30 (fairway), +31 (its admin listener).
@@ -70,7 +71,12 @@ EOF
 
 nginx -p "$dir/" -c "$dir/nginx.conf" > /dev/null 2>&1 &
 pids+=($!)
-RUST_LOG=warn valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$out" \
+# With LOCKED=1 the dump keeps each instruction's count, for benches/load/locked.py.
+dump_opts=(--dump-instr=no)
+if [[ -n "${LOCKED:-}" ]]; then
+    dump_opts=(--dump-instr=yes --compress-pos=no --compress-strings=no)
+fi
+RUST_LOG=warn valgrind --tool=callgrind "${dump_opts[@]}" --callgrind-out-file="$out" \
     "$FAIRWAY" -c "$dir/fairway.toml" > "$dir/fairway.log" 2>&1 &
 fw=$!
 pids+=($fw)
@@ -107,4 +113,8 @@ callgrind_annotate --threshold=100 --inclusive=yes "$dump" 2> /dev/null |
         sub(/^\/rustc\/[0-9a-f]*\/library\//, "", line)
         printf "%8d  %s\n", c / n, line }' |
     grep -v -e 'thread_start' -e 'start_thread' -e 'clone' -e 'call_once' -e '__rust_begin_short_backtrace' |
-    head -40
+    head -40 || true  # head closing the pipe early is no failure
+if [[ -n "${LOCKED:-}" ]]; then
+    echo
+    python3 benches/load/locked.py "$dump" "$FAIRWAY" "$requests"
+fi
