@@ -20,7 +20,8 @@
 //!   the chunked coding.
 //! - [`workers`]: the threads that serve client connections, one event loop per core.
 //! - [`stream`]: growing reads and a stream with bytes put back in front.
-//! - [`wire`]: a client's HTTP/1.1 connection as its loop and the body being read share it.
+//! - [`wire`]: a client's HTTP/1.1 connection, held by its loop and shared with the body being
+//!   read only while there is one.
 //! - [`route`]: host and path-prefix routing on the normalized path.
 //! - [`balance`]: smooth weighted round robin, `least_request` and the `ip_hash` ring.
 //! - [`limit`]: rate limits (a token bucket per client key, bounded in memory) and open
