@@ -307,6 +307,7 @@ impl Conn {
             parts.status,
             None,
             &parts.headers,
+            None,
             Framing::Length(text.len() as u64),
             Persist::Close,
         );
@@ -375,7 +376,10 @@ impl Conn {
         let mut pending = Pending {
             entry: (format != AccessFormat::Off)
                 .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
-            trace: proxy::Trace::default(),
+            trace: proxy::Trace {
+                id_as_line: true,
+                ..proxy::Trace::default()
+            },
             start: timing::now(),
             rt,
             ctx: &self.ctx,
@@ -391,9 +395,15 @@ impl Conn {
         )
         .await;
         let mut access = pending.finish(resp.status().as_u16());
+        // The ID, if the head is to carry it as a line (the access entry has its copy).
+        let id = if pending.trace.id_as_line {
+            pending.trace.request_id.take()
+        } else {
+            None
+        };
         // Answered: nothing left for it to count or log.
         drop(pending);
-        let (next, bytes) = self.respond(resp, &facts).await;
+        let (next, bytes) = self.respond(resp, &facts, id.as_ref()).await;
         if let Some((entry, ctx)) = access.as_mut() {
             entry.bytes = bytes;
             ctx.access_log.send(entry, &ctx.metrics);
@@ -405,7 +415,12 @@ impl Conn {
     }
 
     /// Writes the response; returns what follows and the body bytes sent.
-    async fn respond(&mut self, resp: Response<Body>, req: &Facts) -> (Next, u64) {
+    async fn respond(
+        &mut self,
+        resp: Response<Body>,
+        req: &Facts,
+        request_id: Option<&HeaderValue>,
+    ) -> (Next, u64) {
         let (parts, mut body) = resp.into_parts();
         // The upstream's field lines, when the head is written from them.
         let lines = match &mut body {
@@ -432,6 +447,7 @@ impl Conn {
                 status,
                 None,
                 &parts.headers,
+                request_id,
                 Framing::NoBody,
                 Persist::Upgrade,
             );
@@ -484,6 +500,7 @@ impl Conn {
             status,
             lines.as_ref(),
             &parts.headers,
+            request_id,
             framing,
             persist,
         );

@@ -162,9 +162,10 @@ pub(crate) fn take_map(fields: usize) -> HeaderMap {
 }
 
 /// Gives the header map of a head that has been relayed back to this thread's spares (its
-/// values, slices of the head, are dropped now). A map grown large is freed.
+/// values, slices of the head, are dropped now). A map grown large is freed, and one that
+/// never had room is not kept.
 pub fn give_back_map(mut map: HeaderMap) {
-    if map.capacity() > SPARE_MAP_FIELDS {
+    if map.capacity() == 0 || map.capacity() > SPARE_MAP_FIELDS {
         return;
     }
     map.clear();

@@ -129,13 +129,14 @@ impl RawFields {
     /// field the proxy sets replaces the response's), names in lower case. Lines written as
     /// `name: value` CRLF are copied in runs; others (an empty value, other white space, a
     /// bare LF) are written field by field.
-    pub fn write(&self, out: &mut BytesMut, set: &HeaderMap) {
+    pub fn write(&self, out: &mut BytesMut, set: &HeaderMap, without_id: bool) {
         let head = &self.head[..];
         out.reserve(head.len() + 4 * self.lines.len());
         let mut run = 0..0;
         for l in &self.lines {
             let (name, value) = (range(l.name), range(l.value));
             if l.hop
+                || (without_id && head[name.clone()] == *b"x-request-id")
                 || (!set.is_empty()
                     && set
                         .keys()
@@ -260,6 +261,7 @@ mod tests {
             head.status,
             Some(&head.fields),
             &extra,
+            None,
             Framing::Declared,
             Persist::Default,
         );
@@ -274,6 +276,7 @@ mod tests {
             head.status,
             None,
             &map,
+            None,
             Framing::Declared,
             Persist::Default,
         );
@@ -368,6 +371,39 @@ mod tests {
         assert!(lines.contains("x-a: 1\r\n"), "{lines}");
         assert!(lines.contains("x-request-id: ours\r\n"), "{lines}");
         assert!(!lines.contains("theirs"), "{lines}");
+    }
+
+    #[test]
+    fn the_requests_id_as_a_line_replaces_the_responses_from_lines_and_from_a_map() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Request-Id: upstream\r\nA: 1\r\nContent-Length: 0\r\n\r\n";
+        let (head, _) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        let id = http::HeaderValue::from_static("ours");
+        let mut from_lines = BytesMut::new();
+        write_head(
+            &mut from_lines,
+            head.status,
+            Some(&head.fields),
+            &HeaderMap::new(),
+            Some(&id),
+            Framing::Declared,
+            Persist::Default,
+        );
+        let mut from_map = BytesMut::new();
+        write_head(
+            &mut from_map,
+            head.status,
+            None,
+            &head.fields.to_map().unwrap(),
+            Some(&id),
+            Framing::Declared,
+            Persist::Default,
+        );
+        for out in [from_lines, from_map] {
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            assert_eq!(text.matches("x-request-id: ").count(), 1, "{text}");
+            assert!(text.contains("x-request-id: ours\r\n"), "{text}");
+            assert!(text.contains("a: 1\r\n"), "{text}");
+        }
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 use http::StatusCode;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 
 use super::raw::RawFields;
+use crate::headers::X_REQUEST_ID;
 
 /// How the body of a response is delimited on the client's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +41,16 @@ pub enum Persist {
 }
 
 /// Writes a response head for a client: the upstream's field lines as they came (`raw`,
-/// less the hop-by-hop ones and those `headers` replaces), then `headers`. The response's
-/// `connection` field is replaced by `persist`; `framing` adds the field that delimits the
-/// body.
+/// less the hop-by-hop ones and those `headers` replaces), then `headers`, then the
+/// request's `x-request-id` when given (it replaces any other). The response's `connection`
+/// field is replaced by `persist`; `framing` adds the field that delimits the body.
+#[allow(clippy::too_many_arguments)]
 pub fn write_head(
     out: &mut BytesMut,
     status: StatusCode,
     raw: Option<&RawFields>,
     headers: &HeaderMap,
+    request_id: Option<&HeaderValue>,
     framing: Framing,
     persist: Persist,
 ) {
@@ -58,15 +61,20 @@ pub fn write_head(
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
     if let Some(raw) = raw {
-        raw.write(out, headers);
+        raw.write(out, headers, request_id.is_some());
     }
     for (name, value) in headers {
-        if name == header::CONNECTION {
+        if name == header::CONNECTION || (request_id.is_some() && name == X_REQUEST_ID) {
             continue;
         }
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if let Some(id) = request_id {
+        out.put_slice(b"x-request-id: ");
+        out.put_slice(id.as_bytes());
         out.put_slice(b"\r\n");
     }
     // The upstream's own `Date` first: it is nearly always there, and the lookup is not.
@@ -168,6 +176,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             None,
             &h,
+            None,
             framing,
             persist,
         );

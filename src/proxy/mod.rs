@@ -44,6 +44,10 @@ pub struct Trace {
     pub route: Option<usize>,
     /// The request's `X-Request-Id`, with `request_id` on.
     pub request_id: Option<HeaderValue>,
+    /// Set by an HTTP/1.1 connection before [`handle`]: the ID goes into the response head
+    /// as a line the connection writes, not into the response's header map. `handle` clears
+    /// it when the route's response rules act on the map, the ID among its fields.
+    pub id_as_line: bool,
 }
 
 /// Answers one client request (its head, `head_bytes` long as [`head_size`] counts it,
@@ -80,14 +84,19 @@ pub async fn handle(
             crate::body::error_response(&e, trace.request_id.as_ref())
         }
     };
-    if let Some(id) = &trace.request_id {
+    let rules = trace
+        .route
+        .and_then(|i| rt.policies[i].response_headers.as_ref());
+    if rules.is_some() {
+        trace.id_as_line = false;
+    }
+    if let Some(id) = &trace.request_id
+        && !trace.id_as_line
+    {
         headers::put_request_id(resp.headers_mut(), id);
     }
     // The route's rules come after fairway's own fields (CONTRACT §8).
-    if let Some(rules) = trace
-        .route
-        .and_then(|i| rt.policies[i].response_headers.as_ref())
-    {
+    if let Some(rules) = rules {
         rules.apply(resp.headers_mut());
     }
     count(rt, trace, resp.status().as_u16(), start);
@@ -509,9 +518,9 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
     let Some(mut headers) = map.take() else {
         let mut resp = Response::new(Body::Upstream(Box::new(body.with_fields(head.fields))));
         *resp.status_mut() = head.status;
-        // For the fields the proxy sets (`X-Request-Id`): a spare map, given back once the
-        // head is written.
-        *resp.headers_mut() = crate::h1::take_map(1);
+        // The map stays empty: an HTTP/1.1 connection writes the request's ID as a line of
+        // the head, and a route with response rules has no head written from lines.
+        *resp.headers_mut() = HeaderMap::new();
         return Ok(resp);
     };
     let status = head.status;
