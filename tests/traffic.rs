@@ -2,6 +2,7 @@
 //! cookies, rate limits and connections per client IP. (Compression has its own file.)
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::admin::metrics;
@@ -69,6 +70,68 @@ async fn fairways_own_error_answers_name_the_id() {
         "{}",
         r.text()
     );
+}
+
+/// An upstream that answers every request on its connection with its own `X-Request-Id`.
+async fn upstream_with_its_own_id() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = "HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\n\
+                                      Content-Length: 2\r\n\r\nok";
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_id_replaces_the_upstreams_own_in_the_answer_with_and_without_response_rules() {
+    let up = upstream_with_its_own_id().await;
+    let plain =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.app]\nservers = [\"{up}\"]\n");
+    // With response rules the head is written from a header map, not from the lines.
+    let ruled = format!(
+        "{plain}[[routes]]\nupstream = \"app\"\n\
+         response_headers = {{ set = {{ \"X-Frame-Options\" = \"DENY\" }} }}\n"
+    );
+    for toml in [plain, ruled] {
+        let p = TestProxy::start(&toml).await;
+        let answer = raw(
+            p.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(raw_status(&answer), Some(200), "{answer}");
+        let head = answer.split("\r\n\r\n").next().unwrap();
+        let ids: Vec<&str> = head
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("x-request-id")
+                    .then(|| value.trim())
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "{head}");
+        assert!(is_new_id(ids[0]), "{head}");
+    }
 }
 
 #[tokio::test]
