@@ -167,28 +167,28 @@ pub struct Exchange {
 }
 
 impl UpstreamBody {
-    /// Streams `inner` to the client.
-    pub fn new(inner: ResponseBody, x: Exchange) -> UpstreamBody {
-        let mut b = UpstreamBody {
-            inner,
-            max_idle: x.max_idle,
-            idle: IdleTimer::new(x.idle_timeout),
-            passive: x.passive,
-            request: x.request,
-            _upload: x.upload,
-            active: x.active,
-            fields: None,
-        };
+    /// Streams `inner` to the client; `fields` are the response's field lines when the
+    /// head is to be written from them. Made in its box: the body is a few hundred bytes,
+    /// and built on the stack it would be copied whole into the box, and again on each
+    /// move before.
+    pub fn boxed(inner: ResponseBody, x: Exchange, fields: Option<RawFields>) -> Box<UpstreamBody> {
+        let mut b = Box::write(
+            Box::new_uninit(),
+            UpstreamBody {
+                inner,
+                max_idle: x.max_idle,
+                idle: IdleTimer::new(x.idle_timeout),
+                passive: x.passive,
+                request: x.request,
+                _upload: x.upload,
+                active: x.active,
+                fields,
+            },
+        );
         if b.inner.is_end() {
             b.finish();
         }
         b
-    }
-
-    /// With the response's field lines, to be written with its head.
-    pub fn with_fields(mut self, fields: RawFields) -> UpstreamBody {
-        self.fields = Some(fields);
-        self
     }
 
     /// The response's field lines, when the head is still to be written from them.

@@ -386,7 +386,7 @@ impl Conn {
         };
         let resp = proxy::handle(
             &pending.rt,
-            req,
+            &mut req,
             len,
             &self.info,
             pending.ctx,

@@ -420,7 +420,7 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         let head = proxy::head_size(&req);
         let guard = svc_state.begin_request();
-        let req = req.map(Inbound::H2);
+        let mut req = req.map(Inbound::H2);
         let info = info.clone();
         let ctx = Arc::clone(&svc_ctx);
         async move {
@@ -442,7 +442,7 @@ where
                 Box::new_uninit(),
                 proxy::handle(
                     &pending.rt,
-                    req,
+                    &mut req,
                     head,
                     &info,
                     pending.ctx,

@@ -55,7 +55,7 @@ pub struct Trace {
 /// response in the metrics.
 pub async fn handle(
     rt: &Runtime,
-    req: Request<Inbound>,
+    req: &mut Request<Inbound>,
     head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
@@ -147,7 +147,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 async fn forward(
     rt: &Runtime,
-    req: Request<Inbound>,
+    req: &mut Request<Inbound>,
     head_bytes: usize,
     conn: &ConnInfo,
     trusted: bool,
@@ -261,16 +261,19 @@ async fn forward(
             })
         });
 
-    let (mut parts, body) = req.into_parts();
-    let as_lines = parts.version != Version::HTTP_2
-        && policy.and_then(|p| p.response_headers.as_ref()).is_none();
+    // The request stays with the caller (moved through each call, its few hundred bytes
+    // would be copied each time); what goes on is taken from it.
+    let body = std::mem::replace(req.body_mut(), Inbound::Empty);
+    let version = req.version();
+    let as_lines =
+        version != Version::HTTP_2 && policy.and_then(|p| p.response_headers.as_ref()).is_none();
     let origin = Origin {
         peer,
         client: client_ip,
         trusted,
         proto: conn.proto,
     };
-    let target = origin_form(&parts.uri, routed_path.as_deref())?;
+    let target = origin_form(req.uri(), routed_path.as_deref())?;
 
     // A body's progress is followed (request_timeout, early responses, the client's
     // faults); an empty body can be sent again instead.
@@ -280,8 +283,8 @@ async fn forward(
         None => RequestBody::Empty,
         Some(p) => {
             // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
-            let chunked = parts.version != Version::HTTP_2
-                && parts.headers.contains_key(header::TRANSFER_ENCODING);
+            let chunked =
+                version != Version::HTTP_2 && req.headers().contains_key(header::TRANSFER_ENCODING);
             RequestBody::Client(Box::new(ClientBody::new(
                 body,
                 rt.settings.max_body_bytes,
@@ -300,23 +303,23 @@ async fn forward(
     let chunked = headers::write_upstream_head(
         &mut bytes,
         &headers::UpstreamRequest {
-            method: &parts.method,
+            method: req.method(),
             target: &target,
-            headers: &parts.headers,
+            headers: req.headers(),
             origin: &origin,
             host: host_value.as_ref(),
             host_from_target,
             upgrade,
-            http2: parts.version == Version::HTTP_2,
+            http2: version == Version::HTTP_2,
             has_body: progress.is_some(),
             request_id: trace.request_id.as_ref(),
             rules: policy.and_then(|p| p.request_headers.as_ref()),
         },
     );
     // The client's fields are all in the head written: their map goes back to be reused.
-    crate::h1::give_back_map(std::mem::take(&mut parts.headers));
+    crate::h1::give_back_map(std::mem::take(req.headers_mut()));
     let head = Head {
-        method: parts.method,
+        method: std::mem::take(req.method_mut()),
         bytes,
         chunked,
     };
@@ -504,25 +507,24 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
         Some(map)
     };
     // Only a connection whose exchange ended cleanly both ways goes back to the pool.
-    let body = UpstreamBody::new(
-        conn.into_body(length),
-        Exchange {
-            max_idle: if keep { upstream.pool.max_idle } else { 0 },
-            idle_timeout: rt.settings.response_body_idle_timeout,
-            active: guard,
-            passive: upstream.passive,
-            request: progress,
-            upload: a.upload,
-        },
-    );
+    let exchange = Exchange {
+        max_idle: if keep { upstream.pool.max_idle } else { 0 },
+        idle_timeout: rt.settings.response_body_idle_timeout,
+        active: guard,
+        passive: upstream.passive,
+        request: progress,
+        upload: a.upload,
+    };
     let Some(mut headers) = map.take() else {
-        let mut resp = Response::new(Body::Upstream(Box::new(body.with_fields(head.fields))));
+        let body = UpstreamBody::boxed(conn.into_body(length), exchange, Some(head.fields));
+        let mut resp = Response::new(Body::Upstream(body));
         *resp.status_mut() = head.status;
         // The map stays empty: an HTTP/1.1 connection writes the request's ID as a line of
         // the head, and a route with response rules has no head written from lines.
         *resp.headers_mut() = HeaderMap::new();
         return Ok(resp);
     };
+    let body = UpstreamBody::boxed(conn.into_body(length), exchange, None);
     let status = head.status;
     if let Some(e) = a.encode
         && crate::compress::is_compressible(
@@ -542,13 +544,13 @@ fn respond(a: Answer<'_>) -> Result<Response<Body>, ProxyError> {
             bytes_in: m.compression_in.clone(),
             bytes_out: m.compression_out.clone(),
         };
-        let body = crate::body::Compressed::new(body, encoder, counted);
+        let body = crate::body::Compressed::new(*body, encoder, counted);
         let mut resp = Response::new(Body::Compressed(Box::new(body)));
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
         return Ok(resp);
     }
-    let mut resp = Response::new(Body::Upstream(Box::new(body)));
+    let mut resp = Response::new(Body::Upstream(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
