@@ -371,38 +371,42 @@ impl Conn {
         *req.version_mut() = version;
         *req.headers_mut() = headers;
 
-        let rt = self.ctx.runtime.load_full();
-        let format = rt.settings.access_log;
-        let mut pending = Pending {
-            entry: (format != AccessFormat::Off)
-                .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
-            trace: proxy::Trace {
-                id_as_line: true,
-                ..proxy::Trace::default()
-            },
-            start: timing::now(),
-            rt,
-            ctx: &self.ctx,
+        // In a block of its own, the request's pending state is dropped where it is once
+        // answered (dropped by a call, its 144 bytes would be copied out first).
+        let (resp, mut access, id) = {
+            let rt = self.ctx.runtime.load_full();
+            let format = rt.settings.access_log;
+            let mut pending = Pending {
+                entry: (format != AccessFormat::Off)
+                    .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
+                trace: proxy::Trace {
+                    id_as_line: true,
+                    ..proxy::Trace::default()
+                },
+                start: timing::now(),
+                rt,
+                ctx: &self.ctx,
+            };
+            let resp = proxy::handle(
+                &pending.rt,
+                &mut req,
+                len,
+                &self.info,
+                pending.ctx,
+                pending.start,
+                &mut pending.trace,
+            )
+            .await;
+            let access = pending.finish(resp.status().as_u16());
+            // The ID, if the head is to carry it as a line (the access entry has its copy).
+            let id = if pending.trace.id_as_line {
+                pending.trace.request_id.take()
+            } else {
+                None
+            };
+            // Answered: nothing left for it to count or log.
+            (resp, access, id)
         };
-        let resp = proxy::handle(
-            &pending.rt,
-            &mut req,
-            len,
-            &self.info,
-            pending.ctx,
-            pending.start,
-            &mut pending.trace,
-        )
-        .await;
-        let mut access = pending.finish(resp.status().as_u16());
-        // The ID, if the head is to carry it as a line (the access entry has its copy).
-        let id = if pending.trace.id_as_line {
-            pending.trace.request_id.take()
-        } else {
-            None
-        };
-        // Answered: nothing left for it to count or log.
-        drop(pending);
         let (next, bytes) = self.respond(resp, &facts, id.as_ref()).await;
         if let Some((entry, ctx)) = access.as_mut() {
             entry.bytes = bytes;
