@@ -38,21 +38,25 @@ def executed(dump, binary_name):
     return counts
 
 
-def locked(binary):
-    """Address → function of every locked instruction in `binary`."""
+def disassembly(binary):
+    """(address, function, instruction text) of every instruction in `binary`'s code."""
     out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", binary],
                          check=True, capture_output=True, text=True).stdout
-    found, function = {}, None
+    function = None
     for line in out.splitlines():
         m = re.match(r"^([0-9a-f]+) <(.*)>:$", line)
         if m:
             function = m.group(2)
             continue
         m = re.match(r"^\s+([0-9a-f]+):\s+(.*)$", line)
-        if m and (re.search(r"\block\b", m.group(2))
-                  or re.search(r"\bxchg\w*\s.*\(", m.group(2))):
-            found[int(m.group(1), 16)] = function
-    return found
+        if m:
+            yield int(m.group(1), 16), function, m.group(2)
+
+
+def locked(binary):
+    """Address → function of every locked instruction in `binary`."""
+    return {addr: function for addr, function, text in disassembly(binary)
+            if re.search(r"\block\b", text) or re.search(r"\bxchg\w*\s.*\(", text)}
 
 
 def main():
