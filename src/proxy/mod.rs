@@ -52,7 +52,8 @@ pub struct Trace {
 
 /// Answers one client request (its head, `head_bytes` long as [`head_size`] counts it,
 /// arrived at `start`). Never fails: errors become the contract's status codes. Counts the
-/// response in the metrics.
+/// response in the metrics. The request stays the caller's: what goes upstream (its body,
+/// fields and method) is taken out of it, and what is left is the caller's to drop.
 pub async fn handle(
     rt: &Runtime,
     req: &mut Request<Inbound>,
