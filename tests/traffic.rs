@@ -74,30 +74,17 @@ async fn fairways_own_error_answers_name_the_id() {
 
 /// An upstream that answers every request on its connection with its own `X-Request-Id`.
 async fn upstream_with_its_own_id() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = "HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\n\
-                                      Content-Length: 2\r\n\r\nok";
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+    let (addr, _) = common::raw::raw_upstream(|mut s: TcpStream| async move {
+        // The requests are GETs without a body: one head, one answer.
+        while common::raw::read_head(&mut s).await.is_some() {
+            let answer = "HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\n\
+                          Content-Length: 2\r\n\r\nok";
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     addr
 }
 
