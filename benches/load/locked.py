@@ -22,9 +22,13 @@ def executed(dump, binary_name):
     counts = collections.Counter()
     obj = None
     after_call = False
+    # "positions: instr" or "positions: instr line": the columns before the count.
+    positions = 1
     with open(dump) as f:
         for line in f:
-            if line.startswith("ob="):
+            if line.startswith("positions:"):
+                positions = len(line.split()) - 1
+            elif line.startswith("ob="):
                 obj = line[3:].strip()
             elif line.startswith("calls="):
                 # The line after a call gives the call's inclusive cost, not an instruction's.
@@ -32,8 +36,8 @@ def executed(dump, binary_name):
                 continue
             elif line.startswith("0x"):
                 if not after_call and obj and obj.endswith("/" + binary_name):
-                    addr, count = line.split()[:2]
-                    counts[int(addr, 16)] += int(count)
+                    fields = line.split()
+                    counts[int(fields[0], 16)] += int(fields[positions])
             after_call = False
     return counts
 
