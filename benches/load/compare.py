@@ -1868,6 +1868,10 @@ def parse_args(argv):
     ap.add_argument("--fairway", default="target/release/fairway",
                     help="fairway binary (default: target/release/fairway)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--interleave", choices=("scenario", "proxy"), default="scenario",
+                    help="what a round interleaves: 'scenario' (default) runs each scenario "
+                         "against every proxy in turn, all of them up at once; 'proxy' runs "
+                         "one proxy at a time through every scenario")
     ap.add_argument("--duration", type=int, default=5,
                     help="seconds per scenario run (default 5)")
     ap.add_argument("--quick", action="store_true",
@@ -2155,30 +2159,43 @@ def main(argv):
                     res = bench.measure_big(None, kind, rnd)
                     big_runs.append(res)
                     print("  direct   %-13s %s" % (kind, big_line(res)))
-            for name in rorder:
-                px = proxies[name]
-                start_proxy(children, px, run_dir, "%s-r%d.log" % (name, rnd), body16k,
-                            h2="h2-c8x8" in scenarios)
-                idle.append({"round": rnd, "proxy": name, "rss_kib": rss_kib(px.pids()),
-                             "pids": len(px.pids())})
-                # Warm-up (not recorded): pools filled, caches and allocators warm.
-                run_wrk(tools, bench.lua, px.port, SCENARIOS["small-c64"], 1)
+            # A slot: the proxies of `names` started fresh, each warmed up, then every
+            # scenario run against each of them in turn (by proxy), then stopped.
+            def slot(names):
+                for name in names:
+                    px = proxies[name]
+                    start_proxy(children, px, run_dir, "%s-r%d.log" % (name, rnd), body16k,
+                                h2="h2-c8x8" in scenarios)
+                    idle.append({"round": rnd, "proxy": name, "rss_kib": rss_kib(px.pids()),
+                                 "pids": len(px.pids())})
+                    # Warm-up (not recorded): pools filled, caches and allocators warm.
+                    run_wrk(tools, bench.lua, px.port, SCENARIOS["small-c64"], 1)
                 for scen in scenarios:
-                    res = bench.measure(px, scen, rnd)
-                    runs.append(res)
-                    print("  %-8s %-12s %s" % (name, scen, run_line(res)))
-                    sys.stdout.flush()
-                    if px.proc.poll() is not None:
-                        raise SetupError("%s exited during %s:\n%s" % (
-                            name, scen, log_tail(px.proc.log_path)))
-                    time.sleep(0.3)
+                    for name in names:
+                        px = proxies[name]
+                        res = bench.measure(px, scen, rnd)
+                        runs.append(res)
+                        print("  %-8s %-12s %s" % (name, scen, run_line(res)))
+                        sys.stdout.flush()
+                        if px.proc.poll() is not None:
+                            raise SetupError("%s exited during %s:\n%s" % (
+                                name, scen, log_tail(px.proc.log_path)))
+                        time.sleep(0.3)
                 if args.big:
-                    for kind in BIG_SCENARIOS:
-                        res = bench.measure_big(px, kind, rnd)
-                        big_runs.append(res)
-                        print("  %-8s %-12s %s" % (name, kind, big_line(res)))
-                children.stop(px.proc)
-                px.proc = None
+                    for name in names:
+                        for kind in BIG_SCENARIOS:
+                            res = bench.measure_big(proxies[name], kind, rnd)
+                            big_runs.append(res)
+                            print("  %-8s %-12s %s" % (name, kind, big_line(res)))
+                for name in names:
+                    children.stop(proxies[name].proc)
+                    proxies[name].proc = None
+
+            if args.interleave == "scenario":
+                slot(rorder)
+            else:
+                for name in rorder:
+                    slot([name])
             print()
 
         comp_runs, comp_checks, reference, comp_summary = [], [], [], None
