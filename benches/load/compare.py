@@ -2159,8 +2159,9 @@ def main(argv):
                     res = bench.measure_big(None, kind, rnd)
                     big_runs.append(res)
                     print("  direct   %-13s %s" % (kind, big_line(res)))
-            # A slot: the proxies of `names` started fresh, each warmed up, then every
-            # scenario run against each of them in turn (by proxy), then stopped.
+            # A slot: the proxies `names` started fresh and warmed up, then each scenario
+            # run against each of them in turn, then all of them stopped. The ones not
+            # being measured wait, idle.
             def slot(names):
                 for name in names:
                     px = proxies[name]
