@@ -1645,10 +1645,7 @@ def run_compression(args, children, tools, run_dir, bench, targets, bundle, deco
             runs.append(res)
             print("  %-15s %-15s %s" % (name, scen, comp_line(res)))
             sys.stdout.flush()
-            if px.proc.poll() is not None:
-                raise SetupError("%s exited during %s:\n%s" % (
-                    name, scen, log_tail(px.proc.log_path)))
-            time.sleep(0.3)
+            after_run(px, name, scen)
         children.stop(px.proc)
         px.proc = None
 
@@ -2026,6 +2023,13 @@ def start_backend(children, tools, run_dir, ports, body16k, big=False, sink=Fals
     return backend, bconf
 
 
+def after_run(px, name, scen):
+    """Fails the session if the proxy exited during the run; else a pause before the next."""
+    if px.proc.poll() is not None:
+        raise SetupError("%s exited during %s:\n%s" % (name, scen, log_tail(px.proc.log_path)))
+    time.sleep(0.3)
+
+
 def start_proxy(children, px, run_dir, log_name, body16k, h2=False):
     """Starts a proxy fresh, waits for its port(s) and runs the preflight."""
     px.proc = children.start(px.name, px.argv, os.path.join(run_dir, log_name), env=px.env)
@@ -2178,10 +2182,7 @@ def main(argv):
                         runs.append(res)
                         print("  %-8s %-12s %s" % (name, scen, run_line(res)))
                         sys.stdout.flush()
-                        if px.proc.poll() is not None:
-                            raise SetupError("%s exited during %s:\n%s" % (
-                                name, scen, log_tail(px.proc.log_path)))
-                        time.sleep(0.3)
+                        after_run(px, name, scen)
                 if args.big:
                     for name in names:
                         for kind in BIG_SCENARIOS:

@@ -74,8 +74,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
         let counted = Counted::new(&ctx, here);
         let worker = counted.worker;
         // Registered with the reactor of the worker that serves it (a less loaded one, if
-        // this worker serves more).
-        let serve = OneReading::new(async move {
+        // this worker serves more). Boxed: the connection's state (about 1.5 KiB) goes into
+        // its task as a pointer, where it would be copied whole at each step of the spawn
+        // and three times more by the task itself.
+        let serve = Box::pin(OneReading::new(async move {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => serve_accepted(stream, info, &counted.ctx).await,
                 Err(e) => {
@@ -83,7 +85,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, stop: Cancell
                 }
             }
             drop(counted);
-        });
+        }));
         if worker == here {
             ctx.tracker(here).spawn(serve);
         } else {
