@@ -9,6 +9,7 @@ medians. See README.md beside this file, "A/B of two builds".
     python3 benches/load/ab.py --rounds 20 two=target/release/fairway \\
         one=target/release/fairway,TOKIO_WORKER_THREADS=1
     python3 benches/load/ab.py --path /16k --conns 256 a=BIN b=BIN
+    python3 benches/load/ab.py --close a=BIN b=BIN
 
 Each variant is NAME=BINARY, then optional ,KEY=VALUE environment settings. The setup
 (backend, configs, /proc readers, cleanup) is compare.py's, imported.
@@ -31,6 +32,8 @@ def parse_args(argv):
     ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run (default 2)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--path", default="/", help="request path: / or /16k (default /)")
+    ap.add_argument("--close", action="store_true",
+                    help="send Connection: close (one TCP connection per request)")
     ap.add_argument("--base-port", type=int, default=29100,
                     help="ports BASE+1..+4 (backend), BASE+30+2i and +31+2i (variant i)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -61,7 +64,7 @@ def main(argv):
         lc.check_ports_free(ports.backends + [ports.stub] + mine)
         backend, _ = lc.start_backend(session.children, tools, run_dir, ports, body16k)
         bench = lc.Bench(args, tools, run_dir, ports, backend, body16k)
-        scen = {"conns": args.conns, "path": args.path}
+        scen = {"conns": args.conns, "path": args.path, "close": args.close}
         proxies = []
         for i, (name, binary, env) in enumerate(args.variants):
             own = os.path.join(run_dir, "variant-%d" % i)
@@ -79,8 +82,9 @@ def main(argv):
             print("%-10s %s (%s)%s" % (name, version, src, "".join(
                 " %s=%s" % kv for kv in env.items())))
             proxies.append(px)
-        print("%d rounds x %d s, wrk -t1 -c%d %s\n" % (
-            args.rounds, args.duration, args.conns, args.path))
+        print("%d rounds x %d s, wrk -t1 -c%d %s%s\n" % (
+            args.rounds, args.duration, args.conns, args.path,
+            " (Connection: close)" if args.close else ""))
         runs = {px.name: [] for px in proxies}
         for r in range(args.rounds):
             for px in proxies[r % len(proxies):] + proxies[:r % len(proxies)]:
