@@ -111,6 +111,22 @@ impl Inherited {
         Some(self.sockets.remove(i).listener)
     }
 
+    /// The sockets for client address `addr`: the one [`Inherited::take`] finds, with every
+    /// other socket bound to the same address (the rest of its `SO_REUSEPORT` group).
+    pub fn take_group(&mut self, addr: SocketAddr, role: Role) -> Vec<std::net::TcpListener> {
+        let Some(first) = self.take(addr, role) else {
+            return Vec::new();
+        };
+        let Ok(local) = first.local_addr() else {
+            return vec![first];
+        };
+        let mut group = vec![first];
+        while let Some(i) = self.sockets.iter().position(|s| s.local == local) {
+            group.push(self.sockets.remove(i).listener);
+        }
+        group
+    }
+
     /// The addresses of the sockets left over (closed when this is dropped).
     pub fn leftover(&self) -> Vec<SocketAddr> {
         self.sockets.iter().map(|s| s.local).collect()
@@ -177,6 +193,32 @@ mod tests {
             i.take(any, Role::Client).map(|l| l.local_addr().unwrap()),
             Some(c)
         );
+        assert!(i.leftover().is_empty());
+    }
+
+    #[test]
+    fn a_group_is_taken_whole() {
+        let first = socket(Some("client"));
+        let local = first.local;
+        let alone = socket(Some("client"));
+        // The rest of the group: sockets bound to the same address (the test stands them in
+        // with duplicates of the first).
+        let rest: Vec<Socket> = (0..2)
+            .map(|_| Socket {
+                name: Some("client".to_owned()),
+                local,
+                listener: first.listener.try_clone().unwrap(),
+            })
+            .collect();
+        let mut i = Inherited {
+            sockets: [first, alone].into_iter().chain(rest).collect(),
+        };
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let group = i.take_group(any, Role::Client);
+        assert_eq!(group.len(), 3);
+        assert!(group.iter().all(|l| l.local_addr().unwrap() == local));
+        assert_eq!(i.take_group(any, Role::Client).len(), 1);
+        assert!(i.take_group(any, Role::Client).is_empty());
         assert!(i.leftover().is_empty());
     }
 }

@@ -148,7 +148,9 @@ async fn an_upgrade_under_traffic_refuses_nothing_and_fails_nothing() {
     )
     .unwrap();
     let mut cmd = fairway(&["run", "--config", path.to_str().unwrap()]);
-    cmd.env("RUST_LOG", log_level("info"));
+    // Three workers: the client address is a group of three sockets, all handed over.
+    cmd.env("RUST_LOG", log_level("info"))
+        .env("TOKIO_WORKER_THREADS", "3");
     let mut old = Proc::spawn(cmd);
     let addr = old.client_addr().await;
     let admin = old.admin_addr().await;
@@ -285,6 +287,11 @@ async fn an_upgrade_under_traffic_refuses_nothing_and_fails_nothing() {
         1,
         "{stderr}"
     );
+    let adopted = stderr
+        .lines()
+        .find(|l| l.contains("using sockets handed over at start"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(adopted.contains("sockets=3"), "{adopted}");
 
     // The tunnel on the old process ended with 1001 (at a frame boundary, once the drain
     // began).
@@ -484,7 +491,8 @@ async fn tls_redirect_and_proxy_protocol_listeners_are_handed_over() {
     )
     .unwrap();
     let mut cmd = fairway(&["run", "--config", path.to_str().unwrap()]);
-    cmd.env("RUST_LOG", log_level("info"));
+    cmd.env("RUST_LOG", log_level("info"))
+        .env("TOKIO_WORKER_THREADS", "2");
     let mut old = Proc::spawn(cmd);
     let tls = old.client_addr().await;
     let redirect = old.bound("redirecting plain HTTP to https").await;
@@ -523,14 +531,21 @@ async fn tls_redirect_and_proxy_protocol_listeners_are_handed_over() {
     assert_eq!(s.code(), Some(0), "{}", old.stderr());
     let stderr = old.stderr();
     let new = Adopted(logged_pid(&stderr, "the new process serves").unwrap());
-    // Every socket was handed over: none was bound anew.
+    // Every socket was handed over: none was bound anew (the redirect socket alone, each
+    // client address as its group of one socket per worker).
     assert_eq!(
         stderr
             .matches("using a socket handed over at start")
             .count(),
-        3,
+        1,
         "{stderr}"
     );
+    assert_eq!(
+        stderr.matches("using sockets handed over at start").count(),
+        2,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("sockets=2").count(), 2, "{stderr}");
     check("10.4.5.6").await;
     new.stop().await;
 }
