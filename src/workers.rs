@@ -1,5 +1,5 @@
 //! The threads that serve client connections: one single-threaded runtime per core, each
-//! accepting on every client listener (a duplicate of the same socket), handing a
+//! accepting on a socket of its own of every client address (`sockets`), handing a
 //! connection to a less loaded worker when the load is uneven ([`Workers::assign`]), and
 //! serving its connections to the end, as Nginx's workers do. A connection, its requests,
 //! its upstream connections and its timers stay on one thread: no task moves between cores
