@@ -75,7 +75,11 @@ pub struct Prepared {
 /// Binds like Nginx: `SO_REUSEADDR`, IPv6 sockets IPv6 only, a backlog of 1024,
 /// non-blocking.
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = unbound(addr)?;
+    listen_on(unbound(addr)?, addr)
+}
+
+/// Binds `socket` to `addr` and listens, with a backlog of 1024, non-blocking.
+fn listen_on(socket: Socket, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
@@ -117,10 +121,7 @@ fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListene
         .map(|_| {
             let socket = unbound(local)?;
             socket.set_reuse_port(true)?;
-            socket.bind(&local.into())?;
-            socket.listen(1024)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket.into())
+            listen_on(socket, local)
         })
         .collect()
 }
