@@ -67,19 +67,18 @@ pub async fn start_new_process(control: &Control) -> Result<u32, UpgradeError> {
             child_fd: 3 + i as i32,
         });
     }
-    let mut cmd = tokio::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(exe);
     cmd.args(args)
         .env("LISTEN_FDS", names.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS_FIRST_FD")
         .env(READY_VAR, dir.socket())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(false);
+        .stdin(std::process::Stdio::null());
     cmd.fd_mappings(mappings)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut child = cmd.spawn()?;
-    let pid = child.id().unwrap_or_default();
+    let pid = child.id();
     tracing::info!(pid, exe = %exe.display(), "upgrade: started a new process");
 
     let wait_ready = async {
@@ -94,7 +93,7 @@ pub async fn start_new_process(control: &Control) -> Result<u32, UpgradeError> {
     };
     let outcome = tokio::select! {
         r = wait_ready => r.map_err(UpgradeError::Spawn),
-        status = child.wait() => return Err(UpgradeError::Exited(status?)),
+        status = exited(&mut child) => return Err(UpgradeError::Exited(status?)),
         () = tokio::time::sleep(limit) => Err(UpgradeError::NotReady(limit)),
     };
     match outcome {
@@ -106,9 +105,22 @@ pub async fn start_new_process(control: &Control) -> Result<u32, UpgradeError> {
         }
         Err(e) => {
             // Never left running beside this one, unmanaged.
-            let _ = child.kill().await;
+            let _ = child.kill();
+            let _ = child.wait();
             Err(e)
         }
+    }
+}
+
+/// The new process's exit status, once it has exited (looked at every 20 ms: it is
+/// started with the standard library's `Command`, not tokio's, whose child reaping runs at
+/// every turn of every worker's event loop and takes two locks the workers share).
+async fn exited(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
