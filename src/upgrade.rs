@@ -105,8 +105,9 @@ pub async fn start_new_process(control: &Control) -> Result<u32, UpgradeError> {
         }
         Err(e) => {
             // Never left running beside this one, unmanaged.
-            let _ = child.kill();
-            let _ = child.wait();
+            if child.kill().is_ok() {
+                let _ = exited(&mut child).await;
+            }
             Err(e)
         }
     }
