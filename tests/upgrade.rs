@@ -397,6 +397,51 @@ async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
     new.stop().await;
 }
 
+/// A new process that is not ready within `shutdown_timeout` is stopped and waited for (none
+/// is left running or as a zombie), and the old one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_not_ready_in_time_is_stopped_and_the_old_one_serves_on() {
+    let a = TestUpstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fairway.toml");
+    // No new process is ready within a millisecond of its start.
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"1ms\"\n\
+             [upstreams.app]\nservers = [\"{}\"]\n",
+            a.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = fairway(&["run", "--config", path.to_str().unwrap()]);
+    cmd.env("RUST_LOG", log_level("info"));
+    let mut old = Proc::spawn(cmd);
+    let addr = old.client_addr().await;
+    old.signal("USR2");
+    eventually(
+        Duration::from_secs(10),
+        "the failed upgrade logged",
+        || async {
+            old.stderr()
+                .contains("upgrade failed; this process keeps serving")
+        },
+    )
+    .await;
+    let log = old.stderr();
+    assert!(log.contains("was not ready within"), "{log}");
+    // Logged only once the new process is stopped and reaped: gone from the process table.
+    let pid = logged_pid(&log, "upgrade: started a new process").unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the new process {pid} is still there\n{log}"
+    );
+    assert!(old.child.try_wait().unwrap().is_none(), "{log}");
+    for _ in 0..20 {
+        assert_eq!(get(format!("http://{addr}/")).await.status, 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_socket_activation_serves_the_sockets_it_is_given() {
     use command_fds::{CommandFdExt, FdMapping};
