@@ -14,7 +14,7 @@ pub use compressed::{Compressed, Counted};
 
 use crate::client::ResponseBody;
 use crate::error::ProxyError;
-use crate::h1::raw::RawFields;
+use crate::headers::RawFields;
 use crate::server::{ActiveGuard, PassivePolicy};
 pub use crate::upload::BoxError;
 use crate::upload::{BodyProgress, IdleTimer, RequestBody, fault_behind};

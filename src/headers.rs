@@ -1,18 +1,21 @@
 //! Request and response head rewriting, as pure functions (CONTRACT §3): what a head's
 //! framing and connection fields say ([`Facts`], noted while `h1` parses it), hop-by-hop
-//! stripping of response heads, upgrade detection and response framing here; the request
-//! head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
+//! stripping of response heads, upgrade detection and response framing here; a head's field
+//! lines as they came ([`RawFields`]: every request's, and an HTTP/1.x response's) in
+//! `headers/lines.rs`; the request head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
 //! forwarded information (and the underscore spellings of its header names) and the client
 //! IP in `headers/forwarded.rs`; per-route header rules and the request ID in
 //! `headers/rules.rs`; re-exported from here.
 
 mod forwarded;
+mod lines;
 mod rules;
 mod upstream;
 
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
 };
+pub use lines::{Field, RawFields, give_back_map, take_map};
 pub use rules::{HeaderRules, X_REQUEST_ID, new_request_id, put_request_id, request_id};
 pub use upstream::{UpstreamRequest, write_upstream_head};
 
@@ -198,16 +201,25 @@ pub fn parse_length(v: &[u8]) -> Option<u64> {
 /// single token `websocket` (any case). Anything else (`h2c`, `websocket, h2c`, two
 /// `Upgrade` lines) is no upgrade at all and its `Upgrade` is stripped like any hop-by-hop
 /// header, so that no tunnel can be opened to smuggle requests past the proxy.
-pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    is_websocket_upgrade(headers) && has_connection_token(headers, "upgrade")
+pub fn is_upgrade_request(fields: &RawFields) -> bool {
+    websocket_only(fields.all(b"upgrade")) && lists_token(fields.all(b"connection"), "upgrade")
 }
 
-/// Whether `headers` carry exactly one `Upgrade` line naming only `websocket` (a request's
-/// offer, or the protocol a `101` switches to).
+/// Whether `headers` carry exactly one `Upgrade` line naming only `websocket` (the protocol
+/// a `101` switches to).
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let mut up = headers.get_all(header::UPGRADE).iter();
-    match (up.next(), up.next()) {
-        (Some(v), None) => v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"),
+    websocket_only(
+        headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// Whether there is exactly one `Upgrade` value, naming only `websocket`.
+fn websocket_only<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> bool {
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.trim_ascii().eq_ignore_ascii_case(b"websocket"),
         _ => false,
     }
 }
@@ -252,10 +264,22 @@ pub fn framing_of(f: &Facts) -> Result<Framing, &'static str> {
 
 /// Whether a `Connection` header lists `token`.
 pub fn has_connection_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
+    lists_token(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        token,
+    )
+}
+
+/// Whether one of the `Connection` values lists `token`; a value with other than visible
+/// ASCII lists nothing.
+fn lists_token<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
+    values.any(|v| {
+        v.is_ascii()
+            && v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
@@ -278,7 +302,6 @@ pub fn detach_values(headers: &mut HeaderMap) {
 
 /// The names a `Connection` field lists (`close` among them, which also takes out a field
 /// named `close`), besides `keep-alive` and `upgrade`, which are dealt with on their own.
-#[derive(Default)]
 pub(crate) struct Listed<'a> {
     pub(crate) names: Vec<&'a [u8]>,
 }
@@ -304,12 +327,6 @@ impl<'a> Listed<'a> {
                     && !t.eq_ignore_ascii_case(b"keep-alive")
                     && !t.eq_ignore_ascii_case(b"upgrade")
             })
-    }
-
-    /// Whether `name` is listed.
-    pub(crate) fn lists(&self, name: &HeaderName) -> bool {
-        let n = name.as_str().as_bytes();
-        self.names.iter().any(|t| t.eq_ignore_ascii_case(n))
     }
 }
 
@@ -405,6 +422,11 @@ pub(crate) mod tests {
             );
         }
         m
+    }
+
+    /// The fields of a header map as the lines an HTTP/2 request becomes.
+    pub(crate) fn lines(m: &HeaderMap) -> RawFields {
+        RawFields::from_map(m, &mut Facts::default())
     }
 
     /// Every kind of hop-by-hop field, and one (`x-kept`) that is not.
@@ -504,7 +526,7 @@ pub(crate) mod tests {
             ]),
         ];
         for m in &yes {
-            assert!(is_upgrade_request(m), "{m:?}");
+            assert!(is_upgrade_request(&lines(m)), "{m:?}");
         }
         let no = [
             h(&[("connection", "upgrade"), ("upgrade", "h2c")]),
@@ -524,7 +546,7 @@ pub(crate) mod tests {
             h(&[("upgrade", "websocket")]),
         ];
         for m in &no {
-            assert!(!is_upgrade_request(m), "{m:?}");
+            assert!(!is_upgrade_request(&lines(m)), "{m:?}");
         }
     }
 
@@ -563,7 +585,7 @@ pub(crate) mod tests {
     #[test]
     fn upgrade_keeps_upgrade_headers() {
         let mut m = h(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade_request(&m));
+        assert!(is_upgrade_request(&lines(&m)));
         strip_hop_by_hop(&mut m, true);
         assert_eq!(m["connection"], "upgrade");
         assert_eq!(m["upgrade"], "websocket");
@@ -571,6 +593,6 @@ pub(crate) mod tests {
             ("connection", "Upgrade, HTTP2-Settings"),
             ("upgrade", "h2c"),
         ]);
-        assert!(!is_upgrade_request(&m));
+        assert!(!is_upgrade_request(&lines(&m)));
     }
 }

@@ -6,13 +6,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
-
 use crate::compress::{Algorithm, Level};
 use crate::config::{
     CompressionSection, HeaderRulesSection, RateKey, RateLimitSection, RouteSection,
 };
-use crate::headers::HeaderRules;
+use crate::headers::{HeaderRules, RawFields};
 use crate::limit::{KeyRef, RateLimiter};
 
 /// `[compression]` as it applies to a request.
@@ -66,11 +64,11 @@ pub struct RouteLimit {
 impl RouteLimit {
     /// Takes a token for a request from `client_ip` with `headers`, or says how long until
     /// one is there.
-    pub fn check(&self, client_ip: IpAddr, headers: &HeaderMap) -> Result<(), Duration> {
+    pub fn check(&self, client_ip: IpAddr, fields: &RawFields) -> Result<(), Duration> {
         let key = match &self.key {
             RateKey::ClientIp => KeyRef::Ip(client_ip),
-            RateKey::Header(name) => match headers.get(name) {
-                Some(v) => KeyRef::Header(v.as_bytes()),
+            RateKey::Header(name) => match fields.get(name.as_str().as_bytes()) {
+                Some(v) => KeyRef::Header(v),
                 None => KeyRef::Missing,
             },
         };

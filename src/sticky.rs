@@ -6,9 +6,9 @@
 //! cookie never shows the address itself.
 
 use http::HeaderValue;
-use http::header::{self, HeaderMap};
 
 use crate::config::{Secure, StickySection};
+use crate::headers::RawFields;
 
 /// Characters of a server id (hex digits of a digest).
 const ID_LEN: usize = 16;
@@ -33,11 +33,10 @@ pub fn server_id(upstream: &str, addr: &str) -> Box<str> {
 
 /// The value of the first cookie called `name` among a request's `Cookie` fields (HTTP/2
 /// may split them into several).
-pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+pub fn cookie_value<'a>(fields: &'a RawFields, name: &str) -> Option<&'a [u8]> {
+    fields
+        .all(b"cookie")
+        .flat_map(|v| v.split(|&b| b == b';'))
         .find_map(|pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|&b| b == b'=')?;
@@ -119,15 +118,16 @@ mod tests {
 
     #[test]
     fn the_cookie_is_found_among_others_and_split_fields() {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.append(
-            header::COOKIE,
+            http::header::COOKIE,
             HeaderValue::from_static("a=1; fairway_stickyx=no"),
         );
         h.append(
-            header::COOKIE,
+            http::header::COOKIE,
             HeaderValue::from_static("b=2;fairway_sticky=\"abc\" ; c=3"),
         );
+        let h = RawFields::from_map(&h, &mut Default::default());
         assert_eq!(cookie_value(&h, "fairway_sticky"), Some(&b"abc"[..]));
         assert_eq!(cookie_value(&h, "a"), Some(&b"1"[..]));
         assert_eq!(cookie_value(&h, "missing"), None);

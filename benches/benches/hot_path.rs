@@ -76,7 +76,7 @@ fn rewrite(c: &mut Criterion) {
         trusted: false,
         proto: "http",
     };
-    let host = HeaderValue::from_static("app.example.com");
+    let fields = headers::RawFields::from_map(&base, &mut headers::Facts::default());
     let method = http::Method::GET;
     c.bench_function("headers/rewrite", |b| {
         b.iter(|| {
@@ -86,9 +86,9 @@ fn rewrite(c: &mut Criterion) {
                 &headers::UpstreamRequest {
                     method: &method,
                     target: "/api/items?page=2",
-                    headers: &base,
+                    fields: &fields,
                     origin: &origin,
-                    host: Some(&host),
+                    host: Some(b"app.example.com"),
                     host_from_target: false,
                     upgrade: false,
                     http2: false,

@@ -142,10 +142,11 @@ fuzz_target!(|data: &[u8]| {
     let peer = input.peer;
     let canon = canonical(peer);
     let original = input.headers;
+    let lines = headers::RawFields::from_map(&original, &mut headers::Facts::default());
 
     // The client IP.
     let trusted = headers::is_trusted(peer, &input.trusted);
-    let client = headers::client_ip(peer, &original, &input.trusted);
+    let client = headers::client_ip(peer, &lines, &input.trusted);
     if !trusted {
         assert_eq!(client, canon, "an untrusted peer's XFF must be ignored");
     } else if !original.contains_key(&headers::X_FORWARDED_FOR) {
@@ -153,7 +154,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Upgrade detection.
-    let upgrade = headers::is_upgrade_request(&original);
+    let upgrade = headers::is_upgrade_request(&lines);
     if upgrade {
         let up = original.get(header::UPGRADE).expect("an upgrade needs Upgrade");
         assert!(!up.as_bytes().eq_ignore_ascii_case(b"h2c"));
@@ -212,9 +213,9 @@ fuzz_target!(|data: &[u8]| {
             &headers::UpstreamRequest {
                 method: &http::Method::GET,
                 target: "/",
-                headers: &original,
+                fields: &lines,
                 origin: &origin,
-                host: host_value.as_ref(),
+                host: host_value.as_ref().map(HeaderValue::as_bytes),
                 host_from_target: false,
                 upgrade,
                 http2: false,

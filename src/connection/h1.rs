@@ -15,7 +15,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 use tokio::time::Instant;
@@ -28,10 +28,10 @@ use crate::body::Body;
 use crate::config::AccessFormat;
 use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
-use crate::h1::raw::RawFields;
 use crate::h1::request::{RequestError, RequestHead, RequestLength, parse_request};
 use crate::h1::response::{Framing, Persist, chunk_size_line, write_head};
-use crate::proxy;
+use crate::headers::RawFields;
+use crate::proxy::{self, ClientRequest};
 use crate::stream::{give_back, take_buffer};
 use crate::timing::{self, LazyTimer};
 use crate::upload::Inbound;
@@ -329,7 +329,7 @@ impl Conn {
             method,
             uri,
             version,
-            headers,
+            fields,
             length,
             close,
             len,
@@ -348,7 +348,7 @@ impl Conn {
             };
             if length != RequestLength::Empty
                 && version == Version::HTTP_11
-                && expects_continue(&headers)
+                && expects_continue(&fields)
             {
                 w.owe_continue = Some(0);
             }
@@ -365,28 +365,23 @@ impl Conn {
                 Inbound::Empty
             }
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = version;
-        *req.headers_mut() = headers;
+        let mut req = ClientRequest {
+            method,
+            uri,
+            version,
+            fields,
+            body,
+        };
 
         // In a block of its own, the request's pending state is dropped where it is once
         // answered (dropped by a call, its 144 bytes would be copied out first).
         let (resp, mut access, id) = {
-            let rt = self.ctx.runtime.load_full();
-            let format = rt.settings.access_log;
-            let mut pending = Pending {
-                entry: (format != AccessFormat::Off)
-                    .then(|| Box::new(Entry::begin(format, &req, self.info.peer.ip()))),
-                trace: proxy::Trace {
-                    id_as_line: true,
-                    ..proxy::Trace::default()
-                },
-                start: timing::now(),
-                rt,
-                ctx: &self.ctx,
+            let trace = proxy::Trace {
+                id_as_line: true,
+                ..proxy::Trace::default()
             };
+            let start = timing::now();
+            let mut pending = Pending::begin(&self.ctx, &req, self.info.peer.ip(), trace, start);
             let resp = proxy::handle(
                 &pending.rt,
                 &mut req,
@@ -509,7 +504,7 @@ impl Conn {
             persist,
         );
         drop(lines);
-        crate::h1::give_back_map(parts.headers);
+        crate::headers::give_back_map(parts.headers);
         let head = out.split().freeze();
         let r = if no_body {
             drop(body);
@@ -824,7 +819,8 @@ enum Next {
 }
 
 /// Whether the request carries `Expect: 100-continue` (RFC 9110 §10.1.1).
-fn expects_continue(h: &http::HeaderMap) -> bool {
-    h.get(header::EXPECT)
-        .is_some_and(|v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+fn expects_continue(fields: &RawFields) -> bool {
+    fields
+        .get(b"expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
 }

@@ -30,11 +30,9 @@ use response::{ConnBody, Pending, Sent};
 use watchdog::{ConnState, Timeouts, Verdict};
 use watched::WatchedIo;
 
-use crate::access::Entry;
 use crate::body::Body;
-use crate::config::AccessFormat;
 use crate::context::{ConnInfo, Context};
-use crate::proxy;
+use crate::proxy::{self, ClientRequest};
 use crate::proxy_protocol;
 use crate::runtime::Settings;
 use crate::timing::OneReading;
@@ -422,20 +420,13 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         let head = proxy::head_size(&req);
         let guard = svc_state.begin_request();
-        let mut req = req.map(Inbound::H2);
         let info = info.clone();
         let ctx = Arc::clone(&svc_ctx);
         async move {
-            let rt = ctx.runtime.load_full();
-            let format = rt.settings.access_log;
-            let mut pending = Pending {
-                entry: (format != AccessFormat::Off)
-                    .then(|| Box::new(Entry::begin(format, &req, info.peer.ip()))),
-                trace: proxy::Trace::default(),
-                start: Instant::now(),
-                rt,
-                ctx: &ctx,
-            };
+            let (parts, body) = req.into_parts();
+            let mut req = ClientRequest::from_h2(parts, Inbound::H2(body));
+            let trace = proxy::Trace::default();
+            let mut pending = Pending::begin(&ctx, &req, info.peer.ip(), trace, Instant::now());
             // Boxed: hyper keeps room for one in-flight future per connection, idle or
             // not; a small box there instead of the whole request state saves ~4 KiB per
             // idle keep-alive connection, for one allocation per request. Allocated

@@ -3,6 +3,7 @@
 //! response body with the request's place on the connection, its access log line, and its
 //! stream's watch.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 use super::watchdog::{NONE, RequestGuard, SendTimeout, StreamWatch};
 use crate::access::Entry;
 use crate::body::{Body, BoxError};
+use crate::config::AccessFormat;
 use crate::context::Context;
 use crate::proxy;
 
@@ -30,7 +32,36 @@ pub(super) struct Pending<'c> {
     pub(super) ctx: &'c Arc<Context>,
 }
 
-impl Pending<'_> {
+impl<'c> Pending<'c> {
+    /// The state of `req`, from `peer`, arrived at `start`: its access log entry begun when
+    /// the log is on.
+    pub(super) fn begin(
+        ctx: &'c Arc<Context>,
+        req: &proxy::ClientRequest,
+        peer: IpAddr,
+        trace: proxy::Trace,
+        start: Instant,
+    ) -> Pending<'c> {
+        let rt = ctx.runtime.load_full();
+        let format = rt.settings.access_log;
+        let entry = (format != AccessFormat::Off).then(|| {
+            Box::new(Entry::begin(
+                format,
+                &req.method,
+                &req.uri,
+                req.version,
+                peer,
+            ))
+        });
+        Pending {
+            entry,
+            trace,
+            start,
+            rt,
+            ctx,
+        }
+    }
+
     /// The answer is ready with `status` (already counted by `proxy::handle`): the access
     /// log entry, completed, to go with the response body.
     pub(super) fn finish(&mut self, status: u16) -> Option<(Box<Entry>, Arc<Context>)> {

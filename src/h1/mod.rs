@@ -5,16 +5,13 @@
 //! the chunked coding both ways ([`chunked`]).
 
 pub mod chunked;
-pub mod raw;
 pub mod request;
 pub mod response;
 
-use std::cell::RefCell;
-
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 
-use crate::headers::Facts;
+use crate::headers::{Facts, RawFields};
 use http::{Method, StatusCode, Version};
 
 /// The most header fields in a response head.
@@ -31,7 +28,7 @@ pub struct ResponseHead {
     /// `HTTP/1.0` or `HTTP/1.1`.
     pub version: Version,
     /// The field lines, as they came.
-    pub fields: raw::RawFields,
+    pub fields: RawFields,
     /// What its framing and connection fields say.
     pub facts: Facts,
 }
@@ -76,7 +73,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
     };
     let mut facts = Facts::default();
     let fields =
-        raw::RawFields::parse(buf, len, resp.headers, &mut facts).map_err(HeadError::Malformed)?;
+        RawFields::parse(buf, len, resp.headers, &mut facts).map_err(HeadError::Malformed)?;
     Ok(Some((
         ResponseHead {
             status,
@@ -86,90 +83,6 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
         },
         len,
     )))
-}
-
-/// The fields of a head of `len` bytes at the start of `buf`, as `httparse` found them,
-/// and the one copy of the head that every value is a slice of: values outlive the read
-/// buffer, and keeping one (HTTP/2 keeps values in its header table) pins only the head,
-/// not the buffer. The facts of the framing and connection fields are noted on the way.
-pub(crate) fn fields(
-    buf: &[u8],
-    len: usize,
-    found: &[httparse::Header<'_>],
-) -> Result<(HeaderMap, Facts, Bytes), &'static str> {
-    let copy = Bytes::copy_from_slice(&buf[..len]);
-    let mut headers = take_map(found.len());
-    let mut facts = Facts::default();
-    for f in found {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid field name")?;
-        facts.note(&name, f.value);
-        let value = match slice_of(&copy, buf, f.value) {
-            _ if f.value.is_empty() => HeaderValue::from_static(""),
-            Some(v) => HeaderValue::from_maybe_shared(v).map_err(|_| "invalid field value")?,
-            None => return Err("invalid field value"),
-        };
-        headers.append(name, value);
-    }
-    Ok((headers, facts, copy))
-}
-
-/// Emptied containers of heads already relayed, kept per thread for the next head parsed
-/// there: a keep-alive exchange does not allocate and free them each time.
-pub(crate) struct Spares<T> {
-    list: RefCell<Vec<T>>,
-}
-
-/// The most spares of one kind a thread keeps.
-const SPARES: usize = 32;
-
-impl<T> Spares<T> {
-    pub(crate) const fn new() -> Spares<T> {
-        Spares {
-            list: RefCell::new(Vec::new()),
-        }
-    }
-
-    /// A spare, if there is one.
-    pub(crate) fn take(&self) -> Option<T> {
-        self.list.borrow_mut().pop()
-    }
-
-    /// Keeps `item` (emptied by the caller), unless [`SPARES`] are kept already.
-    pub(crate) fn keep(&self, item: T) {
-        let mut list = self.list.borrow_mut();
-        if list.len() < SPARES {
-            list.push(item);
-        }
-    }
-}
-
-/// The most fields a kept header map may have room for.
-const SPARE_MAP_FIELDS: usize = 64;
-
-thread_local! {
-    static MAPS: Spares<HeaderMap> = const { Spares::new() };
-}
-
-/// An empty header map with room for `fields`: a spare one of this thread's, or a new one.
-pub(crate) fn take_map(fields: usize) -> HeaderMap {
-    match MAPS.with(Spares::take) {
-        Some(mut map) => {
-            map.reserve(fields);
-            map
-        }
-        None => HeaderMap::with_capacity(fields),
-    }
-}
-
-/// Gives the header map of a head that has been relayed back to this thread's spares (its
-/// values, slices of the head, are dropped now). A map grown large is freed, and one that
-/// never had room is not kept.
-pub fn give_back_map(mut map: HeaderMap) {
-    if map.capacity() == 0 || map.capacity() > SPARE_MAP_FIELDS {
-        return;
-    }
-    map.clear();
-    MAPS.with(|m| m.keep(map));
 }
 
 /// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
@@ -295,7 +208,7 @@ pub fn write_request_head(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header;
+    use http::header::{self, HeaderValue};
 
     fn parse(s: &str) -> Result<Option<(ResponseHead, usize)>, HeadError> {
         parse_response(s.as_bytes())
@@ -313,28 +226,6 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(body_length(&Method::GET, &head), BodyLength::Known(5));
         assert_eq!(body_length(&Method::HEAD, &head), BodyLength::Empty);
-    }
-
-    #[test]
-    fn a_map_given_back_is_reused_empty() {
-        let (first, _) = parse("HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        let first = first.fields.to_map().unwrap();
-        let table = first.capacity();
-        give_back_map(first);
-        let (second, _) = parse("HTTP/1.1 204 No Content\r\nX-C: 3\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        let second = second.fields.to_map().unwrap();
-        assert_eq!(second.len(), 1);
-        assert_eq!(second["x-c"], "3");
-        assert!(second.capacity() >= table);
-        // A map grown past the bound is not kept.
-        let mut big = HeaderMap::with_capacity(4 * SPARE_MAP_FIELDS);
-        big.insert("x-d", HeaderValue::from_static("4"));
-        give_back_map(big);
-        assert!(take_map(1).capacity() <= SPARE_MAP_FIELDS);
     }
 
     #[test]

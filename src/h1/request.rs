@@ -3,10 +3,9 @@
 //! client" checked: the request line and fields, the head size and field count, and how
 //! long the body is (`Transfer-Encoding` against `Content-Length`, folded lengths, HTTP/1.0).
 
-use http::header::{self, HeaderMap};
 use http::{Method, Uri, Version};
 
-use crate::headers::{Facts, parse_length};
+use crate::headers::{Facts, RawFields, parse_length};
 
 /// The most fields in a request head.
 pub const MAX_REQUEST_FIELDS: usize = 128;
@@ -20,8 +19,8 @@ pub struct RequestHead {
     pub uri: Uri,
     /// `HTTP/1.0` or `HTTP/1.1`.
     pub version: Version,
-    /// The fields, in order.
-    pub headers: HeaderMap,
+    /// The field lines, in order.
+    pub fields: RawFields,
     /// How long the body is.
     pub length: RequestLength,
     /// The connection closes after the response: the client asked (`Connection: close`, or
@@ -98,23 +97,24 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (mut headers, facts, copy) = super::fields(buf, len, req.headers).map_err(bad)?;
+    let mut facts = Facts::default();
+    let mut fields = RawFields::parse(buf, len, req.headers, &mut facts).map_err(bad)?;
     let uri = req
         .path
-        .and_then(|p| super::slice_of(&copy, buf, p.as_bytes()))
+        .and_then(|p| super::slice_of(fields.head(), buf, p.as_bytes()))
         .and_then(|p| Uri::from_maybe_shared(p).ok())
         .ok_or(bad("invalid request target"))?;
-    let (length, by_coding) = request_length(&headers, &facts, version)?;
+    let (length, by_coding) = request_length(&fields, &facts, version)?;
     if by_coding {
         // RFC 9112 §6.3: the chunked coding frames the body, and the length goes.
-        headers.remove(header::CONTENT_LENGTH);
+        fields.remove(b"content-length");
     }
     let close = by_coding || facts.close || (version == Version::HTTP_10 && !facts.keep_alive);
     Ok(Some(RequestHead {
         method,
         uri,
         version,
-        headers,
+        fields,
         length,
         close,
         len,
@@ -124,7 +124,7 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, 
 /// The body length of a request (RFC 9112 §6.3), and whether it was framed by
 /// `Transfer-Encoding` beside a `Content-Length`.
 fn request_length(
-    h: &HeaderMap,
+    h: &RawFields,
     facts: &Facts,
     version: Version,
 ) -> Result<(RequestLength, bool), RequestError> {
@@ -138,9 +138,8 @@ fn request_length(
         }
         // The codings of every line, in order: chunked must be the last, and only once.
         let mut codings = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .all(b"transfer-encoding")
+            .flat_map(|v| v.split(|&b| b == b','))
             .map(<[u8]>::trim_ascii);
         let last = codings.next_back();
         let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
@@ -163,8 +162,8 @@ fn request_length(
     }
     // Content-Length: one decimal value; a list (or lines) of identical values folds to one.
     let mut length: Option<u64> = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for member in v.as_bytes().split(|&b| b == b',') {
+    for v in h.all(b"content-length") {
+        for member in v.split(|&b| b == b',') {
             let n = parse_length(member.trim_ascii()).ok_or(bad("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(bad("differing Content-Length values"));
@@ -199,7 +198,7 @@ mod tests {
         assert_eq!(h.version, Version::HTTP_11);
         assert_eq!(h.len, raw.len() - 3);
         assert_eq!(h.length, RequestLength::Known(3));
-        assert_eq!(h.headers.get_all("x-dup").iter().count(), 2);
+        assert_eq!(h.fields.all(b"x-dup").count(), 2);
         assert!(!h.close);
         assert!(parse("GET / HTTP/1.1\r\nHost: h\r\n").unwrap().is_none());
         assert_eq!(
@@ -282,7 +281,7 @@ mod tests {
         let both = head(
             "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
         );
-        assert!(!both.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(both.fields.get(b"content-length").is_none());
         for bad in [
             "Content-Length: 5, 6\r\n",
             "Content-Length: 5\r\nContent-Length: 6\r\n",

@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 
-use super::raw::RawFields;
+use crate::headers::RawFields;
 use crate::headers::X_REQUEST_ID;
 
 /// How the body of a response is delimited on the client's connection.
@@ -239,5 +239,189 @@ mod tests {
         assert_eq!(chunk_size_line(&mut b, 0), b"0\r\n");
         assert_eq!(chunk_size_line(&mut b, 255), b"ff\r\n");
         assert_eq!(chunk_size_line(&mut b, 0x10000), b"10000\r\n");
+    }
+}
+
+/// A response head written from the upstream's lines, against the same head written from a
+/// header map.
+#[cfg(test)]
+mod from_lines {
+    use super::*;
+    use crate::h1::parse_response;
+    use http::HeaderName;
+
+    /// The head as the client gets it: from the lines, or from the header map the way it
+    /// was always written (hop-by-hop fields stripped by the facts).
+    fn both(raw: &str, set: &[(&str, &str)]) -> (String, String) {
+        let (head, _) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        let mut extra = HeaderMap::new();
+        for (k, v) in set {
+            extra.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut from_lines = BytesMut::new();
+        write_head(
+            &mut from_lines,
+            head.status,
+            Some(&head.fields),
+            &extra,
+            None,
+            Framing::Declared,
+            Persist::Default,
+        );
+        let mut map = head.fields.to_map().unwrap();
+        crate::headers::strip_known(&mut map, &head.facts, false);
+        for (k, v) in &extra {
+            map.insert(k.clone(), v.clone());
+        }
+        let mut from_map = BytesMut::new();
+        write_head(
+            &mut from_map,
+            head.status,
+            None,
+            &map,
+            None,
+            Framing::Declared,
+            Persist::Default,
+        );
+        (
+            String::from_utf8(from_lines.to_vec()).unwrap(),
+            String::from_utf8(from_map.to_vec()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn lines_are_written_as_the_header_map_was() {
+        // The same lines, in the order the response gave them; a header map keeps only
+        // the order of each name's values. The `date` line the proxy adds may differ.
+        let lines = |s: &str| {
+            let mut l: Vec<String> = s
+                .split("\r\n")
+                .map(|l| {
+                    if l.starts_with("date: ") {
+                        "date".into()
+                    } else {
+                        l.into()
+                    }
+                })
+                .collect();
+            l.sort_by(|a, b| a.split(':').next().cmp(&b.split(':').next()));
+            l
+        };
+        for raw in [
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n\
+             Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\
+             X-Upstream: b1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nX-Empty:\r\n\
+             Keep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            // Every hop-by-hop field, and the names `Connection` lists (in any case).
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Secret, Upgrade\r\nx-secret: 1\r\n\
+             X-SECRET: 2\r\nClose: c\r\nProxy-Connection: x\r\nTE: trailers\r\n\
+             Trailer: x\r\nUpgrade: h2c\r\nX-Kept: k\r\nContent-Length: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: a\r\nConnection: b\r\nA: 1\r\nB: 2\r\nC: 3\r\n\
+             Content-Length: 1\r\n\r\n",
+            // Lines not written as `name: value` CRLF: other white space, a bare LF.
+            "HTTP/1.1 200 OK\nX-A:   spaced\t\nX-B:b\r\nX-C: c\r\nContent-Length: 1\n\n",
+        ] {
+            let (from_lines, from_map) = both(raw, &[]);
+            assert_eq!(lines(&from_lines), lines(&from_map), "{raw}");
+            assert!(
+                !from_lines.contains("eep-alive") && !from_lines.contains("secret"),
+                "{from_lines}"
+            );
+            assert!(
+                !from_lines.replace("\r\n", "").contains('\n'),
+                "bare LF: {from_lines:?}"
+            );
+            // As the response ordered them.
+            let kept: Vec<&str> = raw
+                .split('\n')
+                .filter_map(|l| l.split(':').next())
+                .map(str::trim)
+                .filter(|n| from_lines.contains(&format!("\r\n{}:", n.to_ascii_lowercase())))
+                .collect();
+            let written: Vec<&str> = from_lines
+                .split("\r\n")
+                .skip(1)
+                .filter_map(|l| l.split(':').next())
+                .filter(|n| !n.is_empty() && (*n != "date" || raw.contains("Date:")))
+                .collect();
+            assert_eq!(
+                kept.iter()
+                    .map(|n| n.to_ascii_lowercase())
+                    .collect::<Vec<_>>(),
+                written,
+                "{from_lines}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_date_or_length_that_connection_lists_is_not_claimed() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: Date, content-length\r\n\
+                   Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Length: 2\r\n\r\n";
+        let (head, _) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        assert!(!head.fields.has_date() && !head.fields.has_length());
+        let (from_lines, _) = both(raw, &[]);
+        assert!(!from_lines.contains("1970") && !from_lines.contains("content-length"));
+        // The proxy's own date stands in, as for a head without one.
+        assert!(from_lines.contains("\r\ndate: "), "{from_lines}");
+    }
+
+    #[test]
+    fn a_field_the_proxy_sets_replaces_the_responses() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Request-Id: theirs\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n";
+        let (lines, _) = both(raw, &[("x-request-id", "ours")]);
+        assert!(lines.contains("x-a: 1\r\n"), "{lines}");
+        assert!(lines.contains("x-request-id: ours\r\n"), "{lines}");
+        assert!(!lines.contains("theirs"), "{lines}");
+    }
+
+    #[test]
+    fn the_requests_id_as_a_line_replaces_the_responses_from_lines_and_from_a_map() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Request-Id: upstream\r\nA: 1\r\nContent-Length: 0\r\n\r\n";
+        let (head, _) = parse_response(raw.as_bytes()).unwrap().unwrap();
+        let id = http::HeaderValue::from_static("ours");
+        let mut from_lines = BytesMut::new();
+        write_head(
+            &mut from_lines,
+            head.status,
+            Some(&head.fields),
+            &HeaderMap::new(),
+            Some(&id),
+            Framing::Declared,
+            Persist::Default,
+        );
+        let mut from_map = BytesMut::new();
+        write_head(
+            &mut from_map,
+            head.status,
+            None,
+            &head.fields.to_map().unwrap(),
+            Some(&id),
+            Framing::Declared,
+            Persist::Default,
+        );
+        for out in [from_lines, from_map] {
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            assert_eq!(text.matches("x-request-id: ").count(), 1, "{text}");
+            assert!(text.contains("x-request-id: ours\r\n"), "{text}");
+            assert!(text.contains("a: 1\r\n"), "{text}");
+        }
+    }
+
+    #[test]
+    fn notes_date_and_length_and_refuses_control_characters() {
+        let (head, _) = parse_response(b"HTTP/1.1 204 No Content\r\nDATE: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.fields.has_date() && !head.fields.has_length());
+        let (head, _) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!head.fields.has_date() && head.fields.has_length());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n").is_err());
     }
 }

@@ -6,8 +6,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderName;
 use ipnet::IpNet;
+
+use super::RawFields;
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -43,19 +45,19 @@ fn parse_xff_entry(s: &str) -> Option<IpAddr> {
 
 /// The client IP: the peer, unless the peer is a trusted proxy, in which case the right-most
 /// `X-Forwarded-For` address that is not itself trusted (the left-most when all are).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_ip(peer: IpAddr, fields: &RawFields, trusted: &[IpNet]) -> IpAddr {
     let peer = canonical(peer);
     if !is_trusted(peer, trusted) {
         return peer;
     }
     let mut candidate = peer;
-    // Header lines in order, entries right to left.
-    let lines: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    for line in lines.iter().rev() {
+    // Header lines right to left, entries right to left; a line with other than visible
+    // ASCII is passed over.
+    let lines = fields
+        .all(b"x-forwarded-for")
+        .rev()
+        .filter_map(|v| std::str::from_utf8(v).ok().filter(|v| v.is_ascii()));
+    for line in lines {
         for entry in line.rsplit(',') {
             match parse_xff_entry(entry) {
                 Some(ip) => {
@@ -91,7 +93,7 @@ pub(super) fn push_forwarded_element(
     buf: &mut BytesMut,
     peer: &IpText,
     proto: &str,
-    host: Option<&HeaderValue>,
+    host: Option<&[u8]>,
 ) {
     if peer.v6 {
         // RFC 7239 §6: an IPv6 node is bracketed, and since `[` and `:` are not token
@@ -105,7 +107,7 @@ pub(super) fn push_forwarded_element(
     }
     buf.extend_from_slice(b";proto=");
     buf.extend_from_slice(proto.as_bytes());
-    if let Some(host) = host.map(HeaderValue::as_bytes).filter(|h| !h.is_empty()) {
+    if let Some(host) = host.filter(|h| !h.is_empty()) {
         buf.extend_from_slice(b";host=");
         push_token_or_quoted(buf, host);
     }
@@ -226,8 +228,9 @@ pub(super) fn is_underscore_spelling(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::tests::h;
+    use crate::headers::tests::{h, lines};
     use crate::headers::upstream::tests::written;
+    use http::{HeaderMap, HeaderValue};
 
     /// The forwarded fields as they go upstream, in place of the client's.
     fn set_forwarded(m: &mut HeaderMap, o: &Origin, host: Option<&HeaderValue>) {
@@ -246,7 +249,7 @@ mod tests {
     fn client_ip_from_untrusted_peer_ignores_xff() {
         let headers = h(&[("x-forwarded-for", "6.6.6.6")]);
         assert_eq!(
-            client_ip(ip("1.2.3.4"), &headers, &nets(&["10.0.0.0/8"])),
+            client_ip(ip("1.2.3.4"), &lines(&headers), &nets(&["10.0.0.0/8"])),
             ip("1.2.3.4")
         );
     }
@@ -255,18 +258,30 @@ mod tests {
     fn client_ip_from_trusted_peer_is_rightmost_untrusted() {
         let t = nets(&["10.0.0.0/8"]);
         let headers = h(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("1.2.3.4"));
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &lines(&headers), &t),
+            ip("1.2.3.4")
+        );
         let headers = h(&[("x-forwarded-for", "10.0.0.3, 10.0.0.2")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("10.0.0.3"));
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &lines(&headers), &t),
+            ip("10.0.0.3")
+        );
         let headers = h(&[
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2:5000"),
         ]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("2.2.2.2"));
-        let headers = h(&[("x-forwarded-for", "1.1.1.1, garbage, 10.0.0.9")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &headers, &t), ip("10.0.0.9"));
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &t),
+            client_ip(ip("10.0.0.1"), &lines(&headers), &t),
+            ip("2.2.2.2")
+        );
+        let headers = h(&[("x-forwarded-for", "1.1.1.1, garbage, 10.0.0.9")]);
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &lines(&headers), &t),
+            ip("10.0.0.9")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &lines(&HeaderMap::new()), &t),
             ip("10.0.0.1")
         );
     }

@@ -3,6 +3,8 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::RawFields;
+
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -42,7 +44,13 @@ impl HeaderRules {
     /// Whether a field of this name is replaced or removed by the rules: the client's (or
     /// fairway's) own is then left out.
     pub fn overrides(&self, name: &HeaderName) -> bool {
-        self.remove.contains(name) || self.set.iter().any(|(n, _)| n == name)
+        self.overrides_name(name.as_str().as_bytes())
+    }
+
+    /// [`HeaderRules::overrides`], for a name in lower case.
+    pub fn overrides_name(&self, name: &[u8]) -> bool {
+        let is = |n: &HeaderName| n.as_str().as_bytes() == name;
+        self.remove.iter().any(is) || self.set.iter().any(|(n, _)| is(n))
     }
 
     /// Applies the rules to a message's fields.
@@ -58,15 +66,14 @@ impl HeaderRules {
 
 /// The request ID to forward: the one a trusted peer sent when it is 1–128 visible ASCII
 /// characters (CONTRACT §8 `request_id`), else a new one.
-pub fn request_id(headers: &HeaderMap, trusted: bool) -> HeaderValue {
-    if trusted {
-        let mut sent = headers.get_all(&X_REQUEST_ID).iter();
-        if let (Some(v), None) = (sent.next(), sent.next()) {
-            let b = v.as_bytes();
-            if (1..=128).contains(&b.len()) && b.iter().all(|c| (0x21..=0x7e).contains(c)) {
-                return v.clone();
-            }
-        }
+pub fn request_id(fields: &RawFields, trusted: bool) -> HeaderValue {
+    if trusted
+        && let Some(v) = fields.only(b"x-request-id")
+        && (1..=128).contains(&v.len())
+        && v.iter().all(|c| (0x21..=0x7e).contains(c))
+        && let Ok(v) = HeaderValue::from_maybe_shared(v)
+    {
+        return v;
     }
     new_request_id()
 }
@@ -127,6 +134,8 @@ mod tests {
 
     #[test]
     fn an_id_is_kept_only_from_a_trusted_peer_and_only_when_well_formed() {
+        let request_id =
+            |h: &HeaderMap, trusted| request_id(&crate::headers::tests::lines(h), trusted);
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&h, true), "abc-123");

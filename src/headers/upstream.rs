@@ -3,18 +3,18 @@
 //! name it lists, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
 //! `Upgrade` unless a WebSocket upgrade goes through), the underscore spellings of forwarded
 //! fields and the forwarded fields fairway replaces; then fairway's own fields. The client's
-//! header map is read, never changed: no field is removed from it or inserted into it.
+//! lines are read, never changed: no field is removed from them or inserted into them.
 
 use bytes::{BufMut, BytesMut};
 use http::Method;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 
+use super::RawFields;
 use super::forwarded::{
     IpText, Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, canonical,
     is_underscore_spelling, push_forwarded_element, put_ip,
 };
 use super::rules::{HeaderRules, X_REQUEST_ID};
-use super::{KEEP_ALIVE, Listed, PROXY_CONNECTION};
 
 /// A request head to write upstream.
 pub struct UpstreamRequest<'a> {
@@ -22,13 +22,13 @@ pub struct UpstreamRequest<'a> {
     pub method: &'a Method,
     /// The request target in origin form.
     pub target: &'a str,
-    /// The client's fields.
-    pub headers: &'a HeaderMap,
+    /// The client's field lines.
+    pub fields: &'a RawFields,
     /// Who asked, through what.
     pub origin: &'a Origin,
     /// The `Host` the client asked for (its `Host`, or HTTP/2's `:authority`, or the
     /// authority of an absolute-form target).
-    pub host: Option<&'a HeaderValue>,
+    pub host: Option<&'a [u8]>,
     /// `host` is an absolute-form target's authority: it replaces the client's `Host`
     /// (RFC 9112 §3.2.2).
     pub host_from_target: bool,
@@ -45,78 +45,59 @@ pub struct UpstreamRequest<'a> {
     pub rules: Option<&'a HeaderRules>,
 }
 
-/// Whether `name` is hop-by-hop by definition.
-fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
-    *name == header::CONNECTION
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || (*name == header::UPGRADE && !upgrade)
-}
-
 /// Writes the head of `r` to `out`, in origin form, for HTTP/1.1; returns whether the body
 /// goes out chunked (it has one, and no `Content-Length` to frame it).
 pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool {
-    let h = r.headers;
+    let h = r.fields;
+    // Hop-by-hop lines (by definition, or named by `Connection`) are marked as parsed; the
+    // fields the rewrite asks about count only when not among them.
     let sent = Sent::of(h);
-    let listed = if sent.has(&header::CONNECTION) {
-        Listed::of(h)
-    } else {
-        Listed::default()
-    };
-    // A field the client sent that goes on (before fairway's own are considered).
-    let passes = |name: &HeaderName| {
-        !is_hop_by_hop(name, r.upgrade)
-            && !listed.lists(name)
-            && !is_underscore_spelling(name.as_str().as_bytes())
-    };
-    let present = |name: &HeaderName| sent.has(name) && !listed.lists(name);
     let o = r.origin;
     // From a trusted peer, the forwarded fields it set are kept (X-Forwarded-For and
     // Forwarded get this hop appended); from any other, all are replaced.
-    let keep = |name: &HeaderName| o.trusted && present(name);
-    let keep_proto = keep(&X_FORWARDED_PROTO);
-    let keep_host = keep(&X_FORWARDED_HOST);
-    let keep_real_ip = keep(&X_REAL_IP);
+    let keep_proto = o.trusted && sent.has(Sent::X_FORWARDED_PROTO);
+    let keep_host = o.trusted && sent.has(Sent::X_FORWARDED_HOST);
+    let keep_real_ip = o.trusted && sent.has(Sent::X_REAL_IP);
     let join_cookies = r.http2
-        && present(&header::COOKIE)
-        && h.get_all(header::COOKIE).iter().nth(1).is_some()
+        && sent.has(Sent::COOKIE)
+        && h.all(b"cookie").nth(1).is_some()
         && !r
             .rules
             .is_some_and(|rules| rules.overrides(&header::COOKIE));
-    let has_host = present(&header::HOST) && !r.host_from_target;
+    let has_host = sent.has(Sent::HOST) && !r.host_from_target;
     // A field of fairway's own that the route's rules remove.
     let removed = |name: &HeaderName| r.rules.is_some_and(|rules| rules.remove.contains(name));
-    let chunked = r.has_body && !present(&header::CONTENT_LENGTH);
+    let chunked = r.has_body && !sent.has(Sent::CONTENT_LENGTH);
 
-    let size = h.iter().fold(
-        r.method.as_str().len() + r.target.len() + 256,
-        |n, (k, v)| n + k.as_str().len() + v.len() + 4,
-    ) + r.host.map_or(0, |v| 3 * v.len());
-    out.reserve(size);
+    out.reserve(
+        r.method.as_str().len()
+            + r.target.len()
+            + h.head().len()
+            + 256
+            + r.host.map_or(0, |v| 3 * v.len()),
+    );
     out.put_slice(r.method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(r.target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in h {
-        let replaced = *name == X_FORWARDED_FOR
-            || *name == header::FORWARDED
-            || (*name == X_FORWARDED_PROTO && !keep_proto)
-            || (*name == X_FORWARDED_HOST && !keep_host)
-            || (*name == X_REAL_IP && !keep_real_ip)
-            || (join_cookies && *name == header::COOKIE)
-            || (r.host_from_target && *name == header::HOST)
-            || (r.request_id.is_some() && *name == X_REQUEST_ID)
-            || r.rules.is_some_and(|rules| rules.overrides(name));
-        if replaced || !passes(name) {
-            continue;
-        }
-        field(out, name.as_str(), value.as_bytes());
-    }
+    // The client's lines that go on: not hop-by-hop (an `Upgrade` of a WebSocket upgrade
+    // aside), not an underscore spelling of a forwarded field, not one fairway replaces.
+    h.write_where(out, |f| {
+        let name = f.name;
+        let replaced = match name {
+            b"x-forwarded-for" | b"forwarded" => true,
+            b"x-forwarded-proto" => !keep_proto,
+            b"x-forwarded-host" => !keep_host,
+            b"x-real-ip" => !keep_real_ip,
+            b"cookie" => join_cookies,
+            b"host" => r.host_from_target,
+            b"x-request-id" => r.request_id.is_some(),
+            _ => false,
+        } || r.rules.is_some_and(|rules| rules.overrides_name(name));
+        !replaced && (!f.hop || (r.upgrade && name == b"upgrade")) && !is_underscore_spelling(name)
+    });
     if !has_host && let Some(host) = r.host {
-        field(out, "host", host.as_bytes());
+        field(out, "host", host);
     }
     if r.upgrade {
         field(out, "connection", b"upgrade");
@@ -124,12 +105,12 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     if join_cookies {
         out.put_slice(b"cookie: ");
         let mut first = true;
-        for v in h.get_all(header::COOKIE).iter().filter(|v| !v.is_empty()) {
+        for v in h.all(b"cookie").filter(|v| !v.is_empty()) {
             if !first {
                 out.put_slice(b"; ");
             }
             first = false;
-            out.put_slice(v.as_bytes());
+            out.put_slice(v);
         }
         out.put_slice(b"\r\n");
     }
@@ -138,7 +119,10 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     // X-Forwarded-For: what a trusted peer sent, then this hop's peer.
     if !removed(&X_FORWARDED_FOR) {
         out.put_slice(b"x-forwarded-for: ");
-        if o.trusted && present(&X_FORWARDED_FOR) && join_values(out, h, &X_FORWARDED_FOR) {
+        if o.trusted
+            && sent.has(Sent::X_FORWARDED_FOR)
+            && join_values(out, h.all(b"x-forwarded-for"))
+        {
             out.put_slice(b", ");
         }
         out.put_slice(peer.as_bytes());
@@ -151,7 +135,7 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
         && !removed(&X_FORWARDED_HOST)
         && let Some(host) = r.host
     {
-        field(out, "x-forwarded-host", host.as_bytes());
+        field(out, "x-forwarded-host", host);
     }
     if !keep_real_ip && !removed(&X_REAL_IP) {
         out.put_slice(b"x-real-ip: ");
@@ -165,7 +149,7 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     // Forwarded (RFC 7239): the same, as one list of elements.
     if !removed(&header::FORWARDED) {
         out.put_slice(b"forwarded: ");
-        if o.trusted && present(&header::FORWARDED) && join_values(out, h, &header::FORWARDED) {
+        if o.trusted && sent.has(Sent::FORWARDED) && join_values(out, h.all(b"forwarded")) {
             out.put_slice(b", ");
         }
         push_forwarded_element(out, &peer, o.proto, r.host);
@@ -189,40 +173,41 @@ pub fn write_upstream_head(out: &mut BytesMut, r: &UpstreamRequest<'_>) -> bool 
     chunked
 }
 
-/// Which of the fields the rewrite asks about the client sent, noted in one pass over the
-/// names of its map instead of a lookup each.
+/// Which of the fields the rewrite asks about the client sent (not as hop-by-hop lines),
+/// noted in one pass over the lines instead of a search each.
 #[derive(Default)]
-struct Sent(u16);
+struct Sent(u8);
 
 impl Sent {
-    fn of(h: &HeaderMap) -> Sent {
-        let mut bits = 0u16;
-        for name in h.keys() {
-            bits |= Sent::bit(name.as_str());
+    const HOST: u8 = 1;
+    const CONTENT_LENGTH: u8 = 1 << 1;
+    const COOKIE: u8 = 1 << 2;
+    const FORWARDED: u8 = 1 << 3;
+    const X_FORWARDED_FOR: u8 = 1 << 4;
+    const X_FORWARDED_PROTO: u8 = 1 << 5;
+    const X_FORWARDED_HOST: u8 = 1 << 6;
+    const X_REAL_IP: u8 = 1 << 7;
+
+    fn of(h: &RawFields) -> Sent {
+        let mut bits = 0u8;
+        for f in h.iter().filter(|f| !f.hop) {
+            bits |= match f.name {
+                b"host" => Sent::HOST,
+                b"content-length" => Sent::CONTENT_LENGTH,
+                b"cookie" => Sent::COOKIE,
+                b"forwarded" => Sent::FORWARDED,
+                b"x-forwarded-for" => Sent::X_FORWARDED_FOR,
+                b"x-forwarded-proto" => Sent::X_FORWARDED_PROTO,
+                b"x-forwarded-host" => Sent::X_FORWARDED_HOST,
+                b"x-real-ip" => Sent::X_REAL_IP,
+                _ => 0,
+            };
         }
         Sent(bits)
     }
 
-    /// The bit of a field the rewrite asks about (a name in lower case); 0 for any other.
-    fn bit(name: &str) -> u16 {
-        match name {
-            "host" => 1,
-            "content-length" => 1 << 1,
-            "connection" => 1 << 2,
-            "cookie" => 1 << 3,
-            "forwarded" => 1 << 4,
-            "x-forwarded-for" => 1 << 5,
-            "x-forwarded-proto" => 1 << 6,
-            "x-forwarded-host" => 1 << 7,
-            "x-real-ip" => 1 << 8,
-            _ => 0,
-        }
-    }
-
-    /// Whether `name`, one of the fields the rewrite asks about, was sent.
-    fn has(&self, name: &HeaderName) -> bool {
-        let bit = Sent::bit(name.as_str());
-        debug_assert!(bit != 0, "{name} is not noted");
+    /// Whether the field of `bit` was sent.
+    fn has(&self, bit: u8) -> bool {
         self.0 & bit != 0
     }
 }
@@ -234,12 +219,12 @@ fn field(out: &mut BytesMut, name: &str, value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-/// Writes every value of `name`, trimmed, empty ones skipped, joined with `, ` (several field
-/// lines of a list-based field are one list, RFC 9110 §5.3); whether any was written.
-fn join_values(out: &mut BytesMut, h: &HeaderMap, name: &HeaderName) -> bool {
+/// Writes the `values` of one field, trimmed, empty ones skipped, joined with `, ` (several
+/// field lines of a list-based field are one list, RFC 9110 §5.3); whether any was written.
+fn join_values<'a>(out: &mut BytesMut, values: impl Iterator<Item = &'a [u8]>) -> bool {
     let mut any = false;
-    for v in h.get_all(name) {
-        let v = v.as_bytes().trim_ascii();
+    for v in values {
+        let v = v.trim_ascii();
         if v.is_empty() {
             continue;
         }
@@ -255,7 +240,8 @@ fn join_values(out: &mut BytesMut, h: &HeaderMap, name: &HeaderName) -> bool {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::headers::tests::h;
+    use crate::headers::tests::{h, lines};
+    use http::HeaderMap;
 
     pub(in crate::headers) fn origin(peer: &str, trusted: bool) -> Origin {
         Origin {
@@ -281,9 +267,9 @@ pub(super) mod tests {
             &UpstreamRequest {
                 method: &Method::POST,
                 target: "/t?q=1",
-                headers,
+                fields: &lines(headers),
                 origin,
-                host,
+                host: host.map(HeaderValue::as_bytes),
                 host_from_target: false,
                 upgrade,
                 http2,

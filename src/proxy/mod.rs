@@ -18,7 +18,7 @@ use crate::body::{Body, Exchange, UpstreamBody};
 use crate::client::Sent;
 use crate::context::{ConnInfo, Context};
 use crate::error::ProxyError;
-use crate::headers::{self, Origin};
+use crate::headers::{self, Origin, RawFields};
 use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{ActiveGuard, Server};
@@ -50,24 +50,53 @@ pub struct Trace {
     pub id_as_line: bool,
 }
 
+/// A client's request as the proxy handles it: an HTTP/1.x head's field lines as they came,
+/// or an HTTP/2 request's fields as lines.
+pub struct ClientRequest {
+    /// The method.
+    pub method: Method,
+    /// The request target (HTTP/2: built from the pseudo-header fields).
+    pub uri: Uri,
+    /// The client's HTTP version.
+    pub version: Version,
+    /// The field lines.
+    pub fields: RawFields,
+    /// The body.
+    pub body: Inbound,
+}
+
+impl ClientRequest {
+    /// An HTTP/2 request's head and body, its fields made lines.
+    pub fn from_h2(parts: http::request::Parts, body: Inbound) -> ClientRequest {
+        let fields = RawFields::from_map(&parts.headers, &mut headers::Facts::default());
+        ClientRequest {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            fields,
+            body,
+        }
+    }
+}
+
 /// Answers one client request (its head, `head_bytes` long as [`head_size`] counts it,
 /// arrived at `start`). Never fails: errors become the contract's status codes. Counts the
 /// response in the metrics. The request stays the caller's: what goes upstream (its body,
 /// fields and method) is taken out of it, and what is left is the caller's to drop.
 pub async fn handle(
     rt: &Runtime,
-    req: &mut Request<Inbound>,
+    req: &mut ClientRequest,
     head_bytes: usize,
     conn: &ConnInfo,
     ctx: &Arc<Context>,
     start: Instant,
     trace: &mut Trace,
 ) -> Response<Body> {
-    let method = req.method().clone();
+    let method = req.method.clone();
     // Whether the peer's forwarded fields (and request ID) are believed: decided once.
     let trusted = headers::is_trusted(conn.peer.ip(), &rt.trusted);
     if rt.settings.request_id {
-        trace.request_id = Some(headers::request_id(req.headers(), trusted));
+        trace.request_id = Some(headers::request_id(&req.fields, trusted));
     }
     let mut resp = match forward(rt, req, head_bytes, conn, trusted, ctx, trace).await {
         Ok(resp) => resp,
@@ -136,10 +165,8 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
         .fold(line + 2, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
+fn content_length(fields: &RawFields) -> Option<u64> {
+    std::str::from_utf8(fields.get(b"content-length")?)
         .ok()?
         .trim()
         .parse()
@@ -148,7 +175,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 async fn forward(
     rt: &Runtime,
-    req: &mut Request<Inbound>,
+    req: &mut ClientRequest,
     head_bytes: usize,
     conn: &ConnInfo,
     trusted: bool,
@@ -160,16 +187,18 @@ async fn forward(
     }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; two could make the route
     // and the application disagree on the host.
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host_field = hosts.next();
-    match (host_field, hosts.next()) {
+    let (host_field, another) = {
+        let mut hosts = req.fields.all(b"host");
+        (hosts.next(), hosts.next())
+    };
+    match (host_field, another) {
         (_, Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
-        (None, None) if req.version() == Version::HTTP_11 => {
+        (None, None) if req.version == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
         }
         // RFC 9113 §8.3.1: HTTP/2 carries the authority in `:authority` (or `Host`); with
         // neither, there is no Host for the HTTP/1.1 request upstream (RFC 9112 §3.2).
-        (None, None) if req.version() == Version::HTTP_2 && req.uri().authority().is_none() => {
+        (None, None) if req.version == Version::HTTP_2 && req.uri.authority().is_none() => {
             return Err(ProxyError::BadRequest(
                 "HTTP/2 request without :authority or Host",
             ));
@@ -179,27 +208,25 @@ async fn forward(
     // CONTRACT §3: Host is kept as the client sent it; HTTP/2 carries it as :authority.
     // An HTTP/1.x absolute-form target's authority wins over Host (RFC 9112 §3.2.2): it is
     // what is routed and what the upstream gets, so the two cannot disagree.
-    let target_authority = (req.version() != Version::HTTP_2)
-        .then(|| req.uri().authority())
+    let target_authority = (req.version != Version::HTTP_2)
+        .then(|| req.uri.authority())
         .flatten()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        .map(|a| a.as_str().as_bytes());
     let host_from_target = target_authority.is_some();
-    let host_value: Option<HeaderValue> = match (target_authority, host_field) {
+    let host_value: Option<&[u8]> = match (target_authority, host_field) {
         (Some(a), _) => Some(a),
-        (None, Some(h)) => Some(h.clone()),
-        (None, None) => req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        (None, Some(h)) => Some(h),
+        (None, None) => req.uri.authority().map(|a| a.as_str().as_bytes()),
     };
+    // Visible ASCII only, as a field value's text.
     let host = host_value
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .filter(|v| v.is_ascii())
         .map(route::host_only)
         .unwrap_or("");
     let routed = rt
         .routes
-        .route(host, req.uri().path())
+        .route(host, req.uri.path())
         .map_err(|e| ProxyError::BadRequest(e.reason()))?
         .ok_or(ProxyError::NoRoute)?;
     let index = routed.upstream;
@@ -221,7 +248,7 @@ async fn forward(
 
     // The declared length is looked up only when there is a limit to hold it to.
     if let Some(max) = rt.settings.max_body_bytes
-        && let Some(len) = content_length(req.headers())
+        && let Some(len) = content_length(&req.fields)
         && len > max
     {
         return Err(ProxyError::BodyTooLarge);
@@ -229,13 +256,13 @@ async fn forward(
 
     let peer = conn.peer.ip();
     let client_ip = if trusted {
-        headers::client_ip(peer, req.headers(), &rt.trusted)
+        headers::client_ip(peer, &req.fields, &rt.trusted)
     } else {
         peer
     };
     trace.client_ip = Some(client_ip);
     if let Some(limit) = policy.and_then(|p| p.rate_limit.as_ref())
-        && let Err(wait) = limit.check(client_ip, req.headers())
+        && let Err(wait) = limit.check(client_ip, &req.fields)
     {
         upstream.metrics.rate_limited.inc();
         return Err(ProxyError::RateLimited(crate::limit::retry_after_secs(
@@ -245,27 +272,26 @@ async fn forward(
     // The server a sticky cookie names: `Some(None)` when the cookie names none of this
     // snapshot's servers.
     let sticky = upstream.sticky.as_ref().and_then(|s| {
-        crate::sticky::cookie_value(req.headers(), &s.cookie.cookie).map(|v| s.member(v))
+        crate::sticky::cookie_value(&req.fields, &s.cookie.cookie).map(|v| s.member(v))
     });
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    let upgrade = req.version == Version::HTTP_11 && headers::is_upgrade_request(&req.fields);
     // The encoding the response may get, if it turns out eligible (CONTRACT §8).
     let encode = policy
         .map_or(rt.compression.as_ref(), |p| p.compression.as_ref())
         .and_then(|c| {
-            let accept = req.headers().get_all(header::ACCEPT_ENCODING).iter();
-            let algorithm =
-                crate::compress::negotiate(accept.map(|v| v.as_bytes()), &c.algorithms)?;
+            let accept = req.fields.all(b"accept-encoding");
+            let algorithm = crate::compress::negotiate(accept, &c.algorithms)?;
             Some(Encode {
                 algorithm,
                 settings: c,
-                head: req.method() == Method::HEAD,
+                head: req.method == Method::HEAD,
             })
         });
 
     // The request stays with the caller (moved through each call, its few hundred bytes
     // would be copied each time); what goes on is taken from it.
-    let body = std::mem::replace(req.body_mut(), Inbound::Empty);
-    let version = req.version();
+    let body = std::mem::replace(&mut req.body, Inbound::Empty);
+    let version = req.version;
     let as_lines =
         version != Version::HTTP_2 && policy.and_then(|p| p.response_headers.as_ref()).is_none();
     let origin = Origin {
@@ -274,7 +300,7 @@ async fn forward(
         trusted,
         proto: conn.proto,
     };
-    let target = origin_form(req.uri(), routed_path.as_deref())?;
+    let target = origin_form(&req.uri, routed_path.as_deref())?;
 
     // A body's progress is followed (request_timeout, early responses, the client's
     // faults); an empty body can be sent again instead.
@@ -285,7 +311,7 @@ async fn forward(
         Some(p) => {
             // An HTTP/1.x body in chunked coding: its framing overhead is bounded.
             let chunked =
-                version != Version::HTTP_2 && req.headers().contains_key(header::TRANSFER_ENCODING);
+                version != Version::HTTP_2 && req.fields.get(b"transfer-encoding").is_some();
             RequestBody::Client(Box::new(ClientBody::new(
                 body,
                 rt.settings.max_body_bytes,
@@ -304,11 +330,11 @@ async fn forward(
     let chunked = headers::write_upstream_head(
         &mut bytes,
         &headers::UpstreamRequest {
-            method: req.method(),
+            method: &req.method,
             target: &target,
-            headers: req.headers(),
+            fields: &req.fields,
             origin: &origin,
-            host: host_value.as_ref(),
+            host: host_value,
             host_from_target,
             upgrade,
             http2: version == Version::HTTP_2,
@@ -317,10 +343,11 @@ async fn forward(
             rules: policy.and_then(|p| p.request_headers.as_ref()),
         },
     );
-    // The client's fields are all in the head written: their map goes back to be reused.
-    crate::h1::give_back_map(std::mem::take(req.headers_mut()));
+    // The client's fields are all in the head written: their line list goes back to be
+    // reused.
+    drop(std::mem::take(&mut req.fields));
     let head = Head {
-        method: std::mem::take(req.method_mut()),
+        method: std::mem::take(&mut req.method),
         bytes,
         chunked,
     };
