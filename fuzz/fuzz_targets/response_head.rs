@@ -55,10 +55,11 @@ fuzz_target!(|data: &[u8]| {
         head.status,
         Some(&head.fields),
         &none,
+        None,
         framing,
         persist,
     );
-    write_head(&mut b, head.status, None, &stripped, framing, persist);
+    write_head(&mut b, head.status, None, &stripped, None, framing, persist);
     // The `date` the proxy adds when there is none is left out: a second may pass between.
     let lines = |w: &[u8]| {
         let mut l: Vec<Vec<u8>> = w
