@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, RawWakerVTable, Waker};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -95,10 +95,24 @@ pub fn fast_random() -> u64 {
 
 /// One lazily armed timer per connection: it is reset only when a deadline comes earlier
 /// than the one it is set to, or after it fired, so a busy keep-alive connection does not
-/// touch the timer wheel per request. Armed on first use.
+/// touch the timer wheel per request. Armed on first use. A poll by the task that polled it
+/// last, while it has not fired, returns at once: the wake-up is registered already (if it
+/// fires right after, it wakes that task, which polls again).
 #[derive(Default)]
 pub struct LazyTimer {
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the armed timer was last polled with, as its data and vtable addresses,
+    /// until it is reset or fires.
+    polled_by: Option<(usize, usize)>,
+}
+
+/// Which task a waker wakes, as far as it can be told cheaply: a waker with the same data
+/// and vtable wakes the same task.
+fn waker_id(w: &Waker) -> (usize, usize) {
+    (
+        w.data() as usize,
+        std::ptr::from_ref::<RawWakerVTable>(w.vtable()) as usize,
+    )
 }
 
 impl LazyTimer {
@@ -106,20 +120,29 @@ impl LazyTimer {
     /// only when the timer has fired.
     pub fn poll_until(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         let s = match &mut self.sleep {
-            None => self
-                .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => {
+                self.polled_by = None;
+                self.sleep
+                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
+            }
             Some(s) => {
                 if s.deadline() > deadline {
                     s.as_mut().reset(deadline);
+                    self.polled_by = None;
                 }
                 s
             }
         };
+        let by = waker_id(cx.waker());
+        if self.polled_by == Some(by) && !s.is_elapsed() {
+            return Poll::Pending;
+        }
         loop {
             if s.as_mut().poll(cx).is_pending() {
+                self.polled_by = Some(by);
                 return Poll::Pending;
             }
+            self.polled_by = None;
             // It fired at its deadline: `deadline` has passed if it is no later; else the
             // timer is set again for `deadline`.
             if s.deadline() >= deadline || deadline <= Instant::now() {
@@ -173,5 +196,82 @@ mod tests {
         let after = now();
         past(after);
         assert!(now() > after, "the reading ends with the poll");
+    }
+
+    /// Polls `timer` for `deadline` once, with the waker of `count`.
+    fn poll_once(
+        timer: &mut LazyTimer,
+        count: &std::sync::Arc<Counter>,
+        deadline: Instant,
+    ) -> Poll<()> {
+        let waker = Waker::from(std::sync::Arc::clone(count));
+        timer.poll_until(&mut Context::from_waker(&waker), deadline)
+    }
+
+    #[derive(Default)]
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Counter {
+        fn woken(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Waits, without polling the timer, until `count` has been woken.
+    async fn woken(count: &Counter) {
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while count.woken() == 0 {
+            assert!(Instant::now() < give_up, "the timer never woke its task");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lazy_timer_wakes_its_task_though_polled_again_before_its_deadline() {
+        let count = std::sync::Arc::new(Counter::default());
+        let mut timer = LazyTimer::default();
+        let deadline = Instant::now() + Duration::from_millis(30);
+        // Polled again and again by the same task before the deadline: still armed.
+        for _ in 0..3 {
+            assert!(poll_once(&mut timer, &count, deadline).is_pending());
+        }
+        woken(&count).await;
+        assert!(Instant::now() >= deadline);
+        assert!(poll_once(&mut timer, &count, deadline).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_timer_polled_by_another_task_wakes_that_one() {
+        let (first, second) = (
+            std::sync::Arc::new(Counter::default()),
+            std::sync::Arc::new(Counter::default()),
+        );
+        let mut timer = LazyTimer::default();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert!(poll_once(&mut timer, &first, deadline).is_pending());
+        assert!(poll_once(&mut timer, &second, deadline).is_pending());
+        woken(&second).await;
+        assert!(poll_once(&mut timer, &second, deadline).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_timer_set_earlier_is_registered_anew() {
+        let count = std::sync::Arc::new(Counter::default());
+        let mut timer = LazyTimer::default();
+        let late = Instant::now() + Duration::from_secs(60);
+        assert!(poll_once(&mut timer, &count, late).is_pending());
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(poll_once(&mut timer, &count, soon).is_pending());
+        woken(&count).await;
+        assert!(poll_once(&mut timer, &count, soon).is_ready());
+        // A later deadline after it fired: armed again, and pending.
+        let again = Instant::now() + Duration::from_secs(60);
+        assert!(poll_once(&mut timer, &count, again).is_pending());
     }
 }
