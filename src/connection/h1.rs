@@ -466,10 +466,13 @@ impl Conn {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        // The map is empty when the head is written from the upstream's lines: nothing in it
+        // to look up.
+        let map = !parts.headers.is_empty();
         let framing = if no_body {
             Framing::NoBody
-        } else if parts.headers.contains_key(header::CONTENT_LENGTH)
-            || lines.as_ref().is_some_and(RawFields::has_length)
+        } else if lines.as_ref().is_some_and(RawFields::has_length)
+            || (map && parts.headers.contains_key(header::CONTENT_LENGTH))
         {
             Framing::Declared
         } else if let Some(n) = body.size_hint().exact() {
@@ -483,7 +486,7 @@ impl Conn {
         let keep = !req.close
             && !unread
             && framing != Framing::Close
-            && !crate::headers::has_connection_token(&parts.headers, "close")
+            && (!map || !crate::headers::has_connection_token(&parts.headers, "close"))
             && !self.ctx.is_stopping();
         let persist = match (keep, req.version) {
             (false, _) => Persist::Close,
@@ -504,7 +507,9 @@ impl Conn {
             persist,
         );
         drop(lines);
-        crate::headers::give_back_map(parts.headers);
+        if map {
+            crate::headers::give_back_map(parts.headers);
+        }
         let head = out.split().freeze();
         let r = if no_body {
             drop(body);
