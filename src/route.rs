@@ -27,6 +27,8 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// With no routes and exactly one upstream, every request goes to it.
     fallback: Option<usize>,
+    /// A route names a host: the request's host is looked at.
+    by_host: bool,
 }
 
 #[derive(Debug)]
@@ -317,9 +319,11 @@ impl RouteTable {
                 .then(b.prefix.len().cmp(&a.prefix.len()))
         });
         let fallback = (routes.is_empty() && upstream_count == 1).then_some(0);
+        let by_host = out.iter().any(|r| r.host != HostMatch::Any);
         RouteTable {
             routes: out,
             fallback,
+            by_host,
         }
     }
 
@@ -353,6 +357,12 @@ impl RouteTable {
             route: t.route,
             path: n.path,
         }))
+    }
+
+    /// Whether a request's host can change where it goes: without a route that names a
+    /// host, any host routes as an empty one.
+    pub fn uses_host(&self) -> bool {
+        self.by_host
     }
 
     /// The upstream index for a request to `host` (without port) and an already normalized
@@ -391,6 +401,14 @@ mod tests {
             })
             .collect();
         RouteTable::build(&specs, 9)
+    }
+
+    #[test]
+    fn only_a_table_with_a_route_by_host_uses_the_host() {
+        assert!(!RouteTable::build(&[], 1).uses_host());
+        assert!(!table(&[(None, "/", 0), (Some("*"), "/api", 1)]).uses_host());
+        assert!(table(&[(None, "/", 0), (Some("app.example.com"), "/", 1)]).uses_host());
+        assert!(table(&[(Some("*.example.com"), "/", 0)]).uses_host());
     }
 
     #[test]

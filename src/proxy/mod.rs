@@ -218,8 +218,9 @@ async fn forward(
         (None, Some(h)) => Some(h),
         (None, None) => req.uri.authority().map(|a| a.as_str().as_bytes()),
     };
-    // Visible ASCII only, as a field value's text.
+    // Visible ASCII only, as a field value's text; looked at only when routes differ by host.
     let host = host_value
+        .filter(|_| rt.routes.uses_host())
         .and_then(|v| std::str::from_utf8(v).ok())
         .filter(|v| v.is_ascii())
         .map(route::host_only)
