@@ -28,7 +28,7 @@ enum Left {
 
 /// A response body, read from its connection by whoever polls it.
 pub struct ResponseBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     left: Left,
     /// Whether the framing lets the connection carry another exchange after the body.
     reusable: bool,
@@ -38,7 +38,7 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub(super) fn new(conn: Conn, length: BodyLength) -> ResponseBody {
+    pub(super) fn new(conn: Box<Conn>, length: BodyLength) -> ResponseBody {
         let (left, reusable) = match length {
             BodyLength::Empty => (Left::Done, true),
             BodyLength::Known(n) => (Left::Bytes(n), true),
@@ -70,7 +70,7 @@ impl ResponseBody {
     /// The connection, once its exchange ended cleanly both ways: the request written in
     /// full, the body read to its end with nothing after it, and a framing that allows
     /// reuse. `None` otherwise: such a connection is closed.
-    pub fn take_reusable(&mut self) -> Option<Conn> {
+    pub fn take_reusable(&mut self) -> Option<Box<Conn>> {
         if !self.is_end() || !self.reusable {
             return None;
         }
@@ -81,7 +81,7 @@ impl ResponseBody {
     /// The connection as a byte stream, after a `101` (whatever the server sent after the
     /// head is read first).
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
-        let conn = self.conn.take()?;
+        let conn = *self.conn.take()?;
         Some(Rewind::new(conn.buf.freeze(), conn.io))
     }
 

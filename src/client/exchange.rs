@@ -106,7 +106,7 @@ impl Conn {
     }
 
     /// This connection as the body of the response just received.
-    pub fn into_body(self, length: BodyLength) -> ResponseBody {
+    pub fn into_body(self: Box<Self>, length: BodyLength) -> ResponseBody {
         ResponseBody::new(self, length)
     }
 }

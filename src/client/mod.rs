@@ -101,7 +101,7 @@ impl Share {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -150,13 +150,13 @@ impl Pool {
     /// The most recently used idle connection that is still open and young enough at
     /// `now`: from the calling worker's share, else from another's (then moved to the
     /// calling worker's reactor).
-    pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<Conn> {
+    pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<Box<Conn>> {
         let home = self.home();
         for share in self.shares_home_first() {
             if let Some(mut conn) = self.take_from(share, idle_timeout, now) {
                 conn.reused = true;
                 if share != home {
-                    conn = conn.moved_here()?;
+                    conn = Box::new(conn.moved_here()?);
                 }
                 return Some(conn);
             }
@@ -164,7 +164,7 @@ impl Pool {
         None
     }
 
-    fn take_from(&self, share: usize, idle_timeout: Duration, now: Instant) -> Option<Conn> {
+    fn take_from(&self, share: usize, idle_timeout: Duration, now: Instant) -> Option<Box<Conn>> {
         self.shares[share].with(|q| {
             while let Some(idle) = q.pop_back() {
                 if now.duration_since(idle.since) >= idle_timeout {
@@ -183,7 +183,7 @@ impl Pool {
     /// Keeps `conn` as the most recently used idle connection of the calling worker's
     /// share. With twice `max_idle` held already, the oldest of that share makes room (or,
     /// with none there, `conn` is closed); with `max_idle` 0 nothing is kept.
-    pub fn put(&self, mut conn: Conn, max_idle: usize) {
+    pub fn put(&self, mut conn: Box<Conn>, max_idle: usize) {
         if max_idle == 0 {
             return;
         }
@@ -324,7 +324,7 @@ pub async fn dial(
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
     resolver: Option<std::net::SocketAddr>,
-) -> io::Result<Conn> {
+) -> io::Result<Box<Conn>> {
     let written = Arc::new(AtomicU64::new(0));
     let connect = async {
         let stream = match target {
@@ -360,7 +360,7 @@ pub async fn dial(
             ));
         }
     };
-    Ok(Conn {
+    Ok(Box::new(Conn {
         io,
         buf: BytesMut::new(),
         reused: false,
@@ -369,7 +369,7 @@ pub async fn dial(
         body_touched: false,
         read_size: ReadSize::default(),
         timer: LazyTimer::default(),
-    })
+    }))
 }
 
 /// Connects to `host:port`, resolving through `resolver` when set (on the blocking pool),
@@ -477,7 +477,7 @@ mod tests {
     }
 
     /// Dials `n` connections to `listener`, on the calling thread's reactor.
-    async fn dial_n(target: &Target, n: usize) -> Vec<Conn> {
+    async fn dial_n(target: &Target, n: usize) -> Vec<Box<Conn>> {
         let mut conns = Vec::new();
         for _ in 0..n {
             let c = dial(target, "127.0.0.1", Duration::from_secs(5), None, None);

@@ -50,7 +50,7 @@ pub(super) struct Attempt<'a> {
     pub(super) sticky: Option<usize>,
 }
 
-pub(super) type Sender = client::Conn;
+pub(super) type Sender = Box<client::Conn>;
 
 /// What a failed try allows next: the retry decision travels with the failure, decided
 /// once where the facts are known (pingora carries it on the error the same way). The
@@ -318,7 +318,7 @@ where
 
 /// A new connection to `server`. Boxed: dialing (TLS included) is the largest state of a
 /// request and the rarest step with a warm pool, so it is kept out of every request's future.
-async fn dial(server: &Server, upstream: &Upstream) -> std::io::Result<client::Conn> {
+async fn dial(server: &Server, upstream: &Upstream) -> std::io::Result<Box<client::Conn>> {
     Box::pin(client::dial(
         &server.target,
         &server.name,
