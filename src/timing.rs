@@ -137,9 +137,12 @@ impl LazyTimer {
         if self.polled_by == Some(by) && !s.is_elapsed() {
             return Poll::Pending;
         }
+        // A task out of its budget gets `Pending` from the timer before the timer takes its
+        // waker (it is woken to poll again): such a poll registers nothing.
+        let registers = tokio::task::coop::has_budget_remaining();
         loop {
             if s.as_mut().poll(cx).is_pending() {
-                self.polled_by = Some(by);
+                self.polled_by = registers.then_some(by);
                 return Poll::Pending;
             }
             self.polled_by = None;
@@ -273,5 +276,32 @@ mod tests {
         // A later deadline after it fired: armed again, and pending.
         let again = Instant::now() + Duration::from_secs(60);
         assert!(poll_once(&mut timer, &count, again).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_timer_first_polled_out_of_budget_still_fires() {
+        let mut timer = LazyTimer::default();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for _ in 0..1000 {
+            tx.send(()).unwrap();
+        }
+        let mut polls = 0;
+        let fired = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls == 1 {
+                    // The task's budget spent: the timer's first poll takes no waker.
+                    while tokio::task::coop::has_budget_remaining() {
+                        let _ = rx.poll_recv(cx);
+                    }
+                }
+                timer.poll_until(cx, deadline)
+            }),
+        )
+        .await;
+        assert!(fired.is_ok(), "the timer never fired");
+        assert!(polls >= 2);
     }
 }
