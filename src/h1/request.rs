@@ -312,4 +312,70 @@ mod tests {
         assert!(head("GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Close\r\n\r\n").close);
         assert!(!head("GET / HTTP/1.1\r\nHost: h\r\n\r\n").close);
     }
+
+    /// The head written upstream from a client's head as parsed: the lines that go on keep
+    /// their order and values (names lowered, white space normalized), and the ones that must
+    /// not go are gone.
+    #[test]
+    fn a_parsed_head_goes_upstream_from_its_lines() {
+        let raw = "POST /up HTTP/1.1\r\nHost: app\r\nX-A:   spaced\t\r\nConnection: keep-alive, X-Gone\r\n\
+                   x-gone: 1\r\nX_Forwarded_For: 6.6.6.6\nTE: trailers\r\nX-Forwarded-For: 5.5.5.5\r\n\
+                   Transfer-Encoding: chunked\r\nContent-Length: 3\r\nCookie: a=1\r\nX-B:b\r\n\r\n";
+        let h = head(raw);
+        assert_eq!(h.length, RequestLength::Chunked);
+        let origin = crate::headers::Origin {
+            peer: "10.0.0.1".parse().unwrap(),
+            client: "10.0.0.1".parse().unwrap(),
+            trusted: false,
+            proto: "http",
+        };
+        let mut out = bytes::BytesMut::new();
+        let chunked = crate::headers::write_upstream_head(
+            &mut out,
+            &crate::headers::UpstreamRequest {
+                method: &h.method,
+                target: "/up",
+                fields: &h.fields,
+                origin: &origin,
+                host: h.fields.get(b"host"),
+                host_from_target: false,
+                upgrade: false,
+                http2: false,
+                has_body: true,
+                request_id: None,
+                rules: None,
+            },
+        );
+        assert!(chunked, "the length went with Transfer-Encoding beside it");
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let client_lines: Vec<&str> = text
+            .split("\r\n")
+            .skip(1)
+            .take_while(|l| !l.starts_with("x-forwarded-for: "))
+            .collect();
+        assert_eq!(
+            client_lines,
+            ["host: app", "x-a: spaced", "cookie: a=1", "x-b: b"],
+            "{text}"
+        );
+        assert!(text.contains("\r\nx-forwarded-for: 10.0.0.1\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{text}"
+        );
+        for gone in [
+            "gone",
+            "6.6.6.6",
+            "5.5.5.5",
+            "trailers",
+            "content-length",
+            "keep-alive",
+        ] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+        }
+        assert!(
+            !text.replace("\r\n", "").contains('\n'),
+            "a bare LF in {text:?}"
+        );
+    }
 }
