@@ -2,10 +2,10 @@
 //! framing and connection fields say ([`Facts`], noted while `h1` parses it), hop-by-hop
 //! stripping of response heads, upgrade detection and response framing here; a head's field
 //! lines as they came ([`RawFields`]: every request's, and an HTTP/1.x response's) in
-//! `headers/lines.rs`; the request head as it goes upstream, rewritten while it is written, in `headers/upstream.rs`;
-//! forwarded information (and the underscore spellings of its header names) and the client
-//! IP in `headers/forwarded.rs`; per-route header rules and the request ID in
-//! `headers/rules.rs`; re-exported from here.
+//! `headers/lines.rs`; the request head as it goes upstream, rewritten while it is written,
+//! in `headers/upstream.rs`; forwarded information (and the underscore spellings of its
+//! header names) and the client IP in `headers/forwarded.rs`; per-route header rules and the
+//! request ID in `headers/rules.rs`; re-exported from here.
 
 mod forwarded;
 mod lines;

@@ -49,6 +49,50 @@ fn range((start, len): (u32, u32)) -> Range<usize> {
     start as usize..(start + len) as usize
 }
 
+/// The lines of a head being read, and what they say of `Date` and `Content-Length`.
+struct Lines {
+    list: Vec<Line>,
+    date: bool,
+    length: bool,
+}
+
+impl Lines {
+    fn with_room(n: usize) -> Lines {
+        Lines {
+            list: take_lines(n),
+            date: false,
+            length: false,
+        }
+    }
+
+    /// Notes the line called `name` (in lower case) with `value`, found at `n` and `v` of
+    /// the head.
+    fn push(&mut self, facts: &mut Facts, name: &[u8], value: &[u8], n: (u32, u32), v: (u32, u32)) {
+        let kind = facts.note_raw(name, value);
+        self.length |= kind == Kind::ContentLength;
+        self.date |= name == b"date";
+        self.list.push(Line {
+            name: n,
+            value: v,
+            hop: matches!(kind, Kind::Hop(_)),
+        });
+    }
+
+    /// The lines of `head`, those that `Connection` lists marked.
+    fn into_fields(self, head: Bytes, facts: &Facts) -> RawFields {
+        let mut fields = RawFields {
+            head,
+            lines: self.list,
+            date: self.date,
+            length: self.length,
+        };
+        if facts.lists {
+            fields.mark_listed();
+        }
+        fields
+    }
+}
+
 impl RawFields {
     /// The fields `httparse` found in the head of `len` bytes at the start of `buf`, their
     /// framing and connection facts noted in `facts`. `httparse` has refused control
@@ -71,26 +115,17 @@ impl RawFields {
             }
         };
         let mut copy = BytesMut::from(&buf[..len]);
-        let mut lines = take_lines(found.len());
-        let (mut date, mut length) = (false, false);
+        let mut lines = Lines::with_room(found.len());
         for f in found {
             let (Some(n), Some(v)) = (at(f.name.as_bytes()), at(f.value)) else {
-                give_back_lines(lines);
+                give_back_lines(lines.list);
                 return Err("malformed head");
             };
             // Lowered first: the name is then told by exact comparisons.
             copy[range(n)].make_ascii_lowercase();
-            let name = &copy[range(n)];
-            let kind = facts.note_raw(name, f.value);
-            length |= kind == Kind::ContentLength;
-            date |= name == b"date";
-            lines.push(Line {
-                name: n,
-                value: v,
-                hop: matches!(kind, Kind::Hop(_)),
-            });
+            lines.push(facts, &copy[range(n)], f.value, n, v);
         }
-        Ok(RawFields::new(copy.freeze(), lines, date, length, facts))
+        Ok(lines.into_fields(copy.freeze(), facts))
     }
 
     /// The fields of a header map (an HTTP/2 request's), as lines `name: value` CRLF in a
@@ -100,38 +135,19 @@ impl RawFields {
             .iter()
             .fold(0, |n, (k, v)| n + k.as_str().len() + v.len() + 4);
         let mut copy = BytesMut::with_capacity(size);
-        let mut lines = take_lines(map.len());
-        let (mut date, mut length) = (false, false);
+        let mut lines = Lines::with_room(map.len());
         for (name, value) in map {
-            let name = name.as_str().as_bytes();
+            let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
             let at = copy.len() as u32;
             copy.put_slice(name);
             copy.put_slice(b": ");
-            copy.put_slice(value.as_bytes());
+            copy.put_slice(value);
             copy.put_slice(b"\r\n");
-            let kind = facts.note_raw(name, value.as_bytes());
-            length |= kind == Kind::ContentLength;
-            date |= name == b"date";
-            lines.push(Line {
-                name: (at, name.len() as u32),
-                value: (at + name.len() as u32 + 2, value.len() as u32),
-                hop: matches!(kind, Kind::Hop(_)),
-            });
+            let n = (at, name.len() as u32);
+            let v = (at + name.len() as u32 + 2, value.len() as u32);
+            lines.push(facts, name, value, n, v);
         }
-        RawFields::new(copy.freeze(), lines, date, length, facts)
-    }
-
-    fn new(head: Bytes, lines: Vec<Line>, date: bool, length: bool, facts: &Facts) -> RawFields {
-        let mut fields = RawFields {
-            head,
-            lines,
-            date,
-            length,
-        };
-        if facts.lists {
-            fields.mark_listed();
-        }
-        fields
+        lines.into_fields(copy.freeze(), facts)
     }
 
     /// Marks the lines whose names a `Connection` line lists (`close` among them; not
