@@ -507,9 +507,7 @@ impl Conn {
             persist,
         );
         drop(lines);
-        if map {
-            crate::headers::give_back_map(parts.headers);
-        }
+        crate::headers::give_back_map(parts.headers);
         let head = out.split().freeze();
         let r = if no_body {
             drop(body);
