@@ -15,7 +15,7 @@ mod upstream;
 pub use forwarded::{
     Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP, client_ip, is_trusted,
 };
-pub use lines::{Field, RawFields, give_back_map, take_map};
+pub use lines::{Field, Lines, RawFields, give_back_map, take_map};
 pub use rules::{HeaderRules, X_REQUEST_ID, new_request_id, put_request_id, request_id};
 pub use upstream::{UpstreamRequest, write_upstream_head};
 

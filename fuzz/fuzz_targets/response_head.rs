@@ -5,10 +5,13 @@
 //! framing and connection facts noted while parsing are those of the header map; the head
 //! written to a client from the field lines as they came has the lines of the one written
 //! from the header map with its hop-by-hop fields stripped; a head that parses whole
-//! parses the same when the bytes after it change.
+//! parses the same when the bytes after it change. And it reads heads as `httparse`
+//! (default settings, 128 fields) does: refused, incomplete, or whole with the same length,
+//! status and lines.
 
 #![no_main]
 
+use bytes::BytesMut;
 use fairway::h1::response::{Framing, Persist, write_head};
 use fairway::h1::{self, BodyLength, MAX_RESPONSE_HEAD};
 use fairway::headers;
@@ -16,7 +19,37 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(Some((head, len))) = h1::parse_response(data) else {
+    let parsed = h1::parse_response(&mut BytesMut::from(data));
+    let mut found = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut found);
+    match resp.parse(data) {
+        Err(_) => assert!(parsed.is_err(), "httparse refuses it"),
+        Ok(httparse::Status::Partial) if data.len() <= MAX_RESPONSE_HEAD => {
+            assert!(matches!(parsed, Ok(None)), "httparse waits for more")
+        }
+        Ok(httparse::Status::Complete(len)) if len <= MAX_RESPONSE_HEAD => {
+            if let Ok(Some((h, n))) = &parsed {
+                assert_eq!(*n, len);
+                assert_eq!(Some(h.status.as_u16()), resp.code);
+                let want: Vec<_> = resp
+                    .headers
+                    .iter()
+                    .map(|f| (f.name.to_ascii_lowercase().into_bytes(), f.value.to_vec()))
+                    .collect();
+                let got: Vec<_> = h
+                    .fields
+                    .iter()
+                    .map(|f| (f.name.to_vec(), f.value.to_vec()))
+                    .collect();
+                assert_eq!(got, want);
+            } else {
+                // Only a status code under 100 is refused past httparse.
+                assert!(resp.code.is_some_and(|c| c < 100), "httparse reads it whole");
+            }
+        }
+        Ok(_) => assert!(parsed.is_err(), "over the limit"),
+    }
+    let Ok(Some((head, len))) = parsed else {
         return;
     };
     assert!(len <= data.len() && len <= MAX_RESPONSE_HEAD);
@@ -84,7 +117,9 @@ fuzz_target!(|data: &[u8]| {
     // Only the head decides: the same bytes followed by anything else parse the same.
     let mut other = data[..len].to_vec();
     other.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
-    let (again, len2) = h1::parse_response(&other).unwrap().unwrap();
+    let (again, len2) = h1::parse_response(&mut BytesMut::from(&other[..]))
+        .unwrap()
+        .unwrap();
     assert_eq!(len2, len);
     assert_eq!(again.status, head.status);
     assert_eq!(again.fields.to_map().unwrap(), map);

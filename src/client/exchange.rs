@@ -197,14 +197,13 @@ impl Exchange<'_> {
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, Failed>> {
         let conn = &mut *self.conn;
         loop {
-            let buf = &conn.buf;
+            let buf = &mut conn.buf;
             let worth = !buf.is_empty()
                 && (buf.len() >= 2 * self.parsed_at
                     || h1::has_empty_line(buf, self.parsed_at.saturating_sub(2)));
             if worth {
                 match h1::parse_response(buf) {
-                    Ok(Some((head, len))) => {
-                        conn.buf.advance(len);
+                    Ok(Some((head, _))) => {
                         self.parsed_at = 0;
                         if head.status.is_informational() && head.status.as_u16() != 101 {
                             continue;

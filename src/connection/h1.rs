@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
@@ -219,11 +219,8 @@ impl Conn {
                         || w.buf.len() > limits.max_head
                         || crate::h1::has_empty_line(&w.buf, parsed_at.saturating_sub(3));
                     if worth && !preface {
-                        match parse_request(&w.buf, limits.max_head) {
-                            Ok(Some(h)) => {
-                                w.buf.advance(h.len);
-                                return Poll::Ready(Read::Head(h));
-                            }
+                        match parse_request(&mut w.buf, limits.max_head) {
+                            Ok(Some(h)) => return Poll::Ready(Read::Head(h)),
                             Ok(None) => parsed_at = w.buf.len(),
                             Err(e) => return Poll::Ready(Read::Bad(e)),
                         }

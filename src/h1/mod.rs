@@ -1,5 +1,5 @@
 //! The HTTP/1.1 wire format (RFC 9112): towards upstream servers, request heads written
-//! from a header map, response heads parsed with `httparse` straight from the connection's
+//! from a header map, response heads scanned ([`scan`]) straight from the connection's
 //! buffer and the body length a response head implies; from clients, request heads and
 //! their body length ([`request`]), and the response heads written to them ([`response`]);
 //! the chunked coding both ways ([`chunked`]).
@@ -7,11 +7,12 @@
 pub mod chunked;
 pub mod request;
 pub mod response;
+pub mod scan;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::header::HeaderMap;
 
-use crate::headers::{Facts, RawFields};
+use crate::headers::{Facts, Lines, RawFields};
 use http::{Method, StatusCode, Version};
 
 /// The most header fields in a response head.
@@ -45,35 +46,30 @@ pub enum HeadError {
 }
 
 /// Parses a response head at the start of `buf`: `Ok(None)` until it is complete, then
-/// the head and its length in bytes. Obs-fold, bare CR, a malformed status line or field
-/// are errors (RFC 9112 §2.2, §4, §5).
-pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
-    // Left uninitialized: the parser writes the fields it finds (no 4 KiB to clear per head).
-    let mut fields =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
+/// the head, taken off the front of `buf` (its names put in lower case where they lie),
+/// and its length in bytes. Obs-fold, bare CR, a malformed status line or field are errors
+/// (RFC 9112 §2.2, §4, §5).
+pub fn parse_response(buf: &mut BytesMut) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+    let ((code, minor), lines, facts, len) = match read_head(
         buf,
-        &mut fields,
-    );
-    let len = match complete(parsed, buf.len(), MAX_RESPONSE_HEAD) {
-        Ok(Some(len)) => len,
+        scan::status_line,
+        MAX_RESPONSE_HEADERS,
+        MAX_RESPONSE_HEAD,
+    ) {
+        Ok(Some(head)) => head,
         Ok(None) => return Ok(None),
         Err(None) => return Err(HeadError::TooLarge),
         Err(Some(why)) => return Err(HeadError::Malformed(why)),
     };
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or(HeadError::Malformed("invalid status code"))?;
-    let version = match resp.version {
-        Some(0) => Version::HTTP_10,
+    let Ok(status) = StatusCode::from_u16(code) else {
+        lines.discard();
+        return Err(HeadError::Malformed("invalid status code"));
+    };
+    let version = match minor {
+        0 => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut facts = Facts::default();
-    let fields =
-        RawFields::parse(buf, len, resp.headers, &mut facts).map_err(HeadError::Malformed)?;
+    let fields = lines.into_fields(buf.split_to(len).freeze(), &facts);
     Ok(Some((
         ResponseHead {
             status,
@@ -85,38 +81,35 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadE
     )))
 }
 
-/// `part` (a slice of `buf`) as the same bytes of `copy` (a copy of the start of `buf`).
-pub(crate) fn slice_of(copy: &Bytes, buf: &[u8], part: &[u8]) -> Option<Bytes> {
-    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    copy.get(start..start.checked_add(part.len())?)?;
-    Some(copy.slice(start..start + part.len()))
-}
+/// A head read by [`read_head`]: its start line's parts, its lines and facts, its length.
+pub(crate) type Head<L> = (L, Lines, Facts, usize);
 
-/// What parsing a head of `buffered` bytes came to, against a limit of `max`: `Ok(Some(len))`
-/// when complete, `Ok(None)` while more may come, `Err(None)` over the limits (size or field
-/// count), `Err(Some(why))` when malformed.
-fn complete(
-    parsed: httparse::Result<usize>,
-    buffered: usize,
-    max: usize,
-) -> Result<Option<usize>, Option<&'static str>> {
-    match parsed {
-        Ok(httparse::Status::Complete(len)) if len <= max => Ok(Some(len)),
-        Ok(httparse::Status::Partial) if buffered <= max => Ok(None),
-        Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(None),
-        Err(e) => Err(Some(describe(e))),
-    }
-}
-
-fn describe(e: httparse::Error) -> &'static str {
-    match e {
-        httparse::Error::HeaderName => "invalid field name",
-        httparse::Error::HeaderValue => "invalid field value",
-        httparse::Error::NewLine => "invalid line ending",
-        httparse::Error::Status => "invalid status line",
-        httparse::Error::Version => "invalid HTTP version",
-        _ => "malformed head",
-    }
+/// A head at the start of `buf`: its start line's parts (read by `start_line`), its lines
+/// (names lowered in `buf`) and facts, and its length. `Ok(None)` while it may be incomplete,
+/// `Err(None)` over `max_fields` lines or `max_len` bytes, `Err(Some(why))` when malformed.
+/// The head is left in `buf` for the caller to take.
+pub(crate) fn read_head<L>(
+    buf: &mut [u8],
+    start_line: fn(&[u8]) -> scan::Step<(L, usize)>,
+    max_fields: usize,
+    max_len: usize,
+) -> Result<Option<Head<L>>, Option<&'static str>> {
+    let mut facts = Facts::default();
+    let mut lines = Lines::with_room(16);
+    let scanned = match start_line(buf) {
+        Ok(Some((line, at))) => scan::fields(buf, at, max_fields, &mut lines, &mut facts)
+            .map(|end| end.map(|end| (line, end))),
+        Ok(None) => Ok(None),
+        Err(stop) => Err(stop),
+    };
+    let found = match scanned {
+        Ok(Some((line, len))) if len <= max_len => return Ok(Some((line, lines, facts, len))),
+        Ok(None) if buf.len() <= max_len => Ok(None),
+        Ok(_) | Err(scan::Stop::TooMany) => Err(None),
+        Err(scan::Stop::Bad(why)) => Err(Some(why)),
+    };
+    lines.discard();
+    found
 }
 
 /// Whether `buf` holds an empty line (the end of a head: LF, then LF or CRLF) ending at or
@@ -211,7 +204,7 @@ mod tests {
     use http::header::{self, HeaderValue};
 
     fn parse(s: &str) -> Result<Option<(ResponseHead, usize)>, HeadError> {
-        parse_response(s.as_bytes())
+        parse_response(&mut BytesMut::from(s.as_bytes()))
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Client request heads (RFC 9112 §3, §5, §6.3), parsed with `httparse` straight from the
+//! Client request heads (RFC 9112 §3, §5, §6.3), scanned (`scan`) straight from the
 //! connection's buffer, with every framing rule of HTTP1-RULES "reading a request from a
 //! client" checked: the request line and fields, the head size and field count, and how
 //! long the body is (`Transfer-Encoding` against `Content-Length`, folded lengths, HTTP/1.0).
 
+use bytes::{Bytes, BytesMut};
 use http::{Method, Uri, Version};
 
+use super::scan;
 use crate::headers::{Facts, RawFields, parse_length};
 
 /// The most fields in a request head.
@@ -70,40 +72,41 @@ impl RequestError {
 }
 
 /// Parses a request head at the start of `buf`, at most `max_len` bytes long: `Ok(None)`
-/// until it is complete. Bare CR, obs-fold, whitespace before a colon, a control byte or
-/// raw space in the target, and versions other than 1.0 and 1.1 are errors; a bare LF may
-/// end a line (RFC 9112 §2.2).
-pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<RequestHead>, RequestError> {
-    let mut fields =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_FIELDS];
-    let mut req = httparse::Request::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req,
-        buf,
-        &mut fields,
-    );
-    let len = match super::complete(parsed, buf.len(), max_len) {
-        Ok(Some(len)) => len,
-        Ok(None) => return Ok(None),
-        Err(None) => return Err(RequestError::TooLarge),
-        Err(Some(why)) => return Err(RequestError::Malformed(why)),
-    };
+/// until it is complete, then the head, taken off the front of `buf` (its names put in
+/// lower case where they lie). Bare CR, obs-fold, whitespace before a colon, a control byte
+/// or raw space in the target, and versions other than 1.0 and 1.1 are errors; a bare LF
+/// may end a line (RFC 9112 §2.2).
+pub fn parse_request(
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> Result<Option<RequestHead>, RequestError> {
     let bad = RequestError::Malformed;
-    let method = req
-        .method
-        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-        .ok_or(bad("invalid method"))?;
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
+    let ((method, target, minor), lines, facts, len) =
+        match super::read_head(buf, scan::request_line, MAX_REQUEST_FIELDS, max_len) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(None),
+            Err(None) => return Err(RequestError::TooLarge),
+            Err(Some(why)) => return Err(bad(why)),
+        };
+    let Ok(method) = Method::from_bytes(&buf[method]) else {
+        lines.discard();
+        return Err(bad("invalid method"));
+    };
+    let version = match minor {
+        0 => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut facts = Facts::default();
-    let mut fields = RawFields::parse(buf, len, req.headers, &mut facts).map_err(bad)?;
-    let uri = req
-        .path
-        .and_then(|p| super::slice_of(fields.head(), buf, p.as_bytes()))
-        .and_then(|p| Uri::from_maybe_shared(p).ok())
-        .ok_or(bad("invalid request target"))?;
+    let mut fields = lines.into_fields(buf.split_to(len).freeze(), &facts);
+    // The target shares the head's bytes, a part of the connection's read buffer, for as
+    // long as the request lasts. A tunnel may last for hours: an upgrade's target is copied,
+    // so that the buffer is not held by it.
+    let head = fields.head();
+    let target = if facts.upgrade {
+        Bytes::copy_from_slice(&head[target])
+    } else {
+        head.slice(target)
+    };
+    let uri = Uri::from_maybe_shared(target).map_err(|_| bad("invalid request target"))?;
     let (length, by_coding) = request_length(&fields, &facts, version)?;
     if by_coding {
         // RFC 9112 §6.3: the chunked coding frames the body, and the length goes.
@@ -182,11 +185,35 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Option<RequestHead>, RequestError> {
-        parse_request(s.as_bytes(), 64 * 1024)
+        parse_request(&mut BytesMut::from(s.as_bytes()), 64 * 1024)
     }
 
     fn head(s: &str) -> RequestHead {
         parse(s).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_head_is_taken_off_the_buffer_and_only_an_upgrade_lets_go_of_it_at_once() {
+        let read = |raw: &[u8]| {
+            let mut buf = BytesMut::with_capacity(256);
+            buf.extend_from_slice(raw);
+            buf.extend_from_slice(b"next");
+            let h = parse_request(&mut buf, 1024).unwrap().unwrap();
+            assert_eq!(&buf[..], b"next");
+            assert_eq!(h.fields.get(b"host"), Some(&b"h"[..]));
+            let RequestHead { uri, fields, .. } = h;
+            drop(fields);
+            buf.clear();
+            // The room before the head's end comes back only when nothing else holds it.
+            let more = buf.capacity() + 1;
+            (uri, buf.try_reclaim(more))
+        };
+        let (uri, reclaimed) = read(b"GET /a/b?c HTTP/1.1\r\nHOST: h\r\n\r\n");
+        assert_eq!((uri.path(), reclaimed), ("/a/b", false));
+        let (uri, reclaimed) = read(
+            b"GET /chat HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert_eq!((uri.path(), reclaimed), ("/chat", true));
     }
 
     #[test]
@@ -237,15 +264,15 @@ mod tests {
             big.push_str("X-Pad: 0123456789\r\n");
         }
         assert_eq!(
-            parse_request(big.as_bytes(), 1000).err(),
+            parse_request(&mut BytesMut::from(big.as_bytes()), 1000).err(),
             Some(RequestError::TooLarge)
         );
         big.push_str("\r\n");
         assert_eq!(
-            parse_request(big.as_bytes(), 1000).err(),
+            parse_request(&mut BytesMut::from(big.as_bytes()), 1000).err(),
             Some(RequestError::TooLarge)
         );
-        assert!(parse_request(big.as_bytes(), 4000).is_ok());
+        assert!(parse_request(&mut BytesMut::from(big.as_bytes()), 4000).is_ok());
         let mut many = String::from("GET / HTTP/1.1\r\n");
         for i in 0..=MAX_REQUEST_FIELDS {
             many.push_str(&format!("X-{i}: v\r\n"));
