@@ -1,11 +1,11 @@
 //! A head's field lines kept as they came: the head's bytes (an HTTP/1 head as it was taken
 //! off the read buffer, an HTTP/2 request's fields written out as lines) and where each
-//! line's name and value lie in them, with the hop-by-hop ones marked while it is read. A request goes
-//! upstream, and an HTTP/1.1 client's response head is written, from them line by line
-//! (names in lower case, the marked lines left out); a header map is built only for what
-//! needs one (an HTTP/2 client, compression, a sticky cookie, the route's response rules, an
-//! upgrade). The emptied containers of heads already relayed are kept per thread for the
-//! next head ([`Spares`]).
+//! line's name and value lie in them, with the hop-by-hop ones marked while it is read. A
+//! request goes upstream, and an HTTP/1.1 client's response head is written, from them line
+//! by line (names in lower case, the marked lines left out); a header map is built only for
+//! what needs one (an HTTP/2 client, compression, a sticky cookie, the route's response
+//! rules, an upgrade). The emptied containers of heads already relayed are kept per thread
+//! for the next head ([`Spares`]).
 
 use std::cell::RefCell;
 use std::ops::Range;
