@@ -24,7 +24,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// RFC 9110 §5.6.2 `tchar`: the bytes of a token (a field name, a cookie name). A `match`
 /// rather than a search of the symbol list: it runs per byte of every forwarded `Host`.
-pub fn is_tchar(b: u8) -> bool {
+pub const fn is_tchar(b: u8) -> bool {
     matches!(b,
         b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z'
         | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_'

@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use crate::headers::{Facts, Lines};
+use crate::headers::{Facts, Lines, is_tchar};
 
 /// Why a scan stopped short of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,31 +27,13 @@ pub enum Stop {
 /// A scan's outcome: `Ok(None)` while the head may still be incomplete.
 pub type Step<T> = Result<Option<T>, Stop>;
 
-/// A token byte (RFC 9110 §5.6.2) in lower case; 0 for any other byte.
+/// A token byte (RFC 9110 §5.6.2, [`is_tchar`]) in lower case; 0 for any other byte.
 static TOKEN: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut i = 0;
     while i < 256 {
         let c = i as u8;
-        let token = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        if token {
+        if is_tchar(c) {
             t[i] = c.to_ascii_lowercase();
         }
         i += 1;
