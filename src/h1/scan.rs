@@ -165,23 +165,16 @@ fn skip_empty_lines(buf: &[u8], mut i: usize) -> Step<usize> {
 
 /// `HTTP/1.0` or `HTTP/1.1` at `i`: its minor version. A prefix of it is incomplete.
 fn version(buf: &[u8], i: usize) -> Step<u8> {
-    const V: &[u8; 7] = b"HTTP/1.";
-    match buf.get(i..i + 8) {
-        Some(
-            [
-                b'H',
-                b'T',
-                b'T',
-                b'P',
-                b'/',
-                b'1',
-                b'.',
-                minor @ (b'0' | b'1'),
-            ],
-        ) => Ok(Some(minor - b'0')),
+    const V: &[u8] = b"HTTP/1.";
+    let have = buf.get(i..).unwrap_or_default();
+    let n = have.len().min(V.len());
+    if have[..n] != V[..n] {
+        return Err(Stop::Bad("invalid HTTP version"));
+    }
+    match have.get(V.len()) {
+        None => Ok(None),
+        Some(&minor @ (b'0' | b'1')) => Ok(Some(minor - b'0')),
         Some(_) => Err(Stop::Bad("invalid HTTP version")),
-        None if buf[i.min(buf.len())..].iter().zip(V).all(|(a, b)| a == b) => Ok(None),
-        None => Err(Stop::Bad("invalid HTTP version")),
     }
 }
 
